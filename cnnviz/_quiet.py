@@ -1,0 +1,31 @@
+"""Import TensorFlow without its C++ start-up chatter on the user's terminal.
+
+TensorFlow's oneDNN/absl/CUDA lines are written by C++ straight to file descriptor 2 while it
+loads and first lists devices; TF_CPP_MIN_LOG_LEVEL does not silence all of them, so file
+descriptor 2 points at /dev/null for exactly that window. oneDNN itself stays on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and Keras (and let TensorFlow find its devices) with stderr muted."""
+    if "tensorflow" in sys.modules and "keras" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow as tf
+
+            import keras  # noqa: F401
+
+            tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -1,0 +1,167 @@
+"""The `cnnviz` command line: one thin function per subcommand.
+
+Heavy imports (TensorFlow, Keras, matplotlib) happen inside the commands, so `cnnviz --help`
+stays instant. Problems the user can fix are raised as `CnnvizError` by the library and printed
+here as one line each, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cnnviz.errors import CnnvizError
+
+app = typer.Typer(
+    name="cnnviz",
+    help="Train Keras CNNs from one YAML file and see, in verified pictures, what they learned.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect config files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+USER_ERROR = 2
+
+# Shared option declarations (one definition, used by every command that takes them).
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config value: --set train.epochs=3 (repeatable)."),
+]
+OutOption = Annotated[
+    Optional[Path], typer.Option("--out", help="Folder to write into (default: see each command).")
+]
+ConfigArgument = Annotated[Path, typer.Argument(help="A YAML config file, e.g. configs/digits.yaml.")]
+RunArgument = Annotated[
+    Path, typer.Argument(help="A run directory (outputs/<name>/<timestamp>) or a .keras file.")
+]
+ImagesOption = Annotated[
+    str,
+    typer.Option(
+        "--images",
+        help="Test-split indices (`0,3,7`, `0:500`) or image files (comma-separated paths).",
+    ),
+]
+
+
+def _fail(message: str) -> None:
+    for line in message.splitlines():
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(USER_ERROR)
+
+
+def command(*args, typer_app: typer.Typer = app, **kwargs):
+    """Register a command whose `CnnvizError`s become one-line messages and exit code 2."""
+
+    def register(function):
+        @functools.wraps(function)
+        def wrapper(*call_args, **call_kwargs):
+            try:
+                return function(*call_args, **call_kwargs)
+            except CnnvizError as error:
+                _fail(str(error))
+            except KeyboardInterrupt:
+                typer.echo("interrupted", err=True)
+                raise typer.Exit(130) from None
+
+        return typer_app.command(*args, **kwargs)(wrapper)
+
+    return register
+
+
+def _tensorflow() -> None:
+    from cnnviz._quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+
+
+def _config(path: Path, overrides: Optional[list[str]]):
+    from cnnviz.config import load_config
+
+    return load_config(path, overrides or [])
+
+
+# ------------------------------------------------------------------------------- foundation
+@command("train")
+def train_command(config: ConfigArgument, out: OutOption = None, set_: SetOption = None) -> None:
+    """Train the model a config describes into outputs/<name>/<timestamp>.
+
+    Re-running the same command after an interrupted run resumes it from its last finished epoch.
+    """
+    resolved = _config(config, set_)
+    _tensorflow()
+    from cnnviz.train import train
+
+    result = train(resolved, out or Path("outputs"))
+    _print_training(result)
+
+
+def _print_training(result) -> None:
+    metrics = result.metrics
+    typer.echo(
+        f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "
+        f"{metrics['epochs']} epochs in {metrics['seconds']:.1f} s on {metrics['device']}"
+    )
+    for name in ("config.yaml", "model.keras", "history.csv", "metrics.json", "curves.png"):
+        typer.echo(f"wrote {result.run_dir / name}")
+
+
+@config_app.command("show")
+def config_show(config: ConfigArgument, set_: SetOption = None) -> None:
+    """Print the full config with every default filled in."""
+    try:
+        from cnnviz.config import dump_config
+
+        typer.echo(dump_config(_config(config, set_)), nl=False)
+    except CnnvizError as error:
+        _fail(str(error))
+
+
+@command("summary")
+def summary_command(
+    target: Annotated[Path, typer.Argument(help="A config (.yaml), a run directory or a .keras file.")],
+    out: OutOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Print the Keras summary; write summary.txt and architecture.png (Graphviz).
+
+    On a config it builds the untrained model and downloads nothing. Default folder: the run
+    directory, or outputs/<name>/summary for a config.
+    """
+    from cnnviz.summary import write_summary
+
+    if target.suffix in (".yaml", ".yml"):
+        resolved = _config(target, set_)
+        _tensorflow()
+        from cnnviz.summary import model_from_config
+
+        model = model_from_config(resolved)
+        folder = out or Path("outputs") / (resolved.name or target.stem) / "summary"
+    else:
+        _tensorflow()
+        from cnnviz.runs import load_run
+
+        run = load_run(target)
+        model = run.model
+        folder = out or (run.directory or Path("outputs") / target.stem / "summary")
+    result = write_summary(model, folder)
+    typer.echo(result.text)
+    typer.echo(f"wrote {result.summary_file}")
+    if result.architecture_file is not None:
+        typer.echo(f"wrote {result.architecture_file}")
+    else:
+        typer.echo(result.graphviz_problem, err=True)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

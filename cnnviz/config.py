@@ -1,0 +1,515 @@
+"""The YAML config: typed, strict, validated once before anything is built.
+
+A config has four sections, `data`, `model`, `train` and `seed` (plus an optional `name`). Unknown
+keys, wrong types and impossible values fail here with the key path, the value and what is
+allowed (`model.layers.2.kernel: ...`), never half-way through a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cnnviz.errors import ConfigError
+
+Activation = Literal[
+    "relu", "leaky_relu", "tanh", "sigmoid", "elu", "selu", "swish", "gelu", "linear"
+]
+Padding = Literal["valid", "same"]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[1]))
+
+
+IntOrPair = Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]]
+
+
+# ----------------------------------------------------------------------------------------- data
+class ShapesOptions(_Strict):
+    """Options of the generated `shapes` data set."""
+
+    count: PositiveInt = Field(3000, description="Images generated in all (train+val+test).")
+    classes: list[Literal["circle", "square", "triangle", "cross", "ring"]] = Field(
+        default_factory=lambda: ["circle", "square", "triangle"],
+        min_length=2,
+        description="Shape classes to draw.",
+    )
+    spurious: Literal["corner_mark", "background"] | None = Field(
+        None,
+        description="A cue that predicts the class in the training split only "
+        "(absent from the test split): a bright corner mark or a per-class background level.",
+    )
+    test_cue: Literal["absent", "shuffled"] = Field(
+        "absent", description="In the test split the cue is absent, or shuffled across classes."
+    )
+
+
+class DataConfig(_Strict):
+    """Where images come from and how they are prepared."""
+
+    source: Literal[
+        "digits", "mnist", "fashion_mnist", "cifar10", "directory", "npz", "shapes", "inline"
+    ] = Field("digits", description="Data set. `digits` ships with scikit-learn (offline).")
+    path: str | None = Field(
+        None,
+        description="Folder (directory), .npz file (npz), or a local copy of the keras.datasets "
+        "file (mnist: mnist.npz; fashion_mnist: folder of the four .gz files; cifar10: the "
+        "cifar-10-batches-py folder) to use instead of the Keras cache/download.",
+    )
+    image_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="Resize images to [height, width]; null keeps the native size."
+    )
+    color_mode: Literal["grayscale", "rgb"] | None = Field(
+        None, description="directory source: read images as grayscale or rgb (default rgb)."
+    )
+    preprocessing: Literal["scale", "standardize", "mean_subtract", "none"] = Field(
+        "scale",
+        description="scale: divide by scale_divisor into [0,1]; standardize: (x-mean)/std of the "
+        "training split; mean_subtract: x-mean (per channel); none: raw values.",
+    )
+    scale_divisor: float | None = Field(
+        None,
+        gt=0,
+        description="Divisor for `scale` and applied before standardize/mean_subtract; default: "
+        "the source's maximum (16 for digits, 255 for 8-bit images, 1 for shapes).",
+    )
+    validation_split: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of the training split held out for validation."
+    )
+    test_split: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Share held out for testing, for sources without their own test split.",
+    )
+    limit: PositiveInt | None = Field(
+        None, description="Use at most this many training images (quick runs)."
+    )
+    shapes: ShapesOptions = Field(default_factory=ShapesOptions)
+    images: list[Any] | None = Field(
+        None, description="inline source: a list of images, each [H][W] or [H][W][C] numbers."
+    )
+    labels: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="inline source: one class index per image."
+    )
+    class_names: list[str] | None = Field(
+        None, description="Names of the classes, in index order (default: from the source)."
+    )
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> DataConfig:
+        if self.source in ("directory", "npz") and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if self.source == "inline":
+            if not self.images or self.labels is None:
+                raise ValueError("data.source 'inline' needs data.images and data.labels")
+            if len(self.images) != len(self.labels):
+                raise ValueError(
+                    f"data.images has {len(self.images)} images but data.labels has "
+                    f"{len(self.labels)} labels"
+                )
+        return self
+
+
+# ---------------------------------------------------------------------------------------- model
+class Conv2DLayer(_Strict):
+    type: Literal["conv2d"]
+    filters: PositiveInt
+    kernel: IntOrPair = 3
+    stride: IntOrPair = 1
+    padding: Padding = "valid"
+    activation: Activation = "relu"
+    name: str | None = None
+
+
+class PoolLayer(_Strict):
+    type: Literal["max_pool2d", "avg_pool2d"]
+    pool: IntOrPair = 2
+    stride: IntOrPair | None = Field(None, description="Default: the pool size.")
+    padding: Padding = "valid"
+    name: str | None = None
+
+
+class DropoutLayer(_Strict):
+    type: Literal["dropout"]
+    rate: float = Field(0.5, ge=0.0, lt=1.0)
+    name: str | None = None
+
+
+class BatchNormLayer(_Strict):
+    type: Literal["batch_norm"]
+    name: str | None = None
+
+
+class FlattenLayer(_Strict):
+    type: Literal["flatten", "global_avg_pool2d"]
+    name: str | None = None
+
+
+class DenseLayer(_Strict):
+    type: Literal["dense"]
+    units: PositiveInt
+    activation: Activation = "relu"
+    name: str | None = None
+
+
+LayerConfig = Annotated[
+    Union[Conv2DLayer, PoolLayer, DropoutLayer, BatchNormLayer, FlattenLayer, DenseLayer],
+    Field(discriminator="type"),
+]
+
+
+class OutputConfig(_Strict):
+    """The classification head, sized from the data's classes."""
+
+    activation: Literal["softmax", "sigmoid"] = Field(
+        "softmax",
+        description="softmax over all classes; sigmoid: one unit, for two-class data only.",
+    )
+    name: str = Field("preds", description="Name of the output layer.")
+
+
+class BackboneConfig(_Strict):
+    """A keras.applications model reused as the feature extractor (fine-tuning)."""
+
+    name: Literal[
+        "VGG16", "VGG19", "ResNet50", "MobileNetV2", "MobileNet", "EfficientNetB0", "DenseNet121"
+    ]
+    weights: Literal["imagenet"] | None = Field(
+        "imagenet", description="Pretrained weights (downloaded by Keras), or null for random."
+    )
+    trainable_layers: Annotated[int, Field(ge=0)] = Field(
+        0, description="How many of the backbone's last layers are trained; the rest are frozen."
+    )
+    learning_rate_multiplier: float = Field(
+        0.1, gt=0.0, le=1.0, description="Backbone learning rate = this x train.learning_rate."
+    )
+    pooling: Literal["avg", "max", "flatten"] = Field(
+        "avg", description="How the backbone's feature map meets the head."
+    )
+
+
+class ModelConfig(_Strict):
+    layers: list[LayerConfig] = Field(default_factory=list)
+    backbone: BackboneConfig | None = None
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _has_something(self) -> ModelConfig:
+        if not self.layers and self.backbone is None:
+            raise ValueError("model needs at least one entry in model.layers, or a model.backbone")
+        names = [layer.name for layer in self.layers if layer.name] + [self.output.name]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"layer names must be unique; repeated: {', '.join(duplicated)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- train
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "sgd", "rmsprop"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd and rmsprop only.")
+
+    @model_validator(mode="after")
+    def _momentum_applies(self) -> OptimizerConfig:
+        if self.name == "adam" and self.momentum:
+            raise ValueError(
+                f"train.optimizer.momentum={self.momentum} has no meaning for adam; "
+                "use sgd or rmsprop, or remove it"
+            )
+        return self
+
+
+class EarlyStoppingConfig(_Strict):
+    monitor: str = "val_loss"
+    patience: PositiveInt = 3
+    restore_best_weights: bool = True
+
+
+class TrainConfig(_Strict):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    loss: Literal["auto", "categorical_crossentropy", "binary_crossentropy"] = Field(
+        "auto", description="auto: categorical for softmax, binary for a sigmoid output."
+    )
+    metrics: list[Literal["accuracy", "auc", "precision", "recall"]] = Field(
+        default_factory=lambda: ["accuracy"]
+    )
+    early_stopping: EarlyStoppingConfig | None = None
+    tensorboard: bool = Field(False, description="Write TensorBoard logs to <run>/tensorboard.")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto: a GPU when TensorFlow sees one, else the CPU."
+    )
+    distribute: Literal["none", "mirrored", "multi_worker"] = Field(
+        "none",
+        description="mirrored: all local GPUs (or logical CPUs); multi_worker: several machines "
+        "configured by TF_CONFIG.",
+    )
+    mixed_precision: bool = Field(False, description="float16 compute (for GPUs).")
+    jit_compile: bool = Field(False, description="XLA-compile the train step.")
+    verbose: Literal[0, 1, 2] = Field(1, description="Keras progress: 0 silent, 1 bar, 2 line.")
+
+
+# --------------------------------------------------------------------------------------- config
+class Config(_Strict):
+    """A whole cnnviz config."""
+
+    name: str | None = Field(None, description="Run name; default: the config file's stem.")
+    seed: int = Field(42, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "/" in value or value.startswith(".")):
+            raise ValueError(f"name must be a plain folder name; received {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.train.loss == "binary_crossentropy" and self.model.output.activation != "sigmoid":
+            raise ValueError(
+                "train.loss 'binary_crossentropy' needs model.output.activation 'sigmoid'"
+            )
+        if self.data.source == "inline" and self.data.labels is not None:
+            classes = max(self.data.labels) + 1
+            if self.model.output.activation == "sigmoid" and classes > 2:
+                raise ValueError(
+                    f"model.output.activation 'sigmoid' is for two classes; data has {classes}"
+                )
+        input_shape = native_input_shape(self.data)
+        if input_shape is not None:
+            check_layer_shapes(self.model, input_shape)
+        return self
+
+
+# ------------------------------------------------------------------------------ shape checking
+_NATIVE_SHAPES = {
+    "digits": (8, 8, 1),
+    "mnist": (28, 28, 1),
+    "fashion_mnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+}
+
+
+def native_input_shape(data: DataConfig) -> tuple[int, int, int] | None:
+    """The model's input shape as the config determines it, or None when only the data can tell."""
+    if data.source == "shapes":
+        size = data.image_size or [32, 32]
+        return (size[0], size[1], 3)
+    if data.source == "directory":
+        if data.image_size is None:
+            return (256, 256, 1 if data.color_mode == "grayscale" else 3)
+        return (*data.image_size, 1 if data.color_mode == "grayscale" else 3)
+    if data.source == "inline":
+        import numpy as np
+
+        try:
+            first = np.asarray(data.images[0], dtype=np.float32)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"data.images.0 is not a numeric matrix: {error}") from None
+        if first.ndim not in (2, 3):
+            raise ValueError(f"data.images.0 must be [H][W] or [H][W][C]; got {first.ndim} dims")
+        shape = first.shape if first.ndim == 3 else (*first.shape, 1)
+        return tuple(data.image_size or shape[:2]) + (shape[2],)
+    native = _NATIVE_SHAPES.get(data.source)
+    if native is None:
+        return None
+    if data.image_size:
+        return (data.image_size[0], data.image_size[1], native[2])
+    return native
+
+
+def _out_size(size: int, window: int, stride: int, padding: str) -> int:
+    if padding == "same":
+        return math.ceil(size / stride)
+    return (size - window) // stride + 1
+
+
+def check_layer_shapes(model: ModelConfig, input_shape: tuple[int, ...]) -> None:
+    """Walk the layer list over `input_shape` and raise ValueError at the first impossible layer.
+
+    Catches a kernel or pool larger than the feature map it meets, and a Dense/Conv layer
+    after the map was flattened, before Keras builds anything.
+    """
+    if model.backbone is not None:
+        if min(input_shape[:2]) < 32:
+            raise ValueError(
+                f"model.backbone {model.backbone.name} needs images of at least 32x32; the data "
+                f"gives {input_shape[0]}x{input_shape[1]} (set data.image_size)"
+            )
+        for index, layer in enumerate(model.layers):
+            if not isinstance(layer, (DenseLayer, DropoutLayer, BatchNormLayer)):
+                raise ValueError(
+                    f"model.layers.{index} ({layer.type}): after a backbone (pooled to a vector) "
+                    "only dense, dropout and batch_norm layers fit"
+                )
+        return
+    height, width, _ = input_shape
+    flat = False
+    for index, layer in enumerate(model.layers):
+        where = f"model.layers.{index}"
+        if isinstance(layer, (Conv2DLayer, PoolLayer)):
+            if flat:
+                raise ValueError(f"{where} ({layer.type}) comes after the feature map was flattened")
+            window = _pair(layer.kernel if isinstance(layer, Conv2DLayer) else layer.pool)
+            stride = _pair(layer.stride if layer.stride is not None else window)
+            field = "kernel" if isinstance(layer, Conv2DLayer) else "pool"
+            if layer.padding == "valid" and (window[0] > height or window[1] > width):
+                raise ValueError(
+                    f"{where}.{field}={list(window)} is larger than the {height}x{width} feature "
+                    f"map it receives; use a window of at most {height}x{width} or padding 'same'"
+                )
+            height = _out_size(height, window[0], stride[0], layer.padding)
+            width = _out_size(width, window[1], stride[1], layer.padding)
+        elif isinstance(layer, FlattenLayer):
+            flat = True
+        elif isinstance(layer, DenseLayer) and not flat:
+            raise ValueError(
+                f"{where} (dense) needs a flatten or global_avg_pool2d layer before it"
+            )
+    if not flat:
+        raise ValueError(
+            "model.layers must include a flatten or global_avg_pool2d layer before the output"
+        )
+
+
+# -------------------------------------------------------------------------------------- loading
+def _format_location(location: tuple) -> str:
+    # Drop pydantic's discriminator tags ("conv2d") so the path reads like the YAML keys.
+    parts = [str(part) for part in location]
+    return ".".join(parts)
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors(include_url=False):
+        location = [
+            part
+            for part in item["loc"]
+            if part not in ("conv2d", "max_pool2d", "avg_pool2d", "dropout", "batch_norm",
+                            "flatten", "global_avg_pool2d", "dense")
+            and not (isinstance(part, str) and part.startswith("function-"))
+        ]
+        message = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        where = _format_location(tuple(location))
+        shown = "" if isinstance(value, (dict, list)) or value is None else f" (received {value!r})"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {where!r}; check the spelling (see `cnnviz config show`)")
+        elif item["type"] == "union_tag_invalid":
+            lines.append(f"{source}: {where}: {message}")
+        elif where:
+            lines.append(f"{source}: {where}: {message}{shown}")
+        else:
+            lines.append(f"{source}: {message}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `train.epochs=3` into (["train", "epochs"], 3); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"--set {text!r}: the key {key!r} has an empty part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of the raw config dict with each `a.b.c=value` override set."""
+    result = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = result
+        for depth, part in enumerate(path[:-1]):
+            where = ".".join(path[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"--set {text!r}: {where} is not an index of a list of {len(node)}"
+                    )
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {text!r}: {where} is a value, not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"--set {text!r}: {last!r} is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"--set {text!r}: {'.'.join(path[:-1])} is a value, not a section")
+    return result
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping, or raise ConfigError naming the file and the problem."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...)")
+    return raw
+
+
+def validate(raw: dict, source: str = "config") -> Config:
+    """Validate a raw dict into a `Config`, or raise ConfigError with one line per problem."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+    except ValueError as error:  # raised outside pydantic's wrapping (rare)
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load, override and validate a YAML config file; the name defaults to the file's stem."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    config = validate(raw, source=str(path))
+    if config.name is None:
+        config = config.model_copy(update={"name": path.stem})
+    return config
+
+
+def dump_config(config: Config) -> str:
+    """The full config, defaults filled in, as YAML (what `config show` prints and runs save)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,12 @@
+"""The one error family cnnviz raises for problems a user can fix.
+
+The CLI catches `CnnvizError`, prints its message as one line per problem and exits with code 2.
+"""
+
+
+class CnnvizError(Exception):
+    """A problem with the user's input (a file, a value, a choice), stated so it can be fixed."""
+
+
+class ConfigError(CnnvizError):
+    """A config file or `--set` override that cannot be loaded or validated."""
