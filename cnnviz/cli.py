@@ -159,6 +159,74 @@ def summary_command(
         typer.echo(result.graphviz_problem, err=True)
 
 
+# -------------------------------------------------------------------------------------- trust
+ModelSourceArgument = Annotated[
+    Path, typer.Argument(help="A run directory, a .keras file, or a config (.yaml: untrained model).")
+]
+
+
+def _model_and_images(source: Path, images: str, overrides: Optional[list[str]]):
+    """(model, images, what the images are) for a run, a .keras file or a config.
+
+    A config builds its untrained model; its images are the test split where the data is at
+    hand offline, else seeded uniform noise (the check is about arithmetic, not accuracy).
+    """
+    import numpy as np
+
+    from cnnviz.figures import select_images
+    from cnnviz.runs import Run, load_run
+
+    if source.suffix in (".yaml", ".yml"):
+        resolved = _config(source, overrides)
+        _tensorflow()
+        import keras
+
+        from cnnviz.summary import model_from_config
+
+        keras.utils.set_random_seed(resolved.seed)
+        model = model_from_config(resolved)
+        try:
+            selection = select_images(Run(model, resolved, None), images)
+            return model, selection.images, f"{len(selection.images)} test images"
+        except CnnvizError as error:
+            if "download" not in str(error):
+                raise
+            shape = tuple(int(size) for size in model.inputs[0].shape[1:])
+            noise = np.random.default_rng(resolved.seed).uniform(size=(32, *shape))
+            return model, noise.astype(np.float32), "32 uniform-noise images (data not available offline)"
+    _tensorflow()
+    run = load_run(source)
+    selection = select_images(run, images)
+    return run.model, selection.images, f"{len(selection.images)} images"
+
+
+@command("verify")
+def verify_command(
+    source: ModelSourceArgument,
+    images: ImagesOption = "0:32",
+    tolerance: Annotated[float, typer.Option(help="Largest allowed |numpy - keras| per layer.")] = 1e-4,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Write one image's forward pass out step by step.")
+    ] = False,
+    set_: SetOption = None,
+) -> None:
+    """Recompute the forward pass in plain numpy and compare it with Keras, layer by layer.
+
+    Exits 1 when a layer differs by more than --tolerance or cannot be recomputed.
+    """
+    from cnnviz.reference import explain_steps, format_table, verify
+
+    model, batch, described = _model_and_images(source, images, set_)
+    if explain:
+        typer.echo(explain_steps(model, batch[0]))
+        return
+    report = verify(model, batch, tolerance=tolerance)
+    typer.echo(f"{model.name}: numpy reference vs Keras on {described}")
+    typer.echo(format_table(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

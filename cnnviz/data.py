@@ -336,10 +336,10 @@ def _load_shapes(config: Config):
     test_count = max(1, int(round(options.count * config.data.test_split)))
     common = dict(image_size=size[0], classes=tuple(options.classes), spurious=options.spurious)
     train = make_shapes(options.count - test_count, with_cue=True, seed=config.seed, **common)
-    test = make_shapes(
-        test_count, with_cue=options.test_cue == "shuffled", shuffle_cue=True,
-        seed=config.seed + 10_000, **common,
-    )
+    shuffled = options.test_cue == "shuffled"
+    # The test split never carries the training cue: absent, or at a random class's place.
+    test = make_shapes(test_count, with_cue=shuffled, shuffle_cue=shuffled,
+                       seed=config.seed + 10_000, **common)
     extras = {"cue_masks_train": train.cue_masks, "cue_masks_test": test.cue_masks}
     return (train.images, train.labels), (test.images, test.labels), list(train.class_names), extras
 

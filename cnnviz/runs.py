@@ -51,11 +51,9 @@ def atomic_write_json(path: str | Path, payload: dict) -> Path:
 
 def save_figure(figure, path: str | Path, dpi: int = 100) -> Path:
     """Render a matplotlib Figure to PNG and write it atomically."""
-    from io import BytesIO
+    from cnnviz.plot import render_png
 
-    buffer = BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, render_png(figure, dpi=dpi))
 
 
 def save_model(model, path: str | Path) -> Path:

@@ -1,0 +1,317 @@
+"""Activation maximization: the input a trained network finds most typical of a class or a filter.
+
+Gradient ascent on the input image (Erhan et al. 2009, "Visualizing Higher-Layer Features of a
+Deep Network"; Simonyan et al. 2014 for class scores), made readable by the regularizers of
+Yosinski et al. 2015 ("Understanding Neural Networks Through Deep Visualization") and Olah et al.
+2017 ("Feature Visualization"): random jitter, an L2 (Lp) penalty, a total-variation penalty,
+periodic Gaussian blur, and clipping to the valid input range.
+
+Each image climbs its own score:
+- the class's pre-softmax logit when `layer` is the output layer (or None) — maximizing the
+  softmax probability instead would mostly push the other classes down;
+- otherwise the mean activation of channel `index` of `layer` (a unit of a 2-D layer).
+The score's gradient is divided by its per-image RMS, then the gradients of the weighted
+penalties are subtracted: a penalty weight of 1 pulls as hard as the (normalized) score, whatever
+the model's logit scale. Penalties are small callables `fn(images (N, H, W, C)) -> (N,)` paired
+with a weight, so new ones compose without new flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from cnnviz.errors import CnnvizError
+from cnnviz.explain._common import is_binary_sigmoid, logits_model, target_scores
+from cnnviz.explain.layers import layer_model, resolve_layer
+
+Penalty = Callable[..., object]  # images (N, H, W, C) tf.Tensor -> (N,) tf.Tensor
+Regularizers = tuple[tuple[float, Penalty], ...]
+
+
+# ------------------------------------------------------------------------------- penalties
+def l2_norm(images):
+    """Sum of squared pixel values per image, (N,): pulls pixels towards 0 (fewer extreme values)."""
+    import tensorflow as tf
+
+    return tf.reduce_sum(tf.square(images), axis=[1, 2, 3])
+
+
+def lp_norm(p: float) -> Penalty:
+    """A penalty computing the sum of |pixel|**p per image, (N,); p=6 mostly punishes outliers."""
+    if p <= 0:
+        raise CnnvizError(f"lp_norm needs p > 0; received p={p}")
+
+    def penalty(images):
+        import tensorflow as tf
+
+        return tf.reduce_sum(tf.pow(tf.abs(images) + 1e-12, p), axis=[1, 2, 3])
+
+    penalty.__name__ = f"l{p:g}_norm"
+    return penalty
+
+
+def total_variation(images):
+    """Sum of absolute differences between neighbouring pixels per image, (N,): favours smoothness.
+
+    Without it the ascent finds high-frequency patterns that excite the network but look like noise.
+    """
+    import tensorflow as tf
+
+    down = tf.abs(images[:, 1:, :, :] - images[:, :-1, :, :])
+    right = tf.abs(images[:, :, 1:, :] - images[:, :, :-1, :])
+    return tf.reduce_sum(down, axis=[1, 2, 3]) + tf.reduce_sum(right, axis=[1, 2, 3])
+
+
+def default_regularizers(*, l2: float = 0.05, tv: float = 0.1) -> Regularizers:
+    """The (weight, penalty) pairs used when none are given; a zero weight drops its term."""
+    pairs = ((l2, l2_norm), (tv, total_variation))
+    return tuple((float(weight), fn) for weight, fn in pairs if weight)
+
+
+# ------------------------------------------------------------------------------- public API
+def activation_maximization(
+    model,
+    layer=None,
+    index: int = 0,
+    *,
+    steps: int = 256,
+    learning_rate: float = 0.05,
+    seed: int = 0,
+    jitter: int = 4,
+    l2: float = 0.05,
+    tv: float = 0.1,
+    blur_every: int = 4,
+    blur_sigma: float = 0.5,
+    input_range: tuple[float, float] = (0.0, 1.0),
+    regularizers: Regularizers | None = None,
+) -> np.ndarray:
+    """The input that maximizes one class score or one filter's mean activation.
+
+    Same arguments as `activation_maximization_batch`, with one `index`.
+
+    Returns:
+        float32 array (H, W, C) within `input_range`.
+    """
+    return activation_maximization_batch(
+        model,
+        layer,
+        (index,),
+        steps=steps,
+        learning_rate=learning_rate,
+        seed=seed,
+        jitter=jitter,
+        l2=l2,
+        tv=tv,
+        blur_every=blur_every,
+        blur_sigma=blur_sigma,
+        input_range=input_range,
+        regularizers=regularizers,
+    )[0]
+
+
+def activation_maximization_batch(
+    model,
+    layer=None,
+    indices: Sequence[int] = (0,),
+    *,
+    steps: int = 256,
+    learning_rate: float = 0.05,
+    seed: int = 0,
+    jitter: int = 4,
+    l2: float = 0.05,
+    tv: float = 0.1,
+    blur_every: int = 4,
+    blur_sigma: float = 0.5,
+    input_range: tuple[float, float] = (0.0, 1.0),
+    regularizers: Regularizers | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Maximize several classes or filters at once, one image per index, in one batched ascent.
+
+    Each image's objective depends on that image only, so the batch gives the same images as
+    one run per index; all images start from the same seeded noise and see the same jitter.
+    Every step: roll the image by a random shift (at most `jitter` pixels, shrinking linearly to
+    0 over the steps), take the score's gradient, divide it by its per-image RMS (so
+    `learning_rate` is a fraction of the input range per step, whatever the model's scale),
+    subtract the weighted penalties' gradients, step, clip to `input_range`; every `blur_every`
+    steps blur with a Gaussian of `blur_sigma` pixels.
+
+    Args:
+        model: a built Keras classifier; the input shape is `model.inputs[0].shape[1:]`.
+        layer: None or the output layer (by name or object) for class scores; any other layer
+            with a 4-D output (N, h, w, channels) for channel means (or 2-D output for units).
+        indices: class indices (output layer) or channel indices, one image per entry.
+        steps: gradient-ascent steps.
+        learning_rate: step length as a fraction of the width of `input_range`.
+        seed: seeds the starting noise and the jitter; the same seed gives the same images.
+        jitter: maximum random shift in pixels per step (0 disables).
+        l2: weight of the `l2_norm` penalty in the default regularizers.
+        tv: weight of the `total_variation` penalty in the default regularizers.
+        blur_every: blur every this many steps (0 disables).
+        blur_sigma: standard deviation of that Gaussian blur, in pixels.
+        input_range: (low, high) valid input values; images start near the middle, stay inside.
+        regularizers: (weight, penalty) pairs to use instead of those built from `l2` and `tv`;
+            a penalty maps images (N, H, W, C) to (N,) with TensorFlow ops.
+        batch_size: images optimized together; more indices run in chunks of this size.
+
+    Returns:
+        float32 array (len(indices), H, W, C) within `input_range`.
+
+    Raises:
+        CnnvizError: an unknown layer, a layer without 4-D/2-D output, an index out of range,
+            a model without a fixed input shape, or invalid settings.
+    """
+    import tensorflow as tf
+
+    low, high = (float(value) for value in input_range)
+    _check_settings(steps, learning_rate, jitter, blur_every, blur_sigma, low, high, batch_size)
+    input_shape = _input_shape(model)
+    score, count = _score_function(model, layer)
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    bad = indices[(indices < 0) | (indices >= count)]
+    if bad.size:
+        raise CnnvizError(f"index {int(bad[0])} is out of range; valid indices are 0..{count - 1}")
+    if regularizers is None:
+        regularizers = default_regularizers(l2=l2, tv=tv)
+    regularizers = tuple((float(weight), fn) for weight, fn in regularizers)
+
+    rng = np.random.default_rng(seed)
+    # Low-variance noise around mid-range: no pattern to start from, nothing saturated.
+    start = (low + high) / 2 + 0.01 * (high - low) * rng.standard_normal(input_shape)
+    # The jitter bound shrinks linearly to 0: early steps find a shift-robust pattern, the last
+    # ones settle it in place (a fixed large jitter leaves a tiny image misaligned at the end).
+    bound = jitter * (1 - np.arange(steps) / steps)
+    shifts = np.rint(rng.uniform(-1, 1, size=(steps, 2)) * bound[:, None])
+    shifts = tf.constant(shifts, dtype=tf.int32)
+    step_size = tf.constant(learning_rate * (high - low), tf.float32)
+    blur = _gaussian_blur(blur_sigma, input_shape) if blur_every and blur_sigma > 0 else None
+
+    def ascent_step(images, shift, targets):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            # Jitter: the gradient must work wherever the pattern sits, so no pixel-exact tricks.
+            objective = score(tf.roll(images, shift=shift, axis=[1, 2]), targets)
+        gradient = tape.gradient(objective, images)
+        # Per-image RMS normalization makes the step independent of the model's logit scale ...
+        rms = tf.sqrt(tf.reduce_mean(tf.square(gradient), axis=[1, 2, 3], keepdims=True))
+        direction = gradient / (rms + 1e-12)
+        if regularizers:
+            # ... and the penalty weights relative to a unit-RMS score gradient.
+            with tf.GradientTape() as tape:
+                tape.watch(images)
+                penalty = tf.add_n([weight * fn(images) for weight, fn in regularizers])
+            direction -= tape.gradient(penalty, images)
+        return tf.clip_by_value(images + step_size * direction, low, high)
+
+    def blur_step(images):
+        return tf.clip_by_value(blur(images), low, high)
+
+    @tf.function
+    def ascend(images, targets):
+        # The whole ascent is one graph (a while loop): no Python overhead per step.
+        for step in tf.range(steps):
+            images = ascent_step(images, shifts[step], targets)
+            if blur is not None and (step + 1) % blur_every == 0:  # autograph: a tf.cond
+                images = blur_step(images)
+        return images
+
+    if len(indices) == 0:
+        return np.zeros((0, *input_shape), dtype=np.float32)
+    size = min(batch_size, len(indices))
+    results = []
+    for begin in range(0, len(indices), size):
+        chunk = indices[begin : begin + size]
+        real = len(chunk)
+        # Pad with a repeated index so every chunk has the traced shape.
+        targets = tf.constant(np.concatenate([chunk, np.repeat(chunk[-1:], size - real)]), tf.int32)
+        images = tf.constant(np.broadcast_to(start, (size, *input_shape)), tf.float32)
+        results.append(ascend(images, targets).numpy()[:real])
+    return np.concatenate(results).astype(np.float32, copy=False)
+
+
+# ------------------------------------------------------------------------------- helpers
+def _check_settings(steps, learning_rate, jitter, blur_every, blur_sigma, low, high, batch_size):
+    problems = []
+    if steps < 1:
+        problems.append(f"steps must be at least 1; received steps={steps}")
+    if learning_rate <= 0:
+        problems.append(f"learning_rate must be > 0; received learning_rate={learning_rate}")
+    if jitter < 0:
+        problems.append(f"jitter must be >= 0 pixels; received jitter={jitter}")
+    if blur_every < 0:
+        problems.append(f"blur_every must be >= 0 (0 disables); received blur_every={blur_every}")
+    if blur_sigma < 0:
+        problems.append(f"blur_sigma must be >= 0; received blur_sigma={blur_sigma}")
+    if not low < high:
+        problems.append(f"input_range must be (low, high) with low < high; received {(low, high)}")
+    if batch_size < 1:
+        problems.append(f"batch_size must be at least 1; received batch_size={batch_size}")
+    if problems:
+        raise CnnvizError("\n".join(problems))
+
+
+def _input_shape(model) -> tuple[int, ...]:
+    shape = tuple(model.inputs[0].shape[1:])
+    if len(shape) != 3 or any(dim is None for dim in shape):
+        raise CnnvizError(
+            f"activation maximization needs a fixed (H, W, C) input shape; "
+            f"model {model.name!r} has input shape {shape}"
+        )
+    return tuple(int(dim) for dim in shape)
+
+
+def _score_function(model, layer):
+    """`score(images, targets) -> (N,)` TF function and how many indices it accepts."""
+    import tensorflow as tf
+
+    chosen = None if layer is None else resolve_layer(model, layer)
+    if chosen is None or chosen is model.layers[-1]:
+        logits = logits_model(model)
+        count = 2 if is_binary_sigmoid(model) else int(model.outputs[0].shape[-1])
+
+        def class_score(images, targets):
+            return target_scores(logits(images, training=False), targets)
+
+        return class_score, count
+
+    rank = len(chosen.output.shape)
+    if rank not in (2, 4):
+        raise CnnvizError(
+            f"layer {chosen.name!r} has output shape {tuple(chosen.output.shape)}; activation "
+            "maximization needs a 4-D (N, h, w, channels) or 2-D (N, units) output"
+        )
+    sub_model = layer_model(model, chosen)
+
+    def channel_score(images, targets):
+        activations = sub_model(images, training=False)
+        if rank == 4:
+            activations = tf.reduce_mean(activations, axis=[1, 2])
+        return tf.gather(activations, targets, axis=1, batch_dims=1)
+
+    return channel_score, int(chosen.output.shape[-1])
+
+
+def _gaussian_blur(sigma: float, input_shape: tuple[int, int, int]):
+    """A compiled separable Gaussian blur with reflected borders (zero padding would darken them)."""
+    import tensorflow as tf
+
+    height, width, channels = input_shape
+    radius = min(int(np.ceil(3 * sigma)), height - 1, width - 1)
+    if radius < 1:
+        return None
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+    weights = (weights / weights.sum()).astype(np.float32)
+    vertical = tf.constant(np.tile(weights[:, None, None, None], (1, 1, channels, 1)))
+    horizontal = tf.constant(np.tile(weights[None, :, None, None], (1, 1, channels, 1)))
+    pad = [[0, 0], [radius, radius], [radius, radius], [0, 0]]
+
+    @tf.function
+    def blur(images):
+        padded = tf.pad(images, pad, mode="REFLECT")
+        padded = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
+        return tf.nn.depthwise_conv2d(padded, horizontal, [1, 1, 1, 1], "VALID")
+
+    return blur

@@ -1,0 +1,24 @@
+"""Arrays -> matplotlib Figures (no pyplot, no files); `render_png` turns one into PNG bytes."""
+
+from cnnviz.plot.display import render_png, show_image
+from cnnviz.plot.figures import (
+    activation_max_grid,
+    feature_maps_grid,
+    filters_grid,
+    gradcam_figure,
+    occlusion_figure,
+    saliency_row,
+    training_curves,
+)
+
+__all__ = [
+    "activation_max_grid",
+    "feature_maps_grid",
+    "filters_grid",
+    "gradcam_figure",
+    "occlusion_figure",
+    "render_png",
+    "saliency_row",
+    "show_image",
+    "training_curves",
+]

@@ -1,0 +1,151 @@
+"""Drawing helpers shared by every figure: images of any range, heatmaps, constant-map notes, PNG bytes.
+
+Nothing here uses pyplot: figures are `matplotlib.figure.Figure` objects with no global state, so
+they are safe under any backend and in threads. Normalization is for display only and never
+divides by zero (a constant map is drawn flat and labelled instead of turning into NaN).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from cnnviz.errors import CnnvizError
+
+EPSILON = 1e-12
+NOTE_STYLE = {"boxstyle": "round,pad=0.3", "facecolor": "white", "alpha": 0.85, "linewidth": 0}
+
+
+def render_png(fig: Figure, *, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (tight bounding box), ready to be written atomically by the caller.
+
+    Args:
+        fig: a figure from this package.
+        dpi: dots per inch of the PNG.
+
+    Returns:
+        The PNG file contents.
+    """
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    return buffer.getvalue()
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A white figure with constrained layout (titles and colorbars never overlap), in inches."""
+    return Figure(figsize=(width, height), layout="constrained", facecolor="white")
+
+
+def finite(array) -> np.ndarray:
+    """`array` as float64 with NaN and infinities replaced by 0 (plots must never fail on them)."""
+    return np.nan_to_num(np.asarray(array, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def is_constant(array) -> bool:
+    """True when every value is the same (up to float noise): nothing to normalize."""
+    values = finite(array)
+    return values.size == 0 or float(values.max() - values.min()) <= EPSILON * max(
+        1.0, float(np.abs(values).max())
+    )
+
+
+def normalize01(array) -> np.ndarray:
+    """Min-max scale to [0, 1]; a constant array becomes all zeros instead of NaN."""
+    values = finite(array)
+    if is_constant(values):
+        return np.zeros_like(values)
+    low, high = values.min(), values.max()
+    return (values - low) / (high - low)
+
+
+def symmetric_limit(array) -> float:
+    """max |value|, so a diverging colormap is centered at 0; 1.0 for an all-zero array."""
+    values = finite(array)
+    limit = float(np.abs(values).max()) if values.size else 0.0
+    return limit if limit > EPSILON else 1.0
+
+
+def note(ax, text: str) -> None:
+    """Write a short note in the middle of an axes (e.g. why a panel looks flat)."""
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=8,
+        bbox=NOTE_STYLE,
+    )
+
+
+def plain_axes(ax) -> None:
+    """No ticks or frame: images speak for themselves."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def as_display_image(image) -> tuple[np.ndarray, bool]:
+    """Return (H, W) or (H, W, 3) float array and whether it is grayscale.
+
+    Accepts (H, W), (H, W, 1) and (H, W, 3); any other channel count is shown as the mean over
+    channels (grayscale).
+    """
+    values = finite(image)
+    if values.ndim == 3 and values.shape[-1] == 1:
+        values = values[..., 0]
+    elif values.ndim == 3 and values.shape[-1] != 3:
+        values = values.mean(axis=-1)
+    if values.ndim not in (2, 3):
+        raise CnnvizError(
+            f"an image must have shape (H, W), (H, W, 1) or (H, W, 3); received {np.shape(image)}"
+        )
+    return values, values.ndim == 2
+
+
+def show_image(ax, image, *, normalize: bool = False, title: str | None = None):
+    """Draw an input image: gray colormap for one channel, RGB for three, any value range.
+
+    Values already in [0, 1] are drawn as they are (black is black); other ranges (0..255,
+    standardized, ...) are min-max scaled for display only. `normalize=True` always scales.
+
+    Args:
+        ax: the matplotlib axes to draw into.
+        image: (H, W), (H, W, 1) or (H, W, 3) array; other channel counts are averaged.
+        normalize: stretch every image to its own min..max.
+        title: optional axes title.
+
+    Returns:
+        The `AxesImage` drawn.
+    """
+    values, grayscale = as_display_image(image)
+    inside_unit_range = values.size > 0 and values.min() >= 0.0 and values.max() <= 1.0
+    if normalize or not inside_unit_range:
+        values = normalize01(values)
+    if grayscale:
+        drawn = ax.imshow(values, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        drawn = ax.imshow(np.clip(values, 0.0, 1.0), interpolation="nearest")
+    if values.size > 1 and is_constant(image):
+        note(ax, f"constant image ({float(finite(image).flat[0]):.3g})")
+    plain_axes(ax)
+    if title is not None:
+        ax.set_title(title, fontsize=9)
+    return drawn
+
+
+def image_extent(image) -> tuple[float, float, float, float]:
+    """imshow extent of an (H, W, ...) image, so maps of another resolution are laid over it."""
+    height, width = np.shape(image)[:2]
+    return (-0.5, width - 0.5, height - 0.5, -0.5)
+
+
+def grid_shape(count: int, max_columns: int = 8) -> tuple[int, int]:
+    """(rows, columns) for `count` tiles: close to square, at most `max_columns` wide."""
+    columns = max(1, min(max_columns, math.ceil(math.sqrt(count))))
+    return max(1, math.ceil(count / columns)), columns

@@ -1,0 +1,458 @@
+"""Figures for every cnnviz explanation: arrays in, a `matplotlib.figure.Figure` out.
+
+Pure drawing: no gradients, no files, no pyplot. Colormaps are chosen by what the numbers mean:
+gray for grayscale inputs, viridis/magma for non-negative heatmaps, RdBu_r centered at 0 for
+signed values (weights, signed attributions), turbo for the Grad-CAM overlay, a qualitative
+palette for class labels. Every panel survives constant, all-zero and non-finite arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from cnnviz.errors import CnnvizError
+from cnnviz.plot.display import (
+    as_display_image,
+    finite,
+    grid_shape,
+    image_extent,
+    is_constant,
+    new_figure,
+    normalize01,
+    note,
+    plain_axes,
+    show_image,
+    symmetric_limit,
+)
+
+TILE_INCHES = 1.15
+PANEL_INCHES = 3.0
+
+
+def _label_name(label, class_names: Sequence[str] | None) -> str:
+    """A class given as an index or a name, as the name to print."""
+    if label is None:
+        return "?"
+    is_index = isinstance(label, (int, np.integer)) and not isinstance(label, bool)
+    if is_index and class_names is not None and 0 <= int(label) < len(class_names):
+        return str(class_names[int(label)])
+    return str(label)
+
+
+# ------------------------------------------------------------------------- training curves
+def training_curves(
+    history: Mapping[str, Sequence[float]], *, title: str = "Training curves"
+) -> Figure:
+    """Loss and metrics per epoch, training (solid) vs validation (dashed), one panel per metric.
+
+    The best validation epoch is marked (lowest for loss-like metrics, highest otherwise).
+
+    Args:
+        history: Keras `History.history`-style dict, e.g. {"loss": [...], "val_loss": [...],
+            "accuracy": [...], "val_accuracy": [...]}; validation keys are optional.
+        title: figure title.
+
+    Returns:
+        A Figure with one panel per metric, loss first.
+    """
+    bases: list[str] = []
+    for key in history:
+        if key in ("epoch", "lr", "learning_rate"):  # CSVLogger's index and schedule columns
+            continue
+        base = key.removeprefix("val_")
+        if base not in bases and len(history[key]) > 0:
+            bases.append(base)
+    order = {base: position for position, base in enumerate(bases)}
+    bases.sort(key=lambda base: (base != "loss", "loss" not in base, order[base]))
+
+    fig = new_figure(max(4.2, 3.9 * max(1, len(bases))), 3.3)
+    if not bases:
+        ax = fig.add_subplot()
+        plain_axes(ax)
+        note(ax, "no training history recorded")
+        ax.set_title(title)
+        return fig
+    axes = fig.subplots(1, len(bases), squeeze=False)[0]
+    for ax, base in zip(axes, bases, strict=True):
+        lower_is_better = "loss" in base or "error" in base
+        for key, style, split in ((base, "-", "train"), (f"val_{base}", "--", "validation")):
+            values = history.get(key)
+            if values is None or len(values) == 0:
+                continue
+            values = np.asarray(values, dtype=np.float64)
+            epochs = np.arange(1, len(values) + 1)
+            marker = "o" if len(values) <= 30 else None
+            ax.plot(epochs, values, style, marker=marker, markersize=3, label=split)
+            if split == "validation" and np.isfinite(values).any():
+                best = int(np.nanargmin(values) if lower_is_better else np.nanargmax(values))
+                ax.plot(
+                    epochs[best],
+                    values[best],
+                    "*",
+                    color="black",
+                    markersize=10,
+                    label=f"best val {values[best]:.3g} @ {epochs[best]}",
+                )
+        ax.set_title(base.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+# ------------------------------------------------------------------------------- filters
+def filters_grid(kernels, *, title: str = "Conv filters", max_filters: int = 64) -> Figure:
+    """One tile per conv filter.
+
+    RGB kernels (in_channels == 3) are drawn as colour images with 0 at mid-grey; other kernels
+    as the mean over input channels with a diverging colormap centered at 0 and one shared
+    colour bar, so tiles are comparable.
+
+    Args:
+        kernels: (kh, kw, in_channels, filters) weights, e.g. from `cnnviz.explain.layers.filters`.
+        title: figure title (name the layer).
+        max_filters: draw at most this many (the first ones); the title says so.
+
+    Returns:
+        A Figure with a grid of tiles titled `#index`.
+    """
+    weights = finite(kernels)
+    if weights.ndim != 4:
+        raise CnnvizError(
+            f"kernels must have shape (kh, kw, in_channels, filters); received {weights.shape}"
+        )
+    kh, kw, in_channels, count = weights.shape
+    shown = min(count, max_filters)
+    rows, columns = grid_shape(shown)
+    rgb = in_channels == 3
+    fig = new_figure(TILE_INCHES * columns + (0.4 if rgb else 1.2), TILE_INCHES * rows + 0.9)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    # What each tile shows: (kh, kw, 3) colour kernels, else (kh, kw) means over input channels.
+    tiles = weights[..., :shown] if rgb else weights[..., :shown].mean(axis=2)
+    limit = symmetric_limit(tiles)  # shared by all tiles, so they compare; 0 sits mid-scale
+    if rgb:
+        how = "RGB, 0 = grey"
+    elif in_channels == 1:
+        how = "single input channel"
+    else:
+        how = f"mean over {in_channels} input channels"
+    drawn = None
+    for index, ax in enumerate(axes.flat):
+        plain_axes(ax)
+        if index >= shown:
+            ax.set_visible(False)
+            continue
+        tile = tiles[..., index]
+        if rgb:
+            ax.imshow(np.clip(0.5 + tile / (2 * limit), 0, 1), interpolation="nearest")
+        else:
+            drawn = ax.imshow(tile, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        ax.set_title(f"#{index}", fontsize=7, pad=2)
+    if drawn is not None:
+        label = "weight" if in_channels == 1 else "mean weight"
+        fig.colorbar(drawn, ax=axes, shrink=min(0.8, 0.3 + 0.15 * rows), label=label)
+    if not np.abs(tiles).max(initial=0.0) > 0:
+        fig.text(0.5, 0.0, "all weights shown are 0", ha="center", va="top", fontsize=9)
+    subset = f"first {shown} of {count}" if shown < count else f"{count}"
+    fig.suptitle(f"{title}\n{subset} filters, {kh}x{kw}, {how}", fontsize=10)
+    return fig
+
+
+# --------------------------------------------------------------------------- feature maps
+def feature_maps_grid(
+    image,
+    maps,
+    *,
+    layer_name: str,
+    max_maps: int = 64,
+    title: str | None = None,
+) -> Figure:
+    """An input image beside the feature maps one layer computes for it.
+
+    Each map is scaled to its own min..max (viridis) so weak channels stay visible; channels that
+    are constant for this image (e.g. dead ReLUs) are labelled "flat".
+
+    Args:
+        image: the input, (H, W, C) (or (H, W)).
+        maps: the layer's output for that image, (h, w, channels) (a leading batch axis of 1 is
+            dropped), e.g. `feature_maps(model, image[None], layer)[0]`.
+        layer_name: the layer's name, for the titles.
+        max_maps: draw at most this many channels (the first ones).
+        title: figure title; defaults to "Feature maps of <layer_name>".
+
+    Returns:
+        A Figure: the input on the left, a grid of maps on the right.
+    """
+    values = finite(maps)
+    if values.ndim == 4 and values.shape[0] == 1:
+        values = values[0]
+    if values.ndim != 3:
+        raise CnnvizError(f"maps must have shape (h, w, channels); received {values.shape}")
+    channels = values.shape[-1]
+    shown = min(channels, max_maps)
+    rows, columns = grid_shape(shown)
+    input_width = max(2.0, 0.35 * TILE_INCHES * columns)
+    fig = new_figure(input_width + TILE_INCHES * columns + 0.3, max(2.6, TILE_INCHES * rows + 1.0))
+    left, right = fig.subfigures(1, 2, width_ratios=[input_width, TILE_INCHES * columns])
+    show_image(left.add_subplot(), image, title="input")
+    axes = right.subplots(rows, columns, squeeze=False)
+    flat_channels = 0
+    for index, ax in enumerate(axes.flat):
+        plain_axes(ax)
+        if index >= shown:
+            ax.set_visible(False)
+            continue
+        channel = values[..., index]
+        ax.imshow(normalize01(channel), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        label = f"#{index}"
+        if is_constant(channel):  # e.g. a ReLU that is off everywhere for this image
+            flat_channels += 1
+            label += f" flat {float(channel.flat[0]):.2g}"
+        ax.set_title(label, fontsize=7, pad=2)
+    subset = f"first {shown} of {channels}" if shown < channels else f"{channels}"
+    flat = f", {flat_channels} flat" if flat_channels else ""
+    right.suptitle(f"{subset} channels{flat}; each scaled to its own range", fontsize=9)
+    fig.suptitle(title or f"Feature maps of layer {layer_name!r}")
+    return fig
+
+
+# ------------------------------------------------------------------- activation maximization
+def activation_max_grid(
+    images, labels: Sequence[str], *, title: str = "Activation maximization"
+) -> Figure:
+    """One tile per optimized image (a class or a filter), each stretched to its own range.
+
+    Args:
+        images: (K, H, W, C) images from `activation_maximization_batch`.
+        labels: K tile titles (class names or "filter 3").
+        title: figure title (say which layer).
+
+    Returns:
+        A Figure with a grid of K tiles titled by `labels`.
+    """
+    values = finite(images)
+    if values.ndim == 3:
+        values = values[..., None]
+    if values.ndim != 4:
+        raise CnnvizError(f"images must have shape (K, H, W, C); received {np.shape(images)}")
+    if len(labels) != len(values):
+        raise CnnvizError(f"got {len(values)} images but {len(labels)} labels; give one each")
+    rows, columns = grid_shape(len(values), max_columns=10)
+    tile = max(TILE_INCHES, 1.3)
+    fig = new_figure(tile * columns + 0.2, tile * rows + 0.6)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        if index >= len(values):
+            ax.set_visible(False)
+            continue
+        show_image(ax, values[index], normalize=True)
+        ax.set_title(str(labels[index]), fontsize=8, pad=2)
+    fig.suptitle(title)
+    return fig
+
+
+# ------------------------------------------------------------------------------ occlusion
+def occlusion_figure(
+    image,
+    probability_map,
+    class_map,
+    *,
+    class_names: Sequence[str],
+    target_label,
+    true_label=None,
+    predicted_label=None,
+    unoccluded_probability: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Occlusion sensitivity (Zeiler & Fergus 2014): input | P(target) | predicted class, per patch.
+
+    Args:
+        image: the input, (H, W, C).
+        probability_map: (h, w) probability of the target class with the patch at each position
+            occluded, on a fixed 0..1 scale (dark = occluding there hurts the target most). A
+            coarser map than the image is stretched over it.
+        class_map: (h, w) int class predicted with the patch at each position occluded.
+        class_names: names of all classes, indexed by class.
+        target_label: the explained class (index or name).
+        true_label: the image's label (index or name), or None when unknown.
+        predicted_label: the model's prediction on the intact image (index or name), or None.
+        unoccluded_probability: P(target) of the intact image, shown for reference, or None.
+        title: figure title; defaults to "Occlusion sensitivity for <target>".
+
+    Returns:
+        A Figure with three panels side by side.
+    """
+    probabilities = finite(probability_map)
+    classes = np.asarray(class_map)
+    for name, array in (("probability_map", probabilities), ("class_map", classes)):
+        if array.ndim != 2:
+            raise CnnvizError(f"{name} must have shape (H, W); received {array.shape}")
+    classes = finite(classes).astype(np.int64)
+    target = _label_name(target_label, class_names)
+    truth = _label_name(true_label, class_names)
+    predicted = _label_name(predicted_label, class_names)
+
+    fig = new_figure(3 * PANEL_INCHES + 1.6, PANEL_INCHES + 0.8)
+    axes = fig.subplots(1, 3)
+    show_image(axes[0], image, title=f"true: {truth} | predicted: {predicted}")
+
+    extent = image_extent(image)
+    heat = axes[1].imshow(
+        np.clip(probabilities, 0, 1),
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        extent=extent,
+        interpolation="nearest",
+    )
+    plain_axes(axes[1])
+    intact = (
+        "" if unoccluded_probability is None else f"\n(intact image: {unoccluded_probability:.2f})"
+    )
+    axes[1].set_title(f"P({target}) with patch occluded{intact}", fontsize=9)
+    fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04, label=f"P({target})")
+    if is_constant(probabilities):
+        note(axes[1], f"constant ({float(probabilities.flat[0]):.3g})")
+
+    present = np.unique(classes)
+    palette = _class_palette(len(class_names))
+    colours = ListedColormap([palette[c % len(palette)] for c in present])
+    positions = np.searchsorted(present, classes)  # class -> position among the present ones
+    drawn = axes[2].imshow(
+        positions,
+        cmap=colours,
+        norm=BoundaryNorm(np.arange(len(present) + 1) - 0.5, len(present)),
+        extent=extent,
+        interpolation="nearest",
+    )
+    plain_axes(axes[2])
+    axes[2].set_title("predicted class with patch occluded", fontsize=9)
+    bar = fig.colorbar(drawn, ax=axes[2], fraction=0.046, pad=0.04, ticks=np.arange(len(present)))
+    bar.ax.set_yticklabels([_label_name(int(c), class_names) for c in present], fontsize=8)
+    fig.suptitle(title or f"Occlusion sensitivity for {target}")
+    return fig
+
+
+def _class_palette(count: int) -> list:
+    """Distinct colours per class: tab10 up to 10 classes, else tab20 (repeating after 20)."""
+    from matplotlib import colormaps
+
+    name = "tab10" if count <= 10 else "tab20"
+    return list(colormaps[name].colors)
+
+
+# ------------------------------------------------------------------------------- saliency
+def saliency_row(image, maps: Mapping[str, object], *, title: str = "Saliency") -> Figure:
+    """The input next to one attribution map per method (the classic side-by-side figure).
+
+    Each map is scaled per panel: non-negative maps (e.g. |gradient|) with magma from 0 to their
+    maximum; signed maps (e.g. gradient x input) with RdBu_r centered at 0. A (H, W, C) map is
+    reduced to its maximum |value| over channels (Simonyan et al. 2014).
+
+    Args:
+        image: the input, (H, W, C).
+        maps: method name -> (H, W) or (H, W, C) map, drawn in this order.
+        title: figure title (say which class is explained and what was predicted).
+
+    Returns:
+        A Figure with 1 + len(maps) panels in a row.
+    """
+    fig = new_figure(2.4 * (1 + len(maps)) + 0.3, 2.9)
+    axes = fig.subplots(1, 1 + len(maps), squeeze=False)[0]
+    show_image(axes[0], image, title="input")
+    for ax, (method, attribution) in zip(axes[1:], maps.items(), strict=True):
+        values = _reduce_channels(attribution)
+        plain_axes(ax)
+        limit = symmetric_limit(values)  # 1.0 for an all-zero map: no division by zero
+        if values.min(initial=0.0) < 0:
+            ax.imshow(values / limit, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(values / limit, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        if is_constant(values):
+            note(ax, f"constant map ({float(values.flat[0]) if values.size else 0:.3g})")
+        ax.set_title(method, fontsize=9)
+    fig.suptitle(title)
+    return fig
+
+
+def _reduce_channels(attribution) -> np.ndarray:
+    values = finite(attribution)
+    if values.ndim == 3:
+        values = values[..., 0] if values.shape[-1] == 1 else np.abs(values).max(axis=-1)
+    if values.ndim != 2:
+        raise CnnvizError(
+            f"a saliency map must have shape (H, W) or (H, W, C); received {values.shape}"
+        )
+    return values
+
+
+# ------------------------------------------------------------------------------- Grad-CAM
+def gradcam_figure(
+    image,
+    heatmap,
+    *,
+    title: str = "Grad-CAM",
+    guided_map=None,
+    alpha: float = 0.5,
+) -> Figure:
+    """Grad-CAM (Selvaraju et al. 2017): the input, the heatmap laid over it, and optionally the
+    Guided Grad-CAM map.
+
+    Args:
+        image: the input, (H, W, C).
+        heatmap: (h, w) Grad-CAM map in [0, 1] (a coarser map is stretched over the image).
+        title: figure title (say which class, what was predicted, which layer).
+        guided_map: optional (H, W) or (H, W, C) Guided Grad-CAM map, shown with 0 at mid-grey.
+        alpha: opacity of the heatmap over the image.
+
+    Returns:
+        A Figure with 2 panels (3 with `guided_map`).
+    """
+    heat = finite(heatmap)
+    if heat.ndim == 3 and heat.shape[-1] == 1:
+        heat = heat[..., 0]
+    if heat.ndim != 2:
+        raise CnnvizError(f"heatmap must have shape (H, W); received {np.shape(heatmap)}")
+    panels = 2 if guided_map is None else 3
+    fig = new_figure(PANEL_INCHES * panels + 0.8, PANEL_INCHES + 0.7)
+    axes = fig.subplots(1, panels)
+    show_image(axes[0], image, title="input")
+
+    show_image(axes[1], image)
+    coarse = heat.shape != np.shape(image)[:2]
+    drawn = axes[1].imshow(
+        np.clip(heat, 0, 1),
+        cmap="turbo",
+        vmin=0,
+        vmax=1,
+        alpha=alpha,
+        extent=image_extent(image),
+        interpolation="bilinear" if coarse else "nearest",
+    )
+    axes[1].set_title("Grad-CAM overlay", fontsize=9)
+    # The colour bar gets its own opaque mappable: inheriting the overlay's alpha washes it out.
+    opaque = ScalarMappable(norm=drawn.norm, cmap=drawn.get_cmap())
+    fig.colorbar(opaque, ax=axes[1], fraction=0.046, pad=0.04, label="Grad-CAM (0..1)")
+    if not heat.max(initial=0.0) > 0:
+        note(axes[1], "heatmap is all 0")
+
+    if guided_map is not None:
+        guided, grayscale = as_display_image(guided_map)
+        centered = np.clip(0.5 + guided / (2 * symmetric_limit(guided)), 0, 1)  # 0 -> mid-grey
+        axes[2].imshow(
+            centered, cmap="gray" if grayscale else None, vmin=0, vmax=1, interpolation="nearest"
+        )
+        plain_axes(axes[2])
+        axes[2].set_title("Guided Grad-CAM", fontsize=9)
+        if is_constant(guided):
+            note(axes[2], f"constant map ({float(guided.flat[0]):.3g})")
+    fig.suptitle(title)
+    return fig

@@ -1,0 +1,344 @@
+"""Figures: real PNGs with content, the right titles, honest colour scales, no NaN or warnings."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from cnnviz.errors import CnnvizError
+from cnnviz.plot import (
+    activation_max_grid,
+    feature_maps_grid,
+    filters_grid,
+    gradcam_figure,
+    occlusion_figure,
+    render_png,
+    saliency_row,
+    show_image,
+    training_curves,
+)
+
+RNG = np.random.default_rng(0)
+GRAY = RNG.uniform(0, 1, (8, 8, 1))
+RGB_0_255 = RNG.uniform(0, 255, (16, 16, 3))
+NAMES = ["cat", "dog", "bird"]
+HISTORY = {
+    "loss": [1.2, 0.8, 0.5, 0.45],
+    "val_loss": [1.1, 0.9, 0.6, 0.55],
+    "accuracy": [0.5, 0.7, 0.8, 0.85],
+    "val_accuracy": [0.55, 0.65, 0.79, 0.78],
+}
+
+
+def _decoded(fig: Figure) -> np.ndarray:
+    """Render, decode the PNG bytes with PIL and check it is a real, non-flat picture."""
+    assert isinstance(fig, Figure)
+    png = render_png(fig)
+    assert png.startswith(b"\x89PNG")
+    picture = Image.open(io.BytesIO(png))
+    picture.load()
+    width, height = picture.size
+    assert 200 <= width <= 4000 and 150 <= height <= 4000, picture.size
+    pixels = np.asarray(picture.convert("L"), dtype=np.float64)
+    assert pixels.std() > 10, "the figure is (nearly) one flat colour"
+    return pixels
+
+
+def _image_axes(fig: Figure) -> list:
+    """Visible axes that show an image (colour-bar axes draw a mesh, not an image)."""
+    return [ax for ax in fig.axes if ax.get_visible() and ax.get_images()]
+
+
+def _all_text(fig: Figure) -> str:
+    texts = [text.get_text() for text in fig.findobj(lambda artist: hasattr(artist, "get_text"))]
+    return "\n".join(texts)
+
+
+@pytest.fixture(autouse=True)
+def _warnings_are_errors():
+    """A RuntimeWarning (0/0 -> NaN) or a Matplotlib warning anywhere fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        yield
+
+
+# --------------------------------------------------------------------------- show_image
+def test_show_image_grayscale_uses_gray_and_keeps_unit_range_values():
+    fig = Figure()
+    drawn = show_image(fig.add_subplot(), GRAY)
+    assert drawn.get_cmap().name == "gray" and drawn.get_clim() == (0.0, 1.0)
+    np.testing.assert_allclose(drawn.get_array(), GRAY[..., 0])  # [0, 1] drawn as it is
+
+
+def test_show_image_rgb_of_any_range_is_scaled_for_display_only():
+    fig = Figure()
+    original = RGB_0_255.copy()
+    drawn = show_image(fig.add_subplot(), RGB_0_255)
+    shown = np.asarray(drawn.get_array())
+    assert shown.shape == (16, 16, 3)
+    np.testing.assert_allclose(shown.min(), 0.0, atol=1e-9)
+    np.testing.assert_allclose(shown.max(), 1.0, atol=1e-9)
+    np.testing.assert_allclose(shown, (original - original.min()) / np.ptp(original))
+    np.testing.assert_array_equal(RGB_0_255, original)  # caller's array untouched
+
+
+def test_show_image_constant_and_nan_images_are_finite_and_labelled():
+    fig = Figure()
+    for image in (np.zeros((8, 8, 1)), np.full((8, 8, 3), 7.0), np.full((8, 8, 1), np.nan)):
+        ax = fig.add_subplot()
+        drawn = show_image(ax, image)
+        assert np.isfinite(np.asarray(drawn.get_array())).all()
+        assert any("constant image" in text.get_text() for text in ax.texts)
+
+
+# ----------------------------------------------------------------------- training curves
+def test_training_curves_plot_train_and_validation_per_metric():
+    fig = training_curves(HISTORY)
+    _decoded(fig)
+    loss_ax, accuracy_ax = fig.axes[:2]
+    assert loss_ax.get_title() == "loss" and accuracy_ax.get_title() == "accuracy"
+    np.testing.assert_allclose(loss_ax.lines[0].get_ydata(), HISTORY["loss"])
+    np.testing.assert_allclose(loss_ax.lines[1].get_ydata(), HISTORY["val_loss"])
+    np.testing.assert_array_equal(loss_ax.lines[0].get_xdata(), [1, 2, 3, 4])  # epochs from 1
+    # Best validation epoch: lowest loss (epoch 4), highest accuracy (epoch 3).
+    assert "0.55 @ 4" in loss_ax.get_legend_handles_labels()[1][-1]
+    assert "0.79 @ 3" in accuracy_ax.get_legend_handles_labels()[1][-1]
+
+
+def test_training_curves_without_validation_keys_or_history():
+    fig = training_curves({"accuracy": [0.1, 0.5], "loss": [2.0, 1.0]})
+    _decoded(fig)
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy"]  # loss first
+    assert all(len(ax.lines) == 1 for ax in fig.axes)
+    empty = training_curves({})
+    _decoded(empty)
+    assert "no training history" in _all_text(empty)
+
+
+# ------------------------------------------------------------------------------- filters
+def test_filters_grid_tiles_are_channel_means_on_a_symmetric_diverging_scale():
+    kernels = RNG.normal(size=(3, 3, 4, 10)).astype(np.float32)
+    fig = filters_grid(kernels, title="conv2")
+    _decoded(fig)
+    tiles = _image_axes(fig)
+    assert len(tiles) == 10
+    means = kernels.mean(axis=2)
+    limit = np.abs(means).max()
+    for index, ax in enumerate(tiles):
+        image = ax.get_images()[0]
+        assert ax.get_title() == f"#{index}"
+        assert image.get_cmap().name == "RdBu_r"
+        np.testing.assert_allclose(image.get_clim(), (-limit, limit), rtol=1e-6)
+        np.testing.assert_allclose(image.get_array(), means[..., index], atol=1e-6)
+    assert [ax.get_ylabel() for ax in fig.axes].count("mean weight") == 1  # one shared bar
+    assert "conv2" in fig.get_suptitle() and "mean over 4 input channels" in fig.get_suptitle()
+
+
+def test_filters_grid_rgb_kernels_are_colour_tiles_with_zero_at_grey():
+    kernels = RNG.normal(size=(5, 5, 3, 6))
+    fig = filters_grid(kernels, title="conv1")
+    _decoded(fig)
+    tiles = _image_axes(fig)
+    assert len(tiles) == 6
+    shown = np.asarray(tiles[0].get_images()[0].get_array())
+    limit = np.abs(kernels).max()
+    np.testing.assert_allclose(shown, 0.5 + kernels[..., 0] / (2 * limit))
+
+
+def test_filters_grid_caps_tiles_and_says_so():
+    fig = filters_grid(RNG.normal(size=(3, 3, 1, 100)), max_filters=16)
+    assert len(_image_axes(fig)) == 16
+    assert "first 16 of 100" in fig.get_suptitle()
+
+
+def test_filters_grid_all_zero_kernels_draw_without_nan():
+    fig = filters_grid(np.zeros((3, 3, 1, 4)), title="dead layer")
+    _decoded(fig)
+    assert fig.axes[0].get_images()[0].get_clim() == (-1.0, 1.0)
+    assert "all weights shown are 0" in _all_text(fig)
+
+
+def test_filters_grid_rejects_wrong_shape():
+    with pytest.raises(CnnvizError, match=r"\(kh, kw, in_channels, filters\); received \(3, 3\)"):
+        filters_grid(np.zeros((3, 3)))
+
+
+# --------------------------------------------------------------------------- feature maps
+def test_feature_maps_grid_draws_input_and_each_map_scaled_to_its_range():
+    maps = np.maximum(RNG.normal(size=(6, 6, 5)), 0)
+    maps[..., 2] = 0.0  # a dead channel
+    fig = feature_maps_grid(GRAY, maps, layer_name="conv1")
+    _decoded(fig)
+    shown = _image_axes(fig)
+    assert shown[0].get_title() == "input"
+    assert [ax.get_title() for ax in shown[1:]] == ["#0", "#1", "#2 flat 0", "#3", "#4"]
+    first = np.asarray(shown[1].get_images()[0].get_array())
+    np.testing.assert_allclose(first, (maps[..., 0] - maps[..., 0].min()) / np.ptp(maps[..., 0]))
+    assert np.isfinite(np.asarray(shown[3].get_images()[0].get_array())).all()
+    assert "conv1" in fig.get_suptitle()
+
+
+def test_feature_maps_grid_caps_maps_and_accepts_a_batch_of_one():
+    fig = feature_maps_grid(RGB_0_255, RNG.uniform(size=(1, 4, 4, 80)), layer_name="c", max_maps=9)
+    assert len(_image_axes(fig)) == 1 + 9
+    assert "first 9 of 80" in _all_text(fig)
+
+
+# ------------------------------------------------------------------- activation maximization
+def test_activation_max_grid_titles_are_the_labels():
+    images = RNG.uniform(0, 1, (3, 8, 8, 1))
+    images[1] = 0.0  # a constant tile still draws
+    fig = activation_max_grid(images, NAMES, title="Activation maximization: head")
+    _decoded(fig)
+    tiles = _image_axes(fig)
+    assert [ax.get_title() for ax in tiles] == NAMES
+    np.testing.assert_allclose(
+        tiles[0].get_images()[0].get_array(),
+        (images[0, ..., 0] - images[0].min()) / np.ptp(images[0]),  # each tile stretched
+    )
+
+
+def test_activation_max_grid_needs_one_label_per_image():
+    with pytest.raises(CnnvizError, match="3 images but 2 labels"):
+        activation_max_grid(np.zeros((3, 4, 4, 3)), ["a", "b"])
+
+
+# ------------------------------------------------------------------------------ occlusion
+def test_occlusion_figure_names_classes_and_uses_fixed_scales():
+    probabilities = RNG.uniform(0, 1, (8, 8))
+    classes = np.where(probabilities > 0.5, 0, 2)
+    fig = occlusion_figure(
+        GRAY,
+        probabilities,
+        classes,
+        class_names=NAMES,
+        target_label=0,
+        true_label="cat",
+        predicted_label=1,
+        unoccluded_probability=0.875,
+    )
+    _decoded(fig)
+    image_ax, heat_ax, class_ax = _image_axes(fig)
+    assert "true: cat" in image_ax.get_title() and "predicted: dog" in image_ax.get_title()
+    assert "P(cat)" in heat_ax.get_title() and "cat" in fig.get_suptitle()
+    assert "intact image: 0.88" in heat_ax.get_title()
+    heat = heat_ax.get_images()[0]
+    assert heat.get_clim() == (0.0, 1.0)  # fixed, comparable between images
+    assert heat.get_cmap().name == "viridis"
+    assert class_ax.get_title() == "predicted class with patch occluded"
+    shown_classes = np.asarray(class_ax.get_images()[0].get_array())
+    np.testing.assert_array_equal(shown_classes, np.where(classes == 0, 0, 1))  # cat 0, bird 1
+    class_bar = fig.axes[-1]
+    assert [t.get_text() for t in class_bar.get_yticklabels()] == ["cat", "bird"]  # present ones
+
+
+def test_occlusion_figure_constant_maps_draw_without_nan():
+    fig = occlusion_figure(
+        np.zeros((8, 8, 3)),
+        np.zeros((4, 4)),
+        np.ones((4, 4), int),
+        class_names=NAMES,
+        target_label="dog",
+    )
+    _decoded(fig)
+    assert "true: ? | predicted: ?" in fig.axes[0].get_title()
+    assert "constant (0)" in _all_text(fig)
+
+
+# ------------------------------------------------------------------------------- saliency
+def test_saliency_row_one_panel_per_method_each_scaled_per_panel():
+    magnitude = np.abs(RNG.normal(size=(8, 8))) * 1e-4  # tiny gradients still fill the scale
+    signed = RNG.normal(size=(8, 8, 1))
+    maps = {"gradient": magnitude, "gradient x input": signed, "smoothgrad": np.zeros((8, 8))}
+    fig = saliency_row(GRAY, maps, title="Saliency for 'cat' (true cat, predicted dog)")
+    _decoded(fig)
+    panels = _image_axes(fig)
+    assert [ax.get_title() for ax in panels] == ["input", *maps]
+    assert "cat" in fig.get_suptitle() and "dog" in fig.get_suptitle()
+    gradient = panels[1].get_images()[0]
+    assert gradient.get_cmap().name == "magma"
+    np.testing.assert_allclose(np.asarray(gradient.get_array()).max(), 1.0)
+    signed_image = panels[2].get_images()[0]
+    assert signed_image.get_cmap().name == "RdBu_r" and signed_image.get_clim() == (-1.0, 1.0)
+    np.testing.assert_allclose(np.abs(np.asarray(signed_image.get_array())).max(), 1.0)
+    zero = np.asarray(panels[3].get_images()[0].get_array())
+    assert np.isfinite(zero).all() and any("constant map" in t.get_text() for t in panels[3].texts)
+
+
+def test_saliency_row_reduces_colour_maps_by_max_abs_over_channels():
+    colour_map = RNG.normal(size=(16, 16, 3))
+    fig = saliency_row(RGB_0_255, {"gradient": colour_map})
+    shown = np.asarray(_image_axes(fig)[1].get_images()[0].get_array())
+    expected = np.abs(colour_map).max(axis=-1)
+    np.testing.assert_allclose(shown, expected / expected.max())
+
+
+# ------------------------------------------------------------------------------- Grad-CAM
+def test_gradcam_figure_overlays_a_0_to_1_heatmap_with_colour_bar():
+    heatmap = RNG.uniform(0, 1, (8, 8))
+    fig = gradcam_figure(GRAY, heatmap, title="Grad-CAM for 'bird' at conv2")
+    _decoded(fig)
+    input_ax, overlay_ax = _image_axes(fig)
+    assert input_ax.get_title() == "input" and "bird" in fig.get_suptitle()
+    overlay = overlay_ax.get_images()[-1]
+    assert overlay.get_clim() == (0.0, 1.0) and overlay.get_cmap().name == "turbo"
+    assert 0 < overlay.get_alpha() < 1
+    np.testing.assert_allclose(overlay.get_array(), heatmap)
+    assert any(ax.get_ylabel() == "Grad-CAM (0..1)" for ax in fig.axes)
+
+
+def test_gradcam_figure_guided_panel_and_coarse_all_zero_heatmap():
+    fig = gradcam_figure(
+        RGB_0_255, np.zeros((4, 4)), title="Grad-CAM", guided_map=RNG.normal(size=(16, 16, 3))
+    )
+    _decoded(fig)
+    panels = _image_axes(fig)
+    assert [ax.get_title() for ax in panels] == ["input", "Grad-CAM overlay", "Guided Grad-CAM"]
+    assert panels[1].get_images()[-1].get_extent() == [-0.5, 15.5, 15.5, -0.5]  # stretched
+    assert "heatmap is all 0" in _all_text(fig)
+    guided = np.asarray(panels[2].get_images()[0].get_array())
+    assert np.isfinite(guided).all() and 0 <= guided.min() and guided.max() <= 1
+
+
+def test_gradcam_figure_rejects_a_heatmap_with_channels():
+    with pytest.raises(CnnvizError, match=r"heatmap must have shape \(H, W\)"):
+        gradcam_figure(GRAY, np.zeros((8, 8, 3)))
+
+
+# ------------------------------------------------------------------------------ no pyplot
+def test_plotting_never_imports_pyplot():
+    code = (
+        "import sys, numpy as np\n"
+        "from cnnviz.plot import gradcam_figure, render_png\n"
+        "render_png(gradcam_figure(np.zeros((4, 4, 1)), np.ones((4, 4))))\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root), "MPLBACKEND": "Agg"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_training_curves_skip_the_csv_logger_epoch_column():
+    from cnnviz.plot import training_curves
+
+    history = {"epoch": [0.0, 1.0, 2.0], "loss": [1.0, 0.5, 0.2], "accuracy": [0.5, 0.7, 0.9]}
+    figure = training_curves(history)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert "epoch" not in titles and "loss" in titles and "accuracy" in titles
