@@ -219,3 +219,166 @@ def write_index(folder: Path, title: str, sections: list[tuple[str, list[tuple[P
                 f"<figcaption>{html.escape(text)}</figcaption></figure>"
             )
     return atomic_write_text(folder / "index.html", "\n".join(parts) + "\n")
+
+
+# ------------------------------------------------------------------------- figure commands
+# Each returns the PNG paths it wrote. They compute with cnnviz.explain, draw with cnnviz.plot.
+def _explained(selection: Selection, index: int, target: int, probabilities: np.ndarray) -> str:
+    names = selection.class_names
+    target_name = names[target] if target < len(names) else str(target)
+    return f"for class {target_name!r} — {caption(selection, index, probabilities)}"
+
+
+def _chunk_targets(target: int | None, probabilities: np.ndarray) -> np.ndarray:
+    if target is None:
+        return np.argmax(probabilities, axis=1).astype(np.int32)
+    if not 0 <= target < probabilities.shape[1]:
+        raise CnnvizError(
+            f"--target {target} is not a class of this model (0..{probabilities.shape[1] - 1})"
+        )
+    return np.full(len(probabilities), target, np.int32)
+
+
+def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequence[str],
+                     target: int | None = None, samples: int = 20, noise: float = 0.15,
+                     seed: int = 0) -> list[Path]:
+    """One figure per image: the input next to each saliency method's map."""
+    from cnnviz.explain import saliency
+    from cnnviz.plot import saliency_row
+
+    suffix = "all" if len(methods) > 1 else methods[0]
+
+    def explain_chunk(images, labels):
+        probabilities = predict_probabilities(model, images)
+        targets = _chunk_targets(target, probabilities)
+        maps = {method: saliency(model, images, targets, method=method, samples=samples,
+                                 noise=noise, seed=seed) for method in methods}
+        return [(probabilities[i], targets[i], {m: maps[m][i] for m in methods})
+                for i in range(len(images))]
+
+    def draw(index, payload):
+        probabilities, explained, maps = payload
+        title = f"Saliency {_explained(selection, index, explained, probabilities)}"
+        figure = saliency_row(selection.images[index], maps, title=title)
+        return [(f"{selection.names[index]}_{suffix}.png", figure)]
+
+    return write_per_image(selection, folder, f"saliency ({suffix})", explain_chunk, draw)
+
+
+def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | None = None,
+                    guided: bool = False, target: int | None = None) -> list[Path]:
+    """One figure per image: the Grad-CAM heatmap over the input (and Guided Grad-CAM)."""
+    from cnnviz.explain import gradcam, gradcam_layer
+    from cnnviz.plot import gradcam_figure
+
+    layer_name = gradcam_layer(model, layer)
+
+    def explain_chunk(images, labels):
+        probabilities = predict_probabilities(model, images)
+        targets = _chunk_targets(target, probabilities)
+        heatmaps = gradcam(model, images, targets, layer=layer_name)
+        guided_maps = gradcam(model, images, targets, layer=layer_name, guided=True) if guided else None
+        return [(probabilities[i], targets[i], heatmaps[i],
+                 None if guided_maps is None else guided_maps[i]) for i in range(len(images))]
+
+    def draw(index, payload):
+        probabilities, explained, heatmap, guided_map = payload
+        title = (f"Grad-CAM on {layer_name} "
+                 f"{_explained(selection, index, explained, probabilities)}")
+        figure = gradcam_figure(selection.images[index], heatmap, title=title, guided_map=guided_map)
+        return [(f"{selection.names[index]}.png", figure)]
+
+    return write_per_image(selection, folder, f"grad-cam ({layer_name})", explain_chunk, draw)
+
+
+def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int = 4,
+                      stride: int | None = None, fill: float = 0.5,
+                      target: int | None = None) -> list[Path]:
+    """One figure per image: input, P(target) under occlusion, and the predicted-class map."""
+    from cnnviz.explain import occlusion
+    from cnnviz.plot import occlusion_figure
+
+    def explain_chunk(images, labels):
+        probabilities = predict_probabilities(model, images)
+        targets = _chunk_targets(target, probabilities)
+        result = occlusion(model, images, targets, patch=patch, stride=stride, fill=fill)
+        return [(probabilities[i], targets[i], result.probability[i], result.predicted_class[i],
+                 result.unoccluded_probability[i]) for i in range(len(images))]
+
+    def draw(index, payload):
+        probabilities, explained, probability_map, class_map, intact = payload
+        label = int(selection.labels[index])
+        figure = occlusion_figure(
+            selection.images[index], probability_map, class_map,
+            class_names=selection.class_names, target_label=int(explained),
+            true_label=label if label >= 0 else None,
+            predicted_label=int(np.argmax(probabilities)), unoccluded_probability=float(intact),
+            title=f"Occlusion, {patch}x{patch} patches of {fill:g} — "
+                  f"{caption(selection, index, probabilities)}")
+        return [(f"{selection.names[index]}.png", figure)]
+
+    return write_per_image(selection, folder, "occlusion", explain_chunk, draw)
+
+
+def feature_map_figures(model, selection: Selection, folder: Path, *,
+                        layers: Sequence[str]) -> list[Path]:
+    """One figure per image and layer: the input and the layer's feature maps."""
+    from cnnviz.explain import feature_maps
+    from cnnviz.plot import feature_maps_grid
+
+    def explain_chunk(images, labels):
+        probabilities = predict_probabilities(model, images)
+        maps = {layer: feature_maps(model, images, layer) for layer in layers}
+        return [(probabilities[i], {layer: maps[layer][i] for layer in layers})
+                for i in range(len(images))]
+
+    def draw(index, payload):
+        probabilities, maps = payload
+        return [(f"{selection.names[index]}_{layer}.png",
+                 feature_maps_grid(selection.images[index], layer_maps, layer_name=layer,
+                                   title=f"Feature maps of {layer} — "
+                                         f"{caption(selection, index, probabilities)}"))
+                for layer, layer_maps in maps.items()]
+
+    return write_per_image(selection, folder, "feature maps", explain_chunk, draw)
+
+
+def conv_layer_names(model) -> list[str]:
+    return [layer.name for layer in model.layers if type(layer).__name__ == "Conv2D"]
+
+
+def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[Path]:
+    """One figure per conv layer: its kernels."""
+    from cnnviz.explain import filters
+    from cnnviz.plot import filters_grid
+
+    written = []
+    for layer in layers:
+        kernels = filters(model, layer)
+        title = (f"Filters of {layer}: {kernels.shape[3]} kernels of "
+                 f"{kernels.shape[0]}x{kernels.shape[1]}x{kernels.shape[2]}")
+        written.append(save_figure(filters_grid(kernels, title=title), folder / f"{layer}.png"))
+    return written
+
+
+def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
+                          layer: str | None = None, indices: Sequence[int] | None = None,
+                          steps: int = 256, seed: int = 0) -> Path:
+    """One grid: the input that maximizes each class score (or each chosen filter of `layer`)."""
+    from cnnviz.explain import activation_maximization_batch
+    from cnnviz.plot import activation_max_grid
+
+    if layer is None:
+        indices = list(indices if indices is not None else range(len(class_names)))
+        labels = [class_names[index] if index < len(class_names) else str(index)
+                  for index in indices]
+        title, name = "Activation maximization: the input each class wants most", "classes.png"
+    else:
+        from cnnviz.explain._common import get_layer
+
+        channels = int(get_layer(model, layer).output.shape[-1])
+        indices = list(indices if indices is not None else range(min(channels, 16)))
+        labels = [f"filter {index}" for index in indices]
+        title, name = f"Activation maximization of {layer}'s filters", f"{layer}.png"
+    images = activation_maximization_batch(model, layer, indices, steps=steps, seed=seed)
+    return save_figure(activation_max_grid(images, labels, title=title), folder / name)

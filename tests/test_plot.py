@@ -342,3 +342,20 @@ def test_training_curves_skip_the_csv_logger_epoch_column():
     figure = training_curves(history)
     titles = [ax.get_title() for ax in figure.axes]
     assert "epoch" not in titles and "loss" in titles and "accuracy" in titles
+
+
+def test_occlusion_scale_is_stretched_and_labelled_when_the_map_barely_moves():
+    from cnnviz.plot import occlusion_figure
+
+    image = np.zeros((8, 8, 1), np.float32)
+    nearly_flat = np.full((8, 8), 0.999, np.float32)
+    nearly_flat[:4] = 0.991
+    figure = occlusion_figure(image, nearly_flat, np.zeros((8, 8), int), class_names=["a", "b"],
+                              target_label=0)
+    heat = figure.axes[1].images[0]
+    assert heat.get_clim() == pytest.approx((0.991, 0.999), abs=1e-6)
+    assert "stretched" in figure.axes[1].get_title()
+    varied = np.linspace(0.2, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    figure = occlusion_figure(image, varied, np.zeros((8, 8), int), class_names=["a", "b"],
+                              target_label=0)
+    assert figure.axes[1].images[0].get_clim() == (0, 1)

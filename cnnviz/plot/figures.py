@@ -305,11 +305,15 @@ def occlusion_figure(
     show_image(axes[0], image, title=f"true: {truth} | predicted: {predicted}")
 
     extent = image_extent(image)
+    low, high = float(probabilities.min()), float(probabilities.max())
+    # A confident model may move by less than a percent; on a fixed 0..1 scale that draws as one
+    # flat colour. Stretch the scale then, and say so in the title.
+    stretched = not is_constant(probabilities) and high - low < 0.05
     heat = axes[1].imshow(
         np.clip(probabilities, 0, 1),
         cmap="viridis",
-        vmin=0,
-        vmax=1,
+        vmin=low if stretched else 0,
+        vmax=high if stretched else 1,
         extent=extent,
         interpolation="nearest",
     )
@@ -317,7 +321,8 @@ def occlusion_figure(
     intact = (
         "" if unoccluded_probability is None else f"\n(intact image: {unoccluded_probability:.2f})"
     )
-    axes[1].set_title(f"P({target}) with patch occluded{intact}", fontsize=9)
+    scale = f", scale stretched to {low:.3f}..{high:.3f}" if stretched else ""
+    axes[1].set_title(f"P({target}) with patch occluded{scale}{intact}", fontsize=9)
     fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04, label=f"P({target})")
     if is_constant(probabilities):
         note(axes[1], f"constant ({float(probabilities.flat[0]):.3g})")
