@@ -188,9 +188,9 @@ def _run_and_folder(source: Path, out: Optional[Path], command_name: str):
     return run, Path("outputs") / "figures" / source.stem / command_name
 
 
-def _report(paths) -> None:
-    for path in paths:
-        typer.echo(f"wrote {path}")
+def _report(figure_files) -> None:
+    for figure_file in figure_files:
+        typer.echo(f"wrote {figure_file.path}")
 
 
 @command("saliency")
@@ -308,6 +308,48 @@ def activation_max_command(
     indices = parse_indices(filters, count) if filters else None
     _report([activation_max_figure(loaded.model, folder, class_names=class_names, layer=layer,
                                    indices=indices, steps=steps, seed=seed)])
+
+
+@command("run")
+def run_command(
+    config: ConfigArgument,
+    out: OutOption = None,
+    set_: SetOption = None,
+    images: Annotated[
+        Optional[str],
+        typer.Option("--images", help="Test images to explain (default: the first of each class)."),
+    ] = None,
+) -> None:
+    """Train, then write every figure for a sample of test images and an index.html of them all."""
+    from cnnviz.figures import FigureFile, all_figures, one_per_class, select_images, write_index
+    from cnnviz.runs import load_run
+    from cnnviz.summary import write_summary
+
+    resolved = _config(config, set_)
+    _tensorflow()
+    from cnnviz.train import train
+
+    result = train(resolved, out or Path("outputs"))
+    _print_training(result)
+    run = load_run(result.run_dir)
+    folder = result.run_dir / "figures"
+    summary = write_summary(run.model, result.run_dir)
+    if summary.graphviz_problem:
+        typer.echo(summary.graphviz_problem, err=True)
+    spec = images or one_per_class(run.dataset().y_test)
+    selection = select_images(run, spec)
+    sections = [("Training", [FigureFile(result.run_dir / "curves.png",
+                                         "Loss and accuracy per epoch, train vs validation")]
+                 + ([FigureFile(summary.architecture_file, "Architecture")]
+                    if summary.architecture_file else []))]
+    sections += all_figures(run, selection, folder)
+    metrics = result.metrics
+    title = (f"cnnviz run {result.run_dir.parent.name}/{result.run_dir.name}: test accuracy "
+             f"{metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs")
+    index = write_index(result.run_dir, title, sections)
+    count = sum(len(figures) for _, figures in sections)
+    typer.echo(f"wrote {count} figures under {folder}")
+    typer.echo(f"wrote {index}")
 
 
 # -------------------------------------------------------------------------------------- trust

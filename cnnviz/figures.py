@@ -22,6 +22,22 @@ CHUNK = 64  # images explained per batch: big enough to amortize, small enough t
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
+@dataclass(frozen=True)
+class FigureFile:
+    """A PNG that was written, with the caption the index page shows under it."""
+
+    path: Path
+    caption: str
+
+
+def save_captioned(figure, path: Path) -> FigureFile:
+    """Save a figure; its title (suptitle, else the first panel's) becomes its caption."""
+    title = figure.get_suptitle() or (figure.axes[0].get_title() if figure.axes else "")
+    written = FigureFile(save_figure(figure, path), title)
+    figure.clear()  # drop the artists now; memory must not grow with the count
+    return written
+
+
 @dataclass
 class Selection:
     """Images to explain, as model inputs, with what is known about them."""
@@ -108,7 +124,9 @@ def load_image_files(paths: Sequence[Path], input_shape: tuple[int, int, int], p
         except UnidentifiedImageError:
             raise CnnvizError(f"--images: {path} is not an image file PIL can read") from None
         images.append(pixels.reshape(height, width, channels))
-    return preprocessing.apply(np.stack(images))
+    # An 8-bit file's full range stands for the data's full range (0..16 for digits).
+    raw = np.stack(images) / np.float32(255.0) * np.float32(preprocessing.divisor)
+    return preprocessing.apply(raw)
 
 
 def select_images(run: Run, spec: str) -> Selection:
@@ -159,7 +177,7 @@ def write_per_image(
     description: str,
     explain_chunk: Callable[[np.ndarray, np.ndarray], list],
     draw: Callable[[int, object], list[tuple[str, object]]],
-) -> list[Path]:
+) -> list[FigureFile]:
     """Explain `selection` chunk by chunk and save each image's figures.
 
     Args:
@@ -170,9 +188,9 @@ def write_per_image(
         draw: (index into the selection, payload) -> [(file name, Figure), ...].
 
     Returns:
-        The paths written, in order.
+        The files written, in order.
     """
-    written: list[Path] = []
+    written: list[FigureFile] = []
     total = len(selection.images)
     with progress_bar(total, description) as progress:
         task = progress.add_task(description, total=total)
@@ -180,8 +198,7 @@ def write_per_image(
             payloads = explain_chunk(selection.images[part], selection.labels[part])
             for offset, payload in enumerate(payloads):
                 for name, figure in draw(part.start + offset, payload):
-                    written.append(save_figure(figure, folder / name))
-                    figure.clear()  # drop the artists now; memory must not grow with the count
+                    written.append(save_captioned(figure, folder / name))
             progress.advance(task, len(payloads))
     return written
 
@@ -200,7 +217,7 @@ def caption(selection: Selection, index: int, probabilities: np.ndarray) -> str:
 
 
 # ------------------------------------------------------------------------------ index page
-def write_index(folder: Path, title: str, sections: list[tuple[str, list[tuple[Path, str]]]]) -> Path:
+def write_index(folder: Path, title: str, sections: list[tuple[str, list[FigureFile]]]) -> Path:
     """An index.html showing every figure with its caption, grouped in sections."""
     parts = [
         "<!doctype html>", "<meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
@@ -212,8 +229,9 @@ def write_index(folder: Path, title: str, sections: list[tuple[str, list[tuple[P
     ]
     for heading, figures in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
-        for path, text in figures:
-            relative = Path(path).resolve().relative_to(folder.resolve())
+        for figure_file in figures:
+            text = figure_file.caption
+            relative = Path(figure_file.path).resolve().relative_to(folder.resolve())
             parts.append(
                 f"<figure><img src='{html.escape(relative.as_posix())}' alt='{html.escape(text)}'>"
                 f"<figcaption>{html.escape(text)}</figcaption></figure>"
@@ -241,7 +259,7 @@ def _chunk_targets(target: int | None, probabilities: np.ndarray) -> np.ndarray:
 
 def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequence[str],
                      target: int | None = None, samples: int = 20, noise: float = 0.15,
-                     seed: int = 0) -> list[Path]:
+                     seed: int = 0) -> list[FigureFile]:
     """One figure per image: the input next to each saliency method's map."""
     from cnnviz.explain import saliency
     from cnnviz.plot import saliency_row
@@ -266,7 +284,7 @@ def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequ
 
 
 def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | None = None,
-                    guided: bool = False, target: int | None = None) -> list[Path]:
+                    guided: bool = False, target: int | None = None) -> list[FigureFile]:
     """One figure per image: the Grad-CAM heatmap over the input (and Guided Grad-CAM)."""
     from cnnviz.explain import gradcam, gradcam_layer
     from cnnviz.plot import gradcam_figure
@@ -293,7 +311,7 @@ def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | N
 
 def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int = 4,
                       stride: int | None = None, fill: float = 0.5,
-                      target: int | None = None) -> list[Path]:
+                      target: int | None = None) -> list[FigureFile]:
     """One figure per image: input, P(target) under occlusion, and the predicted-class map."""
     from cnnviz.explain import occlusion
     from cnnviz.plot import occlusion_figure
@@ -321,7 +339,7 @@ def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int =
 
 
 def feature_map_figures(model, selection: Selection, folder: Path, *,
-                        layers: Sequence[str]) -> list[Path]:
+                        layers: Sequence[str]) -> list[FigureFile]:
     """One figure per image and layer: the input and the layer's feature maps."""
     from cnnviz.explain import feature_maps
     from cnnviz.plot import feature_maps_grid
@@ -347,7 +365,7 @@ def conv_layer_names(model) -> list[str]:
     return [layer.name for layer in model.layers if type(layer).__name__ == "Conv2D"]
 
 
-def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[Path]:
+def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[FigureFile]:
     """One figure per conv layer: its kernels."""
     from cnnviz.explain import filters
     from cnnviz.plot import filters_grid
@@ -357,13 +375,13 @@ def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[Path]:
         kernels = filters(model, layer)
         title = (f"Filters of {layer}: {kernels.shape[3]} kernels of "
                  f"{kernels.shape[0]}x{kernels.shape[1]}x{kernels.shape[2]}")
-        written.append(save_figure(filters_grid(kernels, title=title), folder / f"{layer}.png"))
+        written.append(save_captioned(filters_grid(kernels, title=title), folder / f"{layer}.png"))
     return written
 
 
 def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
                           layer: str | None = None, indices: Sequence[int] | None = None,
-                          steps: int = 256, seed: int = 0) -> Path:
+                          steps: int = 256, seed: int = 0) -> FigureFile:
     """One grid: the input that maximizes each class score (or each chosen filter of `layer`)."""
     from cnnviz.explain import activation_maximization_batch
     from cnnviz.plot import activation_max_grid
@@ -380,5 +398,42 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
         indices = list(indices if indices is not None else range(min(channels, 16)))
         labels = [f"filter {index}" for index in indices]
         title, name = f"Activation maximization of {layer}'s filters", f"{layer}.png"
-    images = activation_maximization_batch(model, layer, indices, steps=steps, seed=seed)
-    return save_figure(activation_max_grid(images, labels, title=title), folder / name)
+    height = int(model.inputs[0].shape[1])
+    # The library's defaults suit 8x8 inputs; from ~20 px up, stronger smoothing (chosen by eye
+    # on 28x28 digits, every class still the top prediction) keeps the images readable.
+    smoothing = dict(learning_rate=0.02, l2=0.2, tv=0.5, blur_sigma=1.0) if height >= 20 else {}
+    images = activation_maximization_batch(model, layer, indices, steps=steps, seed=seed,
+                                           **smoothing)
+    return save_captioned(activation_max_grid(images, labels, title=title), folder / name)
+
+
+def one_per_class(labels: np.ndarray, limit: int = 10) -> str:
+    """An `--images` spec naming the first test image of each class (at most `limit`)."""
+    firsts = sorted(int(np.flatnonzero(labels == label)[0]) for label in np.unique(labels))
+    return ",".join(str(index) for index in firsts[:limit])
+
+
+def all_figures(run: Run, selection: Selection, folder: Path, *, feature_map_images: int = 2,
+                activation_max_steps: int = 256) -> list[tuple[str, list[FigureFile]]]:
+    """Every figure type for `selection`, grouped as the index page shows them."""
+    from cnnviz.explain import SALIENCY_METHODS, gradcam_layer
+
+    model = run.model
+    conv_layers = conv_layer_names(model)
+    first_images = Selection(selection.images[:feature_map_images],
+                             selection.labels[:feature_map_images],
+                             selection.names[:feature_map_images], selection.class_names)
+    layer = gradcam_layer(model)
+    return [
+        ("Saliency: vanilla, guided backpropagation, rectified (deconvnet), SmoothGrad",
+         saliency_figures(model, selection, folder / "saliency", methods=SALIENCY_METHODS)),
+        (f"Grad-CAM and Guided Grad-CAM (layer {layer})",
+         gradcam_figures(model, selection, folder / "gradcam", layer=layer, guided=True)),
+        ("Occlusion sensitivity", occlusion_figures(model, selection, folder / "occlusion")),
+        ("Activation maximization",
+         [activation_max_figure(model, folder / "activation-max",
+                                class_names=selection.class_names, steps=activation_max_steps)]),
+        ("Convolution filters", filter_figures(model, folder / "filters", layers=conv_layers)),
+        ("Feature maps",
+         feature_map_figures(model, first_images, folder / "feature-maps", layers=conv_layers)),
+    ]

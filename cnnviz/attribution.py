@@ -1,0 +1,194 @@
+"""One registry of attribution methods, shared by the trust checks (sanity, faithfulness, shortcut).
+
+Every entry has the same signature, `(model, images, targets) -> (N, H, W) float32`, larger
+meaning "more important for the target class", so the checks can compare methods with one loop:
+
+=================  ================================================================  =========
+name               map                                                               sign
+=================  ================================================================  =========
+saliency           |d logit / d pixel|, max over channels (Simonyan et al. 2014)     >= 0
+guided             guided backprop (Springenberg et al. 2015)                        >= 0
+rectified          deconvnet ReLU rule (Zeiler & Fergus 2014)                        >= 0
+smoothgrad         vanilla saliency averaged over noisy copies (Smilkov et al. 2017) >= 0
+gradcam            Grad-CAM on the last 4-D layer (Selvaraju et al. 2017), [0, 1]    >= 0
+guided_gradcam     Grad-CAM x guided backprop, [0, 1]                                >= 0
+occlusion          probability drop when a patch hides the pixel (Zeiler & Fergus)   signed
+=================  ================================================================  =========
+
+`occlusion` is the target probability of the intact image minus the (mean) probability when a
+patch covering the pixel is hidden: positive where the pixel is evidence for the target,
+negative where hiding it makes the target more likely. It is left signed on purpose: ordering
+pixels by it (faithfulness) and counting its positive part (`cue_share`) both want the sign;
+the sanity checks compare absolute maps, as Adebayo et al. do.
+
+Every method is deterministic for a given model (SmoothGrad's noise is seeded), so two calls on
+the same model give the same maps: the sanity checks rely on that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from cnnviz.errors import CnnvizError
+from cnnviz.explain._common import as_image_batch, class_probabilities
+
+AttributionFunction = Callable[..., np.ndarray]
+
+
+def _saliency(method: str) -> AttributionFunction:
+    def attribute(model, images, targets):
+        from cnnviz.explain.saliency import saliency
+
+        return saliency(model, images, targets, method=method, seed=0)
+
+    attribute.__name__ = method
+    return attribute
+
+
+def _gradcam(guided: bool) -> AttributionFunction:
+    def attribute(model, images, targets):
+        from cnnviz.explain.gradcam import gradcam
+
+        return gradcam(model, images, targets, guided=guided)
+
+    attribute.__name__ = "guided_gradcam" if guided else "gradcam"
+    return attribute
+
+
+def occlusion_window(height: int, width: int) -> tuple[int, int]:
+    """(patch, stride) the `occlusion` entry uses: a patch ~1/7 of the image, half-patch stride.
+
+    28 x 28 -> (4, 2), 32 x 32 -> (5, 2), 12 x 12 -> (2, 1).
+    """
+    patch = max(2, round(min(height, width) / 7))
+    return patch, max(1, patch // 2)
+
+
+def _occlusion(model, images, targets):
+    from cnnviz.explain.occlusion import occlusion
+
+    batch = as_image_batch(images)
+    patch, stride = occlusion_window(*batch.shape[1:3])
+    result = occlusion(model, batch, targets, patch=patch, stride=stride)
+    drop = result.unoccluded_probability[:, None, None] - result.probability
+    return drop.astype(np.float32)
+
+
+ATTRIBUTIONS: dict[str, AttributionFunction] = {
+    "saliency": _saliency("vanilla"),
+    "guided": _saliency("guided"),
+    "rectified": _saliency("rectified"),
+    "smoothgrad": _saliency("smoothgrad"),
+    "gradcam": _gradcam(guided=False),
+    "guided_gradcam": _gradcam(guided=True),
+    "occlusion": _occlusion,
+}
+METHODS = tuple(ATTRIBUTIONS)
+
+MethodsArgument = Sequence[str] | Mapping[str, "str | AttributionFunction"]
+
+
+def resolve_methods(methods: MethodsArgument) -> dict[str, AttributionFunction]:
+    """Names (or name -> function) to an ordered {name: function} dict.
+
+    Args:
+        methods: registry names, e.g. ("saliency", "gradcam"); or a mapping from a display name
+            to a registry name or to any function `(model, images, targets) -> (N, H, W)` (how a
+            test plugs in a fake method).
+
+    Returns:
+        {name: function}, in the given order.
+
+    Raises:
+        CnnvizError: an unknown name, a duplicate, no methods, or the reserved name "random".
+    """
+    if isinstance(methods, str):
+        methods = (methods,)
+    items = list(methods.items()) if isinstance(methods, Mapping) else [(m, m) for m in methods]
+    if not items:
+        raise CnnvizError(f"methods is empty; choose from {', '.join(METHODS)}")
+    resolved: dict[str, AttributionFunction] = {}
+    for name, method in items:
+        if name in resolved:
+            raise CnnvizError(f"method {name!r} is listed twice")
+        if name == "random":
+            raise CnnvizError("'random' is the reference order every method is compared with; "
+                              f"choose from {', '.join(METHODS)}")
+        if callable(method):
+            resolved[str(name)] = method
+        elif method in ATTRIBUTIONS:
+            resolved[str(name)] = ATTRIBUTIONS[method]
+        else:
+            raise CnnvizError(
+                f"unknown attribution method {method!r}; choose from {', '.join(METHODS)}"
+            )
+    return resolved
+
+
+def attribute(model, images, targets=None, *, method: str = "saliency") -> np.ndarray:
+    """One registry method's maps, checked to be (N, H, W) float32.
+
+    Args:
+        model: a built Keras classifier; not modified.
+        images: (N, H, W, C) or (H, W, C).
+        targets: None (each image's predicted class), an int, or N ints.
+        method: a name from `METHODS`.
+
+    Returns:
+        (N, H, W) float32; see the module docstring for each method's sign.
+    """
+    function = resolve_methods((method,))[method]
+    batch = as_image_batch(images)
+    return _checked_maps(method, function(model, batch, targets), batch)
+
+
+def _checked_maps(name: str, maps, batch: np.ndarray) -> np.ndarray:
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.shape != batch.shape[:3]:
+        raise CnnvizError(
+            f"method {name!r} returned maps of shape {maps.shape}; expected (N, H, W) = "
+            f"{batch.shape[:3]}"
+        )
+    return maps
+
+
+def run_methods(
+    model, images: np.ndarray, targets: np.ndarray, methods: Mapping[str, AttributionFunction]
+) -> dict[str, np.ndarray]:
+    """{name: (N, H, W) float32 maps} for every resolved method, all for the same targets."""
+    return {
+        name: _checked_maps(name, function(model, images, targets), images)
+        for name, function in methods.items()
+    }
+
+
+def predict_probabilities(model, images, *, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (N, K) of the model's own output, one compiled pass over fixed chunks.
+
+    A single sigmoid unit p becomes the two columns [1 - p, p].
+    """
+    from cnnviz.explain.saliency import _check_images, _model_copy
+
+    batch = as_image_batch(images)
+    _check_images(_model_copy(model, "output").model, batch)
+    return probabilities_of(model, len(batch), lambda a, b: batch[a:b], batch_size=batch_size)
+
+
+def probabilities_of(
+    model, count: int, fetch: Callable[[int, int], np.ndarray], *, batch_size: int = 256
+) -> np.ndarray:
+    """Class probabilities (count, K) of images made on demand by `fetch(start, stop)`.
+
+    For many perturbed copies of a few images: they are built chunk by chunk (never all in
+    memory) and go through one compiled forward pass per fixed-size chunk.
+    """
+    from cnnviz.explain.occlusion import _forward_body
+    from cnnviz.explain.saliency import _model_copy, _run_batched
+
+    output = _model_copy(model, "output")
+    (outputs,) = _run_batched(
+        output, "forward", _forward_body, count, lambda a, b: [fetch(a, b)], batch_size
+    )
+    return class_probabilities(outputs)

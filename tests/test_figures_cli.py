@@ -1,0 +1,167 @@
+"""The figure commands on a real trained run: files written, decodable, titled; bad input exits 2."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cnnviz.cli import app
+from cnnviz.config import load_config
+from cnnviz.errors import CnnvizError
+from cnnviz.figures import parse_indices
+from cnnviz.train import train
+
+ROOT = Path(__file__).parent.parent
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """digits at its native 8x8, two epochs: a real trained run in a few seconds."""
+    config = load_config(ROOT / "configs" / "digits.yaml",
+                         ["data.image_size=null", "train.epochs=2", "train.verbose=0"])
+    return train(config, tmp_path_factory.mktemp("runs"), log=lambda line: None).run_dir
+
+
+def _invoke(*args):
+    result = runner.invoke(app, [str(arg) for arg in args], catch_exceptions=False)
+    return result, [Path(line.removeprefix("wrote ")) for line in result.output.splitlines()
+                    if line.startswith("wrote ")]
+
+
+def _assert_pngs(paths, count):
+    assert len(paths) == count
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            pixels = np.asarray(image.convert("L"), dtype=np.float32)
+        assert pixels.std() > 5, f"{path} is nearly blank"
+
+
+@pytest.mark.parametrize("spec,count,expected", [
+    ("0,3,7", 10, [0, 3, 7]),
+    ("0:4", 10, [0, 1, 2, 3]),
+    ("2:9:3", 10, [2, 5, 8]),
+    ("-1", 10, [9]),
+    ("0:500", 5, [0, 1, 2, 3, 4]),
+    ("1, 2,", 5, [1, 2]),
+])
+def test_image_specs(spec, count, expected):
+    assert parse_indices(spec, count) == expected
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("12", "index 12 is outside the test split (0..9)"),
+    ("abc", "'abc' is neither an index"),
+    ("5:2", "selects no image"),
+    ("1:2:3:4", "neither an index"),
+])
+def test_bad_image_specs(spec, message):
+    with pytest.raises(CnnvizError, match=re.escape(message)):
+        parse_indices(spec, 10)
+
+
+@pytest.mark.slow
+def test_saliency_all_methods_one_row_per_image(digits_run, tmp_path):
+    result, paths = _invoke("saliency", digits_run, "--images", "0:3", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    _assert_pngs(paths, 3)
+    assert [path.name for path in paths] == ["test_000_all.png", "test_001_all.png",
+                                             "test_002_all.png"]
+
+
+@pytest.mark.slow
+def test_batch_mode_writes_one_figure_per_image_across_chunks(digits_run, tmp_path):
+    result, paths = _invoke("saliency", digits_run, "--images", "0:100", "--method", "vanilla",
+                            "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert len(paths) == 100 and len(set(paths)) == 100
+    assert sorted(tmp_path.glob("*.png")) == sorted(paths)
+    assert not list(tmp_path.glob(".*")), "no temporary files left behind"
+
+
+@pytest.mark.slow
+def test_gradcam_names_its_layer_and_draws_guided(digits_run, tmp_path):
+    result, paths = _invoke("gradcam", digits_run, "--images", "0,1", "--guided", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "Grad-CAM on layer pool2" in result.output
+    _assert_pngs(paths, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,args,count", [
+    ("occlusion", ["--images", "0,1", "--patch", "2"], 2),
+    ("feature-maps", ["--images", "0"], 2),  # conv1 and conv2
+    ("filters", [], 2),
+    ("activation-max", ["--steps", "32"], 1),
+    ("activation-max", ["--layer", "conv2", "--filters", "0:4", "--steps", "16"], 1),
+])
+def test_each_figure_command_writes_pngs(digits_run, tmp_path, command, args, count):
+    result, paths = _invoke(command, digits_run, *args, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    _assert_pngs(paths, count)
+
+
+@pytest.mark.slow
+def test_default_folder_is_inside_the_run(digits_run):
+    result, paths = _invoke("filters", digits_run, "--layer", "conv1")
+    assert result.exit_code == 0, result.output
+    assert paths == [digits_run / "figures" / "filters" / "conv1.png"]
+
+
+@pytest.mark.slow
+def test_image_files_are_preprocessed_like_the_training_data(digits_run, tmp_path):
+    """A test image saved as an 8-bit PNG and read back gets the run's prediction."""
+    from cnnviz.figures import select_images
+    from cnnviz.runs import load_run
+
+    run = load_run(digits_run)
+    test_images = run.dataset().x_test[:4]
+    for index, image in enumerate(test_images):
+        Image.fromarray(np.round(image[..., 0] * 255).astype(np.uint8)).save(tmp_path / f"d{index}.png")
+    spec = ",".join(str(tmp_path / f"d{index}.png") for index in range(4))
+    from_files = select_images(run, spec)
+    assert from_files.names == ["d0", "d1", "d2", "d3"]
+    np.testing.assert_allclose(from_files.images, test_images, atol=1 / 255)
+    result, paths = _invoke("saliency", digits_run, "--images", spec, "--method", "guided",
+                            "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    _assert_pngs(paths, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,message", [
+    (["saliency", "{run}", "--images", "9999"], "outside the test split"),
+    (["gradcam", "{run}", "--layer", "conv9"], "no layer named 'conv9'"),
+    (["gradcam", "{run}", "--layer", "flatten"], "flatten"),
+    (["saliency", "{run}", "--target", "12"], "--target 12 is not a class"),
+    (["filters", "{run}", "--layer", "dense"], "Conv2D layers: conv1, conv2"),
+    (["saliency", "{run}", "--images", "missing.png"], "missing.png does not exist"),
+])
+def test_bad_figure_requests_exit_2_with_one_line(digits_run, args, message):
+    result = runner.invoke(app, [arg.format(run=digits_run) for arg in args],
+                           catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_run_trains_and_writes_every_figure_and_an_index(tmp_path):
+    """The toy model: a sigmoid output, 4x4 images, two examples — every figure still works."""
+    result = runner.invoke(app, ["run", str(ROOT / "configs" / "toy4x4.yaml"), "--out",
+                                 str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run_dir = next((tmp_path / "toy4x4").iterdir())
+    index = (run_dir / "index.html").read_text()
+    sources = re.findall(r"<img src='([^']+)'", index)
+    assert len(sources) >= 10
+    for source in sources:
+        assert (run_dir / source).is_file(), source
+    for folder in ("saliency", "gradcam", "occlusion", "activation-max", "filters",
+                   "feature-maps"):
+        assert any(source.startswith(f"figures/{folder}/") for source in sources), folder
+    assert "true positive" in index and "predicted" in index
