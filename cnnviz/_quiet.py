@@ -26,6 +26,9 @@ def import_tensorflow_quietly() -> None:
             import keras  # noqa: F401
 
             tf.config.list_physical_devices()
+            # Sanity checks trace one function per randomized model copy on purpose; TF's
+            # "retracing" advice would only be noise here.
+            tf.get_logger().setLevel("ERROR")
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -310,6 +310,22 @@ def activation_max_command(
                                    indices=indices, steps=steps, seed=seed)])
 
 
+def _trust_sections(run, folder: Path):
+    """Sanity, faithfulness and (for data with a spurious cue) the shortcut report."""
+    from cnnviz.figures import faithfulness_report, sanity_report, select_images, shortcut_files
+
+    checks = select_images(run, "0:32")
+    reports = [("Sanity checks: model randomization (Adebayo et al. 2018)",
+                sanity_report(run.model, checks, folder / "sanity")),
+               ("Faithfulness: deletion and insertion", 
+                faithfulness_report(run.model, checks, folder / "faithfulness"))]
+    if run.config is not None and run.config.data.source == "shapes" and run.config.data.shapes.spurious:
+        reports.append(("Shortcut detector", shortcut_files(run, folder / "shortcut")))
+    for heading, report in reports:
+        typer.echo(f"\n{heading}\n{report.text}")
+    return [(heading, report.figures) for heading, report in reports]
+
+
 @command("run")
 def run_command(
     config: ConfigArgument,
@@ -343,6 +359,7 @@ def run_command(
                  + ([FigureFile(summary.architecture_file, "Architecture")]
                     if summary.architecture_file else []))]
     sections += all_figures(run, selection, folder)
+    sections += _trust_sections(run, folder)
     metrics = result.metrics
     title = (f"cnnviz run {result.run_dir.parent.name}/{result.run_dir.name}: test accuracy "
              f"{metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs")
@@ -418,6 +435,68 @@ def verify_command(
     typer.echo(format_table(report))
     if not report.ok:
         raise typer.Exit(1)
+
+
+class Baseline(str, Enum):
+    blur = "blur"
+    zero = "zero"
+    mean = "mean"
+
+
+def _print_report(report) -> None:
+    typer.echo(report.text)
+    for figure_file in report.figures:
+        typer.echo(f"wrote {figure_file.path}")
+    typer.echo(f"wrote {report.data_file}")
+
+
+@command("sanity")
+def sanity_command(
+    run: RunArgument,
+    images: ImagesOption = "0:32",
+    seed: Annotated[int, typer.Option(help="Seed of the re-initialized weights.")] = 0,
+    out: OutOption = None,
+) -> None:
+    """Sanity checks for saliency maps (Adebayo et al. 2018): model randomization, class change.
+
+    Flags a method whose maps barely change when the weights are destroyed, or when a different
+    class is explained.
+    """
+    from cnnviz.figures import sanity_report, select_images
+
+    loaded, folder = _run_and_folder(run, out, "sanity")
+    _print_report(sanity_report(loaded.model, select_images(loaded, images), folder, seed=seed))
+
+
+@command("faithfulness")
+def faithfulness_command(
+    run: RunArgument,
+    images: ImagesOption = "0:32",
+    steps: Annotated[int, typer.Option(min=2, help="Points on each deletion/insertion curve.")] = 20,
+    baseline: Annotated[Baseline, typer.Option(help="What deleted pixels become.")] = Baseline.blur,
+    seed: Annotated[int, typer.Option(help="Seed of the random-order baseline.")] = 0,
+    out: OutOption = None,
+) -> None:
+    """Deletion and insertion scores per method against a random pixel order."""
+    from cnnviz.figures import faithfulness_report, select_images
+
+    loaded, folder = _run_and_folder(run, out, "faithfulness")
+    selection = select_images(loaded, images)
+    _print_report(faithfulness_report(loaded.model, selection, folder, steps=steps,
+                                      baseline=baseline.value, seed=seed))
+
+
+@command("shortcut")
+def shortcut_command(
+    run: RunArgument,
+    count: Annotated[int, typer.Option(min=1, help="Training images to explain.")] = 64,
+    out: OutOption = None,
+) -> None:
+    """Does the model use the spurious cue? Attribution on the cue vs its area (shapes data)."""
+    from cnnviz.figures import shortcut_files
+
+    loaded, folder = _run_and_folder(run, out, "shortcut")
+    _print_report(shortcut_files(loaded, folder, count=count))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -153,3 +153,23 @@ def test_unreadable_yaml(tmp_path, text, words):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def _field_paths(model, prefix=""):
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        yield f"{prefix}{name}"
+        for candidate in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                yield from _field_paths(candidate, f"{prefix}{name}.")
+
+
+def test_readme_documents_every_config_key():
+    from cnnviz.config import Config
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [path for path in _field_paths(Config) if f"`{path}`" not in readme]
+    assert not missing, f"README's config reference lacks {missing}"
