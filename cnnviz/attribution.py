@@ -169,10 +169,10 @@ def predict_probabilities(model, images, *, batch_size: int = 256) -> np.ndarray
 
     A single sigmoid unit p becomes the two columns [1 - p, p].
     """
-    from cnnviz.explain.saliency import _check_images, _model_copy
+    from cnnviz.explain._compiled import check_images, model_copy
 
     batch = as_image_batch(images)
-    _check_images(_model_copy(model, "output").model, batch)
+    check_images(model_copy(model, "output").model, batch)
     return probabilities_of(model, len(batch), lambda a, b: batch[a:b], batch_size=batch_size)
 
 
@@ -184,11 +184,10 @@ def probabilities_of(
     For many perturbed copies of a few images: they are built chunk by chunk (never all in
     memory) and go through one compiled forward pass per fixed-size chunk.
     """
-    from cnnviz.explain.occlusion import _forward_body
-    from cnnviz.explain.saliency import _model_copy, _run_batched
+    from cnnviz.explain._compiled import forward_body, model_copy, run_batched
 
-    output = _model_copy(model, "output")
-    (outputs,) = _run_batched(
-        output, "forward", _forward_body, count, lambda a, b: [fetch(a, b)], batch_size
+    output = model_copy(model, "output")
+    (outputs,) = run_batched(
+        output, "forward", forward_body, count, lambda a, b: [fetch(a, b)], batch_size
     )
     return class_probabilities(outputs)

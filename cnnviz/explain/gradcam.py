@@ -17,15 +17,15 @@ from cnnviz.explain._common import (
     get_layer,
     target_scores,
 )
-from cnnviz.explain.saliency import (
-    _check_images,
-    _choose_targets,
-    _gradient_maps,
-    _model_copy,
-    _require_built,
-    _run_batched,
-    _target_array,
+from cnnviz.explain._compiled import (
+    check_images,
+    choose_targets,
+    model_copy,
+    require_built,
+    run_batched,
+    target_array,
 )
+from cnnviz.explain.saliency import _gradient_maps
 
 # Added to a map's max before dividing: an all-zero map stays 0 instead of becoming NaN.
 _EPSILON = 1e-12
@@ -57,7 +57,7 @@ def gradcam_layer(model, layer=None) -> str:
     Raises:
         CnnvizError: no such layer in `model`, or its output is not (N, h, w, K).
     """
-    _require_built(model)
+    require_built(model)
     if layer is None:
         return default_conv_layer(model).name
     name = layer if isinstance(layer, str) else getattr(layer, "name", repr(layer))
@@ -85,7 +85,7 @@ def _gradcam_body(layer_name: str, height: int, width: int):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(images)  # records the path through `features`; no weight gradients
                 features, logits = features_and_logits(images, training=False)
-                chosen = _choose_targets(logits, targets)
+                chosen = choose_targets(logits, targets)
                 scores = target_scores(logits, chosen)
             gradients = tape.gradient(scores, features)
             # Mean over space only, per image and channel (keras.io's example also averages
@@ -127,11 +127,11 @@ def gradcam(
     """
     batch = as_image_batch(images)
     name = gradcam_layer(model, layer)
-    logits = _model_copy(model, "logits")
-    _check_images(logits.model, batch)
-    wanted = _target_array(logits.model, targets, len(batch))
+    logits = model_copy(model, "logits")
+    check_images(logits.model, batch)
+    wanted = target_array(logits.model, targets, len(batch))
     height, width = batch.shape[1:3]
-    cams, chosen = _run_batched(
+    cams, chosen = run_batched(
         logits,
         f"gradcam:{name}",
         _gradcam_body(name, height, width),

@@ -12,11 +12,12 @@ import numpy as np
 
 from cnnviz.errors import CnnvizError
 from cnnviz.explain._common import as_image_batch, class_probabilities, resolve_targets
-from cnnviz.explain.saliency import (
-    _check_images,
-    _check_target_count,
-    _model_copy,
-    _run_batched,
+from cnnviz.explain._compiled import (
+    check_images,
+    check_target_count,
+    forward_body,
+    model_copy,
+    run_batched,
 )
 
 
@@ -51,12 +52,6 @@ def _window_starts(size: int, patch: int, stride: int) -> np.ndarray:
         starts.append(size - patch)
     return np.asarray(starts)
 
-
-def _forward_body(clone):
-    def body(images):
-        return (clone(images, training=False),)
-
-    return body
 
 
 def _check_window(patch, stride, height: int, width: int) -> int:
@@ -121,15 +116,15 @@ def occlusion(
     batch = as_image_batch(images)
     count, height, width = batch.shape[:3]
     stride = _check_window(patch, stride, height, width)
-    output = _model_copy(model, "output")
-    _check_images(output.model, batch)
+    output = model_copy(model, "output")
+    check_images(output.model, batch)
 
-    (intact,) = _run_batched(
-        output, "forward", _forward_body, count, lambda a, b: [batch[a:b]], batch_size
+    (intact,) = run_batched(
+        output, "forward", forward_body, count, lambda a, b: [batch[a:b]], batch_size
     )
     intact = class_probabilities(intact)
     predicted = intact.argmax(axis=-1).astype(np.int32)
-    _check_target_count(targets, count)
+    check_target_count(targets, count)
     chosen = resolve_targets(targets, predicted, intact.shape[-1])
     rows_at = _window_starts(height, patch, stride)
     cols_at = _window_starts(width, patch, stride)
@@ -145,8 +140,8 @@ def occlusion(
         covered = masks[flat % windows][..., None]
         return [np.where(covered, np.float32(fill), batch[flat // windows])]
 
-    (outputs,) = _run_batched(
-        output, "forward", _forward_body, count * windows, occluded, batch_size
+    (outputs,) = run_batched(
+        output, "forward", forward_body, count * windows, occluded, batch_size
     )
     probabilities = class_probabilities(outputs).reshape(count, windows, -1)
     window_probability = np.take_along_axis(
