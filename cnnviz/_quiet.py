@@ -21,9 +21,8 @@ def import_tensorflow_quietly() -> None:
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            import tensorflow as tf
-
             import keras  # noqa: F401
+            import tensorflow as tf
 
             tf.config.list_physical_devices()
             # Sanity checks trace one function per randomized model copy on purpose; TF's

@@ -11,7 +11,7 @@ import functools
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,11 +31,11 @@ USER_ERROR = 2
 
 # Shared option declarations (one definition, used by every command that takes them).
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a config value: --set train.epochs=3 (repeatable)."),
 ]
 OutOption = Annotated[
-    Optional[Path], typer.Option("--out", help="Folder to write into (default: see each command).")
+    Path | None, typer.Option("--out", help="Folder to write into (default: see each command).")
 ]
 ConfigArgument = Annotated[Path, typer.Argument(help="A YAML config file, e.g. configs/digits.yaml.")]
 RunArgument = Annotated[
@@ -81,7 +81,7 @@ def _tensorflow() -> None:
     import_tensorflow_quietly()
 
 
-def _config(path: Path, overrides: Optional[list[str]]):
+def _config(path: Path, overrides: list[str] | None):
     from cnnviz.config import load_config
 
     return load_config(path, overrides or [])
@@ -169,14 +169,14 @@ class SaliencyMethod(str, Enum):
 
 
 TargetOption = Annotated[
-    Optional[int], typer.Option("--target", help="Class to explain (default: the predicted one).")
+    int | None, typer.Option("--target", help="Class to explain (default: the predicted one).")
 ]
 LayerOption = Annotated[
-    Optional[str], typer.Option("--layer", help="Layer name (see `cnnviz summary`).")
+    str | None, typer.Option("--layer", help="Layer name (see `cnnviz summary`).")
 ]
 
 
-def _run_and_folder(source: Path, out: Optional[Path], command_name: str):
+def _run_and_folder(source: Path, out: Path | None, command_name: str):
     _tensorflow()
     from cnnviz.runs import load_run
 
@@ -242,7 +242,7 @@ def occlusion_command(
     run: RunArgument,
     images: ImagesOption = "0:8",
     patch: Annotated[int, typer.Option(min=1, help="Side of the square patch, in pixels.")] = 4,
-    stride: Annotated[Optional[int], typer.Option(min=1, help="Step between patches (default: patch).")] = None,
+    stride: Annotated[int | None, typer.Option(min=1, help="Step between patches (default: patch).")] = None,
     fill: Annotated[float, typer.Option(help="Value the patch is filled with.")] = 0.5,
     target: TargetOption = None,
     out: OutOption = None,
@@ -260,7 +260,7 @@ def occlusion_command(
 def feature_maps_command(
     run: RunArgument,
     images: ImagesOption = "0:2",
-    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Layer(s) to show (default: every Conv2D layer).")] = None,
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layer(s) to show (default: every Conv2D layer).")] = None,
     out: OutOption = None,
 ) -> None:
     """The feature maps (activations) of conv layers for chosen images."""
@@ -275,7 +275,7 @@ def feature_maps_command(
 @command("filters")
 def filters_command(
     run: RunArgument,
-    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Conv layer(s) (default: all).")] = None,
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="Conv layer(s) (default: all).")] = None,
     out: OutOption = None,
 ) -> None:
     """The learned convolution kernels of each Conv2D layer."""
@@ -288,8 +288,8 @@ def filters_command(
 @command("activation-max")
 def activation_max_command(
     run: RunArgument,
-    layer: Annotated[Optional[str], typer.Option("--layer", help="A conv layer: maximize its filters instead of the classes.")] = None,
-    filters: Annotated[Optional[str], typer.Option("--filters", help="Filter (or class) indices: 0,1,2 or 0:8.")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", help="A conv layer: maximize its filters instead of the classes.")] = None,
+    filters: Annotated[str | None, typer.Option("--filters", help="Filter (or class) indices: 0,1,2 or 0:8.")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Gradient-ascent steps.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
     out: OutOption = None,
@@ -332,7 +332,7 @@ def run_command(
     out: OutOption = None,
     set_: SetOption = None,
     images: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--images", help="Test images to explain (default: the first of each class)."),
     ] = None,
 ) -> None:
@@ -375,7 +375,7 @@ ModelSourceArgument = Annotated[
 ]
 
 
-def _model_and_images(source: Path, images: str, overrides: Optional[list[str]]):
+def _model_and_images(source: Path, images: str, overrides: list[str] | None):
     """(model, images, what the images are) for a run, a .keras file or a config.
 
     A config builds its untrained model; its images are the test split where the data is at

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,7 +34,7 @@ def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
-IntOrPair = Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]]
+IntOrPair = PositiveInt | Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -167,7 +167,7 @@ class DenseLayer(_Strict):
 
 
 LayerConfig = Annotated[
-    Union[Conv2DLayer, PoolLayer, DropoutLayer, BatchNormLayer, FlattenLayer, DenseLayer],
+    Conv2DLayer | PoolLayer | DropoutLayer | BatchNormLayer | FlattenLayer | DenseLayer,
     Field(discriminator="type"),
 ]
 
@@ -260,9 +260,23 @@ class TrainConfig(_Strict):
         description="mirrored: all local GPUs (or logical CPUs); multi_worker: several machines "
         "configured by TF_CONFIG.",
     )
+    cpu_replicas: PositiveInt = Field(
+        1,
+        description="distribute: mirrored without a GPU (or with device: cpu): split the CPU into "
+        "this many logical devices, one replica each (train.batch_size is split across them).",
+    )
     mixed_precision: bool = Field(False, description="float16 compute (for GPUs).")
     jit_compile: bool = Field(False, description="XLA-compile the train step.")
     verbose: Literal[0, 1, 2] = Field(1, description="Keras progress: 0 silent, 1 bar, 2 line.")
+
+    @model_validator(mode="after")
+    def _cpu_replicas_need_mirrored(self) -> TrainConfig:
+        if self.cpu_replicas > 1 and self.distribute != "mirrored":
+            raise ValueError(
+                f"train.cpu_replicas={self.cpu_replicas} needs train.distribute 'mirrored' "
+                f"(received {self.distribute!r}); set distribute: mirrored or cpu_replicas: 1"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------- config
@@ -357,7 +371,8 @@ def check_layer_shapes(model: ModelConfig, input_shape: tuple[int, ...]) -> None
             )
         for index, layer in enumerate(model.layers):
             if not isinstance(layer, (DenseLayer, DropoutLayer, BatchNormLayer)):
-                raise ValueError(
+                # ValueError, not TypeError: pydantic reports it with the config location.
+                raise ValueError(  # noqa: TRY004
                     f"model.layers.{index} ({layer.type}): after a backbone (pooled to a vector) "
                     "only dense, dropout and batch_norm layers fit"
                 )

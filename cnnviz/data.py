@@ -248,7 +248,7 @@ def _split_indices(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndar
     kept, held = [], []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
-        count = int(round(share * len(members)))
+        count = round(share * len(members))
         held.append(members[:count])
         kept.append(members[count:])
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
@@ -333,8 +333,9 @@ def _load_shapes(config: Config):
 
     options = config.data.shapes
     size = tuple(config.data.image_size or (32, 32))
-    test_count = max(1, int(round(options.count * config.data.test_split)))
-    common = dict(image_size=size[0], classes=tuple(options.classes), spurious=options.spurious)
+    test_count = max(1, round(options.count * config.data.test_split))
+    common = {"image_size": size[0], "classes": tuple(options.classes),
+              "spurious": options.spurious}
     train = make_shapes(options.count - test_count, with_cue=True, seed=config.seed, **common)
     shuffled = options.test_cue == "shuffled"
     # The test split never carries the training cue: absent, or at a random class's place.

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -221,10 +221,10 @@ def write_index(folder: Path, title: str, sections: list[tuple[str, list[FigureF
     """An index.html showing every figure with its caption, grouped in sections."""
     parts = [
         "<!doctype html>", "<meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;background:#fafafa}"
-        "figure{display:inline-block;margin:.5em;vertical-align:top;background:#fff;"
-        "padding:.5em;border:1px solid #ddd}img{max-width:520px;display:block}"
-        "figcaption{font-size:.85em;color:#333;max-width:520px}</style>",
+        ("<style>body{font-family:system-ui,sans-serif;margin:2em;background:#fafafa}"
+         "figure{display:inline-block;margin:.5em;vertical-align:top;background:#fff;"
+         "padding:.5em;border:1px solid #ddd}img{max-width:520px;display:block}"
+         "figcaption{font-size:.85em;color:#333;max-width:520px}</style>"),
         f"<h1>{html.escape(title)}</h1>",
     ]
     for heading, figures in sections:
@@ -401,7 +401,8 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
     height = int(model.inputs[0].shape[1])
     # The library's defaults suit 8x8 inputs; from ~20 px up, stronger smoothing (chosen by eye
     # on 28x28 digits, every class still the top prediction) keeps the images readable.
-    smoothing = dict(learning_rate=0.02, l2=0.2, tv=0.5, blur_sigma=1.0) if height >= 20 else {}
+    smoothing = ({"learning_rate": 0.02, "l2": 0.2, "tv": 0.5, "blur_sigma": 1.0}
+                 if height >= 20 else {})
     images = activation_maximization_batch(model, layer, indices, steps=steps, seed=seed,
                                            **smoothing)
     return save_captioned(activation_max_grid(images, labels, title=title), folder / name)

@@ -93,9 +93,9 @@ def find_unfinished_run(out_root: str | Path, config: Config) -> Path | None:
     wanted = dump_config(config)
     for run_dir in sorted(parent.iterdir(), reverse=True):
         config_file = run_dir / "config.yaml"
-        if (run_dir / BACKUP_DIR).is_dir() and config_file.is_file():
-            if config_file.read_text() == wanted:
-                return run_dir
+        if ((run_dir / BACKUP_DIR).is_dir() and config_file.is_file()
+                and config_file.read_text() == wanted):
+            return run_dir
     return None
 
 

@@ -19,7 +19,7 @@ runner = CliRunner()
 def _cnnviz(*args, env=None, cwd=None):
     """Run the real command in a fresh process (what a user's shell does)."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "cnnviz.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "cnnviz.cli", *map(str, args)], check=False,
                           capture_output=True, text=True, env=environment, cwd=cwd, timeout=300)
 
 
@@ -27,7 +27,7 @@ def test_help_does_not_import_tensorflow():
     code = ("import sys\nfrom cnnviz.cli import app\ntry:\n    app(['--help'])\n"
             "except SystemExit:\n    pass\nprint('TF-LOADED' if 'tensorflow' in sys.modules "
             "or 'keras' in sys.modules else 'TF-NOT-LOADED')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "TF-NOT-LOADED" in result.stdout, result.stdout + result.stderr
     assert "train" in result.stdout and "summary" in result.stdout

@@ -32,7 +32,7 @@ def keras_home(tmp_path, monkeypatch):
         raise AssertionError(f"tried to download {args[0]}")
 
     monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
-    import keras.src.utils.file_utils as file_utils
+    from keras.src.utils import file_utils
 
     monkeypatch.setattr(file_utils, "urlretrieve", no_network)
     return home

@@ -118,7 +118,7 @@ def test_layerwise_learning_rate_scales_the_update_not_the_gradient(name):
 def test_imagenet_weights_are_loaded_through_the_keras_fetch(tmp_path, monkeypatch):
     """The real download path, with the fetch replaced by a local weights file."""
     import keras
-    import keras.src.applications.mobilenet_v2 as mobilenet_v2
+    from keras.src.applications import mobilenet_v2
     from keras.src.legacy.saving import legacy_h5_format
 
     reference = keras.applications.MobileNetV2(include_top=False, weights=None,
