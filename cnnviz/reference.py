@@ -533,6 +533,11 @@ def _linear_layers(model) -> list:
     layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
     if not layers:
         raise CnnvizError(f"model {model.name!r} has no layers to recompute")
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        # A chain by construction; a reloaded one has extra inbound nodes from deserialization.
+        return layers
     expected = model.inputs[0]
     for layer in layers:
         nodes = len(getattr(layer, "_inbound_nodes", ()) or ())

@@ -373,3 +373,18 @@ def test_explain_steps_summarises_layers_too_big_to_write_out():
     assert "feature map, channel 0: 26x26 values, min 0.0000" in text
     assert max(len(line) for line in text.splitlines()) <= 110
     assert "Keras output:" in text
+
+
+def test_verify_a_saved_and_reloaded_sequential_model(tmp_path):
+    """Keras rebuilds a loaded Sequential with extra inbound nodes; it is still a chain."""
+    import keras
+
+    from cnnviz.reference import verify
+
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.models.load_model(tmp_path / "m.keras")
+    images = np.random.default_rng(0).uniform(size=(4, 6, 6, 1)).astype(np.float32)
+    report = verify(reloaded, images)
+    assert report.ok and report.max_difference < 1e-5
