@@ -108,6 +108,8 @@ def _print_training(result) -> None:
         f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "
         f"{metrics['epochs']} epochs in {metrics['seconds']:.1f} s on {metrics['device']}"
     )
+    if not result.chief:  # a multi-worker run's other workers write only a temporary folder
+        return
     for name in ("config.yaml", "model.keras", "history.csv", "metrics.json", "curves.png"):
         typer.echo(f"wrote {result.run_dir / name}")
 

@@ -1,0 +1,314 @@
+"""Training under tf.distribute: mirrored replicas, resuming under another replica count,
+two multi-worker processes, mixed precision and XLA.
+
+Splitting the CPU into logical devices must happen before TensorFlow starts, and this pytest
+process has usually started it already, so the replica runs happen in fresh subprocesses that
+print their results as one JSON line.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnviz.config import load_config
+from cnnviz.errors import CnnvizError, ConfigError
+
+ROOT = Path(__file__).parent.parent
+DIGITS = ROOT / "configs" / "digits.yaml"
+# Small and quick: 400 training images, no dropout (so 1 and 2 replicas compute the same thing).
+SMALL = ["train.verbose=0", "data.limit=400", "model.layers.5.rate=0.0"]
+
+
+def _environment(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+def _python_json(code: str, *args: str, timeout: int = 240) -> dict:
+    """Run `code` in a fresh Python; return the JSON object it printed on its last line."""
+    finished = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+        env=_environment(), timeout=timeout, check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+# The replica runs: one subprocess, one TensorFlow start-up, several trainings.
+REPLICA_RUNS = """
+import json, sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cnnviz.config import load_config
+from cnnviz.data import load_dataset
+from cnnviz.train import train
+
+out = Path(sys.argv[1])
+small = json.loads(sys.argv[2])
+quiet = lambda line: None
+
+def config(epochs, *options):
+    return load_config(sys.argv[3], [f"train.epochs={epochs}", *small, *options])
+
+def losses(run_dir):
+    import csv
+    return [float(row["loss"]) for row in csv.DictReader((run_dir / "history.csv").open())]
+
+two = ["train.distribute=mirrored", "train.cpu_replicas=2"]
+mirrored = train(config(2, *two), out / "mirrored", log=quiet)
+single = train(config(2), out / "single", log=quiet)
+
+class StopAfterTwoEpochs(keras.callbacks.Callback):
+    # Runs after BackupAndRestore has saved epoch 2: keeps those weights, then stops.
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            self.weights = [np.array(weight) for weight in self.model.get_weights()]
+            raise RuntimeError("stopped on purpose")
+
+stopper = StopAfterTwoEpochs()
+try:
+    train(config(4, *two), out / "resume", extra_callbacks=[stopper], log=quiet)
+except RuntimeError:
+    pass
+run_dir = next((out / "resume" / "digits").iterdir())
+saved_epoch = json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"]
+saved_weights = stopper.weights
+
+class FirstWeights(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.weights = [np.array(weight) for weight in self.model.get_weights()]
+
+first = FirstWeights()
+resumed = train(config(4), out / "resume", extra_callbacks=[first], log=quiet)
+restored_difference = max(float(np.max(np.abs(a - b))) for a, b in zip(first.weights, saved_weights))
+
+# The finished model, loaded under 2 replicas and under none, predicts the same.
+images = load_dataset(config(1)).x_test
+strategy = tf.distribute.MirroredStrategy(["/device:CPU:0", "/device:CPU:1"])
+with strategy.scope():
+    distributed = keras.models.load_model(resumed.run_dir / "model.keras", compile=False)
+    distributed_predictions = distributed.predict(images, verbose=0, batch_size=64)
+plain = keras.models.load_model(resumed.run_dir / "model.keras", compile=False)
+plain_predictions = plain.predict(images, verbose=0, batch_size=64)
+
+print(json.dumps({
+    "mirrored": mirrored.metrics, "single": single.metrics,
+    "mirrored_losses": losses(mirrored.run_dir), "single_losses": losses(single.run_dir),
+    "resumed": resumed.metrics, "resumed_losses": losses(resumed.run_dir),
+    "resumed_same_dir": resumed.run_dir == run_dir,
+    "resumed_config": (run_dir / "config.yaml").read_text(),
+    "saved_epoch": saved_epoch,
+    "restored_difference": restored_difference,
+    "prediction_difference": float(np.max(np.abs(distributed_predictions - plain_predictions))),
+    "prediction_replicas": int(strategy.num_replicas_in_sync),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def replica_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("replicas")
+    return _python_json(REPLICA_RUNS, str(out), json.dumps(SMALL), str(DIGITS))
+
+
+@pytest.mark.slow
+def test_mirrored_over_two_logical_cpus_trains(replica_runs):
+    metrics = replica_runs["mirrored"]
+    assert metrics["replicas"] == 2 and metrics["distribute"] == "mirrored"
+    assert metrics["batch_size"] == 32, "the configured batch is the global batch"
+    assert metrics["epochs"] == 2
+    assert 0.5 < metrics["test_accuracy"] <= 1.0, "two epochs on digits learn something"
+
+
+@pytest.mark.slow
+def test_two_replicas_compute_what_one_computes(replica_runs):
+    # Same global batch, split in two and averaged back: the same loss per epoch. A batch that
+    # was not split (twice the data per step) or gradients summed instead of averaged would
+    # give other losses.
+    assert replica_runs["single"]["replicas"] == 1
+    assert replica_runs["mirrored_losses"] == pytest.approx(replica_runs["single_losses"],
+                                                            rel=2e-3)
+    assert replica_runs["mirrored"]["test_loss"] == pytest.approx(
+        replica_runs["single"]["test_loss"], rel=5e-3)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_under_two_replicas_resumes_under_one(replica_runs):
+    metrics = replica_runs["resumed"]
+    assert replica_runs["resumed_same_dir"], "resumed in the same run directory"
+    assert metrics["resumed_from_epoch"] == 2 and metrics["epochs"] == 4
+    assert metrics["replicas"] == 1 and metrics["distribute"] == "none"
+    assert "cpu_replicas: 2" in replica_runs["resumed_config"], "the run keeps its config"
+    assert replica_runs["saved_epoch"] == 2
+    assert replica_runs["restored_difference"] == 0.0, (
+        "the one-replica model starts from exactly the weights saved under two replicas")
+    losses = replica_runs["resumed_losses"]
+    assert len(losses) == 4
+    assert losses[2] < 0.6 * losses[0], "epoch 3 continues training; it does not start afresh"
+    assert 0.5 < metrics["test_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_saved_model_predicts_the_same_under_two_replicas_and_none(replica_runs):
+    assert replica_runs["prediction_replicas"] == 2
+    assert replica_runs["prediction_difference"] < 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_worker_processes_train_one_model_and_only_the_chief_writes(tmp_path):
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+    settings = ["train.distribute=multi_worker", "train.epochs=2", *SMALL]
+    scratch = [tmp_path / f"tmp{index}" for index in range(2)]
+    processes = []
+    for index in range(2):
+        scratch[index].mkdir()
+        command = [sys.executable, "-m", "cnnviz.cli", "train", str(DIGITS),
+                   "--out", str(tmp_path / f"out{index}")]
+        for setting in settings:
+            command += ["--set", setting]
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=_environment(TF_CONFIG=tf_config, TMPDIR=str(scratch[index]))))
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=240)[0])
+    finally:
+        for process in processes:  # a worker waiting for a dead peer would wait forever
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+
+    runs = list((tmp_path / "out0" / "digits").iterdir())
+    assert len(runs) == 1
+    for name in ("config.yaml", "model.keras", "history.csv", "metrics.json", "curves.png",
+                 "checkpoints/best.keras", "checkpoints/last.keras"):
+        assert (runs[0] / name).is_file(), name
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["replicas"] == 2 and metrics["distribute"] == "multi_worker"
+    assert metrics["epochs"] == 2 and 0.5 < metrics["test_accuracy"] <= 1.0
+    assert "worker 1 of a multi-worker run" in outputs[1]
+    assert not (tmp_path / "out1").exists(), "the non-chief writes nothing under its --out"
+    assert not list(scratch[1].iterdir()), "the non-chief removes its temporary folder"
+
+
+# ----------------------------------------------------------------- in this pytest process
+def _config(*options):
+    return load_config(DIGITS, ["train.epochs=1", *SMALL, "data.limit=200", *options])
+
+
+@pytest.mark.slow
+def test_mixed_precision_trains_on_the_cpu_with_a_float32_output(tmp_path):
+    import keras
+
+    from cnnviz.data import load_dataset
+    from cnnviz.train import train
+
+    result = train(_config("train.mixed_precision=true"), tmp_path, log=lambda line: None)
+    assert keras.mixed_precision.global_policy().name == "float32", (
+        "models built later in the process are not mixed precision")
+    model = keras.models.load_model(result.run_dir / "model.keras", compile=False)
+    assert model.get_layer("conv1").compute_dtype == "float16"
+    assert model.get_layer("preds").compute_dtype == "float32"
+    probabilities = model.predict(load_dataset(_config()).x_test[:16], verbose=0)
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert np.isfinite(result.metrics["test_loss"])
+    assert result.metrics["test_accuracy"] > 0.2, "better than chance (0.1) after one epoch"
+
+
+@pytest.mark.slow
+def test_jit_compile_trains_with_xla(tmp_path):
+    import keras
+
+    from cnnviz.train import train
+
+    class RecordJit(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.jit_compile = self.model.jit_compile
+
+    record = RecordJit()
+    result = train(_config("train.jit_compile=true"), tmp_path, extra_callbacks=[record],
+                   log=lambda line: None)
+    assert record.jit_compile is True
+    assert np.isfinite(result.metrics["test_loss"])
+    assert result.metrics["test_accuracy"] > 0.2
+
+
+def test_cpu_replicas_need_the_mirrored_strategy():
+    with pytest.raises(ConfigError, match="cpu_replicas=2 needs train.distribute 'mirrored'"):
+        load_config(DIGITS, ["train.cpu_replicas=2"])
+    with pytest.raises(ConfigError, match="cpu_replicas"):
+        load_config(DIGITS, ["train.cpu_replicas=0", "train.distribute=mirrored"])
+
+
+def test_cpu_replicas_after_tensorflow_started_fail_with_advice(tmp_path):
+    import tensorflow as tf
+
+    from cnnviz.train import train
+
+    available = len(tf.config.list_logical_devices("CPU"))  # starts TensorFlow, if not yet
+    config = _config("train.distribute=mirrored", f"train.cpu_replicas={available + 1}")
+    with pytest.raises(CnnvizError, match="fresh process"):
+        train(config, tmp_path, log=lambda line: None)
+    assert not (tmp_path / "digits").exists(), "nothing is written before the check"
+
+
+# ------------------------------------------------------------- the checkpoint callback
+def test_throttled_checkpoints_keep_keras_choice_of_epoch(tmp_path):
+    """ModelCheckpoint decides which epoch is best; the subclass only defers the write."""
+    import keras
+
+    from cnnviz.train import _checkpoint_class
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    checkpoint = _checkpoint_class()
+    best = checkpoint(str(tmp_path / "best.keras"), monitor="val_loss", save_best_only=True,
+                      interval=3600.0)
+    last = checkpoint(str(tmp_path / "last.keras"), interval=3600.0)
+    for callback in (best, last):
+        callback.set_model(model)
+    for epoch, val_loss in enumerate([1.0, 0.5, 0.8]):
+        model.set_weights([np.full((2, 1), epoch, np.float32), np.zeros(1, np.float32)])
+        for callback in (best, last):
+            callback.on_epoch_end(epoch, {"val_loss": val_loss})
+    assert not (tmp_path / "best.keras").exists(), "throttled until the end"
+    for callback in (best, last):
+        callback.on_train_end()
+
+    def first_kernel(name):
+        loaded = keras.models.load_model(tmp_path / name, compile=False)
+        return loaded.get_weights()[0]
+
+    assert np.all(first_kernel("best.keras") == 1), "best.keras is epoch 2 (val_loss 0.5)"
+    assert np.all(first_kernel("last.keras") == 2)
+    assert np.all(model.get_weights()[0] == 2), "the model keeps its last weights"
+    assert not list(tmp_path.glob(".*")), "no temporary files left"
+
+    # With no throttle every improvement is written at once.
+    eager = checkpoint(str(tmp_path / "eager.keras"), monitor="val_loss", save_best_only=True,
+                       interval=0.0)
+    eager.set_model(model)
+    eager.on_epoch_end(0, {"val_loss": 0.3})
+    assert np.all(first_kernel("eager.keras") == 2)
