@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnviz.config import Config, dump_config, read_yaml, validate
+from cnnviz.config import Config, read_yaml, validate
 from cnnviz.errors import CnnvizError
 
 BACKUP_DIR = "backup"
@@ -83,20 +83,6 @@ def new_run_dir(out_root: str | Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise CnnvizError(f"could not create a new run directory under {parent}")
-
-
-def find_unfinished_run(out_root: str | Path, config: Config) -> Path | None:
-    """The newest run of this config whose training was interrupted (same resolved config)."""
-    parent = Path(out_root) / (config.name or "cnnviz")
-    if not parent.is_dir():
-        return None
-    wanted = dump_config(config)
-    for run_dir in sorted(parent.iterdir(), reverse=True):
-        config_file = run_dir / "config.yaml"
-        if ((run_dir / BACKUP_DIR).is_dir() and config_file.is_file()
-                and config_file.read_text() == wanted):
-            return run_dir
-    return None
 
 
 # --------------------------------------------------------------------------------- loading back
