@@ -18,6 +18,7 @@ from cnnviz.config import Config, dump_config, read_yaml, validate
 from cnnviz.errors import CnnvizError
 from cnnviz.runs import (
     BACKUP_DIR,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     new_run_dir,
@@ -193,10 +194,14 @@ def _checkpoint_class():
         go to a temporary name and are renamed, so a kill never leaves a truncated file.
         """
 
-        def __init__(self, filepath, *, interval: float, **kwargs):
+        def __init__(self, filepath, *, interval: float, same_file_as=None, **kwargs):
             super().__init__(filepath, **kwargs)
             self.interval = interval
+            # Another checkpoint written just before: when it saved these very weights (the
+            # last epoch was the best), copy its file instead of saving the model twice.
+            self.same_file_as = same_file_as
             self._pending = None
+            self._written = None
             self._written_at = time.monotonic()
 
         def _save_model(self, epoch, batch, logs):
@@ -212,13 +217,18 @@ def _checkpoint_class():
             super().on_train_end(logs)
 
         def _write(self):
-            current = self.model.get_weights()
-            self.model.set_weights(self._pending)
-            try:
-                save_model(self.model, Path(self.filepath))
-            finally:
-                self.model.set_weights(current)
-            self._pending = None
+            other = self.same_file_as
+            if other is not None and other._written is not None and all(
+                    np.array_equal(a, b) for a, b in zip(other._written, self._pending)):
+                atomic_write_bytes(self.filepath, Path(other.filepath).read_bytes())
+            else:
+                current = self.model.get_weights()
+                self.model.set_weights(self._pending)
+                try:
+                    save_model(self.model, Path(self.filepath))
+                finally:
+                    self.model.set_weights(current)
+            self._written, self._pending = self._pending, None
             self._written_at = time.monotonic()
 
     return ThrottledModelCheckpoint
@@ -287,13 +297,14 @@ def _callbacks(config: Config, run_dir: Path, *, monitor: str, resuming: bool, b
     # Multi-worker: every epoch, so every worker saves at the same points (time differs).
     interval = 0.0 if config.train.distribute == "multi_worker" else CHECKPOINT_INTERVAL_S
     checkpoint = _checkpoint_class()
+    last = checkpoint(str(run_dir / "checkpoints" / "last.keras"), interval=interval)
     callbacks = [
         # Keras's BackupAndRestore, before CSVLogger: an epoch in history.csv has its backup.
         *([keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), delete_checkpoint=False,
                                             double_checkpoint=True)] if backup else []),
+        last,
         checkpoint(str(run_dir / "checkpoints" / "best.keras"), monitor=monitor,
-                   save_best_only=True, interval=interval),
-        checkpoint(str(run_dir / "checkpoints" / "last.keras"), interval=interval),
+                   save_best_only=True, interval=interval, same_file_as=last),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
         keras.callbacks.TerminateOnNaN(),
     ]

@@ -312,3 +312,26 @@ def test_throttled_checkpoints_keep_keras_choice_of_epoch(tmp_path):
     eager.set_model(model)
     eager.on_epoch_end(0, {"val_loss": 0.3})
     assert np.all(first_kernel("eager.keras") == 2)
+
+
+def test_best_is_copied_from_last_when_the_last_epoch_is_the_best(tmp_path):
+    import keras
+
+    from cnnviz.train import _checkpoint_class
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    checkpoint = _checkpoint_class()
+    last = checkpoint(str(tmp_path / "last.keras"), interval=3600.0)
+    best = checkpoint(str(tmp_path / "best.keras"), monitor="loss", save_best_only=True,
+                      interval=3600.0, same_file_as=last)
+    for callback in (last, best):
+        callback.set_model(model)
+    for epoch, loss in enumerate([1.0, 0.5]):
+        model.set_weights([np.full((2, 1), epoch, np.float32), np.zeros(1, np.float32)])
+        for callback in (last, best):
+            callback.on_epoch_end(epoch, {"loss": loss})
+    for callback in (last, best):
+        callback.on_train_end()
+    assert (tmp_path / "best.keras").read_bytes() == (tmp_path / "last.keras").read_bytes()
+    loaded = keras.models.load_model(tmp_path / "best.keras", compile=False)
+    assert np.all(loaded.get_weights()[0] == 1)

@@ -9,21 +9,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnnviz.cli import app
-from cnnviz.config import load_config
 from cnnviz.errors import CnnvizError
 from cnnviz.figures import parse_indices
-from cnnviz.train import train
 
 ROOT = Path(__file__).parent.parent
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """digits at its native 8x8, two epochs: a real trained run in a few seconds."""
-    config = load_config(ROOT / "configs" / "digits.yaml",
-                         ["data.image_size=null", "train.epochs=2", "train.verbose=0"])
-    return train(config, tmp_path_factory.mktemp("runs"), log=lambda line: None).run_dir
 
 
 def _invoke(*args):

@@ -7,19 +7,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnviz.cli import app
-from cnnviz.config import load_config
-from cnnviz.train import train
 
 ROOT = Path(__file__).parent.parent
 runner = CliRunner()
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    config = load_config(ROOT / "configs" / "digits.yaml",
-                         ["data.image_size=null", "train.epochs=3", "train.verbose=0"])
-    return train(config, tmp_path_factory.mktemp("runs"), log=lambda line: None).run_dir
 
 
 def _invoke(*args):
