@@ -504,8 +504,9 @@ _LAYERS: dict[str, Callable[[object, dict, np.ndarray], np.ndarray]] = {
 def _layer_config(layer) -> dict:
     try:
         return layer.get_config()
-    # e.g. a Lambda or a custom activation whose source cannot be serialized
-    except (AttributeError, NotImplementedError, OSError, TypeError, ValueError) as error:
+    # e.g. a Lambda or a custom activation whose source cannot be serialized, or a custom
+    # layer without get_config (Keras raises a RuntimeError subclass for that)
+    except (AttributeError, OSError, RuntimeError, TypeError, ValueError) as error:
         raise _Unsupported(f"get_config() failed: {error}") from None
 
 
