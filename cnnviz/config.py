@@ -111,6 +111,11 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _source_needs(self) -> DataConfig:
+        if self.source == "shapes" and self.image_size and min(self.image_size) < 24:
+            raise ValueError(
+                f"data.image_size={self.image_size}: the shapes source draws images of at least "
+                "24x24 (smaller shapes vanish); use 24 or more"
+            )
         if self.source in ("directory", "npz") and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
         if self.source == "inline":

@@ -69,6 +69,8 @@ BAD_CONFIGS = [
     ("dropout rate of 1", {"model": {"layers": [{"type": "flatten"}, {"type": "dropout",
                                                                       "rate": 1.0}]}},
      ["model.layers.1.rate", "1.0"]),
+    ("shapes too small", {"data": {"source": "shapes", "image_size": [16, 16]},
+                          "model": MINIMAL_MODEL}, ["data.image_size=[16, 16]", "24"]),
     ("npz without a path", {"data": {"source": "npz"}, "model": MINIMAL_MODEL},
      ["data.path", "npz"]),
     ("negative learning rate", {"model": MINIMAL_MODEL,
