@@ -116,6 +116,11 @@ class DataConfig(_Strict):
                 f"data.image_size={self.image_size}: the shapes source draws images of at least "
                 "24x24 (smaller shapes vanish); use 24 or more"
             )
+        if self.source == "shapes" and self.image_size and self.image_size[0] != self.image_size[1]:
+            raise ValueError(
+                f"data.image_size={self.image_size}: the shapes source draws square images; "
+                "give equal height and width"
+            )
         if self.source in ("directory", "npz") and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
         if self.source == "inline":

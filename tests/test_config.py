@@ -71,6 +71,8 @@ BAD_CONFIGS = [
      ["model.layers.1.rate", "1.0"]),
     ("shapes too small", {"data": {"source": "shapes", "image_size": [16, 16]},
                           "model": MINIMAL_MODEL}, ["data.image_size=[16, 16]", "24"]),
+    ("shapes not square", {"data": {"source": "shapes", "image_size": [32, 40]},
+                           "model": MINIMAL_MODEL}, ["data.image_size=[32, 40]", "square"]),
     ("npz without a path", {"data": {"source": "npz"}, "model": MINIMAL_MODEL},
      ["data.path", "npz"]),
     ("negative learning rate", {"model": MINIMAL_MODEL,
