@@ -297,10 +297,10 @@ def activation_max_command(
     out: OutOption = None,
 ) -> None:
     """Activation maximization: synthesize the input each class (or filter) responds to most."""
-    from cnnviz.figures import _class_names, activation_max_figure, parse_indices
+    from cnnviz.figures import activation_max_figure, class_names_of, parse_indices
 
     loaded, folder = _run_and_folder(run, out, "activation-max")
-    class_names = _class_names(loaded, int(loaded.model.outputs[0].shape[-1]))
+    class_names = class_names_of(loaded, int(loaded.model.outputs[0].shape[-1]))
     if layer is None:
         count = len(class_names)
     else:

@@ -83,7 +83,8 @@ def _looks_like_files(spec: str) -> bool:
     return any(part.strip().lower().endswith(IMAGE_SUFFIXES) for part in spec.split(","))
 
 
-def _class_names(run: Run, num_outputs: int) -> list[str]:
+def class_names_of(run: Run, num_outputs: int) -> list[str]:
+    """The run's class names (from metrics.json or the config), else "0", "1", ..."""
     if run.directory is not None and (run.directory / "metrics.json").is_file():
         names = json.loads((run.directory / "metrics.json").read_text()).get("class_names")
         if names:
@@ -133,7 +134,7 @@ def select_images(run: Run, spec: str) -> Selection:
     """The images `--images` names: test-split indices of the run, or image files."""
     input_shape = tuple(int(size) for size in run.model.inputs[0].shape[1:])
     num_outputs = int(run.model.outputs[0].shape[-1])
-    class_names = _class_names(run, num_outputs)
+    class_names = class_names_of(run, num_outputs)
     if _looks_like_files(spec):
         paths = [Path(part.strip()) for part in spec.split(",") if part.strip()]
         images = load_image_files(paths, input_shape, _preprocessing(run))

@@ -94,12 +94,6 @@ class Run:
     config: Config | None
     directory: Path | None
 
-    @property
-    def figures_dir(self) -> Path:
-        if self.directory is None:
-            return Path("outputs") / "figures"
-        return self.directory / "figures"
-
     def dataset(self):
         """The run's data, split exactly as when it was trained (same config, same seed)."""
         if self.config is None:
@@ -139,12 +133,3 @@ def load_run(path: str | Path) -> Run:
     if not path.exists():
         raise CnnvizError(f"{path} does not exist; give a run directory or a .keras file")
     raise CnnvizError(f"{path} is neither a run directory nor a .keras file")
-
-
-def latest_run(out_root: str | Path, name: str) -> Path | None:
-    """The newest finished run of config `name` under `out_root`."""
-    parent = Path(out_root) / name
-    if not parent.is_dir():
-        return None
-    finished = [run for run in parent.iterdir() if (run / "model.keras").is_file()]
-    return max(finished, default=None)
