@@ -52,6 +52,15 @@ class Preprocessing:
             images = images / self.std
         return images.astype(np.float32)
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> Preprocessing:
+        """The inverse of `to_dict` (how metrics.json stores it)."""
+        return cls(
+            kind=saved["kind"], divisor=saved["divisor"],
+            mean=None if saved["mean"] is None else np.asarray(saved["mean"], np.float32),
+            std=None if saved["std"] is None else np.asarray(saved["std"], np.float32),
+        )
+
     def to_dict(self) -> dict:
         return {
             "kind": self.kind,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnviz.attribution import predict_probabilities
 from cnnviz.errors import CnnvizError
 from cnnviz.runs import Run, atomic_write_text, save_figure
 
@@ -100,11 +101,7 @@ def _preprocessing(run: Run):
     if run.directory is not None and (run.directory / "metrics.json").is_file():
         saved = json.loads((run.directory / "metrics.json").read_text()).get("preprocessing")
         if saved:
-            return Preprocessing(
-                kind=saved["kind"], divisor=saved["divisor"],
-                mean=None if saved["mean"] is None else np.asarray(saved["mean"], np.float32),
-                std=None if saved["std"] is None else np.asarray(saved["std"], np.float32),
-            )
+            return Preprocessing.from_dict(saved)
     return Preprocessing(kind="scale", divisor=255.0)
 
 
@@ -148,13 +145,6 @@ def select_images(run: Run, spec: str) -> Selection:
 
 
 # -------------------------------------------------------------------------------- batching
-def predict_probabilities(model, images: np.ndarray) -> np.ndarray:
-    """Class probabilities (N, K) in one batched call; one sigmoid unit becomes two columns."""
-    from cnnviz.explain._common import class_probabilities
-
-    return class_probabilities(model.predict_on_batch(images))
-
-
 def chunks(count: int, size: int = CHUNK) -> Iterator[slice]:
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))

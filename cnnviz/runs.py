@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnviz.config import Config, read_yaml, validate
@@ -93,6 +93,7 @@ class Run:
     model: object
     config: Config | None
     directory: Path | None
+    _dataset: object = field(default=None, repr=False)
 
     def dataset(self):
         """The run's data, split exactly as when it was trained (same config, same seed)."""
@@ -100,9 +101,11 @@ class Run:
             raise CnnvizError(
                 "a bare .keras file has no data set; pass image files with --images, or a run directory"
             )
-        from cnnviz.data import load_dataset
+        if self._dataset is None:  # several commands of one `cnnviz run` ask for it
+            from cnnviz.data import load_dataset
 
-        return load_dataset(self.config)
+            self._dataset = load_dataset(self.config)
+        return self._dataset
 
 
 def load_keras_model(path: str | Path):
