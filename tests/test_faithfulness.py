@@ -13,10 +13,10 @@ import pytest
 from _models import assert_unchanged, snapshot
 from matplotlib.figure import Figure
 
-from cnnviz.attribution import METHODS, attribute, occlusion_window, resolve_methods
 from cnnviz.errors import CnnvizError
-from cnnviz.faithfulness import baseline_images, deletion_insertion, pixel_ranks
 from cnnviz.plot.trust import faithfulness_figure
+from cnnviz.trust.attribution import METHODS, attribute, occlusion_window, resolve_methods
+from cnnviz.trust.faithfulness import baseline_images, deletion_insertion, pixel_ranks
 
 SIZE, HALF = 12, 6
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cnnviz.cli import app
 from cnnviz.errors import CnnvizError
-from cnnviz.figures import parse_indices
+from cnnviz.report import parse_indices
 
 ROOT = Path(__file__).parent.parent
 runner = CliRunner()
@@ -105,7 +105,7 @@ def test_default_folder_is_inside_the_run(digits_run):
 @pytest.mark.slow
 def test_image_files_are_preprocessed_like_the_training_data(digits_run, tmp_path):
     """A test image saved as an 8-bit PNG and read back gets the run's prediction."""
-    from cnnviz.figures import select_images
+    from cnnviz.report import select_images
     from cnnviz.runs import load_run
 
     run = load_run(digits_run)

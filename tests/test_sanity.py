@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 
 from cnnviz.errors import CnnvizError
 from cnnviz.plot.trust import sanity_curves_figure, sanity_maps_figure
-from cnnviz.sanity import (
+from cnnviz.trust.sanity import (
     _reinitialize,
     class_sensitivity,
     format_class_sensitivity,

@@ -20,7 +20,7 @@ from cnnviz.data import load_dataset
 from cnnviz.errors import CnnvizError
 from cnnviz.plot.trust import shortcut_figure
 from cnnviz.shapes import mark_origins, mark_size
-from cnnviz.shortcut import shortcut_report
+from cnnviz.trust.shortcut import shortcut_report
 
 SIZE = 24
 

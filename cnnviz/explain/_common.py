@@ -136,3 +136,21 @@ def get_layer(model, name: str):
             return layer
     names = ", ".join(layer.name for layer in model.layers)
     raise CnnvizError(f"no layer named {name!r} in model {model.name!r}. Layers: {names}")
+
+
+def features_and_logits(clone, layer_name: str):
+    """A callable `images -> (layer output, model output)` on `clone`, for use inside a GradientTape.
+
+    The one way gradient methods that look at a layer (Grad-CAM and the CAM family) reach its
+    activations, so a gradient flows from the output back to exactly these tensors.
+
+    Args:
+        clone: a model copy (from `_compiled.model_copy`), never the user's model.
+        layer_name: a layer of `clone`, as `gradcam_layer` resolved it.
+
+    Returns:
+        A `keras.Model` mapping (N, H, W, C) images to [(N, h, w, K) activations, (N, classes)].
+    """
+    import keras
+
+    return keras.Model(clone.inputs[0], [clone.get_layer(layer_name).output, clone.outputs[0]])

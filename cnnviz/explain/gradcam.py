@@ -14,6 +14,7 @@ from cnnviz.errors import CnnvizError
 from cnnviz.explain._common import (
     as_image_batch,
     default_conv_layer,
+    features_and_logits,
     get_layer,
     target_scores,
 )
@@ -74,17 +75,14 @@ def gradcam_layer(model, layer=None) -> str:
 
 def _gradcam_body(layer_name: str, height: int, width: int):
     def make_body(clone):
-        import keras
         import tensorflow as tf
 
-        features_and_logits = keras.Model(
-            clone.inputs[0], [clone.get_layer(layer_name).output, clone.outputs[0]]
-        )
+        layer_and_logits = features_and_logits(clone, layer_name)
 
         def body(images, targets):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(images)  # records the path through `features`; no weight gradients
-                features, logits = features_and_logits(images, training=False)
+                features, logits = layer_and_logits(images, training=False)
                 chosen = choose_targets(logits, targets)
                 scores = target_scores(logits, chosen)
             gradients = tape.gradient(scores, features)

@@ -1,7 +1,7 @@
 """Figures for the trust checks: sanity (model randomization), faithfulness, shortcut report.
 
-Pure drawing from the result objects of `cnnviz.sanity`, `cnnviz.faithfulness` and
-`cnnviz.shortcut`: no gradients, no files, no pyplot. Maps are drawn as |map| scaled per panel
+Pure drawing from the result objects of `cnnviz.trust.sanity`, `cnnviz.trust.faithfulness` and
+`cnnviz.trust.shortcut`: no gradients, no files, no pyplot. Maps are drawn as |map| scaled per panel
 (magma, 0 to the panel's max), as in Adebayo et al.'s figures, so each panel shows its own
 ranking; an all-zero or constant map is drawn flat and labelled.
 """
@@ -39,7 +39,7 @@ def sanity_maps_figure(result, *, image_index: int = 0, title: str | None = None
     map after each randomization step (output layer first, cumulative left to right).
 
     Args:
-        result: a `cnnviz.sanity.SanityResult`.
+        result: a `cnnviz.trust.sanity.SanityResult`.
         image_index: which of the kept images (0 .. len(result.images) - 1).
         title: figure title; default names the test.
 
@@ -80,7 +80,7 @@ def sanity_curves_figure(result, *, title: str | None = None) -> Figure:
     Step 0 ("trained") is 1 by definition; the dashed line is the insensitivity threshold.
 
     Args:
-        result: a `cnnviz.sanity.SanityResult`.
+        result: a `cnnviz.trust.sanity.SanityResult`.
         title: figure title.
 
     Returns:
@@ -118,7 +118,7 @@ def faithfulness_figure(result, *, title: str | None = None) -> Figure:
     """Mean deletion and insertion curves per method, the random order dashed in black.
 
     Args:
-        result: a `cnnviz.faithfulness.FaithfulnessResult`.
+        result: a `cnnviz.trust.faithfulness.FaithfulnessResult`.
         title: figure title.
 
     Returns:
@@ -159,7 +159,7 @@ def shortcut_figure(result, *, title: str | None = None) -> Figure:
     """Training images with the cue outlined in cyan, next to each method's map (also outlined).
 
     Args:
-        result: a `cnnviz.shortcut.ShortcutResult` (its kept images and maps).
+        result: a `cnnviz.trust.shortcut.ShortcutResult` (its kept images and maps).
         title: figure title; default is the verdict.
 
     Returns:

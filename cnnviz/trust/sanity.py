@@ -16,15 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnviz.attribution import (
+from cnnviz.errors import CnnvizError
+from cnnviz.explain._common import as_image_batch, resolve_targets
+from cnnviz.trust.attribution import (
     METHODS,
     MethodsArgument,
     predict_probabilities,
     resolve_methods,
     run_methods,
 )
-from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch, resolve_targets
 
 # Added to a map's range before dividing (SSIM's [0, 1] scaling): an all-zero map stays 0.
 _EPSILON = 1e-12
@@ -255,7 +255,7 @@ def model_randomization(
         images: (N, H, W, C) or (H, W, C).
         targets: None (each image's class as predicted by the trained model, kept fixed at every
             step), an int, or N ints.
-        methods: registry names (see `cnnviz.attribution.METHODS`) or {name: function}.
+        methods: registry names (see `cnnviz.trust.attribution.METHODS`) or {name: function}.
         seed: seed of the re-initialization (step s uses seed + 1000 * s + variable index).
         threshold: a method whose mean rank correlation after the last step is above this is
             flagged insensitive. 0.5 is far above what a model-dependent map keeps (Adebayo et

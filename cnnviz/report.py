@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnviz.attribution import predict_probabilities
 from cnnviz.errors import CnnvizError
 from cnnviz.runs import Run, atomic_write_text, save_figure
+from cnnviz.trust.attribution import predict_probabilities
 
 CHUNK = 64  # images explained per batch: big enough to amortize, small enough to stay flat
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -446,7 +446,7 @@ def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0) -
     """Model randomization + class sensitivity: sanity.txt, sanity.json and two figures."""
     from cnnviz.plot.trust import sanity_curves_figure, sanity_maps_figure
     from cnnviz.runs import atomic_write_json
-    from cnnviz.sanity import class_sensitivity, format_class_sensitivity, model_randomization
+    from cnnviz.trust.sanity import class_sensitivity, format_class_sensitivity, model_randomization
 
     result = model_randomization(model, selection.images, seed=seed)
     classes = class_sensitivity(model, selection.images)
@@ -465,9 +465,9 @@ def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0) -
 def faithfulness_report(model, selection: Selection, folder: Path, *, steps: int = 20,
                         baseline: str = "blur", seed: int = 0) -> Report:
     """Deletion and insertion curves per method vs a random order: table, JSON and a figure."""
-    from cnnviz.faithfulness import deletion_insertion
     from cnnviz.plot.trust import faithfulness_figure
     from cnnviz.runs import atomic_write_json
+    from cnnviz.trust.faithfulness import deletion_insertion
 
     result = deletion_insertion(model, selection.images, steps=steps, baseline=baseline,
                                 seed=seed)
@@ -483,7 +483,7 @@ def shortcut_files(run: Run, folder: Path, *, count: int = 64) -> Report:
     """The shortcut report of a run trained on data with a spurious cue."""
     from cnnviz.plot.trust import shortcut_figure
     from cnnviz.runs import atomic_write_json
-    from cnnviz.shortcut import shortcut_report
+    from cnnviz.trust.shortcut import shortcut_report
 
     cue = run.config.data.shapes.spurious if run.config is not None else None
     result = shortcut_report(run.model, run.dataset(), count=count, cue=cue)

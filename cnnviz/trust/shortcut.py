@@ -14,10 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnviz.attribution import METHODS, MethodsArgument, predict_probabilities, resolve_methods
-from cnnviz.attribution import run_methods as _run_methods
 from cnnviz.errors import CnnvizError
 from cnnviz.shapes import cue_area_share, cue_share
+from cnnviz.trust.attribution import (
+    METHODS,
+    MethodsArgument,
+    predict_probabilities,
+    resolve_methods,
+)
+from cnnviz.trust.attribution import run_methods as _run_methods
 
 CUE_NAMES = {"corner_mark": "the corner mark", "background": "the background"}
 
@@ -153,7 +158,7 @@ def shortcut_report(
         model: a built Keras classifier trained on `dataset`; not modified.
         dataset: a `cnnviz.data.Dataset` whose extras hold "cue_masks_train" (the `shapes`
             source with `data.shapes.spurious` set).
-        methods: registry names (see `cnnviz.attribution.METHODS`) or {name: function}.
+        methods: registry names (see `cnnviz.trust.attribution.METHODS`) or {name: function}.
         count: training images to explain.
         cue: the cue's kind ("corner_mark", "background") or any phrase for the verdict;
             None says "the spurious cue".

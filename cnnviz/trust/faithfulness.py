@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnviz.attribution import (
+from cnnviz.errors import CnnvizError
+from cnnviz.explain._common import as_image_batch, resolve_targets
+from cnnviz.trust.attribution import (
     METHODS,
     MethodsArgument,
     predict_probabilities,
@@ -21,8 +23,6 @@ from cnnviz.attribution import (
     resolve_methods,
     run_methods,
 )
-from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch, resolve_targets
 
 BASELINES = ("blur", "zero", "mean")
 RANDOM = "random"
@@ -179,7 +179,7 @@ def deletion_insertion(
         model: a built Keras classifier; not modified.
         images: (N, H, W, C) or (H, W, C).
         targets: None (each image's predicted class), an int, or N ints.
-        methods: registry names (see `cnnviz.attribution.METHODS`) or {name: function}.
+        methods: registry names (see `cnnviz.trust.attribution.METHODS`) or {name: function}.
         steps: points on each curve after the first (>= 1).
         baseline: "blur", "zero" or "mean" (see `baseline_images`).
         blur_sigma: for "blur"; None means min(H, W) / 5.

@@ -1,0 +1,144 @@
+"""Figure commands: saliency, gradcam, occlusion, feature-maps, filters, activation-max."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from cnnviz.cli._common import (
+    ImagesOption,
+    LayerOption,
+    OutOption,
+    RunArgument,
+    TargetOption,
+    command,
+    report_written,
+    run_and_folder,
+)
+
+
+class SaliencyMethod(str, Enum):
+    vanilla = "vanilla"
+    guided = "guided"
+    rectified = "rectified"
+    smoothgrad = "smoothgrad"
+    all = "all"
+
+
+@command("saliency")
+def saliency_command(
+    run: RunArgument,
+    images: ImagesOption = "0:8",
+    method: Annotated[SaliencyMethod, typer.Option(help="Gradient rule; `all` draws every one in a row.")] = SaliencyMethod.all,
+    samples: Annotated[int, typer.Option(min=1, help="SmoothGrad: noisy copies per image.")] = 20,
+    noise: Annotated[float, typer.Option(min=0.0, help="SmoothGrad: noise std as a share of the image's range.")] = 0.15,
+    target: TargetOption = None,
+    seed: Annotated[int, typer.Option(help="SmoothGrad noise seed.")] = 0,
+    out: OutOption = None,
+) -> None:
+    """Saliency maps: |d score / d pixel|, vanilla, guided, rectified (deconvnet) or SmoothGrad."""
+    from cnnviz.explain import SALIENCY_METHODS
+    from cnnviz.report import saliency_figures, select_images
+
+    loaded, folder = run_and_folder(run, out, "saliency")
+    methods = SALIENCY_METHODS if method is SaliencyMethod.all else (method.value,)
+    selection = select_images(loaded, images)
+    report_written(saliency_figures(loaded.model, selection, folder, methods=methods, target=target,
+                             samples=samples, noise=noise, seed=seed))
+
+
+@command("gradcam")
+def gradcam_command(
+    run: RunArgument,
+    images: ImagesOption = "0:8",
+    layer: LayerOption = None,
+    guided: Annotated[bool, typer.Option("--guided", help="Also draw Guided Grad-CAM.")] = False,
+    target: TargetOption = None,
+    out: OutOption = None,
+) -> None:
+    """Grad-CAM heatmaps over the input (default layer: the last conv/pool layer)."""
+    from cnnviz.explain import gradcam_layer
+    from cnnviz.report import gradcam_figures, select_images
+
+    loaded, folder = run_and_folder(run, out, "gradcam")
+    chosen = gradcam_layer(loaded.model, layer)
+    if layer is None:
+        typer.echo(f"Grad-CAM on layer {chosen} (the last layer with a spatial output)")
+    selection = select_images(loaded, images)
+    report_written(gradcam_figures(loaded.model, selection, folder, layer=chosen, guided=guided,
+                            target=target))
+
+
+@command("occlusion")
+def occlusion_command(
+    run: RunArgument,
+    images: ImagesOption = "0:8",
+    patch: Annotated[int, typer.Option(min=1, help="Side of the square patch, in pixels.")] = 4,
+    stride: Annotated[int | None, typer.Option(min=1, help="Step between patches (default: patch).")] = None,
+    fill: Annotated[float, typer.Option(help="Value the patch is filled with.")] = 0.5,
+    target: TargetOption = None,
+    out: OutOption = None,
+) -> None:
+    """Occlusion sensitivity: the class probability as a patch covers each place."""
+    from cnnviz.report import occlusion_figures, select_images
+
+    loaded, folder = run_and_folder(run, out, "occlusion")
+    selection = select_images(loaded, images)
+    report_written(occlusion_figures(loaded.model, selection, folder, patch=patch, stride=stride,
+                              fill=fill, target=target))
+
+
+@command("feature-maps")
+def feature_maps_command(
+    run: RunArgument,
+    images: ImagesOption = "0:2",
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layer(s) to show (default: every Conv2D layer).")] = None,
+    out: OutOption = None,
+) -> None:
+    """The feature maps (activations) of conv layers for chosen images."""
+    from cnnviz.report import conv_layer_names, feature_map_figures, select_images
+
+    loaded, folder = run_and_folder(run, out, "feature-maps")
+    layers = layer or conv_layer_names(loaded.model)
+    selection = select_images(loaded, images)
+    report_written(feature_map_figures(loaded.model, selection, folder, layers=layers))
+
+
+@command("filters")
+def filters_command(
+    run: RunArgument,
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="Conv layer(s) (default: all).")] = None,
+    out: OutOption = None,
+) -> None:
+    """The learned convolution kernels of each Conv2D layer."""
+    from cnnviz.report import conv_layer_names, filter_figures
+
+    loaded, folder = run_and_folder(run, out, "filters")
+    report_written(filter_figures(loaded.model, folder, layers=layer or conv_layer_names(loaded.model)))
+
+
+@command("activation-max")
+def activation_max_command(
+    run: RunArgument,
+    layer: Annotated[str | None, typer.Option("--layer", help="A conv layer: maximize its filters instead of the classes.")] = None,
+    filters: Annotated[str | None, typer.Option("--filters", help="Filter (or class) indices: 0,1,2 or 0:8.")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Gradient-ascent steps.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
+    out: OutOption = None,
+) -> None:
+    """Activation maximization: synthesize the input each class (or filter) responds to most."""
+    from cnnviz.report import activation_max_figure, class_names_of, parse_indices
+
+    loaded, folder = run_and_folder(run, out, "activation-max")
+    class_names = class_names_of(loaded, int(loaded.model.outputs[0].shape[-1]))
+    if layer is None:
+        count = len(class_names)
+    else:
+        from cnnviz.explain._common import get_layer
+
+        count = int(get_layer(loaded.model, layer).output.shape[-1])
+    indices = parse_indices(filters, count) if filters else None
+    report_written([activation_max_figure(loaded.model, folder, class_names=class_names, layer=layer,
+                                   indices=indices, steps=steps, seed=seed)])

@@ -1,0 +1,156 @@
+"""Trust commands: verify, sanity, faithfulness, shortcut."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnnviz.cli._common import (
+    ImagesOption,
+    ModelSourceArgument,
+    OutOption,
+    RunArgument,
+    SetOption,
+    command,
+    import_tensorflow,
+    load_config_file,
+    print_report,
+    run_and_folder,
+)
+from cnnviz.errors import CnnvizError
+
+
+def model_and_images(source: Path, images: str, overrides: list[str] | None):
+    """(model, images, what the images are) for a run, a .keras file or a config.
+
+    A config builds its untrained model; its images are the test split where the data is at
+    hand offline, else seeded uniform noise (the check is about arithmetic, not accuracy).
+    """
+    import numpy as np
+
+    from cnnviz.report import select_images
+    from cnnviz.runs import Run, load_run
+
+    if source.suffix in (".yaml", ".yml"):
+        resolved = load_config_file(source, overrides)
+        import_tensorflow()
+        import keras
+
+        from cnnviz.summary import model_from_config
+
+        keras.utils.set_random_seed(resolved.seed)
+        model = model_from_config(resolved)
+        try:
+            selection = select_images(Run(model, resolved, None), images)
+            return model, selection.images, f"{len(selection.images)} test images"
+        except CnnvizError as error:
+            if "download" not in str(error):
+                raise
+            shape = tuple(int(size) for size in model.inputs[0].shape[1:])
+            noise = np.random.default_rng(resolved.seed).uniform(size=(32, *shape))
+            return model, noise.astype(np.float32), "32 uniform-noise images (data not available offline)"
+    import_tensorflow()
+    run = load_run(source)
+    selection = select_images(run, images)
+    return run.model, selection.images, f"{len(selection.images)} images"
+
+
+@command("verify")
+def verify_command(
+    source: ModelSourceArgument,
+    images: ImagesOption = "0:32",
+    tolerance: Annotated[float, typer.Option(help="Largest allowed |numpy - keras| per layer.")] = 1e-4,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Write one image's forward pass out step by step.")
+    ] = False,
+    set_: SetOption = None,
+) -> None:
+    """Recompute the forward pass in plain numpy and compare it with Keras, layer by layer.
+
+    Exits 1 when a layer differs by more than --tolerance or cannot be recomputed.
+    """
+    from cnnviz.trust.reference import explain_steps, format_table, verify
+
+    model, batch, described = model_and_images(source, images, set_)
+    if explain:
+        typer.echo(explain_steps(model, batch[0]))
+        return
+    report = verify(model, batch, tolerance=tolerance)
+    typer.echo(f"{model.name}: numpy reference vs Keras on {described}")
+    typer.echo(format_table(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+class Baseline(str, Enum):
+    blur = "blur"
+    zero = "zero"
+    mean = "mean"
+
+
+@command("sanity")
+def sanity_command(
+    run: RunArgument,
+    images: ImagesOption = "0:32",
+    seed: Annotated[int, typer.Option(help="Seed of the re-initialized weights.")] = 0,
+    out: OutOption = None,
+) -> None:
+    """Sanity checks for saliency maps (Adebayo et al. 2018): model randomization, class change.
+
+    Flags a method whose maps barely change when the weights are destroyed, or when a different
+    class is explained.
+    """
+    from cnnviz.report import sanity_report, select_images
+
+    loaded, folder = run_and_folder(run, out, "sanity")
+    print_report(sanity_report(loaded.model, select_images(loaded, images), folder, seed=seed))
+
+
+@command("faithfulness")
+def faithfulness_command(
+    run: RunArgument,
+    images: ImagesOption = "0:32",
+    steps: Annotated[int, typer.Option(min=2, help="Points on each deletion/insertion curve.")] = 20,
+    baseline: Annotated[Baseline, typer.Option(help="What deleted pixels become.")] = Baseline.blur,
+    seed: Annotated[int, typer.Option(help="Seed of the random-order baseline.")] = 0,
+    out: OutOption = None,
+) -> None:
+    """Deletion and insertion scores per method against a random pixel order."""
+    from cnnviz.report import faithfulness_report, select_images
+
+    loaded, folder = run_and_folder(run, out, "faithfulness")
+    selection = select_images(loaded, images)
+    print_report(faithfulness_report(loaded.model, selection, folder, steps=steps,
+                                      baseline=baseline.value, seed=seed))
+
+
+@command("shortcut")
+def shortcut_command(
+    run: RunArgument,
+    count: Annotated[int, typer.Option(min=1, help="Training images to explain.")] = 64,
+    out: OutOption = None,
+) -> None:
+    """Does the model use the spurious cue? Attribution on the cue vs its area (shapes data)."""
+    from cnnviz.report import shortcut_files
+
+    loaded, folder = run_and_folder(run, out, "shortcut")
+    print_report(shortcut_files(loaded, folder, count=count))
+
+
+def trust_sections(run, folder: Path):
+    """Sanity, faithfulness and (for data with a spurious cue) the shortcut report."""
+    from cnnviz.report import faithfulness_report, sanity_report, select_images, shortcut_files
+
+    checks = select_images(run, "0:32")
+    reports = [("Sanity checks: model randomization (Adebayo et al. 2018)",
+                sanity_report(run.model, checks, folder / "sanity")),
+               ("Faithfulness: deletion and insertion", 
+                faithfulness_report(run.model, checks, folder / "faithfulness"))]
+    if run.config is not None and run.config.data.source == "shapes" and run.config.data.shapes.spurious:
+        reports.append(("Shortcut detector", shortcut_files(run, folder / "shortcut")))
+    for heading, report in reports:
+        typer.echo(f"\n{heading}\n{report.text}")
+    return [(heading, report.figures) for heading, report in reports]

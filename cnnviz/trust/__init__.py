@@ -1,0 +1,7 @@
+"""Checks that tell whether to believe the pictures.
+
+`reference` recomputes the forward pass in numpy (`cnnviz verify`); `sanity` and `faithfulness`
+test the explanation methods (model randomization, class sensitivity, deletion/insertion);
+`shortcut` measures reliance on a known spurious cue; `attribution` runs every method by name
+for them.
+"""
