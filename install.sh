@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs cnnviz and what it needs: Graphviz's `dot` (system package, for architecture.png)
-# and the Python package with its test tools. Safe to run again.
+# and the Python package with its test tools and the export runtimes. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v dot >/dev/null 2>&1; then
@@ -12,4 +12,4 @@ if ! command -v dot >/dev/null 2>&1; then
          "Everything but architecture.png works without it." >&2
   fi
 fi
-python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
+python3 -m pip install --quiet --disable-pip-version-check -e ".[test,export]"

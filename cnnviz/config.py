@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cnnviz.errors import ConfigError
+from cnnviz.errors import CnnvizError, ConfigError
 
 Activation = Literal[
     "relu", "leaky_relu", "tanh", "sigmoid", "elu", "selu", "swish", "gelu", "linear"
@@ -298,6 +298,23 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    expect: list[str] = Field(
+        default_factory=list,
+        description="Quality gates checked after `train`/`run`, e.g. ['test_accuracy>=0.95']; "
+        "a failed one exits 1 (see \"Use in CI\").",
+    )
+
+    @field_validator("expect")
+    @classmethod
+    def _expectations_parse(cls, value: list[str]) -> list[str]:
+        from cnnviz.gates import parse_expectation
+
+        for index, text in enumerate(value):
+            try:
+                parse_expectation(text, source=None)
+            except CnnvizError as error:  # pydantic adds the location (expect)
+                raise ValueError(f"item {index} {text!r}: {error}") from None
+        return value
 
     @field_validator("name")
     @classmethod

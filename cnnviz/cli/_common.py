@@ -7,7 +7,11 @@ here as one line each, exit code 2, no traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import math
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +29,9 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect config files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
+# Exit codes: 0 all good; 1 a quality gate failed (an --expect, verify over its tolerance,
+# an export that does not match its model); 2 bad input (nothing was judged); 130 interrupted.
+GATE_FAILED = 1
 USER_ERROR = 2
 
 # Shared option declarations (one definition, used by every command that takes them).
@@ -48,6 +55,24 @@ ImagesOption = Annotated[
 ]
 
 
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", help="Print one JSON object on stdout (metrics, expectations, files, "
+                 "timings); all human-readable text goes to stderr."),
+]
+JunitOption = Annotated[
+    Path | None,
+    typer.Option("--junit", dir_okay=False, help="Write a JUnit XML report (one test case per "
+                 "expectation and per check) to this file, for CI test views."),
+]
+ExpectOption = Annotated[
+    list[str] | None,
+    typer.Option("--expect", help="A quality gate, METRIC OP NUMBER: --expect "
+                 "'test_accuracy>=0.95' (repeatable; adds to the config's `expect:`). A failed "
+                 "one exits 1; metric names: README, \"Use in CI\"."),
+]
+
+
 def fail(message: str) -> None:
     """Print each line of `message` as `error: ...` on stderr and exit 2."""
     for line in message.splitlines():
@@ -56,22 +81,66 @@ def fail(message: str) -> None:
 
 
 def command(*args, typer_app: typer.Typer = app, **kwargs):
-    """Register a command whose `CnnvizError`s become one-line messages and exit code 2."""
+    """Register a command whose `CnnvizError`s become one-line messages and exit code 2.
+
+    A command may return a dict: its JSON result. Its "exit_code" (default 0) becomes the
+    process's. With `--json` (a `json_output` parameter) everything the command prints, Keras's
+    progress included, goes to stderr, and stdout gets that dict as one JSON object (or, for a
+    user error, {"ok": false, "exit_code": 2, "error": ...}).
+    """
+    name = args[0] if args else None
 
     def register(function):
         @functools.wraps(function)
         def wrapper(*call_args, **call_kwargs):
+            as_json = bool(call_kwargs.get("json_output"))
+            stdout = sys.stdout
             try:
-                return function(*call_args, **call_kwargs)
+                with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+                    result = function(*call_args, **call_kwargs)
             except CnnvizError as error:
+                if as_json:
+                    _print_json(stdout, {"command": name or function.__name__, "ok": False,
+                                         "exit_code": USER_ERROR, "error": str(error)})
                 fail(str(error))
             except KeyboardInterrupt:
                 typer.echo("interrupted", err=True)
                 raise typer.Exit(130) from None
+            code = int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
+            if as_json and isinstance(result, dict):
+                _print_json(stdout, {"command": name or function.__name__, "ok": code == 0,
+                                     "exit_code": code, **result})
+            if code:
+                raise typer.Exit(code)
 
         return typer_app.command(*args, **kwargs)(wrapper)
 
     return register
+
+
+def _print_json(stream, payload: dict) -> None:
+    stream.write(json.dumps(_finite(payload), default=_json_default) + "\n")
+    stream.flush()
+
+
+def _finite(value):
+    """NaN and infinities as null: strict JSON readers reject NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _json_default(value):
+    """Paths as strings, numpy scalars and arrays as numbers and lists."""
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
 def import_tensorflow() -> None:
@@ -119,3 +188,42 @@ def print_report(report) -> None:
     for figure_file in report.figures:
         typer.echo(f"wrote {figure_file.path}")
     typer.echo(f"wrote {report.data_file}")
+
+
+def expectations_for(config, expect: list[str] | None, command_name: str):
+    """The config's `expect:` plus `--expect`, every metric name checked before any work."""
+    from cnnviz.gates import check_names, parse_expectations
+
+    expectations = parse_expectations(expect, config.expect if config is not None else ())
+    check_names(expectations, command=command_name, config=config)
+    return expectations
+
+
+def judge(expectations, values: dict, *, checks=(), junit: Path | None = None,
+          properties: dict | None = None) -> dict:
+    """Check the expectations, print their table, write the JUnit report.
+
+    Returns:
+        The JSON fields: "expectations" (one entry each), "checks" (every check with its
+        verdict), "exit_code" (1 when an expectation failed) and "junit" (the file, if any).
+    """
+    from cnnviz.gates import check_expectations, format_outcomes
+
+    outcomes = check_expectations(expectations, values)
+    if outcomes:
+        typer.echo("\n" + format_outcomes(outcomes))
+    every_check = [outcome.check() for outcome in outcomes] + list(checks)
+    result = {
+        "expectations": [outcome.to_dict() for outcome in outcomes],
+        "checks": [{"suite": check.suite, "name": check.name, "passed": check.passed,
+                    "message": check.message} for check in every_check],
+        "exit_code": GATE_FAILED if any(not outcome.passed for outcome in outcomes) else 0,
+    }
+    if junit is not None:
+        from cnnviz.junit import write_junit
+
+        write_junit(junit, every_check, properties=properties)
+        failed = sum(not check.passed for check in every_check)
+        typer.echo(f"wrote {junit} ({len(every_check)} test cases, {failed} failed)")
+        result["junit"] = str(junit)
+    return result

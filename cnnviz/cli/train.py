@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -9,41 +11,95 @@ import typer
 
 from cnnviz.cli._common import (
     ConfigArgument,
+    ExpectOption,
+    JsonOption,
+    JunitOption,
     OutOption,
     SetOption,
     command,
     config_app,
+    expectations_for,
     fail,
     import_tensorflow,
+    judge,
     load_config_file,
 )
 from cnnviz.errors import CnnvizError
 
 
 @command("train")
-def train_command(config: ConfigArgument, out: OutOption = None, set_: SetOption = None) -> None:
+def train_command(
+    config: ConfigArgument,
+    out: OutOption = None,
+    set_: SetOption = None,
+    expect: ExpectOption = None,
+    junit: JunitOption = None,
+    json_output: JsonOption = False,
+) -> dict:
     """Train the model a config describes into outputs/<name>/<timestamp>.
 
     Re-running the same command after an interrupted run resumes it from its last finished epoch.
+    Exit codes: 0 done, 1 an expectation failed, 2 bad input (nothing trained).
     """
+    started = time.perf_counter()
     resolved = load_config_file(config, set_)
+    expectations = expectations_for(resolved, expect, "train")
     import_tensorflow()
+    from cnnviz.gates import needs_evaluation, training_values
     from cnnviz.train import train
 
     result = train(resolved, out or Path("outputs"))
-    print_training(result)
+    files = print_training(result)
+    payload = {"run_dir": str(result.run_dir), "metrics": result.metrics}
+    values = training_values(result.metrics)
+    timings = {"train_s": round(time.perf_counter() - started, 3)}
+    if needs_evaluation(expectations) and result.chief:
+        evaluation, evaluation_files = evaluate_run_directory(result.run_dir)
+        payload["evaluation"] = evaluation
+        files += evaluation_files
+        values |= evaluation_values(evaluation)
+        timings["evaluate_s"] = evaluation["seconds"]
+    verdicts = judge(expectations, values, junit=junit,
+                     properties={"command": "train", "config": str(config),
+                                 "run_dir": str(result.run_dir)})
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+    return {**payload, **verdicts, "files": [str(path) for path in files], "timings": timings}
 
 
-def print_training(result) -> None:
+def print_training(result) -> list[Path]:
+    """Print the training line and the files written; return those files."""
     metrics = result.metrics
     typer.echo(
         f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "
         f"{metrics['epochs']} epochs in {metrics['seconds']:.1f} s on {metrics['device']}"
     )
     if not result.chief:  # a multi-worker run's other workers write only a temporary folder
-        return
-    for name in ("config.yaml", "model.keras", "history.csv", "metrics.json", "curves.png"):
-        typer.echo(f"wrote {result.run_dir / name}")
+        return []
+    files = [result.run_dir / name for name in
+             ("config.yaml", "model.keras", "history.csv", "metrics.json", "curves.png")
+             if (result.run_dir / name).is_file()]
+    for path in files:
+        typer.echo(f"wrote {path}")
+    return files
+
+
+def evaluate_run_directory(run_dir: Path) -> tuple[dict, list[Path]]:
+    """Evaluate a run on its test split into run_dir/evaluation; (evaluation.json's dict, files)."""
+    from cnnviz.evaluate import evaluate_run
+    from cnnviz.runs import load_run
+
+    evaluation, data_file, figures = evaluate_run(load_run(run_dir), run_dir / "evaluation")
+    typer.echo("\n" + evaluation.format_table())
+    files = [data_file, *(figure.path for figure in figures)]
+    for path in files:
+        typer.echo(f"wrote {path}")
+    return evaluation.to_dict(), files
+
+
+def evaluation_values(evaluation: dict) -> dict:
+    from cnnviz.gates import evaluation_values as values
+
+    return values(evaluation)
 
 
 @config_app.command("show")
@@ -102,18 +158,29 @@ def run_command(
         str | None,
         typer.Option("--images", help="Test images to explain (default: the first of each class)."),
     ] = None,
-) -> None:
-    """Train, then write every figure for a sample of test images and an index.html of them all."""
+    expect: ExpectOption = None,
+    junit: JunitOption = None,
+    json_output: JsonOption = False,
+) -> dict:
+    """Train, then write every figure, the trust checks and the evaluation for a sample of test
+    images, and an index.html of them all.
+
+    Exit codes: 0 done, 1 an expectation failed, 2 bad input (nothing trained).
+    """
     from cnnviz.report import FigureFile, all_figures, one_per_class, select_images, write_index
     from cnnviz.runs import load_run
     from cnnviz.summary import write_summary
 
+    started = time.perf_counter()
     resolved = load_config_file(config, set_)
+    expectations = expectations_for(resolved, expect, "run")
     import_tensorflow()
+    from cnnviz.gates import training_values, trust_checks, trust_values
     from cnnviz.train import train
 
     result = train(resolved, out or Path("outputs"))
-    print_training(result)
+    files = print_training(result)
+    timings = {"train_s": round(time.perf_counter() - started, 3)}
     run = load_run(result.run_dir)
     folder = result.run_dir / "figures"
     summary = write_summary(run.model, result.run_dir)
@@ -125,14 +192,53 @@ def run_command(
                                          "Loss and accuracy per epoch, train vs validation")]
                  + ([FigureFile(summary.architecture_file, "Architecture")]
                     if summary.architecture_file else []))]
+    step = time.perf_counter()
     sections += all_figures(run, selection, folder)
-    from cnnviz.cli.trust import trust_sections
+    timings["figures_s"] = round(time.perf_counter() - step, 3)
+    from cnnviz.cli.trust import trust_reports
 
-    sections += trust_sections(run, folder)
+    step = time.perf_counter()
+    reports, seconds = trust_reports(run, folder)
+    timings["trust_s"] = round(time.perf_counter() - step, 3)
+    sections += [(heading, report.figures) for heading, report in reports.values()]
+    trust = {name: json.loads(report.data_file.read_text())
+             for name, (_, report) in reports.items()}
+    evaluation, evaluation_files = evaluate_run_directory(result.run_dir)
+    timings["evaluate_s"] = evaluation["seconds"]
+    sections.append((EVALUATION_HEADING, [
+        FigureFile(path, caption) for path, caption in evaluation_captions(evaluation,
+                                                                           evaluation_files)]))
     metrics = result.metrics
     title = (f"cnnviz run {result.run_dir.parent.name}/{result.run_dir.name}: test accuracy "
              f"{metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs")
     index = write_index(result.run_dir, title, sections)
-    count = sum(len(figures) for _, figures in sections)
-    typer.echo(f"wrote {count} figures under {folder}")
+    figure_files = [figure.path for _, figures in sections for figure in figures]
+    typer.echo(f"wrote {len(figure_files)} figures under {folder}")
     typer.echo(f"wrote {index}")
+    values = training_values(metrics) | evaluation_values(evaluation) | trust_values(**trust)
+    verdicts = judge(expectations, values, checks=trust_checks(**trust, seconds=seconds),
+                     junit=junit, properties={"command": "run", "config": str(config),
+                                              "run_dir": str(result.run_dir)})
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+    trust_numbers = {key: value for key, value in values.items()
+                     if key.split(".")[0] in ("sanity", "faithfulness", "shortcut")}
+    written = dict.fromkeys(str(path) for path in [
+        *files, summary.summary_file, *([summary.architecture_file] if summary.architecture_file
+                                        else []),
+        *figure_files, *evaluation_files, *(report.data_file for _, report in reports.values()),
+        index])
+    return {"run_dir": str(result.run_dir), "metrics": metrics, "evaluation": evaluation,
+            "trust": trust_numbers, **verdicts, "files": list(written), "timings": timings}
+
+
+EVALUATION_HEADING = "Evaluation on the test split"
+
+
+def evaluation_captions(evaluation: dict, files: list[Path]) -> list[tuple[Path, str]]:
+    """(figure, caption) for the PNGs among an evaluation's files."""
+    summary = (f"accuracy {evaluation['accuracy']:.2%}, top-{evaluation['top_k']} "
+               f"{evaluation['top_k_accuracy']:.2%}, macro F1 {evaluation['macro_f1']:.3f} "
+               f"on {evaluation['images']} images")
+    captions = {"confusion_matrix.png": f"Confusion matrix (counts, row-normalised): {summary}",
+                "mistakes.png": "The most confident mistakes (true and predicted class)"}
+    return [(path, captions[path.name]) for path in files if path.name in captions]

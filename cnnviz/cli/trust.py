@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -9,13 +11,17 @@ from typing import Annotated
 import typer
 
 from cnnviz.cli._common import (
+    GATE_FAILED,
     ImagesOption,
+    JsonOption,
+    JunitOption,
     ModelSourceArgument,
     OutOption,
     RunArgument,
     SetOption,
     command,
     import_tensorflow,
+    judge,
     load_config_file,
     print_report,
     run_and_folder,
@@ -67,22 +73,33 @@ def verify_command(
         bool, typer.Option("--explain", help="Write one image's forward pass out step by step.")
     ] = False,
     set_: SetOption = None,
-) -> None:
+    junit: JunitOption = None,
+    json_output: JsonOption = False,
+) -> dict | None:
     """Recompute the forward pass in plain numpy and compare it with Keras, layer by layer.
 
     Exits 1 when a layer differs by more than --tolerance or cannot be recomputed.
     """
+    from cnnviz.gates import verify_checks
     from cnnviz.trust.reference import explain_steps, format_table, verify
 
+    started = time.perf_counter()
     model, batch, described = model_and_images(source, images, set_)
     if explain:
         typer.echo(explain_steps(model, batch[0]))
-        return
+        return None
     report = verify(model, batch, tolerance=tolerance)
     typer.echo(f"{model.name}: numpy reference vs Keras on {described}")
     typer.echo(format_table(report))
-    if not report.ok:
-        raise typer.Exit(1)
+    checks = verify_checks(report)
+    verdicts = judge([], {}, checks=checks, junit=junit,
+                     properties={"command": "verify", "model": str(source)})
+    layers = [{"name": row.name, "type": row.class_name, "output_shape": list(row.output_shape),
+               "max_difference": row.max_difference, "ok": row.ok, "reason": row.reason}
+              for row in report.rows]
+    return {**verdicts, "exit_code": 0 if report.ok else GATE_FAILED, "images": described,
+            "tolerance": tolerance, "max_difference": report.max_difference, "layers": layers,
+            "timings": {"total_s": round(time.perf_counter() - started, 3)}}
 
 
 class Baseline(str, Enum):
@@ -97,7 +114,9 @@ def sanity_command(
     images: ImagesOption = "0:32",
     seed: Annotated[int, typer.Option(help="Seed of the re-initialized weights.")] = 0,
     out: OutOption = None,
-) -> None:
+    junit: JunitOption = None,
+    json_output: JsonOption = False,
+) -> dict:
     """Sanity checks for saliency maps (Adebayo et al. 2018): model randomization, class change.
 
     Flags a method whose maps barely change when the weights are destroyed, or when a different
@@ -105,8 +124,11 @@ def sanity_command(
     """
     from cnnviz.report import sanity_report, select_images
 
+    started = time.perf_counter()
     loaded, folder = run_and_folder(run, out, "sanity")
-    print_report(sanity_report(loaded.model, select_images(loaded, images), folder, seed=seed))
+    report = sanity_report(loaded.model, select_images(loaded, images), folder, seed=seed)
+    print_report(report)
+    return trust_result("sanity", report, junit, run, time.perf_counter() - started)
 
 
 @command("faithfulness")
@@ -117,14 +139,32 @@ def faithfulness_command(
     baseline: Annotated[Baseline, typer.Option(help="What deleted pixels become.")] = Baseline.blur,
     seed: Annotated[int, typer.Option(help="Seed of the random-order baseline.")] = 0,
     out: OutOption = None,
-) -> None:
+    junit: JunitOption = None,
+    json_output: JsonOption = False,
+) -> dict:
     """Deletion and insertion scores per method against a random pixel order."""
     from cnnviz.report import faithfulness_report, select_images
 
+    started = time.perf_counter()
     loaded, folder = run_and_folder(run, out, "faithfulness")
     selection = select_images(loaded, images)
-    print_report(faithfulness_report(loaded.model, selection, folder, steps=steps,
-                                      baseline=baseline.value, seed=seed))
+    report = faithfulness_report(loaded.model, selection, folder, steps=steps,
+                                 baseline=baseline.value, seed=seed)
+    print_report(report)
+    return trust_result("faithfulness", report, junit, run, time.perf_counter() - started)
+
+
+def trust_result(name: str, report, junit: Path | None, source: Path, seconds: float) -> dict:
+    """The JSON result of a trust command: its numbers, its checks (and JUnit file), its files."""
+    from cnnviz.gates import trust_checks, trust_values
+
+    numbers = json.loads(report.data_file.read_text())
+    verdicts = judge([], {}, checks=trust_checks(**{name: numbers}, seconds={name: seconds}),
+                     junit=junit, properties={"command": name, "run": str(source)})
+    return {**verdicts, "results": numbers, "values": trust_values(**{name: numbers}),
+            "flagged": report.flagged,
+            "files": [str(report.data_file), *(str(figure.path) for figure in report.figures)],
+            "timings": {"total_s": round(seconds, 3)}}
 
 
 @command("shortcut")
@@ -140,17 +180,26 @@ def shortcut_command(
     print_report(shortcut_files(loaded, folder, count=count))
 
 
-def trust_sections(run, folder: Path):
-    """Sanity, faithfulness and (for data with a spurious cue) the shortcut report."""
+def trust_reports(run, folder: Path):
+    """Sanity, faithfulness and (for data with a spurious cue) the shortcut report.
+
+    Returns:
+        ({"sanity" | "faithfulness" | "shortcut": (heading, Report)}, {same keys: seconds}).
+    """
     from cnnviz.report import faithfulness_report, sanity_report, select_images, shortcut_files
 
     checks = select_images(run, "0:32")
-    reports = [("Sanity checks: model randomization (Adebayo et al. 2018)",
-                sanity_report(run.model, checks, folder / "sanity")),
-               ("Faithfulness: deletion and insertion", 
-                faithfulness_report(run.model, checks, folder / "faithfulness"))]
+    jobs = {"sanity": ("Sanity checks: model randomization (Adebayo et al. 2018)",
+                       lambda: sanity_report(run.model, checks, folder / "sanity")),
+            "faithfulness": ("Faithfulness: deletion and insertion",
+                             lambda: faithfulness_report(run.model, checks, folder / "faithfulness"))}
     if run.config is not None and run.config.data.source == "shapes" and run.config.data.shapes.spurious:
-        reports.append(("Shortcut detector", shortcut_files(run, folder / "shortcut")))
-    for heading, report in reports:
+        jobs["shortcut"] = ("Shortcut detector", lambda: shortcut_files(run, folder / "shortcut"))
+    reports, seconds = {}, {}
+    for name, (heading, make) in jobs.items():
+        started = time.perf_counter()
+        report = make()
+        seconds[name] = time.perf_counter() - started
+        reports[name] = (heading, report)
         typer.echo(f"\n{heading}\n{report.text}")
-    return [(heading, report.figures) for heading, report in reports]
+    return reports, seconds

@@ -1,0 +1,127 @@
+"""Deployment commands: evaluate, predict, export."""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnnviz.cli._common import (
+    GATE_FAILED,
+    JsonOption,
+    RunArgument,
+    command,
+    import_tensorflow,
+)
+
+
+class ExportFormatChoice(str, Enum):
+    savedmodel = "savedmodel"
+    tflite = "tflite"
+    onnx = "onnx"
+
+
+@command("export")
+def export_command(
+    run: RunArgument,
+    format_: Annotated[
+        list[ExportFormatChoice],
+        typer.Option("--format", help="savedmodel (TensorFlow SavedModel folder), tflite "
+                     "(LiteRT) or onnx; repeat for several."),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="The file (or SavedModel folder) to write for one format, or "
+                     "a folder for several (default: RUN/export/)."),
+    ] = None,
+    check_images: Annotated[
+        int, typer.Option(min=0, help="Test images the exported model is checked on (0: skip).")
+    ] = 256,
+    tolerance: Annotated[
+        float, typer.Option(min=0.0, help="Largest allowed |exported - keras| output difference.")
+    ] = 1e-4,
+    json_output: JsonOption = False,
+) -> dict:
+    """Export with Keras's own model.export, then load the file with its runtime
+    (tf.saved_model, LiteRT, onnxruntime) and compare its outputs with the .keras model's.
+
+    Exit codes: 0 exported and matching, 1 an export differs by more than --tolerance, 2 bad
+    input or a missing optional package (pip install 'cnnviz[export]').
+    """
+    from cnnviz.export import FORMATS, require_packages
+
+    started = time.perf_counter()
+    formats = list(dict.fromkeys(choice.value for choice in format_))
+    for name in formats:  # before loading anything: a missing package is a one-line exit 2
+        require_packages(name)
+    import_tensorflow()
+    from cnnviz.export import (
+        check_images_for,
+        describe_input,
+        export_model,
+        export_paths,
+        input_range_of,
+        load_exported,
+        round_trip_difference,
+    )
+    from cnnviz.runs import load_run
+
+    loaded = load_run(run)
+    paths = export_paths(run, loaded.directory, formats, out)
+    images, described = check_images_for(loaded, check_images) if check_images else (None, "")
+    results = {}
+    for name, path in paths.items():
+        step = time.perf_counter()
+        export_model(loaded.model, path, name)
+        seconds = time.perf_counter() - step
+        entry = {"path": str(path), "keras_format": FORMATS[name].keras_format,
+                 "export_s": round(seconds, 3)}
+        if images is not None:
+            difference = round_trip_difference(loaded.model, load_exported(path, name), images)
+            entry |= {"checked_on": described, "max_abs_difference": difference,
+                      "matches": difference <= tolerance}
+            verdict = "matches" if difference <= tolerance else f"DIFFERS (> {tolerance:g})"
+            typer.echo(f"wrote {path} ({name}); max |{name} - keras| = {difference:.2e} on "
+                       f"{described}: {verdict}")
+        else:
+            typer.echo(f"wrote {path} ({name}); not checked (--check-images 0)")
+        results[name] = entry
+    record = {"model": str(run), "input": describe_input(loaded.model, input_range_of(loaded.model)),
+              "preprocessing": _recorded_preprocessing(loaded.directory), "tolerance": tolerance,
+              "formats": results}
+    record_file = _write_record(record, {Path(entry["path"]).parent for entry in results.values()})
+    if record_file is not None:
+        typer.echo(f"wrote {record_file}")
+    failed = any(entry.get("matches") is False for entry in results.values())
+    return {**record, "files": [entry["path"] for entry in results.values()]
+            + ([str(record_file)] if record_file else []),
+            "exit_code": GATE_FAILED if failed else 0,
+            "timings": {"total_s": round(time.perf_counter() - started, 3)}}
+
+
+def _write_record(record: dict, folders: set[Path]) -> Path | None:
+    """export.json beside the exported files (formats exported earlier stay listed)."""
+    from cnnviz.runs import atomic_write_json
+
+    if len(folders) != 1:
+        return None
+    path = next(iter(folders)) / "export.json"
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text()).get("formats", {})
+        except (ValueError, AttributeError):  # not ours, or damaged: start again
+            earlier = {}
+        record = {**record, "formats": {**earlier, **record["formats"]}}
+    return atomic_write_json(path, record)
+
+
+def _recorded_preprocessing(directory: Path | None) -> dict | None:
+    """The preprocessing metrics.json recorded for the run (None for a bare .keras file)."""
+    if directory is None or not (directory / "metrics.json").is_file():
+        return None
+    return json.loads((directory / "metrics.json").read_text()).get("preprocessing")
+

@@ -1,0 +1,281 @@
+"""Evaluation of a trained classifier on a stream of labelled batches: accuracy, top-k,
+per-class precision/recall/F1, the confusion matrix and the most confident mistakes.
+
+Everything is accumulated batch by batch (a K x K count matrix, a few running sums and the
+`mistakes` most confident wrong images), so memory stays flat however many images stream by.
+`write_evaluation` then writes evaluation.json and the two figures.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cnnviz.errors import CnnvizError
+
+# Mistakes shown in the grid: enough to see a pattern, few enough to read the captions.
+MISTAKES = 16
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """One wrongly classified image, with what the model said."""
+
+    confidence: float  # probability of the (wrong) predicted class
+    image: np.ndarray  # (H, W, C) as it entered the model
+    true_label: int
+    predicted_label: int
+    name: str  # file name or test-split index (test_0042)
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` accumulated.
+
+    Attributes:
+        class_names: (K,) names, in the model's output order.
+        confusion: (K, K) int64 counts, rows = true class, columns = predicted class.
+        top_k: the k of `top_k_correct`.
+        top_k_correct: images whose true class is among the k most probable.
+        log_loss_sum: sum over images of -log p(true class) (clipped at 1e-7).
+        mistakes: the most confident mistakes, most confident first.
+        source: what was evaluated (for titles and the JSON).
+        seconds: wall time of the pass.
+    """
+
+    class_names: list[str]
+    confusion: np.ndarray
+    top_k: int
+    top_k_correct: int = 0
+    log_loss_sum: float = 0.0
+    mistakes: list[Mistake] = field(default_factory=list)
+    source: str = ""
+    seconds: float = 0.0
+
+    @property
+    def images(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def accuracy(self) -> float:
+        return _ratio(np.trace(self.confusion), self.images)
+
+    @property
+    def top_k_accuracy(self) -> float:
+        return _ratio(self.top_k_correct, self.images)
+
+    @property
+    def support(self) -> np.ndarray:
+        return self.confusion.sum(axis=1)
+
+    @property
+    def precision(self) -> np.ndarray:
+        """Per class; NaN for a class never predicted (precision is undefined there)."""
+        return _ratios(np.diag(self.confusion), self.confusion.sum(axis=0))
+
+    @property
+    def recall(self) -> np.ndarray:
+        """Per class; NaN for a class absent from the data."""
+        return _ratios(np.diag(self.confusion), self.support)
+
+    @property
+    def f1(self) -> np.ndarray:
+        precision, recall = np.nan_to_num(self.precision), np.nan_to_num(self.recall)
+        total = precision + recall
+        f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
+        return np.where(self.support > 0, f1, np.nan)
+
+    def to_dict(self) -> dict:
+        """The numbers (no images), JSON-serializable; NaN becomes null."""
+        # Macro averages as scikit-learn computes them (zero_division=0): over the classes that
+        # occur as a true or a predicted label, an undefined value counting as 0.
+        present = (self.support > 0) | (self.confusion.sum(axis=0) > 0)
+        macro = {name: _mean(np.nan_to_num(values[present])) for name, values in
+                 (("macro_precision", self.precision), ("macro_recall", self.recall),
+                  ("macro_f1", self.f1))}
+        return {
+            "source": self.source,
+            "images": self.images,
+            "accuracy": _number(self.accuracy),
+            "top_k": self.top_k,
+            "top_k_accuracy": _number(self.top_k_accuracy),
+            **{name: _number(value) for name, value in macro.items()},
+            "log_loss": _number(self.log_loss_sum / self.images if self.images else math.nan),
+            "per_class": {
+                name: {"precision": _number(self.precision[index]),
+                       "recall": _number(self.recall[index]),
+                       "f1": _number(self.f1[index]), "support": int(self.support[index])}
+                for index, name in enumerate(self.class_names)
+            },
+            "confusion_matrix": self.confusion.tolist(),
+            "most_confident_mistakes": [
+                {"name": mistake.name, "true": self.class_names[mistake.true_label],
+                 "predicted": self.class_names[mistake.predicted_label],
+                 "confidence": _number(mistake.confidence)} for mistake in self.mistakes],
+            "seconds": round(self.seconds, 3),
+        }
+
+    def format_table(self) -> str:
+        """Accuracy lines and one row per class."""
+        width = max(len("class"), *(len(name) for name in self.class_names))
+        lines = [
+            f"Evaluation on {self.source}: {self.images} images",
+            f"accuracy {self.accuracy:.4f}, top-{self.top_k} accuracy {self.top_k_accuracy:.4f}",
+            f"{'class':<{width}}  precision  recall      f1  support",
+        ]
+        for index, name in enumerate(self.class_names):
+            lines.append(f"{name:<{width}}  {_cell(self.precision[index]):>9}  "
+                         f"{_cell(self.recall[index]):>6}  {_cell(self.f1[index]):>6}  "
+                         f"{int(self.support[index]):>7}")
+        return "\n".join(lines)
+
+
+def _ratio(numerator, denominator) -> float:
+    return float(numerator) / float(denominator) if denominator else math.nan
+
+
+def _ratios(numerators: np.ndarray, denominators: np.ndarray) -> np.ndarray:
+    numerators, denominators = numerators.astype(np.float64), denominators.astype(np.float64)
+    return np.divide(numerators, denominators, out=np.full(len(numerators), np.nan),
+                     where=denominators > 0)
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+def _number(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _cell(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
+def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str]]],
+             class_names: Sequence[str], *, top_k: int = 5, mistakes: int = MISTAKES,
+             source: str = "", progress=None) -> Evaluation:
+    """Stream labelled batches through the model and accumulate every evaluation number.
+
+    Args:
+        model: a built Keras classifier (softmax over K classes, or one sigmoid unit = 2).
+        batches: (images (B, H, W, C), labels (B,) int, names (B,) str) per batch.
+        class_names: (K,) names in output order.
+        top_k: k of the top-k accuracy (capped at K).
+        mistakes: how many of the most confident mistakes to keep (with their images).
+        source: what is evaluated, for titles.
+        progress: called with the batch size after each batch (a progress bar's advance).
+
+    Returns:
+        An `Evaluation`.
+    """
+    from cnnviz.trust.attribution import predict_probabilities
+
+    count = len(class_names)
+    if count < 2:
+        raise CnnvizError(f"evaluation needs at least two classes; received {list(class_names)}")
+    started = time.perf_counter()
+    result = Evaluation(list(class_names), np.zeros((count, count), np.int64), min(top_k, count),
+                        source=source)
+    kept: list[tuple[float, int, Mistake]] = []  # a min-heap on confidence, at most `mistakes`
+    seen = 0
+    for images, labels, names in batches:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        probabilities = predict_probabilities(model, np.asarray(images, np.float32))
+        if probabilities.shape[1] != count:
+            raise CnnvizError(f"the model has {probabilities.shape[1]} outputs but the data has "
+                              f"{count} classes ({', '.join(class_names)})")
+        bad = labels[(labels < 0) | (labels >= count)]
+        if bad.size:
+            raise CnnvizError(f"label {int(bad[0])} is not a class of the model (0..{count - 1})")
+        predicted = probabilities.argmax(axis=1)
+        np.add.at(result.confusion, (labels, predicted), 1)
+        ranked = np.argsort(-probabilities, axis=1, kind="stable")[:, :result.top_k]
+        result.top_k_correct += int((ranked == labels[:, None]).any(axis=1).sum())
+        true_probability = probabilities[np.arange(len(labels)), labels]
+        result.log_loss_sum += float(-np.log(np.clip(true_probability, 1e-7, 1.0)).sum())
+        for index in np.flatnonzero(predicted != labels):
+            confidence = float(probabilities[index, predicted[index]])
+            if len(kept) < mistakes or confidence > kept[0][0]:
+                mistake = Mistake(confidence, np.array(images[index]), int(labels[index]),
+                                  int(predicted[index]), str(names[index]))
+                entry = (confidence, -(seen + int(index)), mistake)  # earlier image wins ties
+                (heapq.heappush if len(kept) < mistakes else heapq.heapreplace)(kept, entry)
+        seen += len(labels)
+        if progress is not None:
+            progress(len(labels))
+    if seen == 0:
+        raise CnnvizError(f"nothing to evaluate: {source or 'the data'} has no images")
+    result.mistakes = [entry[2] for entry in sorted(kept, key=lambda e: (-e[0], -e[1]))]
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def array_batches(images: np.ndarray, labels: np.ndarray, names: Sequence[str],
+                  batch_size: int = 256):
+    """(images, labels, names) slices of in-memory arrays, for `evaluate`."""
+    for start in range(0, len(images), batch_size):
+        stop = start + batch_size
+        yield images[start:stop], labels[start:stop], names[start:stop]
+
+
+def write_evaluation(evaluation: Evaluation, folder: Path) -> tuple[Path, list]:
+    """evaluation.json, evaluation.txt, confusion_matrix.png and mistakes.png into `folder`.
+
+    Returns:
+        (the JSON file, the figures as `report.FigureFile`s).
+    """
+    from cnnviz.plot.evaluation import confusion_matrix_figure, mistakes_grid
+    from cnnviz.report import save_captioned
+    from cnnviz.runs import atomic_write_text
+
+    folder = Path(folder)
+    data_file = atomic_write_text(folder / "evaluation.json",
+                                  json.dumps(evaluation.to_dict(), indent=2) + "\n")
+    atomic_write_text(folder / "evaluation.txt", evaluation.format_table() + "\n")
+    title = (f"{evaluation.source}: accuracy {evaluation.accuracy:.2%} on "
+             f"{evaluation.images} images")
+    figures = [save_captioned(confusion_matrix_figure(evaluation.confusion, evaluation.class_names,
+                                                      title=f"Confusion matrix — {title}"),
+                              folder / "confusion_matrix.png")]
+    if evaluation.mistakes:
+        names = evaluation.class_names
+        figures.append(save_captioned(mistakes_grid(
+            [mistake.image for mistake in evaluation.mistakes],
+            [f"{mistake.name}\ntrue {names[mistake.true_label]}\n"
+             f"predicted {names[mistake.predicted_label]} ({mistake.confidence:.0%})"
+             for mistake in evaluation.mistakes],
+            title=f"The {len(evaluation.mistakes)} most confident mistakes — {title}"),
+            folder / "mistakes.png"))
+    return data_file, figures
+
+
+def evaluate_run(run, folder: Path, *, top_k: int = 5, batch_size: int = 256):
+    """Evaluate a run on its own test split and write the files into `folder`.
+
+    Returns:
+        (the `Evaluation`, evaluation.json's path, the figures as `report.FigureFile`s).
+    """
+    from cnnviz.report import class_names_of, progress_bar
+
+    dataset = run.dataset()
+    count = len(dataset.x_test)
+    width = len(str(max(count - 1, 0)))
+    names = [f"test_{index:0{width}d}" for index in range(count)]
+    class_names = class_names_of(run, int(run.model.outputs[0].shape[-1]))
+    with progress_bar(count, "evaluate") as bar:
+        task = bar.add_task("evaluate", total=count)
+        evaluation = evaluate(run.model, array_batches(dataset.x_test, dataset.y_test, names,
+                                                       batch_size),
+                              class_names, top_k=top_k, source="the test split",
+                              progress=lambda done: bar.advance(task, done))
+    data_file, figures = write_evaluation(evaluation, folder)
+    return evaluation, data_file, figures

@@ -1,0 +1,353 @@
+"""Quality gates for CI: expectations such as `test_accuracy>=0.95`, checked against a run's numbers.
+
+An expectation names a metric, a comparison and a number. Its metric comes from one of four
+places (the README's "Use in CI" section lists them for users):
+
+=================  ===========================================================================
+where              metric names
+=================  ===========================================================================
+metrics.json       test_accuracy, test_loss, test_<m> for each other `train.metrics` entry
+                   (test_auc, test_precision, test_recall), epochs, seconds,
+                   train_images_per_second, train_images, test_images
+evaluation         evaluation.accuracy, evaluation.top_k_accuracy, evaluation.macro_precision,
+                   evaluation.macro_recall, evaluation.macro_f1, evaluation.log_loss,
+                   evaluation.images, evaluation.precision.<class>, evaluation.recall.<class>,
+                   evaluation.f1.<class> (<class>: a class name or index)
+sanity (run)       sanity.<method>.rank_correlation, sanity.<method>.ssim (after the last
+                   randomization step), sanity.<method>.class_correlation
+faithfulness (run) faithfulness.<method>.deletion_auc, faithfulness.<method>.insertion_auc
+                   (<method> may also be `random`, the reference order)
+shortcut (run)     shortcut.cue_reliance (the largest concentration over methods: 0 = spread
+                   evenly, 1 = all on the cue), shortcut.<method>.cue_share|lift|concentration,
+                   shortcut.train_accuracy, shortcut.test_accuracy
+=================  ===========================================================================
+
+Names are checked before any training starts: a misspelt gate must not cost a training run.
+Trust results (`Check`s) are the other half of a CI report: one pass/fail line per trust
+check, written with the expectations into JUnit XML (`cnnviz.junit`).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from cnnviz.errors import CnnvizError
+
+OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
+             "==": operator.eq, "!=": operator.ne}
+_EXPECTATION = re.compile(r"^\s*(?P<metric>[^<>=!]+?)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>\S+)\s*$")
+
+# metrics.json keys that are numbers (test_<metric> keys depend on train.metrics).
+TRAINING_METRICS = ("test_accuracy", "test_loss", "epochs", "seconds", "train_images_per_second",
+                    "train_images", "test_images")
+EVALUATION_METRICS = ("accuracy", "top_k_accuracy", "macro_precision", "macro_recall", "macro_f1",
+                      "log_loss", "images")
+PER_CLASS_METRICS = ("precision", "recall", "f1")
+SANITY_METRICS = ("rank_correlation", "ssim", "class_correlation")
+FAITHFULNESS_METRICS = ("deletion_auc", "insertion_auc")
+SHORTCUT_METRICS = ("cue_reliance", "train_accuracy", "test_accuracy")
+SHORTCUT_METHOD_METRICS = ("cue_share", "lift", "concentration")
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """`metric operator threshold`, e.g. test_accuracy >= 0.95."""
+
+    metric: str
+    operator: str
+    threshold: float
+
+    @property
+    def text(self) -> str:
+        return f"{self.metric}{self.operator}{self.threshold:g}"
+
+    def holds(self, value: float) -> bool:
+        """False for NaN: a metric that could not be computed never passes a gate."""
+        return not math.isnan(value) and bool(OPERATORS[self.operator](value, self.threshold))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One pass/fail line of a CI report: an expectation or a trust check.
+
+    Attributes:
+        suite: the group it belongs to ("expectations", "sanity", "faithfulness", ...).
+        name: stable across runs (CI systems track a test's history by its name).
+        passed: whether it holds.
+        message: one line with the measured value and the verdict.
+        seconds: time spent computing it (0 when unknown).
+    """
+
+    suite: str
+    name: str
+    passed: bool
+    message: str
+    seconds: float = 0.0
+
+
+def parse_expectation(text: str, *, source: str | None = "--expect") -> Expectation:
+    """`"test_accuracy>=0.95"` -> Expectation; CnnvizError naming the text when malformed.
+
+    Args:
+        text: the expectation.
+        source: where it was given, to start the error message with ("--expect"); None for a
+            message without it (the config's validation adds the key path and the value).
+    """
+    prefix = f"{source} {text!r}: " if source else ""
+    match = _EXPECTATION.match(str(text))
+    if match is None:
+        raise CnnvizError(
+            f"{prefix}expected METRIC OP NUMBER with OP one of {', '.join(OPERATORS)} "
+            "(e.g. test_accuracy>=0.95)")
+    try:
+        threshold = float(match["value"])
+    except ValueError:
+        raise CnnvizError(f"{prefix}{match['value']!r} is not a number") from None
+    if math.isnan(threshold):
+        raise CnnvizError(f"{prefix}the threshold must be a number, not NaN")
+    return Expectation(match["metric"], match["op"], threshold)
+
+
+def parse_expectations(cli: Sequence[str] | None, config_expect: Sequence[str] = ()) -> list[Expectation]:
+    """The config's `expect:` list followed by `--expect` options, duplicates removed."""
+    parsed = [parse_expectation(text, source="expect") for text in config_expect]
+    parsed += [parse_expectation(text) for text in cli or ()]
+    return list(dict.fromkeys(parsed))
+
+
+# ---------------------------------------------------------------------------------- names
+def check_names(expectations: Iterable[Expectation], *, command: str, config=None) -> None:
+    """Raise CnnvizError (one line per unknown name) unless every metric can exist.
+
+    Args:
+        expectations: parsed expectations.
+        command: "run" (all metric families), "train" (metrics.json and evaluation) or
+            "evaluate" (evaluation only).
+        config: the run's config (its `train.metrics` and data source decide which names
+            exist); None skips those checks.
+    """
+    problems = [problem for expectation in expectations
+                if (problem := _name_problem(expectation.metric, command, config))]
+    if problems:
+        raise CnnvizError("\n".join(problems))
+
+
+def needs_evaluation(expectations: Iterable[Expectation]) -> bool:
+    return any(expectation.metric.startswith("evaluation.") for expectation in expectations)
+
+
+def _name_problem(metric: str, command: str, config) -> str | None:
+    from cnnviz.trust.attribution import METHODS
+
+    family, _, rest = metric.partition(".")
+    if not rest:
+        if command == "evaluate":
+            return (f"--expect {metric!r}: `cnnviz evaluate` computes evaluation.* metrics only "
+                    f"(e.g. evaluation.accuracy)")
+        known = _training_metrics(config)
+        if metric in known:
+            return None
+        return f"--expect: unknown metric {metric!r}; metrics.json has {', '.join(known)}" + (
+            "; evaluation results are named evaluation.<name>" if metric in EVALUATION_METRICS
+            else "")
+    if family == "evaluation":
+        head, _, class_name = rest.partition(".")
+        if (not class_name and head in EVALUATION_METRICS) or (
+                class_name and head in PER_CLASS_METRICS):
+            return None
+        return (f"--expect: unknown metric {metric!r}; evaluation has "
+                f"{', '.join('evaluation.' + name for name in EVALUATION_METRICS)}, and "
+                f"evaluation.{{{','.join(PER_CLASS_METRICS)}}}.<class>")
+    if family in ("sanity", "faithfulness", "shortcut"):
+        if command != "run":
+            return (f"--expect {metric!r}: {family} results are computed by `cnnviz run`, "
+                    f"not by `cnnviz {command}`")
+        if family == "shortcut" and config is not None and not (
+                config.data.source == "shapes" and config.data.shapes.spurious):
+            return (f"--expect {metric!r}: the shortcut report runs only on data with a "
+                    "spurious cue (data.source shapes with data.shapes.spurious set)")
+        return _trust_name_problem(metric, family, rest, METHODS)
+    return (f"--expect: unknown metric {metric!r}; names are metrics.json keys (test_accuracy, "
+            "...) or start with evaluation., sanity., faithfulness. or shortcut.")
+
+
+def _trust_name_problem(metric: str, family: str, rest: str, methods: Sequence[str]) -> str | None:
+    if family == "shortcut" and rest in SHORTCUT_METRICS:
+        return None
+    method, _, name = rest.partition(".")
+    per_method = {"sanity": SANITY_METRICS, "faithfulness": FAITHFULNESS_METRICS,
+                  "shortcut": SHORTCUT_METHOD_METRICS}[family]
+    allowed_methods = (*methods, "random") if family == "faithfulness" else tuple(methods)
+    if method in allowed_methods and name in per_method:
+        return None
+    extra = f"{family}.{{{','.join(SHORTCUT_METRICS)}}} or " if family == "shortcut" else ""
+    return (f"--expect: unknown metric {metric!r}; {family} metrics are {extra}"
+            f"{family}.<method>.{{{','.join(per_method)}}} with <method> one of "
+            f"{', '.join(allowed_methods)}")
+
+
+def _training_metrics(config) -> tuple[str, ...]:
+    extra = () if config is None else tuple(
+        f"test_{name}" for name in config.train.metrics if name != "accuracy")
+    return TRAINING_METRICS + extra
+
+
+# --------------------------------------------------------------------------------- values
+def training_values(metrics: Mapping) -> dict[str, float]:
+    """The numeric entries of metrics.json."""
+    return {key: float(value) for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def evaluation_values(evaluation: Mapping) -> dict[str, float]:
+    """evaluation.json's numbers under their gate names; per-class ones by name and by index."""
+    values = {f"evaluation.{name}": float(evaluation[name])
+              for name in EVALUATION_METRICS if name in evaluation}
+    for index, (class_name, entry) in enumerate(evaluation.get("per_class", {}).items()):
+        for name in PER_CLASS_METRICS:
+            values[f"evaluation.{name}.{class_name}"] = float(entry[name])
+            values.setdefault(f"evaluation.{name}.{index}", float(entry[name]))
+    return values
+
+
+def trust_values(sanity: Mapping | None = None, faithfulness: Mapping | None = None,
+                 shortcut: Mapping | None = None) -> dict[str, float]:
+    """Gate values from the trust reports' JSON (sanity.json, faithfulness.json, shortcut.json)."""
+    values: dict[str, float] = {}
+    if sanity:
+        for method, entry in sanity["model_randomization"]["methods"].items():
+            values[f"sanity.{method}.rank_correlation"] = float(entry["rank_correlation"][-1])
+            values[f"sanity.{method}.ssim"] = float(entry["ssim"][-1])
+        for method, entry in sanity.get("class_sensitivity", {}).get("methods", {}).items():
+            values[f"sanity.{method}.class_correlation"] = float(entry["rank_correlation"])
+    if faithfulness:
+        for method, entry in faithfulness["methods"].items():
+            for name in FAITHFULNESS_METRICS:
+                values[f"faithfulness.{method}.{name}"] = float(entry[name])
+    if shortcut:
+        for name in ("train_accuracy", "test_accuracy"):
+            values[f"shortcut.{name}"] = float(shortcut[name])
+        for method, entry in shortcut["methods"].items():
+            for name in SHORTCUT_METHOD_METRICS:
+                values[f"shortcut.{method}.{name}"] = float(entry[name])
+        values["shortcut.cue_reliance"] = max(
+            float(entry["concentration"]) for entry in shortcut["methods"].values())
+    return values
+
+
+# ------------------------------------------------------------------------------- checking
+@dataclass(frozen=True)
+class Outcome:
+    """An expectation with the value it met."""
+
+    expectation: Expectation
+    value: float
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return {"expectation": self.expectation.text, "metric": self.expectation.metric,
+                "operator": self.expectation.operator, "threshold": self.expectation.threshold,
+                "value": None if math.isnan(self.value) else self.value, "passed": self.passed}
+
+    def check(self) -> Check:
+        verdict = "holds" if self.passed else "FAILS"
+        return Check("expectations", self.expectation.text, self.passed,
+                     f"{self.expectation.metric} = {self.value:.6g}; expected "
+                     f"{self.expectation.operator} {self.expectation.threshold:g}: {verdict}")
+
+
+def check_expectations(expectations: Sequence[Expectation],
+                       values: Mapping[str, float]) -> list[Outcome]:
+    """Each expectation against `values`; CnnvizError for a metric the run did not produce."""
+    missing = [expectation.metric for expectation in expectations
+               if expectation.metric not in values]
+    if missing:
+        per_class = sorted({key.rsplit(".", 1)[0] + ".<class>" for key in values
+                            if key.count(".") == 2 and key.startswith("evaluation.")})
+        hint = (f" (classes: {', '.join(_class_names(values))})" if per_class else "")
+        raise CnnvizError(f"--expect: this run has no metric {', '.join(map(repr, missing))}{hint}")
+    return [Outcome(expectation, values[expectation.metric],
+                    expectation.holds(values[expectation.metric])) for expectation in expectations]
+
+
+def _class_names(values: Mapping[str, float]) -> list[str]:
+    prefix = "evaluation.f1."
+    return [key[len(prefix):] for key in values if key.startswith(prefix)]
+
+
+def format_outcomes(outcomes: Sequence[Outcome]) -> str:
+    """An aligned table: every expectation, its value and PASS/FAIL, with a verdict line."""
+    if not outcomes:
+        return ""
+    rows = [(outcome.expectation.text, f"{outcome.value:.4g}", "PASS" if outcome.passed else "FAIL")
+            for outcome in outcomes]
+    header = ("expectation", "value", "result")
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(3)]
+    lines = ["  ".join([row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2]])
+             for row in [header, *rows]]
+    failed = sum(not outcome.passed for outcome in outcomes)
+    verdict = (f"all {len(outcomes)} expectations hold" if not failed
+               else f"{failed} of {len(outcomes)} expectations FAILED")
+    return "\n".join([*lines, verdict])
+
+
+# --------------------------------------------------------------------------- trust checks
+def trust_checks(sanity: Mapping | None = None, faithfulness: Mapping | None = None,
+                 shortcut: Mapping | None = None, *, seconds: Mapping[str, float] | None = None
+                 ) -> list[Check]:
+    """One Check per trust verdict in the reports' JSON: per method and test, and the shortcut."""
+    seconds = seconds or {}
+    checks: list[Check] = []
+    if sanity:
+        randomization = sanity["model_randomization"]
+        methods = randomization["methods"]
+        share = seconds.get("sanity", 0.0) / max(1, 2 * len(methods))
+        for method, entry in methods.items():
+            final = entry["rank_correlation"][-1]
+            checks.append(Check(
+                "sanity", f"model randomization: {method}", not entry["insensitive"],
+                f"rank correlation with the trained map after the last step {final:.3f} "
+                f"(insensitive above {randomization['threshold']:g})", share))
+        classes = sanity.get("class_sensitivity", {})
+        for method, entry in classes.get("methods", {}).items():
+            checks.append(Check(
+                "sanity", f"class sensitivity: {method}", not entry["class_insensitive"],
+                f"rank correlation of the top-1 and top-2 class maps {entry['rank_correlation']:.3f}"
+                f" (class-insensitive above {classes['threshold']:g})", share))
+    if faithfulness:
+        methods = faithfulness["methods"]
+        reference = methods.get("random")
+        share = seconds.get("faithfulness", 0.0) / max(1, len(methods) - 1)
+        for method, entry in methods.items():
+            if method == "random":
+                continue
+            worse = entry.get("no_better_than_random", [])
+            against = (f" (random: {reference['deletion_auc']:.3f}, "
+                       f"{reference['insertion_auc']:.3f})" if reference else "")
+            checks.append(Check(
+                "faithfulness", f"better than random: {method}", not worse,
+                f"deletion AUC {entry['deletion_auc']:.3f}, insertion AUC "
+                f"{entry['insertion_auc']:.3f}{against}"
+                + (f"; no better than random on {' and '.join(worse)}" if worse else ""), share))
+    if shortcut:
+        checks.append(Check("shortcut", "does not rely on the spurious cue",
+                            not shortcut["relies_on_cue"], shortcut["verdict"],
+                            seconds.get("shortcut", 0.0)))
+    return checks
+
+
+def verify_checks(report) -> list[Check]:
+    """One Check per layer of a `cnnviz.trust.reference.VerifyReport`."""
+    checks = []
+    for row in report.rows:
+        if row.reason:
+            message = f"cannot be recomputed: {row.reason}"
+        else:
+            message = (f"max |numpy - keras| = {row.max_difference:.3e} "
+                       f"(tolerance {report.tolerance:.0e})")
+        checks.append(Check("verify", f"{row.name} ({row.class_name})", bool(row.ok), message))
+    return checks
