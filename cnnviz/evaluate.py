@@ -92,14 +92,18 @@ class Evaluation:
         f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
         return np.where(self.support > 0, f1, np.nan)
 
+    def macro(self) -> dict[str, float]:
+        """macro_precision, macro_recall, macro_f1 as scikit-learn computes them
+        (zero_division=0): over the classes that occur as a true or a predicted label, an
+        undefined value counting as 0."""
+        present = (self.support > 0) | (self.confusion.sum(axis=0) > 0)
+        return {name: _mean(np.nan_to_num(values[present])) for name, values in
+                (("macro_precision", self.precision), ("macro_recall", self.recall),
+                 ("macro_f1", self.f1))}
+
     def to_dict(self) -> dict:
         """The numbers (no images), JSON-serializable; NaN becomes null."""
-        # Macro averages as scikit-learn computes them (zero_division=0): over the classes that
-        # occur as a true or a predicted label, an undefined value counting as 0.
-        present = (self.support > 0) | (self.confusion.sum(axis=0) > 0)
-        macro = {name: _mean(np.nan_to_num(values[present])) for name, values in
-                 (("macro_precision", self.precision), ("macro_recall", self.recall),
-                  ("macro_f1", self.f1))}
+        macro = self.macro()
         return {
             "source": self.source,
             "images": self.images,
@@ -241,8 +245,9 @@ def write_evaluation(evaluation: Evaluation, folder: Path) -> tuple[Path, list]:
     data_file = atomic_write_text(folder / "evaluation.json",
                                   json.dumps(evaluation.to_dict(), indent=2) + "\n")
     atomic_write_text(folder / "evaluation.txt", evaluation.format_table() + "\n")
-    title = (f"{evaluation.source}: accuracy {evaluation.accuracy:.2%} on "
-             f"{evaluation.images} images")
+    title = (f"{evaluation.source}, {evaluation.images} images: accuracy "
+             f"{evaluation.accuracy:.2%}, top-{evaluation.top_k} {evaluation.top_k_accuracy:.2%}, "
+             f"macro F1 {_cell(evaluation.macro()['macro_f1'])}")
     figures = [save_captioned(confusion_matrix_figure(evaluation.confusion, evaluation.class_names,
                                                       title=f"Confusion matrix — {title}"),
                               folder / "confusion_matrix.png")]
@@ -258,24 +263,58 @@ def write_evaluation(evaluation: Evaluation, folder: Path) -> tuple[Path, list]:
     return data_file, figures
 
 
-def evaluate_run(run, folder: Path, *, top_k: int = 5, batch_size: int = 256):
-    """Evaluate a run on its own test split and write the files into `folder`.
+def evaluation_folder(run, source: Path, data: Path | None) -> Path:
+    """Default folder: RUN/evaluation (test split) or RUN/evaluation/<data name>; beside a bare
+    .keras file: <stem>_evaluation/<data name>."""
+    base = (run.directory / "evaluation" if run.directory is not None
+            else source.parent / f"{source.stem}_evaluation")
+    return base if data is None else base / Path(data).stem
+
+
+def evaluate_data(run, folder: Path, *, data: Path | None = None, top_k: int = 5,
+                  batch_size: int = 256):
+    """Evaluate a run on its own test split, or on `data` (a config's test split), and write
+    the files into `folder`.
 
     Returns:
         (the `Evaluation`, evaluation.json's path, the figures as `report.FigureFile`s).
     """
     from cnnviz.report import class_names_of, progress_bar
 
-    dataset = run.dataset()
-    count = len(dataset.x_test)
+    class_names = class_names_of(run, int(run.model.outputs[0].shape[-1]))
+    if data is None:
+        if run.config is None:
+            raise CnnvizError("a bare .keras file has no test split; give --data CONFIG_OR_DIR")
+        dataset, source = run.dataset(), "the test split"
+    elif Path(data).suffix in (".yaml", ".yml"):
+        from cnnviz.config import load_config
+        from cnnviz.data import load_dataset
+
+        dataset, source = load_dataset(load_config(data)), f"the test split of {data}"
+    else:
+        raise CnnvizError(f"--data {data}: give a config file (.yaml)")
+    labels = _labels_in(dataset.y_test, dataset.class_names, class_names, str(data or "the run"))
+    count = len(labels)
     width = len(str(max(count - 1, 0)))
     names = [f"test_{index:0{width}d}" for index in range(count)]
-    class_names = class_names_of(run, int(run.model.outputs[0].shape[-1]))
     with progress_bar(count, "evaluate") as bar:
         task = bar.add_task("evaluate", total=count)
-        evaluation = evaluate(run.model, array_batches(dataset.x_test, dataset.y_test, names,
-                                                       batch_size),
-                              class_names, top_k=top_k, source="the test split",
+        evaluation = evaluate(run.model, array_batches(dataset.x_test, labels, names, batch_size),
+                              class_names, top_k=top_k, source=source,
                               progress=lambda done: bar.advance(task, done))
     data_file, figures = write_evaluation(evaluation, folder)
     return evaluation, data_file, figures
+
+
+def _labels_in(labels: np.ndarray, data_classes: Sequence[str], model_classes: Sequence[str],
+               where: str) -> np.ndarray:
+    """The data's labels as indices of the model's classes, matched by class name."""
+    if list(data_classes) == list(model_classes):
+        return labels
+    unknown = [name for name in data_classes if name not in model_classes]
+    if unknown:
+        raise CnnvizError(
+            f"{where}: classes {', '.join(map(repr, unknown))} are not classes of the model "
+            f"({', '.join(model_classes)})")
+    mapping = np.array([list(model_classes).index(name) for name in data_classes], np.int64)
+    return mapping[labels]

@@ -81,6 +81,7 @@ def export_model(model, path: str | Path, format_name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
     written = staging / path.name
+    _call_once(model)
     try:
         with _quiet_stderr():  # the converters log pages of C++ and absl lines
             model.export(str(written), format=FORMATS[format_name].keras_format, verbose=False)
@@ -94,6 +95,15 @@ def export_model(model, path: str | Path, format_name: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _call_once(model) -> None:
+    """Keras's ONNX export refuses a model never called (e.g. one just loaded from .keras)."""
+    if getattr(model, "_called", True):
+        return
+    shapes = [[1 if size is None else int(size) for size in tensor.shape] for tensor in model.inputs]
+    model([np.zeros(shape, np.float32) for shape in shapes] if len(shapes) > 1
+          else np.zeros(shapes[0], np.float32), training=False)
 
 
 def _replace(source: Path, target: Path) -> None:

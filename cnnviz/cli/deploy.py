@@ -12,11 +12,67 @@ import typer
 
 from cnnviz.cli._common import (
     GATE_FAILED,
+    ExpectOption,
     JsonOption,
+    JunitOption,
+    OutOption,
     RunArgument,
     command,
+    expectations_for,
     import_tensorflow,
+    judge,
 )
+from cnnviz.cli.train import EVALUATION_HEADING
+
+
+@command("evaluate")
+def evaluate_command(
+    run: RunArgument,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Evaluate on this config's test split, or on a folder of "
+                     "class sub-folders, instead of the run's own test split."),
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="k of the top-k accuracy.")] = 5,
+    out: OutOption = None,
+    expect: ExpectOption = None,
+    junit: JunitOption = None,
+    json_output: JsonOption = False,
+) -> dict:
+    """Accuracy, top-k, per-class precision/recall/F1, the confusion matrix and the most confident
+    mistakes; writes evaluation.json and adds a section to the run's index.html.
+
+    Streams the data through the same tf.data input as training. Exit codes: 0 done, 1 an
+    --expect failed, 2 bad input.
+    """
+    started = time.perf_counter()
+    expectations = expectations_for(None, expect, "evaluate")
+    import_tensorflow()
+    from cnnviz.evaluate import evaluate_data, evaluation_folder
+    from cnnviz.report import add_index_section
+    from cnnviz.runs import load_run
+
+    loaded = load_run(run)
+    folder = out or evaluation_folder(loaded, run, data)
+    evaluation, data_file, figures = evaluate_data(loaded, folder, data=data, top_k=top_k)
+    typer.echo(evaluation.format_table())
+    for path in [data_file, *(figure.path for figure in figures)]:
+        typer.echo(f"wrote {path}")
+    results = evaluation.to_dict()
+    files = [str(data_file), *(str(figure.path) for figure in figures)]
+    if loaded.directory is not None and out is None:
+        heading = EVALUATION_HEADING if data is None else f"Evaluation on {data}"
+        index = add_index_section(loaded.directory, heading, figures)
+        typer.echo(f"wrote {index}")
+        files.append(str(index))
+    from cnnviz.gates import evaluation_values
+
+    verdicts = judge(expectations, evaluation_values(results), junit=junit,
+                     properties={"command": "evaluate", "run": str(run),
+                                 "data": str(data or "test split")})
+    return {"run": str(run), "evaluation": results, **verdicts, "files": files,
+            "timings": {"evaluate_s": results["seconds"],
+                        "total_s": round(time.perf_counter() - started, 3)}}
 
 
 class ExportFormatChoice(str, Enum):

@@ -54,7 +54,7 @@ def train_command(
     values = training_values(result.metrics)
     timings = {"train_s": round(time.perf_counter() - started, 3)}
     if needs_evaluation(expectations) and result.chief:
-        evaluation, evaluation_files = evaluate_run_directory(result.run_dir)
+        evaluation, _, evaluation_files = evaluate_run_directory(result.run_dir)
         payload["evaluation"] = evaluation
         files += evaluation_files
         values |= evaluation_values(evaluation)
@@ -83,17 +83,21 @@ def print_training(result) -> list[Path]:
     return files
 
 
-def evaluate_run_directory(run_dir: Path) -> tuple[dict, list[Path]]:
-    """Evaluate a run on its test split into run_dir/evaluation; (evaluation.json's dict, files)."""
-    from cnnviz.evaluate import evaluate_run
+def evaluate_run_directory(run_dir: Path) -> tuple[dict, list, list[Path]]:
+    """Evaluate a run on its test split into run_dir/evaluation.
+
+    Returns:
+        (evaluation.json's dict, the figures as FigureFiles, every file written).
+    """
+    from cnnviz.evaluate import evaluate_data
     from cnnviz.runs import load_run
 
-    evaluation, data_file, figures = evaluate_run(load_run(run_dir), run_dir / "evaluation")
+    evaluation, data_file, figures = evaluate_data(load_run(run_dir), run_dir / "evaluation")
     typer.echo("\n" + evaluation.format_table())
     files = [data_file, *(figure.path for figure in figures)]
     for path in files:
         typer.echo(f"wrote {path}")
-    return evaluation.to_dict(), files
+    return evaluation.to_dict(), figures, files
 
 
 def evaluation_values(evaluation: dict) -> dict:
@@ -203,11 +207,9 @@ def run_command(
     sections += [(heading, report.figures) for heading, report in reports.values()]
     trust = {name: json.loads(report.data_file.read_text())
              for name, (_, report) in reports.items()}
-    evaluation, evaluation_files = evaluate_run_directory(result.run_dir)
+    evaluation, evaluation_figures, evaluation_files = evaluate_run_directory(result.run_dir)
     timings["evaluate_s"] = evaluation["seconds"]
-    sections.append((EVALUATION_HEADING, [
-        FigureFile(path, caption) for path, caption in evaluation_captions(evaluation,
-                                                                           evaluation_files)]))
+    sections.append((EVALUATION_HEADING, evaluation_figures))
     metrics = result.metrics
     title = (f"cnnviz run {result.run_dir.parent.name}/{result.run_dir.name}: test accuracy "
              f"{metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs")
@@ -232,13 +234,3 @@ def run_command(
 
 
 EVALUATION_HEADING = "Evaluation on the test split"
-
-
-def evaluation_captions(evaluation: dict, files: list[Path]) -> list[tuple[Path, str]]:
-    """(figure, caption) for the PNGs among an evaluation's files."""
-    summary = (f"accuracy {evaluation['accuracy']:.2%}, top-{evaluation['top_k']} "
-               f"{evaluation['top_k_accuracy']:.2%}, macro F1 {evaluation['macro_f1']:.3f} "
-               f"on {evaluation['images']} images")
-    captions = {"confusion_matrix.png": f"Confusion matrix (counts, row-normalised): {summary}",
-                "mistakes.png": "The most confident mistakes (true and predicted class)"}
-    return [(path, captions[path.name]) for path in files if path.name in captions]

@@ -1,0 +1,182 @@
+"""CI use from the command line: --expect exit codes, --json on stdout, --junit files, evaluate."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+from typer.testing import CliRunner
+
+from cnnviz.cli import app
+
+ROOT = Path(__file__).parent.parent
+runner = CliRunner()
+# digits at its native 8x8, one epoch: seconds of training.
+QUICK = ["--set", "data.image_size=null", "--set", "train.epochs=1"]
+
+
+def _cnnviz(*args, cwd=None):
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "cnnviz.cli", *map(str, args)], check=False,
+                          capture_output=True, text=True, env=environment, cwd=cwd, timeout=600)
+
+
+def _junit(path: Path) -> dict:
+    """{suite name: {test case name: passed}} of a JUnit file, its counts checked on the way."""
+    root = ElementTree.parse(path).getroot()
+    assert root.tag == "testsuites"
+    suites = {}
+    for suite in root.findall("testsuite"):
+        cases = suite.findall("testcase")
+        assert int(suite.get("tests")) == len(cases)
+        assert int(suite.get("failures")) == sum(case.find("failure") is not None
+                                                 for case in cases)
+        suites[suite.get("name")] = {case.get("name"): case.find("failure") is None
+                                     for case in cases}
+    assert int(root.get("tests")) == sum(len(cases) for cases in suites.values())
+    return suites
+
+
+@pytest.mark.parametrize(("expect", "message"), [
+    ("test_acuracy>=0.9", "unknown metric 'test_acuracy'"),
+    ("sanity.gradcam.rank_correlation<=0.3", "computed by `cnnviz run`, not by `cnnviz train`"),
+    ("test_accuracy=>0.9", "expected METRIC OP NUMBER"),
+])
+def test_an_unknown_or_malformed_gate_exits_2_before_training(tmp_path, expect, message):
+    result = runner.invoke(app, ["train", str(ROOT / "configs" / "digits.yaml"), "--out",
+                                 str(tmp_path), "--expect", expect], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+        line for line in result.output.splitlines() if line.strip()]
+    assert message in result.output
+    assert not any(tmp_path.iterdir()), "nothing was trained"
+
+
+def test_a_user_error_with_json_is_a_json_object_too(tmp_path):
+    result = runner.invoke(app, ["train", str(ROOT / "configs" / "digits.yaml"), "--out",
+                                 str(tmp_path), "--expect", "nope>1", "--json"])
+    assert result.exit_code == 2
+    payload = json.loads(result.stdout)
+    assert payload["ok"] is False and payload["exit_code"] == 2
+    assert "unknown metric 'nope'" in payload["error"]
+    assert "error: --expect: unknown metric 'nope'" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_gates_json_and_junit_in_a_real_process(tmp_path):
+    config = tmp_path / "gated.yaml"
+    config.write_text((ROOT / "configs" / "digits.yaml").read_text()
+                      + "expect: ['epochs==1']\n")
+    junit = tmp_path / "reports" / "junit.xml"
+    result = _cnnviz("train", config, *QUICK, "--out", tmp_path / "runs", "--json",
+                     "--junit", junit, "--expect", "test_accuracy>=0.1",
+                     "--expect", "test_loss<0.0001", "--expect", "evaluation.macro_f1>0")
+    assert result.returncode == 1, result.stderr  # test_loss<0.0001 cannot hold after one epoch
+    payload = json.loads(result.stdout)  # the whole of stdout is one JSON object
+    assert payload["ok"] is False and payload["exit_code"] == 1
+    assert [(e["expectation"], e["passed"]) for e in payload["expectations"]] == [
+        ("epochs==1", True), ("test_accuracy>=0.1", True), ("test_loss<0.0001", False),
+        ("evaluation.macro_f1>0", True)]
+    run_dir = Path(payload["run_dir"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert payload["metrics"]["test_accuracy"] == metrics["test_accuracy"]
+    assert payload["expectations"][1]["value"] == metrics["test_accuracy"]
+    assert payload["evaluation"]["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert str(run_dir / "model.keras") in payload["files"]
+    assert all(Path(path).is_file() for path in payload["files"])
+    assert payload["timings"]["total_s"] >= payload["timings"]["train_s"] > 0
+    # Human text, Keras's progress bar included, went to stderr.
+    assert "test_loss<0.0001" in result.stderr and "FAIL" in result.stderr
+    assert "val_loss:" in result.stderr and "test accuracy" in result.stderr
+    assert _junit(junit) == {"cnnviz.expectations": {
+        "epochs==1": True, "test_accuracy>=0.1": True, "test_loss<0.0001": False,
+        "evaluation.macro_f1>0": True}}
+
+
+@pytest.mark.slow
+def test_passing_gates_exit_0_and_print_a_table(tmp_path):
+    result = _cnnviz("train", ROOT / "configs" / "digits.yaml", *QUICK, "--out", tmp_path,
+                     "--expect", "test_accuracy>=0.1")
+    assert result.returncode == 0, result.stderr
+    table = result.stdout[result.stdout.index("expectation"):]
+    assert "test_accuracy>=0.1" in table and "PASS" in table
+    assert "all 1 expectations hold" in table
+
+
+def test_evaluate_json_files_and_index_section(digits_run, tmp_path):
+    result = runner.invoke(app, ["evaluate", str(digits_run), "--json", "--junit",
+                                 str(tmp_path / "j.xml"), "--expect", "evaluation.accuracy>=0.5",
+                                 "--expect", "evaluation.recall.3>1.5", "--top-k", "3"],
+                           catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    payload = json.loads(result.stdout)
+    evaluation = payload["evaluation"]
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    assert evaluation["images"] == metrics["test_images"]
+    assert evaluation["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert evaluation["log_loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
+    assert evaluation["top_k"] == 3 and evaluation["top_k_accuracy"] >= evaluation["accuracy"]
+    assert sum(entry["support"] for entry in evaluation["per_class"].values()) == evaluation["images"]
+    saved = json.loads((digits_run / "evaluation" / "evaluation.json").read_text())
+    assert saved["confusion_matrix"] == evaluation["confusion_matrix"]
+    assert [e["passed"] for e in payload["expectations"]] == [True, False]
+    assert _junit(tmp_path / "j.xml") == {"cnnviz.expectations": {
+        "evaluation.accuracy>=0.5": True, "evaluation.recall.3>1.5": False}}
+    page = (digits_run / "index.html").read_text()
+    assert "Evaluation on the test split" in page and "evaluation/confusion_matrix.png" in page
+
+
+def test_evaluate_on_a_config_maps_its_classes_by_name(digits_run, tmp_path):
+    result = runner.invoke(app, ["evaluate", str(digits_run), "--data",
+                                 str(ROOT / "configs" / "digits.yaml"), "--out", str(tmp_path),
+                                 "--json"], catch_exceptions=False)
+    assert result.exit_code == 2, "digits.yaml is 28x28; the run was trained at 8x8"
+    assert "images have shape" in json.loads(result.stdout)["error"]
+
+
+def test_verify_json_and_junit_one_case_per_layer(digits_run, tmp_path):
+    result = runner.invoke(app, ["verify", str(digits_run), "--images", "0:8", "--json",
+                                 "--junit", str(tmp_path / "verify.xml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    names = [layer["name"] for layer in payload["layers"]]
+    assert "conv1" in names and "preds" in names
+    assert all(layer["ok"] for layer in payload["layers"])
+    assert payload["max_difference"] < 1e-4
+    cases = _junit(tmp_path / "verify.xml")["cnnviz.verify"]
+    assert len(cases) == len(names) and all(cases.values())
+
+
+@pytest.mark.slow
+def test_run_reports_expectations_and_every_trust_check(tmp_path):
+    from cnnviz.trust.attribution import METHODS
+
+    junit = tmp_path / "junit.xml"
+    result = _cnnviz("run", ROOT / "configs" / "digits.yaml", *QUICK, "--images", "0",
+                     "--out", tmp_path, "--json", "--junit", junit,
+                     "--expect", "test_accuracy>=0", "--expect", "evaluation.accuracy>=0",
+                     "--expect", "sanity.gradcam.rank_correlation<=1",
+                     "--expect", "faithfulness.gradcam.deletion_auc<=1")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert all(outcome["passed"] for outcome in payload["expectations"])
+    suites = _junit(junit)
+    assert list(suites) == ["cnnviz.expectations", "cnnviz.sanity", "cnnviz.faithfulness"]
+    assert len(suites["cnnviz.expectations"]) == 4
+    assert len(suites["cnnviz.sanity"]) == 2 * len(METHODS)  # randomization + class change
+    assert len(suites["cnnviz.faithfulness"]) == len(METHODS)
+    # The JUnit verdicts are the reports' own.
+    run_dir = Path(payload["run_dir"])
+    sanity = json.loads((run_dir / "figures" / "sanity" / "sanity.json").read_text())
+    for method, entry in sanity["model_randomization"]["methods"].items():
+        assert suites["cnnviz.sanity"][f"model randomization: {method}"] is not entry["insensitive"]
+    assert payload["trust"]["sanity.gradcam.rank_correlation"] == pytest.approx(
+        sanity["model_randomization"]["methods"]["gradcam"]["rank_correlation"][-1])
+    for key in ("train_s", "figures_s", "trust_s", "evaluate_s", "total_s"):
+        assert payload["timings"][key] >= 0
+    assert (run_dir / "evaluation" / "confusion_matrix.png").is_file()
+    assert "Evaluation on the test split" in (run_dir / "index.html").read_text()
+    assert str(run_dir / "index.html") in payload["files"]
