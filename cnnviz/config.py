@@ -98,6 +98,10 @@ class DataConfig(_Strict):
     limit: PositiveInt | None = Field(
         None, description="Use at most this many training images (quick runs)."
     )
+    test_limit: PositiveInt | None = Field(
+        None, description="Use at most this many test images, a stratified seeded subset "
+        "(quick runs; `--smoke` sets 256)."
+    )
     shapes: ShapesOptions = Field(default_factory=ShapesOptions)
     images: list[Any] | None = Field(
         None, description="inline source: a list of images, each [H][W] or [H][W][C] numbers."

@@ -205,13 +205,18 @@ def training_values(metrics: Mapping) -> dict[str, float]:
 
 def evaluation_values(evaluation: Mapping) -> dict[str, float]:
     """evaluation.json's numbers under their gate names; per-class ones by name and by index."""
-    values = {f"evaluation.{name}": float(evaluation[name])
+    values = {f"evaluation.{name}": _float(evaluation[name])
               for name in EVALUATION_METRICS if name in evaluation}
     for index, (class_name, entry) in enumerate(evaluation.get("per_class", {}).items()):
         for name in PER_CLASS_METRICS:
-            values[f"evaluation.{name}.{class_name}"] = float(entry[name])
-            values.setdefault(f"evaluation.{name}.{index}", float(entry[name]))
+            values[f"evaluation.{name}.{class_name}"] = _float(entry[name])
+            values.setdefault(f"evaluation.{name}.{index}", _float(entry[name]))
     return values
+
+
+def _float(value) -> float:
+    """JSON's null (a value that is undefined, e.g. the recall of an absent class) as NaN."""
+    return math.nan if value is None else float(value)
 
 
 def trust_values(sanity: Mapping | None = None, faithfulness: Mapping | None = None,

@@ -160,10 +160,12 @@ def test_evaluation_values_by_class_name_and_index():
     values = evaluation_values({"accuracy": 0.9, "top_k_accuracy": 1.0, "macro_f1": 0.8,
                                 "images": 10, "per_class": {
                                     "cat": {"precision": 1.0, "recall": 0.5, "f1": 2 / 3},
-                                    "dog": {"precision": 0.5, "recall": 1.0, "f1": 2 / 3}}})
+                                    "dog": {"precision": 0.5, "recall": 1.0, "f1": 2 / 3},
+                                    "cow": {"precision": 0.0, "recall": None, "f1": None}}})
     assert values["evaluation.recall.cat"] == values["evaluation.recall.0"] == 0.5
     assert values["evaluation.precision.dog"] == values["evaluation.precision.1"] == 0.5
     assert values["evaluation.images"] == 10
+    assert math.isnan(values["evaluation.recall.cow"]), "undefined (no cow in the data): NaN"
 
 
 def test_outcomes_table_and_a_metric_the_run_lacks():

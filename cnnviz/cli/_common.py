@@ -149,10 +149,35 @@ def import_tensorflow() -> None:
     import_tensorflow_quietly()
 
 
-def load_config_file(path: Path, overrides: list[str] | None):
+def load_config_file(path: Path, overrides: list[str] | None, *, smoke: bool = False):
+    """Load and validate a config with its --set overrides (after the --smoke preset's)."""
     from cnnviz.config import load_config
 
-    return load_config(path, overrides or [])
+    config = load_config(path, overrides or [])
+    if not smoke:
+        return config
+    return load_config(path, smoke_overrides(config) + list(overrides or []))
+
+
+# The --smoke preset (README, "Use in CI"): sizes a CI step can afford on 2 CPU cores.
+SMOKE_TRAIN_IMAGES = 512
+SMOKE_TEST_IMAGES = 256
+SMOKE_FIGURE_IMAGES = 2
+SMOKE_TRUST_IMAGES = 8
+SMOKE_ACTIVATION_MAX_STEPS = 64
+SmokeOption = Annotated[
+    bool,
+    typer.Option("--smoke", help=f"CI preset: a stratified subset ({SMOKE_TRAIN_IMAGES} training, "
+                 f"{SMOKE_TEST_IMAGES} test images; change with --set data.limit=N --set "
+                 "data.test_limit=N), one epoch, two images per figure."),
+]
+
+
+def smoke_overrides(config) -> list[str]:
+    """--set overrides of the --smoke preset (never raising a smaller limit the config has)."""
+    limit = min(config.data.limit or SMOKE_TRAIN_IMAGES, SMOKE_TRAIN_IMAGES)
+    test_limit = min(config.data.test_limit or SMOKE_TEST_IMAGES, SMOKE_TEST_IMAGES)
+    return [f"data.limit={limit}", f"data.test_limit={test_limit}", "train.epochs=1"]
 
 
 TargetOption = Annotated[

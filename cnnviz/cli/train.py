@@ -10,12 +10,16 @@ from typing import Annotated
 import typer
 
 from cnnviz.cli._common import (
+    SMOKE_ACTIVATION_MAX_STEPS,
+    SMOKE_FIGURE_IMAGES,
+    SMOKE_TRUST_IMAGES,
     ConfigArgument,
     ExpectOption,
     JsonOption,
     JunitOption,
     OutOption,
     SetOption,
+    SmokeOption,
     command,
     config_app,
     expectations_for,
@@ -35,6 +39,7 @@ def train_command(
     expect: ExpectOption = None,
     junit: JunitOption = None,
     json_output: JsonOption = False,
+    smoke: SmokeOption = False,
 ) -> dict:
     """Train the model a config describes into outputs/<name>/<timestamp>.
 
@@ -42,7 +47,7 @@ def train_command(
     Exit codes: 0 done, 1 an expectation failed, 2 bad input (nothing trained).
     """
     started = time.perf_counter()
-    resolved = load_config_file(config, set_)
+    resolved = load_config_file(config, set_, smoke=smoke)
     expectations = expectations_for(resolved, expect, "train")
     import_tensorflow()
     from cnnviz.gates import needs_evaluation, training_values
@@ -50,7 +55,7 @@ def train_command(
 
     result = train(resolved, out or Path("outputs"))
     files = print_training(result)
-    payload = {"run_dir": str(result.run_dir), "metrics": result.metrics}
+    payload = {"run_dir": str(result.run_dir), "smoke": smoke, "metrics": result.metrics}
     values = training_values(result.metrics)
     timings = {"train_s": round(time.perf_counter() - started, 3)}
     if needs_evaluation(expectations) and result.chief:
@@ -165,6 +170,7 @@ def run_command(
     expect: ExpectOption = None,
     junit: JunitOption = None,
     json_output: JsonOption = False,
+    smoke: SmokeOption = False,
 ) -> dict:
     """Train, then write every figure, the trust checks and the evaluation for a sample of test
     images, and an index.html of them all.
@@ -176,7 +182,7 @@ def run_command(
     from cnnviz.summary import write_summary
 
     started = time.perf_counter()
-    resolved = load_config_file(config, set_)
+    resolved = load_config_file(config, set_, smoke=smoke)
     expectations = expectations_for(resolved, expect, "run")
     import_tensorflow()
     from cnnviz.gates import training_values, trust_checks, trust_values
@@ -190,19 +196,22 @@ def run_command(
     summary = write_summary(run.model, result.run_dir)
     if summary.graphviz_problem:
         typer.echo(summary.graphviz_problem, err=True)
-    spec = images or one_per_class(run.dataset().y_test)
+    spec = images or one_per_class(run.dataset().y_test,
+                                   limit=SMOKE_FIGURE_IMAGES if smoke else 10)
     selection = select_images(run, spec)
     sections = [("Training", [FigureFile(result.run_dir / "curves.png",
                                          "Loss and accuracy per epoch, train vs validation")]
                  + ([FigureFile(summary.architecture_file, "Architecture")]
                     if summary.architecture_file else []))]
     step = time.perf_counter()
-    sections += all_figures(run, selection, folder)
+    sections += all_figures(run, selection, folder,
+                            **({"activation_max_steps": SMOKE_ACTIVATION_MAX_STEPS} if smoke else {}))
     timings["figures_s"] = round(time.perf_counter() - step, 3)
     from cnnviz.cli.trust import trust_reports
 
     step = time.perf_counter()
-    reports, seconds = trust_reports(run, folder)
+    reports, seconds = trust_reports(run, folder,
+                                     images=f"0:{SMOKE_TRUST_IMAGES}" if smoke else "0:32")
     timings["trust_s"] = round(time.perf_counter() - step, 3)
     sections += [(heading, report.figures) for heading, report in reports.values()]
     trust = {name: json.loads(report.data_file.read_text())
@@ -229,7 +238,8 @@ def run_command(
                                         else []),
         *figure_files, *evaluation_files, *(report.data_file for _, report in reports.values()),
         index])
-    return {"run_dir": str(result.run_dir), "metrics": metrics, "evaluation": evaluation,
+    return {"run_dir": str(result.run_dir), "smoke": smoke, "metrics": metrics,
+            "evaluation": evaluation,
             "trust": trust_numbers, **verdicts, "files": list(written), "timings": timings}
 
 

@@ -180,15 +180,16 @@ def shortcut_command(
     print_report(shortcut_files(loaded, folder, count=count))
 
 
-def trust_reports(run, folder: Path):
-    """Sanity, faithfulness and (for data with a spurious cue) the shortcut report.
+def trust_reports(run, folder: Path, *, images: str = "0:32"):
+    """Sanity, faithfulness and (for data with a spurious cue) the shortcut report, the first
+    two on the test `images`.
 
     Returns:
         ({"sanity" | "faithfulness" | "shortcut": (heading, Report)}, {same keys: seconds}).
     """
     from cnnviz.report import faithfulness_report, sanity_report, select_images, shortcut_files
 
-    checks = select_images(run, "0:32")
+    checks = select_images(run, images)
     jobs = {"sanity": ("Sanity checks: model randomization (Adebayo et al. 2018)",
                        lambda: sanity_report(run.model, checks, folder / "sanity")),
             "faithfulness": ("Faithfulness: deletion and insertion",
