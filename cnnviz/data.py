@@ -308,6 +308,11 @@ def load_dataset(config: Config) -> Dataset:
     elif not class_names:
         class_names = [str(index) for index in range(num_classes)]
 
+    if data.test_limit is not None and data.test_limit < len(y_test):
+        kept = np.sort(_split_indices(y_test, data.test_limit / len(y_test), config.seed + 3)[1])
+        x_test, y_test = x_test[kept], y_test[kept]
+        for key in [key for key in extras if key.endswith("_test")]:
+            extras[key] = extras[key][kept]
     if data.limit is not None:
         x_train, y_train = x_train[: data.limit], y_train[: data.limit]
         for key in [key for key in extras if key.endswith("_train")]:
