@@ -2,12 +2,14 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from cnnviz.cli import app
@@ -96,13 +98,12 @@ def test_train_gates_json_and_junit_in_a_real_process(tmp_path):
         "evaluation.macro_f1>0": True}}
 
 
-@pytest.mark.slow
-def test_passing_gates_exit_0_and_print_a_table(tmp_path):
-    result = _cnnviz("train", ROOT / "configs" / "digits.yaml", *QUICK, "--out", tmp_path,
-                     "--expect", "test_accuracy>=0.1")
-    assert result.returncode == 0, result.stderr
+def test_passing_gates_exit_0_and_print_a_table(digits_run):
+    result = runner.invoke(app, ["evaluate", str(digits_run), "--out", str(digits_run / "e2"),
+                                 "--expect", "evaluation.accuracy>=0.1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
     table = result.stdout[result.stdout.index("expectation"):]
-    assert "test_accuracy>=0.1" in table and "PASS" in table
+    assert "evaluation.accuracy>=0.1" in table and "PASS" in table
     assert "all 1 expectations hold" in table
 
 
@@ -150,26 +151,56 @@ def test_verify_json_and_junit_one_case_per_layer(digits_run, tmp_path):
     assert len(cases) == len(names) and all(cases.values())
 
 
+def _workflow_steps() -> dict:
+    workflow = yaml.safe_load((ROOT / "examples" / "ci" / "cnnviz-smoke.yml").read_text())
+    return {step.get("name", step.get("uses")): step for step in workflow["jobs"]["smoke"]["steps"]}
+
+
+def test_the_workflow_has_the_recipe_steps():
+    steps = _workflow_steps()
+    uses = [step.get("uses", "") for step in steps.values()]
+    assert any(use.startswith("actions/checkout@") for use in uses)
+    setup = next(step for step in steps.values() if step.get("uses", "").startswith(
+        "actions/setup-python@"))
+    assert setup["with"]["cache"] == "pip"
+    assert "pip install" in steps["Install Graphviz and cnnviz"]["run"]
+    smoke = steps["Smoke test"]["run"]
+    for part in ("cnnviz run configs/digits.yaml", "--smoke", "--expect", "--junit"):
+        assert part in smoke
+    upload = steps["Upload the run directory"]
+    assert upload["uses"].startswith("actions/upload-artifact@") and upload["if"] == "always()"
+    assert "cnnviz-outputs/" in upload["with"]["path"]
+    readme = (ROOT / "README.md").read_text()
+    assert " ".join(smoke.split()) in " ".join(readme.split()), "README shows the same command"
+
+
 @pytest.mark.slow
-def test_run_reports_expectations_and_every_trust_check(tmp_path):
+def test_the_workflow_smoke_step_passes_and_reports_every_check(tmp_path):
+    """The workflow's own `cnnviz run ... --smoke` command, as CI runs it, in a checkout."""
     from cnnviz.trust.attribution import METHODS
 
-    junit = tmp_path / "junit.xml"
-    result = _cnnviz("run", ROOT / "configs" / "digits.yaml", *QUICK, "--images", "0",
-                     "--out", tmp_path, "--json", "--junit", junit,
-                     "--expect", "test_accuracy>=0", "--expect", "evaluation.accuracy>=0",
-                     "--expect", "sanity.gradcam.rank_correlation<=1",
-                     "--expect", "faithfulness.gradcam.deletion_auc<=1")
-    assert result.returncode == 0, result.stderr
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    command = _workflow_steps()["Smoke test"]["run"].rsplit(" > ", 1)
+    args, redirect = shlex.split(command[0]), command[1].strip()
+    assert args[0] == "cnnviz" and redirect == "cnnviz-results.json"
+    result = _cnnviz(*args[1:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(result.stdout)
-    assert all(outcome["passed"] for outcome in payload["expectations"])
-    suites = _junit(junit)
+    assert payload["smoke"] is True and all(e["passed"] for e in payload["expectations"])
+    metrics = payload["metrics"]
+    assert metrics["epochs"] == 1
+    assert metrics["train_images"] + round(0.1 * 512) == 512  # 10% held out for validation
+    assert metrics["test_images"] == 256
+    run_dir = Path(payload["run_dir"])
+    assert run_dir.is_relative_to(tmp_path / "cnnviz-outputs")
+    saliency = list((run_dir / "figures" / "saliency").glob("*.png"))
+    assert len(saliency) == 2, "two images per figure"
+    suites = _junit(tmp_path / "cnnviz-junit.xml")
     assert list(suites) == ["cnnviz.expectations", "cnnviz.sanity", "cnnviz.faithfulness"]
-    assert len(suites["cnnviz.expectations"]) == 4
+    assert list(suites["cnnviz.expectations"]) == [e["expectation"] for e in payload["expectations"]]
     assert len(suites["cnnviz.sanity"]) == 2 * len(METHODS)  # randomization + class change
     assert len(suites["cnnviz.faithfulness"]) == len(METHODS)
     # The JUnit verdicts are the reports' own.
-    run_dir = Path(payload["run_dir"])
     sanity = json.loads((run_dir / "figures" / "sanity" / "sanity.json").read_text())
     for method, entry in sanity["model_randomization"]["methods"].items():
         assert suites["cnnviz.sanity"][f"model randomization: {method}"] is not entry["insensitive"]
