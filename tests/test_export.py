@@ -21,54 +21,54 @@ def exported(digits_run):
     return digits_run, json.loads(result.stdout)
 
 
-def _test_images_and_keras_outputs(run_dir):
+def _assert_matches_keras(run_dir, payload, format_name, run_exported):
+    """`run_exported(images)` (the runtime's own call) against model.keras on the test split."""
     from cnnviz.runs import load_run
 
     run = load_run(run_dir)
     images = run.dataset().x_test.astype(np.float32)
-    return images, run.model.predict(images, verbose=0)
+    expected = run.model.predict(images, verbose=0)
+    received = np.asarray(run_exported(images))
+    assert received.shape == expected.shape
+    assert np.max(np.abs(received - expected)) <= 1e-4
+    assert payload["formats"][format_name]["max_abs_difference"] <= 1e-4
 
 
 def test_savedmodel_loaded_by_tensorflow_matches(exported):
     import tensorflow as tf
 
     run_dir, payload = exported
-    images, expected = _test_images_and_keras_outputs(run_dir)
     loaded = tf.saved_model.load(str(run_dir / "export" / "savedmodel"))
-    received = loaded.serve(tf.constant(images)).numpy()
-    assert received.shape == expected.shape
-    assert np.max(np.abs(received - expected)) <= 1e-4
-    assert payload["formats"]["savedmodel"]["max_abs_difference"] <= 1e-4
+    _assert_matches_keras(run_dir, payload, "savedmodel",
+                          lambda images: loaded.serve(tf.constant(images)).numpy())
 
 
 def test_tflite_loaded_by_the_litert_interpreter_matches(exported):
     from ai_edge_litert.interpreter import Interpreter
 
     run_dir, payload = exported
-    images, expected = _test_images_and_keras_outputs(run_dir)
     interpreter = Interpreter(model_path=str(run_dir / "export" / "model.tflite"))
     (tensor,) = interpreter.get_input_details()
-    interpreter.resize_tensor_input(tensor["index"], images.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(tensor["index"], images)
-    interpreter.invoke()
-    received = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    assert received.shape == expected.shape
-    assert np.max(np.abs(received - expected)) <= 1e-4
-    assert payload["formats"]["tflite"]["max_abs_difference"] <= 1e-4
+
+    def run_tflite(images):
+        interpreter.resize_tensor_input(tensor["index"], images.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(tensor["index"], images)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+    _assert_matches_keras(run_dir, payload, "tflite", run_tflite)
 
 
 def test_onnx_loaded_by_onnxruntime_matches(exported):
     import onnxruntime
 
     run_dir, payload = exported
-    images, expected = _test_images_and_keras_outputs(run_dir)
     session = onnxruntime.InferenceSession(str(run_dir / "export" / "model.onnx"),
                                            providers=["CPUExecutionProvider"])
-    (received,) = session.run(None, {session.get_inputs()[0].name: images})
-    assert received.shape == expected.shape
-    assert np.max(np.abs(received - expected)) <= 1e-4
-    assert payload["formats"]["onnx"]["max_abs_difference"] <= 1e-4
+    name = session.get_inputs()[0].name
+    _assert_matches_keras(run_dir, payload, "onnx",
+                          lambda images: session.run(None, {name: images})[0])
 
 
 def test_export_json_records_the_input_and_every_format(exported):
