@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from enum import Enum
@@ -23,6 +24,7 @@ from cnnviz.cli._common import (
     judge,
 )
 from cnnviz.cli.train import EVALUATION_HEADING
+from cnnviz.errors import CnnvizError
 
 
 @command("evaluate")
@@ -73,6 +75,92 @@ def evaluate_command(
     return {"run": str(run), "evaluation": results, **verdicts, "files": files,
             "timings": {"evaluate_s": results["seconds"],
                         "total_s": round(time.perf_counter() - started, 3)}}
+
+
+@command("predict")
+def predict_command(
+    model_source: Annotated[Path, typer.Argument(help="A run directory or a .keras file.")],
+    images: Annotated[
+        str,
+        typer.Option("--images", help="Image files: a folder (every image inside, recursively), "
+                     "a glob ('photos/*.jpg') or comma-separated files."),
+    ],
+    csv_file: Annotated[
+        Path | None,
+        typer.Option("--csv", dir_okay=False, help="Write the CSV here (default: stdout)."),
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes per row.")] = 3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images decoded and predicted together.")] = 64,
+    json_output: JsonOption = False,
+) -> dict:
+    """Predict the class of image files: a CSV of file, predicted class, probability and the
+    top-k, streamed in batches (memory does not grow with the number of files)."""
+    started = time.perf_counter()
+    import_tensorflow()
+    from cnnviz.images import expand_image_spec
+    from cnnviz.predict import csv_header, csv_line, predict_files
+    from cnnviz.report import class_names_of, progress_bar
+    from cnnviz.runs import load_run
+
+    paths = expand_image_spec(images)
+    if paths is None:
+        raise CnnvizError(f"--images {images!r} names no image file; give a folder, a glob "
+                          "or image files")
+    loaded = load_run(model_source)
+    class_names = class_names_of(loaded, int(loaded.model.outputs[0].shape[-1]))
+    header = csv_header(min(top_k, len(class_names)))
+    rows = []  # kept only for --json without --csv (the rows go into the JSON object)
+    with _csv_destination(csv_file, json_output) as write, \
+            progress_bar(len(paths), "predict") as bar:
+        task = bar.add_task("predict", total=len(paths))
+        write(csv_line(header))
+        for row in predict_files(loaded.model, paths, class_names, top_k=top_k,
+                                 batch_size=batch_size, prepare=_preparation(loaded),
+                                 progress=lambda done: bar.advance(task, done)):
+            write(csv_line(row))
+            if json_output and csv_file is None:
+                rows.append(dict(zip(header, row)))
+    if csv_file is not None:
+        typer.echo(f"wrote {csv_file} ({len(paths)} images)", err=True)
+    return {"model": str(model_source), "images": len(paths), "columns": header,
+            **({"csv": str(csv_file), "files": [str(csv_file)]} if csv_file is not None
+               else {"predictions": rows, "files": []}),
+            "timings": {"total_s": round(time.perf_counter() - started, 3)}}
+
+
+@contextlib.contextmanager
+def _csv_destination(csv_file: Path | None, json_output: bool):
+    """A write(text) function: into a temporary file renamed to `csv_file` at the end (never a
+    half-written CSV), else to stdout (nowhere with --json: the rows go into the JSON)."""
+    if csv_file is None:
+        yield (lambda text: None) if json_output else (lambda text: typer.echo(text, nl=False))
+        return
+    import os
+    import tempfile
+
+    csv_file.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=csv_file.parent, prefix=f".{csv_file.name}.",
+                                         suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            yield stream.write
+        os.replace(temporary, csv_file)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def _preparation(run):
+    """Pixels (8-bit units) -> model inputs: None for a cnnviz run (its model preprocesses, D1);
+    for a bare .keras file, x / 255 unless it begins with a Rescaling/Normalization layer."""
+    if run.config is not None:
+        return None
+    from cnnviz.export import input_range_of
+
+    if input_range_of(run.model)[1] > 1.0:
+        return None
+    typer.echo("the model does not begin with a Rescaling or Normalization layer: images are "
+               "divided by 255", err=True)
+    return lambda pixels: pixels / 255.0
 
 
 class ExportFormatChoice(str, Enum):
