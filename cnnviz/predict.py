@@ -43,13 +43,12 @@ def predict_files(model, paths: Sequence[str | Path], class_names: Sequence[str]
             are (a model that preprocesses inside, DECISIONS D1).
         progress: called with the number of files done after each batch.
 
-    Yields:
-        Rows, in the order of `paths`.
+    Returns:
+        An iterator of rows, in the order of `paths`. Every file's header is checked (and a
+        bad file named in a CnnvizError) before this returns, so nothing is written for a
+        request that cannot finish.
     """
-    import tensorflow as tf
-
-    from cnnviz.images import image_problem, load_image
-    from cnnviz.trust.attribution import predict_probabilities
+    from cnnviz.images import image_problem
 
     paths = [str(path) for path in paths]
     if not paths:
@@ -62,6 +61,18 @@ def predict_files(model, paths: Sequence[str | Path], class_names: Sequence[str]
     if channels not in (1, 3):
         raise CnnvizError(f"--images: image files can be read for models with 1 or 3 input "
                           f"channels; this model has {channels}")
+    return _rows(model, paths, class_names, (height, width, channels), top_k=top_k,
+                 batch_size=batch_size, prepare=prepare, progress=progress)
+
+
+def _rows(model, paths: list[str], class_names: Sequence[str], shape: tuple[int, int, int], *,
+          top_k: int, batch_size: int, prepare, progress) -> Iterator[list]:
+    import tensorflow as tf
+
+    from cnnviz.images import load_image
+    from cnnviz.trust.attribution import predict_probabilities
+
+    height, width, channels = shape
     pixels = (tf.data.Dataset.from_tensor_slices(paths)
               .map(lambda path: load_image(path, (height, width), channels),
                    num_parallel_calls=tf.data.AUTOTUNE)

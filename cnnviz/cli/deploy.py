@@ -110,16 +110,17 @@ def predict_command(
     class_names = class_names_of(loaded, int(loaded.model.outputs[0].shape[-1]))
     header = csv_header(min(top_k, len(class_names)))
     rows = []  # kept only for --json without --csv (the rows go into the JSON object)
-    with _csv_destination(csv_file, json_output) as write, \
-            progress_bar(len(paths), "predict") as bar:
+    with progress_bar(len(paths), "predict") as bar:
         task = bar.add_task("predict", total=len(paths))
-        write(csv_line(header))
-        for row in predict_files(loaded.model, paths, class_names, top_k=top_k,
-                                 batch_size=batch_size, prepare=_preparation(loaded),
-                                 progress=lambda done: bar.advance(task, done)):
-            write(csv_line(row))
-            if json_output and csv_file is None:
-                rows.append(dict(zip(header, row)))
+        predictions = predict_files(loaded.model, paths, class_names, top_k=top_k,
+                                    batch_size=batch_size, prepare=_preparation(loaded),
+                                    progress=lambda done: bar.advance(task, done))
+        with _csv_destination(csv_file, json_output) as write:
+            write(csv_line(header))
+            for row in predictions:
+                write(csv_line(row))
+                if json_output and csv_file is None:
+                    rows.append(dict(zip(header, row)))
     if csv_file is not None:
         typer.echo(f"wrote {csv_file} ({len(paths)} images)", err=True)
     return {"model": str(model_source), "images": len(paths), "columns": header,
