@@ -156,9 +156,15 @@ def _name_problem(metric: str, command: str, config) -> str | None:
             else "")
     if family == "evaluation":
         head, _, class_name = rest.partition(".")
-        if (not class_name and head in EVALUATION_METRICS) or (
-                class_name and head in PER_CLASS_METRICS):
+        if not class_name and head in EVALUATION_METRICS:
             return None
+        if class_name and head in PER_CLASS_METRICS:
+            names = known_class_names(config) if config is not None else None
+            if names is None or class_name in names or (
+                    class_name.isdigit() and int(class_name) < len(names)):
+                return None
+            return (f"--expect: unknown metric {metric!r}: no class {class_name!r}; the "
+                    f"classes are {', '.join(names)} (or their indices 0..{len(names) - 1})")
         return (f"--expect: unknown metric {metric!r}; evaluation has "
                 f"{', '.join('evaluation.' + name for name in EVALUATION_METRICS)}, and "
                 f"evaluation.{{{','.join(PER_CLASS_METRICS)}}}.<class>")
@@ -188,6 +194,31 @@ def _trust_name_problem(metric: str, family: str, rest: str, methods: Sequence[s
     return (f"--expect: unknown metric {metric!r}; {family} metrics are {extra}"
             f"{family}.<method>.{{{','.join(per_method)}}} with <method> one of "
             f"{', '.join(allowed_methods)}")
+
+
+def known_class_names(config) -> list[str] | None:
+    """The class names a config's data will have, when they are known without loading it
+    (None for an npz file: its names are checked once the run has evaluated)."""
+    import os
+
+    data = config.data
+    if data.class_names:
+        return list(data.class_names)
+    if data.source in ("digits", "mnist"):
+        return [str(digit) for digit in range(10)]
+    if data.source in ("fashion_mnist", "cifar10"):
+        from cnnviz.data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
+
+        return list(FASHION_MNIST_CLASSES if data.source == "fashion_mnist" else CIFAR10_CLASSES)
+    if data.source == "shapes":
+        return list(data.shapes.classes)
+    if data.source == "inline" and data.labels:
+        return [str(index) for index in range(max(data.labels) + 1)]
+    if data.source == "directory" and data.path and os.path.isdir(data.path):
+        # Keras's convention: the sorted names of the class sub-folders.
+        return sorted(entry.name for entry in os.scandir(data.path)
+                      if entry.is_dir() and not entry.name.startswith("."))
+    return None
 
 
 def _training_metrics(config) -> tuple[str, ...]:

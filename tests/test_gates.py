@@ -76,7 +76,7 @@ def _digits():
 @pytest.mark.parametrize("metric", [
     "test_accuracy", "test_loss", "epochs", "seconds", "evaluation.accuracy",
     "evaluation.top_k_accuracy", "evaluation.macro_f1", "evaluation.recall.3",
-    "evaluation.precision.any name", "sanity.gradcam.rank_correlation", "sanity.saliency.ssim",
+    "evaluation.precision.7", "sanity.gradcam.rank_correlation", "sanity.saliency.ssim",
     "sanity.guided.class_correlation", "faithfulness.gradcam.deletion_auc",
     "faithfulness.random.insertion_auc",
 ])
@@ -96,12 +96,27 @@ def test_known_metric_names_pass_for_run(metric):
     ("sanity.gradcam.ssim", "train", ["computed by `cnnviz run`, not by `cnnviz train`"]),
     ("test_accuracy", "evaluate", ["evaluation.* metrics only"]),
     ("loss.value", "run", ["start with evaluation., sanity., faithfulness. or shortcut."]),
+    ("evaluation.recall.seven", "train", ["no class 'seven'", "0, 1, 2", "indices 0..9"]),
+    ("evaluation.f1.10", "run", ["no class '10'"]),
 ])
 def test_unknown_metric_names_are_refused_with_the_valid_ones(metric, command, words):
     with pytest.raises(CnnvizError) as caught:
         check_names([Expectation(metric, ">=", 0.0)], command=command, config=_digits())
     for word in words:
         assert word in str(caught.value)
+
+
+def test_class_names_are_known_before_loading_the_data(tmp_path):
+    for name in ("b", "a", ".hidden"):
+        (tmp_path / name).mkdir()
+    folder = load_config(ROOT / "configs" / "digits.yaml",
+                         ["data.source=directory", f"data.path={tmp_path}", "data.image_size=null"])
+    check_names([Expectation("evaluation.recall.a", ">", 0.5)], command="train", config=folder)
+    with pytest.raises(CnnvizError, match="the classes are a, b"):
+        check_names([Expectation("evaluation.recall.c", ">", 0.5)], command="train",
+                    config=folder)
+    cifar = load_config(ROOT / "configs" / "cifar10.yaml")
+    check_names([Expectation("evaluation.f1.truck", ">", 0.5)], command="run", config=cifar)
 
 
 def test_shortcut_metrics_exist_for_data_with_a_cue_and_auc_when_trained_with_it():
