@@ -226,13 +226,12 @@ def run_command(
     figure_files = [figure.path for _, figures in sections for figure in figures]
     typer.echo(f"wrote {len(figure_files)} figures under {folder}")
     typer.echo(f"wrote {index}")
-    values = training_values(metrics) | evaluation_values(evaluation) | trust_values(**trust)
+    trust_numbers = trust_values(**trust)
+    values = training_values(metrics) | evaluation_values(evaluation) | trust_numbers
     verdicts = judge(expectations, values, checks=trust_checks(**trust, seconds=seconds),
                      junit=junit, properties={"command": "run", "config": str(config),
                                               "run_dir": str(result.run_dir)})
     timings["total_s"] = round(time.perf_counter() - started, 3)
-    trust_numbers = {key: value for key, value in values.items()
-                     if key.split(".")[0] in ("sanity", "faithfulness", "shortcut")}
     written = dict.fromkeys(str(path) for path in [
         *files, summary.summary_file, *([summary.architecture_file] if summary.architecture_file
                                         else []),
