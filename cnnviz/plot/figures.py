@@ -461,3 +461,99 @@ def gradcam_figure(
             note(axes[2], f"constant map ({float(guided.flat[0]):.3g})")
     fig.suptitle(title)
     return fig
+
+
+# ----------------------------------------------------------------------------- CAM family
+def cam_row(
+    image,
+    heatmaps: Mapping[str, object],
+    *,
+    title: str = "Class activation maps",
+    label: str = "map (0..1)",
+    alpha: float = 0.5,
+) -> Figure:
+    """The input next to one heatmap per method, each laid over the input (the CAM family, RISE).
+
+    Args:
+        image: the input, (H, W, C).
+        heatmaps: method name -> (h, w) map in [0, 1] (a coarser map is stretched over the
+            image), drawn in this order with turbo on one shared 0..1 scale.
+        title: figure title (say which class, what was predicted, which layer).
+        label: the colour bar's label.
+        alpha: opacity of each heatmap over the image.
+
+    Returns:
+        A Figure with 1 + len(heatmaps) panels in a row and one colour bar.
+    """
+    fig = new_figure(2.4 * (1 + len(heatmaps)) + 0.9, 2.9)
+    axes = fig.subplots(1, 1 + len(heatmaps), squeeze=False)[0]
+    show_image(axes[0], image, title="input")
+    drawn = None
+    for ax, (method, heatmap) in zip(axes[1:], heatmaps.items(), strict=True):
+        heat = finite(heatmap)
+        if heat.ndim == 3 and heat.shape[-1] == 1:
+            heat = heat[..., 0]
+        if heat.ndim != 2:
+            raise CnnvizError(f"heatmap {method!r} must have shape (H, W); received {heat.shape}")
+        show_image(ax, image)
+        coarse = heat.shape != np.shape(image)[:2]
+        drawn = ax.imshow(np.clip(heat, 0, 1), cmap="turbo", vmin=0, vmax=1, alpha=alpha,
+                          extent=image_extent(image),
+                          interpolation="bilinear" if coarse else "nearest")
+        ax.set_title(method, fontsize=9)
+        if not heat.max(initial=0.0) > 0:
+            note(ax, "all 0")
+    if drawn is not None:
+        # Its own opaque mappable: inheriting the overlays' alpha washes the bar out.
+        opaque = ScalarMappable(norm=drawn.norm, cmap=drawn.get_cmap())
+        fig.colorbar(opaque, ax=list(axes[1:]), fraction=0.046 / max(1, len(heatmaps)) ** 0.5,
+                     pad=0.02, label=label)
+    fig.suptitle(title)
+    return fig
+
+
+# ------------------------------------------------------------------- signed attributions
+def signed_row(
+    image,
+    maps: Mapping[str, object],
+    *,
+    title: str = "Signed attributions",
+    notes: Mapping[str, str] | None = None,
+) -> Figure:
+    """The input next to one signed attribution map per method: red for, blue against the class.
+
+    Each map is drawn with RdBu_r centred on 0 (white), from -max|value| to +max|value| of that
+    panel, with its own colour bar in the attribution's units. A (H, W, C) map is summed over
+    channels, keeping the sign (Captum's convention).
+
+    Args:
+        image: the input, (H, W, C).
+        maps: method name -> (H, W) or (H, W, C) signed map, drawn in this order.
+        title: figure title.
+        notes: optional method name -> a line written under its panel (e.g. a completeness check).
+
+    Returns:
+        A Figure with 1 + len(maps) panels in a row.
+    """
+    fig = new_figure(2.9 * (1 + len(maps)) + 0.3, 3.1)
+    axes = fig.subplots(1, 1 + len(maps), squeeze=False)[0]
+    show_image(axes[0], image, title="input")
+    for ax, (method, attribution) in zip(axes[1:], maps.items(), strict=True):
+        values = finite(attribution)
+        if values.ndim == 3:
+            values = values.sum(axis=-1)
+        if values.ndim != 2:
+            raise CnnvizError(
+                f"map {method!r} must have shape (H, W) or (H, W, C); received {values.shape}"
+            )
+        limit = symmetric_limit(values)
+        drawn = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        plain_axes(ax)
+        ax.set_title(method, fontsize=9)
+        fig.colorbar(drawn, ax=ax, fraction=0.046, pad=0.04)
+        if is_constant(values):
+            note(ax, f"constant map ({float(values.flat[0]) if values.size else 0:.3g})")
+        if notes and method in notes:
+            ax.set_xlabel(notes[method], fontsize=7)
+    fig.suptitle(title)
+    return fig
