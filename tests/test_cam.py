@@ -16,6 +16,7 @@ from _models import (
     assert_unchanged,
     cam_net,
     images,
+    randomize,
     sequential_without_input,
     snapshot,
     two_conv_functional,
@@ -162,18 +163,33 @@ def test_scorecam_is_the_softmax_of_masked_scores_over_channels():
     assert (result.max(axis=(1, 2)) > 0.5).all()
 
 
-def test_eigencam_is_the_first_principal_component_and_ignores_the_class():
+def wide_conv_net():
+    """(5, 5, 1) -> Conv2D(20, 4x4, relu, 'wide') -> Flatten -> Dense(3): a 2 x 2 x 20 layer,
+    more channels than positions (Eigen-CAM then works on the positions' Gram matrix)."""
     import keras
 
-    model = two_conv_functional()
-    batch = images(4, (8, 8, 1), seed=5)
-    features = np.asarray(keras.Model(model.inputs[0], model.get_layer("conv_a").output)(batch))
-    expected = finish(np.stack([eigen_map(a) for a in features]), (8, 8))
+    return randomize(keras.Sequential([
+        keras.Input((5, 5, 1)), keras.layers.Conv2D(20, 4, activation="relu", name="wide"),
+        keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax"),
+    ]), seed=11)
+
+
+@pytest.mark.parametrize(("build", "layer", "size"),
+                         [(two_conv_functional, "conv_a", 8), (wide_conv_net, "wide", 5)],
+                         ids=("channels<positions", "channels>positions"))
+def test_eigencam_is_the_first_principal_component_and_ignores_the_class(build, layer, size):
+    import keras
+
+    model = build()
+    batch = images(4, (size, size, 1), seed=5)
+    features = np.asarray(keras.Model(model.inputs[0], model.get_layer(layer).output)(batch))
+    expected = finish(np.stack([eigen_map(a) for a in features]), (size, size))
+    assert (expected.max(axis=(1, 2)) > 0.5).all()
     for target in (0, 2):
-        result = cam(model, batch, target, method="eigencam", layer="conv_a")
+        result = cam(model, batch, target, method="eigencam", layer=layer)
         np.testing.assert_allclose(result, expected, atol=1e-4)
     # The sign rule: the map agrees with where the layer is active on average.
-    mean = upsample(features.mean(axis=-1), (8, 8))
+    mean = upsample(features.mean(axis=-1), (size, size))
     for m, e in zip(mean, expected):
         assert np.corrcoef(m.ravel(), e.ravel())[0, 1] > 0
 
