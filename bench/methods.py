@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,12 +37,10 @@ import numpy as np
 # bench/bench.py: the shared timing and table helpers
 from bench import (
     DIGITS,
-    QUIET_ENV,
     Row,
     _forward_rate,
-    print_settings,
+    begin,
     print_table,
-    settings,
 )
 
 
@@ -140,22 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     sizes = QUICK if arguments.quick else FULL
 
-    import os
-
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    from cnnviz._quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()
+    values = begin("cnnviz methods bench", arguments.quick)
     import keras
 
     from cnnviz.config import load_config
     from cnnviz.data import load_dataset
     from cnnviz.summary import model_from_config
 
-    values = settings()
-    print(f"cnnviz methods bench ({'quick' if arguments.quick else 'full'})")
-    print_settings(values)
     started = time.perf_counter()
     config = load_config(DIGITS, [])
     keras.utils.set_random_seed(config.seed)

@@ -2,6 +2,7 @@
 
 Every method explains the pre-softmax score of a copy of the model (never the caller's model),
 works batched on (N, H, W, C) images, and picks the predicted class when `targets` is None.
+The forward-only methods read probabilities, as their papers define them: occlusion and RISE.
 """
 
 from cnnviz.explain.activation_max import activation_maximization, activation_maximization_batch

@@ -370,9 +370,7 @@ def saliency_row(image, maps: Mapping[str, object], *, title: str = "Saliency") 
     Returns:
         A Figure with 1 + len(maps) panels in a row.
     """
-    fig = new_figure(2.4 * (1 + len(maps)) + 0.3, 2.9)
-    axes = fig.subplots(1, 1 + len(maps), squeeze=False)[0]
-    show_image(axes[0], image, title="input")
+    fig, axes = _input_and_panels(image, len(maps), panel=2.4, margin=0.3, height=2.9)
     for ax, (method, attribution) in zip(axes[1:], maps.items(), strict=True):
         values = _reduce_channels(attribution)
         plain_axes(ax)
@@ -386,6 +384,14 @@ def saliency_row(image, maps: Mapping[str, object], *, title: str = "Saliency") 
         ax.set_title(method, fontsize=9)
     fig.suptitle(title)
     return fig
+
+
+def _input_and_panels(image, count: int, *, panel: float, margin: float, height: float):
+    """A row figure: the input on the left, then `count` empty panels; sizes in inches."""
+    fig = new_figure(panel * (1 + count) + margin, height)
+    axes = fig.subplots(1, 1 + count, squeeze=False)[0]
+    show_image(axes[0], image, title="input")
+    return fig, axes
 
 
 def _reduce_channels(attribution) -> np.ndarray:
@@ -431,21 +437,9 @@ def gradcam_figure(
     axes = fig.subplots(1, panels)
     show_image(axes[0], image, title="input")
 
-    show_image(axes[1], image)
-    coarse = heat.shape != np.shape(image)[:2]
-    drawn = axes[1].imshow(
-        np.clip(heat, 0, 1),
-        cmap="turbo",
-        vmin=0,
-        vmax=1,
-        alpha=alpha,
-        extent=image_extent(image),
-        interpolation="bilinear" if coarse else "nearest",
-    )
+    drawn = _heat_overlay(axes[1], image, heat, alpha)
     axes[1].set_title("Grad-CAM overlay", fontsize=9)
-    # The colour bar gets its own opaque mappable: inheriting the overlay's alpha washes it out.
-    opaque = ScalarMappable(norm=drawn.norm, cmap=drawn.get_cmap())
-    fig.colorbar(opaque, ax=axes[1], fraction=0.046, pad=0.04, label="Grad-CAM (0..1)")
+    _opaque_colorbar(fig, drawn, axes[1], fraction=0.046, pad=0.04, label="Grad-CAM (0..1)")
     if not heat.max(initial=0.0) > 0:
         note(axes[1], "heatmap is all 0")
 
@@ -485,9 +479,7 @@ def cam_row(
     Returns:
         A Figure with 1 + len(heatmaps) panels in a row and one colour bar.
     """
-    fig = new_figure(2.4 * (1 + len(heatmaps)) + 0.9, 2.9)
-    axes = fig.subplots(1, 1 + len(heatmaps), squeeze=False)[0]
-    show_image(axes[0], image, title="input")
+    fig, axes = _input_and_panels(image, len(heatmaps), panel=2.4, margin=0.9, height=2.9)
     drawn = None
     for ax, (method, heatmap) in zip(axes[1:], heatmaps.items(), strict=True):
         heat = finite(heatmap)
@@ -495,21 +487,29 @@ def cam_row(
             heat = heat[..., 0]
         if heat.ndim != 2:
             raise CnnvizError(f"heatmap {method!r} must have shape (H, W); received {heat.shape}")
-        show_image(ax, image)
-        coarse = heat.shape != np.shape(image)[:2]
-        drawn = ax.imshow(np.clip(heat, 0, 1), cmap="turbo", vmin=0, vmax=1, alpha=alpha,
-                          extent=image_extent(image),
-                          interpolation="bilinear" if coarse else "nearest")
+        drawn = _heat_overlay(ax, image, heat, alpha)
         ax.set_title(method, fontsize=9)
         if not heat.max(initial=0.0) > 0:
             note(ax, "all 0")
     if drawn is not None:
-        # Its own opaque mappable: inheriting the overlays' alpha washes the bar out.
-        opaque = ScalarMappable(norm=drawn.norm, cmap=drawn.get_cmap())
-        fig.colorbar(opaque, ax=list(axes[1:]), fraction=0.046 / max(1, len(heatmaps)) ** 0.5,
-                     pad=0.02, label=label)
+        _opaque_colorbar(fig, drawn, list(axes[1:]), pad=0.02, label=label,
+                         fraction=0.046 / max(1, len(heatmaps)) ** 0.5)
     fig.suptitle(title)
     return fig
+
+
+def _heat_overlay(ax, image, heat: np.ndarray, alpha: float):
+    """The image with a 0..1 heatmap over it in turbo (a coarser map stretched bilinearly)."""
+    show_image(ax, image)
+    coarse = heat.shape != np.shape(image)[:2]
+    return ax.imshow(np.clip(heat, 0, 1), cmap="turbo", vmin=0, vmax=1, alpha=alpha,
+                     extent=image_extent(image),
+                     interpolation="bilinear" if coarse else "nearest")
+
+
+def _opaque_colorbar(fig, drawn, ax, **kwargs) -> None:
+    # Its own opaque mappable: inheriting the overlay's alpha washes the bar out.
+    fig.colorbar(ScalarMappable(norm=drawn.norm, cmap=drawn.get_cmap()), ax=ax, **kwargs)
 
 
 # ------------------------------------------------------------------- signed attributions
@@ -535,9 +535,7 @@ def signed_row(
     Returns:
         A Figure with 1 + len(maps) panels in a row.
     """
-    fig = new_figure(2.9 * (1 + len(maps)) + 0.3, 3.1)
-    axes = fig.subplots(1, 1 + len(maps), squeeze=False)[0]
-    show_image(axes[0], image, title="input")
+    fig, axes = _input_and_panels(image, len(maps), panel=2.9, margin=0.3, height=3.1)
     for ax, (method, attribution) in zip(axes[1:], maps.items(), strict=True):
         values = finite(attribution)
         if values.ndim == 3:
