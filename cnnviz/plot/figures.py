@@ -477,11 +477,19 @@ def cam_row(
         alpha: opacity of each heatmap over the image.
 
     Returns:
-        A Figure with 1 + len(heatmaps) panels in a row and one colour bar.
+        A Figure with 1 + len(heatmaps) panels and one colour bar: one row, or rows of 4 when
+        there are more than 5 panels (the seven CAM methods stay legible on a 520 px page).
     """
-    fig, axes = _input_and_panels(image, len(heatmaps), panel=2.4, margin=0.9, height=2.9)
+    panels = 1 + len(heatmaps)
+    columns = panels if panels <= 5 else 4
+    rows = -(-panels // columns)
+    fig = new_figure(2.4 * columns + 0.9, 2.6 * rows + 0.3)
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    show_image(axes[0], image, title="input")
     drawn = None
-    for ax, (method, heatmap) in zip(axes[1:], heatmaps.items(), strict=True):
+    for ax, (method, heatmap) in zip(axes[1:panels], heatmaps.items(), strict=True):
         heat = finite(heatmap)
         if heat.ndim == 3 and heat.shape[-1] == 1:
             heat = heat[..., 0]
@@ -492,8 +500,8 @@ def cam_row(
         if not heat.max(initial=0.0) > 0:
             note(ax, "all 0")
     if drawn is not None:
-        _opaque_colorbar(fig, drawn, list(axes[1:]), pad=0.02, label=label,
-                         fraction=0.046 / max(1, len(heatmaps)) ** 0.5)
+        _opaque_colorbar(fig, drawn, list(axes[:panels]), pad=0.02, label=label,
+                         fraction=0.046 / max(1, columns - 1) ** 0.5)
     fig.suptitle(title)
     return fig
 
