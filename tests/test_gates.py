@@ -131,7 +131,9 @@ SANITY = {
         "saliency": {"rank_correlation": [0.9, 0.4, 0.1], "ssim": [0.8, 0.3, 0.05],
                      "insensitive": False},
         "guided": {"rank_correlation": [0.95, 0.9, 0.7], "ssim": [0.9, 0.8, 0.6],
-                   "insensitive": True}}},
+                   "insensitive": True},
+        "gradcam": {"rank_correlation": [0.9, 0.2, 0.1], "ssim": [0.9, 0.2, 0.1],
+                    "insensitive": False, "insensitive_to": ["preds"]}}},
     "class_sensitivity": {"threshold": 0.9, "methods": {
         "saliency": {"rank_correlation": 0.3, "class_insensitive": False},
         "guided": {"rank_correlation": 0.95, "class_insensitive": True}}},
@@ -163,6 +165,7 @@ def test_trust_checks_one_per_method_and_test_failing_where_flagged():
     assert verdicts == {
         ("sanity", "model randomization: saliency"): True,
         ("sanity", "model randomization: guided"): False,
+        ("sanity", "model randomization: gradcam"): False,  # a per-step verdict
         ("sanity", "class sensitivity: saliency"): True,
         ("sanity", "class sensitivity: guided"): False,
         ("faithfulness", "better than random: saliency"): True,
@@ -204,7 +207,7 @@ def test_junit_xml_has_the_required_structure_and_counts():
     root = ElementTree.fromstring(junit_xml(checks, properties={"config": "digits.yaml"},
                                             timestamp=0))
     assert root.tag == "testsuites"
-    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("9", "5", "0")
+    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("10", "6", "0")
     suites = root.findall("testsuite")
     assert [suite.get("name") for suite in suites] == [
         "cnnviz.expectations", "cnnviz.sanity", "cnnviz.faithfulness", "cnnviz.shortcut"]
@@ -226,7 +229,7 @@ def test_junit_xml_has_the_required_structure_and_counts():
             if failure is not None:
                 assert failure.get("message") and failure.get("type")
     sanity = suites[1]
-    assert (sanity.get("tests"), sanity.get("failures")) == ("4", "2")
+    assert (sanity.get("tests"), sanity.get("failures")) == ("5", "3")
     assert math.isclose(float(sanity.get("time")), 2.0, abs_tol=1e-3)
     failed = suites[0].findall("testcase")[1].find("failure")
     assert failed.get("type") == "ExpectationFailed"
