@@ -591,14 +591,20 @@ class Report:
     flagged: bool
 
 
-def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0) -> Report:
-    """Model randomization + class sensitivity: sanity.txt, sanity.json and two figures."""
+def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0,
+                  methods: Sequence[str] | None = None) -> Report:
+    """Model randomization + class sensitivity: sanity.txt, sanity.json and two figures.
+
+    `methods`: registry names (default: every method of `cnnviz.trust.attribution.METHODS`).
+    """
     from cnnviz.plot.trust import sanity_curves_figure, sanity_maps_figure
     from cnnviz.runs import atomic_write_json
+    from cnnviz.trust.attribution import METHODS
     from cnnviz.trust.sanity import class_sensitivity, format_class_sensitivity, model_randomization
 
-    result = model_randomization(model, selection.images, seed=seed)
-    classes = class_sensitivity(model, selection.images)
+    methods = tuple(methods or METHODS)
+    result = model_randomization(model, selection.images, seed=seed, methods=methods)
+    classes = class_sensitivity(model, selection.images, methods=methods)
     text = result.format_table() + "\n\n" + format_class_sensitivity(classes)
     atomic_write_text(folder / "sanity.txt", text + "\n")
     data_file = atomic_write_json(folder / "sanity.json", {
@@ -612,14 +618,19 @@ def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0) -
 
 
 def faithfulness_report(model, selection: Selection, folder: Path, *, steps: int = 20,
-                        baseline: str = "blur", seed: int = 0) -> Report:
-    """Deletion and insertion curves per method vs a random order: table, JSON and a figure."""
+                        baseline: str = "blur", seed: int = 0,
+                        methods: Sequence[str] | None = None) -> Report:
+    """Deletion and insertion curves per method vs a random order: table, JSON and a figure.
+
+    `methods`: registry names (default: every method of `cnnviz.trust.attribution.METHODS`).
+    """
     from cnnviz.plot.trust import faithfulness_figure
     from cnnviz.runs import atomic_write_json
+    from cnnviz.trust.attribution import METHODS
     from cnnviz.trust.faithfulness import deletion_insertion
 
     result = deletion_insertion(model, selection.images, steps=steps, baseline=baseline,
-                                seed=seed)
+                                seed=seed, methods=tuple(methods or METHODS))
     text = result.format_table()
     atomic_write_text(folder / "faithfulness.txt", text + "\n")
     data_file = atomic_write_json(folder / "faithfulness.json",
@@ -628,14 +639,19 @@ def faithfulness_report(model, selection: Selection, folder: Path, *, steps: int
     return Report(text, figures, data_file, bool(result.called_out))
 
 
-def shortcut_files(run: Run, folder: Path, *, count: int = 64) -> Report:
-    """The shortcut report of a run trained on data with a spurious cue."""
+def shortcut_files(run: Run, folder: Path, *, count: int = 64,
+                   methods: Sequence[str] | None = None) -> Report:
+    """The shortcut report of a run trained on data with a spurious cue (`methods`: registry
+    names, default every method)."""
     from cnnviz.plot.trust import shortcut_figure
     from cnnviz.runs import atomic_write_json
     from cnnviz.trust.shortcut import shortcut_report
 
     cue = run.config.data.shapes.spurious if run.config is not None else None
-    result = shortcut_report(run.model, run.dataset(), count=count, cue=cue)
+    from cnnviz.trust.attribution import METHODS
+
+    result = shortcut_report(run.model, run.dataset(), count=count, cue=cue,
+                             methods=tuple(methods or METHODS))
     text = result.format_table()
     atomic_write_text(folder / "shortcut.txt", text + "\n")
     data_file = atomic_write_json(folder / "shortcut.json", result.to_dict())

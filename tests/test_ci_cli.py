@@ -177,7 +177,7 @@ def test_the_workflow_has_the_recipe_steps():
 @pytest.mark.slow
 def test_the_workflow_smoke_step_passes_and_reports_every_check(tmp_path):
     """The workflow's own `cnnviz run ... --smoke` command, as CI runs it, in a checkout."""
-    from cnnviz.trust.attribution import METHODS
+    from cnnviz.cli._common import SMOKE_TRUST_METHODS
 
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     command = _workflow_steps()["Smoke test"]["run"].rsplit(" > ", 1)
@@ -198,8 +198,9 @@ def test_the_workflow_smoke_step_passes_and_reports_every_check(tmp_path):
     suites = _junit(tmp_path / "cnnviz-junit.xml")
     assert list(suites) == ["cnnviz.expectations", "cnnviz.sanity", "cnnviz.faithfulness"]
     assert list(suites["cnnviz.expectations"]) == [e["expectation"] for e in payload["expectations"]]
-    assert len(suites["cnnviz.sanity"]) == 2 * len(METHODS)  # randomization + class change
-    assert len(suites["cnnviz.faithfulness"]) == len(METHODS)
+    # --smoke checks the fast methods and those a gate names: randomization + class change.
+    assert len(suites["cnnviz.sanity"]) == 2 * len(SMOKE_TRUST_METHODS)
+    assert len(suites["cnnviz.faithfulness"]) == len(SMOKE_TRUST_METHODS)
     # The JUnit verdicts are the reports' own.
     sanity = json.loads((run_dir / "figures" / "sanity" / "sanity.json").read_text())
     for method, entry in sanity["model_randomization"]["methods"].items():

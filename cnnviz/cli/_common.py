@@ -173,6 +173,19 @@ SmokeOption = Annotated[
 ]
 
 
+# Trust checks under --smoke: fast methods (and any an --expect names), not all of them.
+SMOKE_TRUST_METHODS = ("saliency", "guided", "gradcam")
+
+
+def smoke_trust_methods(expectations) -> tuple[str, ...]:
+    """SMOKE_TRUST_METHODS plus every method a sanity/faithfulness/shortcut gate names."""
+    named = [expectation.metric.split(".")[1] for expectation in expectations
+             if expectation.metric.count(".") == 2
+             and expectation.metric.split(".")[0] in ("sanity", "faithfulness", "shortcut")]
+    return tuple(dict.fromkeys([*SMOKE_TRUST_METHODS,
+                                *(name for name in named if name != "random")]))
+
+
 def smoke_overrides(config) -> list[str]:
     """--set overrides of the --smoke preset (never raising a smaller limit the config has)."""
     limit = min(config.data.limit or SMOKE_TRAIN_IMAGES, SMOKE_TRAIN_IMAGES)

@@ -27,6 +27,7 @@ from cnnviz.cli._common import (
     import_tensorflow,
     judge,
     load_config_file,
+    smoke_trust_methods,
 )
 from cnnviz.errors import CnnvizError
 
@@ -210,8 +211,9 @@ def run_command(
     from cnnviz.cli.trust import trust_reports
 
     step = time.perf_counter()
-    reports, seconds = trust_reports(run, folder,
-                                     images=f"0:{SMOKE_TRUST_IMAGES}" if smoke else "0:32")
+    reports, seconds = trust_reports(
+        run, folder, images=f"0:{SMOKE_TRUST_IMAGES}" if smoke else "0:32",
+        methods=smoke_trust_methods(expectations) if smoke else None)
     timings["trust_s"] = round(time.perf_counter() - step, 3)
     sections += [(heading, report.figures) for heading, report in reports.values()]
     trust = {name: json.loads(report.data_file.read_text())

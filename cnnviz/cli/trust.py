@@ -180,9 +180,9 @@ def shortcut_command(
     print_report(shortcut_files(loaded, folder, count=count))
 
 
-def trust_reports(run, folder: Path, *, images: str = "0:32"):
+def trust_reports(run, folder: Path, *, images: str = "0:32", methods=None):
     """Sanity, faithfulness and (for data with a spurious cue) the shortcut report, the first
-    two on the test `images`.
+    two on the test `images` for `methods` (default: every registered method).
 
     Returns:
         ({"sanity" | "faithfulness" | "shortcut": (heading, Report)}, {same keys: seconds}).
@@ -191,11 +191,14 @@ def trust_reports(run, folder: Path, *, images: str = "0:32"):
 
     checks = select_images(run, images)
     jobs = {"sanity": ("Sanity checks: model randomization (Adebayo et al. 2018)",
-                       lambda: sanity_report(run.model, checks, folder / "sanity")),
+                       lambda: sanity_report(run.model, checks, folder / "sanity",
+                                             methods=methods)),
             "faithfulness": ("Faithfulness: deletion and insertion",
-                             lambda: faithfulness_report(run.model, checks, folder / "faithfulness"))}
+                             lambda: faithfulness_report(run.model, checks, folder / "faithfulness",
+                                                         methods=methods))}
     if run.config is not None and run.config.data.source == "shapes" and run.config.data.shapes.spurious:
-        jobs["shortcut"] = ("Shortcut detector", lambda: shortcut_files(run, folder / "shortcut"))
+        jobs["shortcut"] = ("Shortcut detector", lambda: shortcut_files(
+            run, folder / "shortcut", methods=methods, **({"count": 16} if methods else {})))
     reports, seconds = {}, {}
     for name, (heading, make) in jobs.items():
         started = time.perf_counter()
