@@ -212,3 +212,20 @@ def test_the_workflow_smoke_step_passes_and_reports_every_check(tmp_path):
     assert (run_dir / "evaluation" / "confusion_matrix.png").is_file()
     assert "Evaluation on the test split" in (run_dir / "index.html").read_text()
     assert str(run_dir / "index.html") in payload["files"]
+
+
+def test_sanity_json_and_junit_follow_its_report(digits_run, tmp_path):
+    result = runner.invoke(app, ["sanity", str(digits_run), "--images", "0:4", "--out",
+                                 str(tmp_path / "s"), "--json", "--junit", str(tmp_path / "s.xml")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    saved = json.loads((tmp_path / "s" / "sanity.json").read_text())
+    assert payload["results"] == saved
+    methods = saved["model_randomization"]["methods"]
+    assert payload["values"]["sanity.saliency.rank_correlation"] == pytest.approx(
+        methods["saliency"]["rank_correlation"][-1])
+    cases = _junit(tmp_path / "s.xml")["cnnviz.sanity"]
+    assert len(cases) == len(methods) + len(saved["class_sensitivity"]["methods"])
+    assert cases["model randomization: saliency"] is not bool(methods["saliency"]["insensitive_to"])
+    assert payload["flagged"] == (not all(cases.values()))
