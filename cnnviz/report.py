@@ -548,12 +548,14 @@ def one_per_class(labels: np.ndarray, limit: int = 10) -> str:
 
 
 def all_figures(run: Run, selection: Selection, folder: Path, *, feature_map_images: int = 2,
-                activation_max_steps: int = 256) -> list[tuple[str, list[FigureFile]]]:
-    """Every figure type for `selection`, grouped as the index page shows them."""
+                activation_max_steps: int = 256,
+                conv_layers: Sequence[str] | None = None) -> list[tuple[str, list[FigureFile]]]:
+    """Every figure type for `selection`, grouped as the index page shows them (filters and
+    feature maps of `conv_layers`, default every conv layer)."""
     from cnnviz.explain import CAM_METHODS, SALIENCY_METHODS, gradcam_layer
 
     model = run.model
-    conv_layers = conv_layer_names(model)
+    conv_layers = list(conv_layers or conv_layer_names(model))
     first_images = Selection(selection.images[:feature_map_images],
                              selection.labels[:feature_map_images],
                              selection.names[:feature_map_images], selection.class_names)

@@ -186,6 +186,17 @@ def smoke_trust_methods(expectations) -> tuple[str, ...]:
                                 *(name for name in named if name != "random")]))
 
 
+def smoke_figure_options(model) -> dict:
+    """`all_figures` options under --smoke: fewer activation-maximization steps, and filters and
+    feature maps of the first and last conv layers only (drawing a grid per layer of a deep
+    net costs more than the rest of a smoke run)."""
+    from cnnviz.report import conv_layer_names
+
+    layers = conv_layer_names(model)
+    return {"activation_max_steps": SMOKE_ACTIVATION_MAX_STEPS,
+            "conv_layers": list(dict.fromkeys(layers[:1] + layers[-1:]))}
+
+
 def smoke_overrides(config) -> list[str]:
     """--set overrides of the --smoke preset (never raising a smaller limit the config has)."""
     limit = min(config.data.limit or SMOKE_TRAIN_IMAGES, SMOKE_TRAIN_IMAGES)

@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 
 from cnnviz.cli._common import (
-    SMOKE_ACTIVATION_MAX_STEPS,
     SMOKE_FIGURE_IMAGES,
     SMOKE_TRUST_IMAGES,
     ConfigArgument,
@@ -27,6 +26,7 @@ from cnnviz.cli._common import (
     import_tensorflow,
     judge,
     load_config_file,
+    smoke_figure_options,
     smoke_trust_methods,
 )
 from cnnviz.errors import CnnvizError
@@ -205,8 +205,8 @@ def run_command(
                  + ([FigureFile(summary.architecture_file, "Architecture")]
                     if summary.architecture_file else []))]
     step = time.perf_counter()
-    sections += all_figures(run, selection, folder,
-                            **({"activation_max_steps": SMOKE_ACTIVATION_MAX_STEPS} if smoke else {}))
+    sections += all_figures(run, selection, folder, **(smoke_figure_options(run.model) if smoke
+                                                       else {}))
     timings["figures_s"] = round(time.perf_counter() - step, 3)
     from cnnviz.cli.trust import trust_reports
 
