@@ -589,7 +589,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
             lines.append(f"{source}: unknown key {where!r}; check the spelling (see `cnnviz config show`)")
         elif item["type"] == "union_tag_invalid":
             lines.append(f"{source}: {where}: {message}")
-        elif where:
+        elif where and not message.startswith(where):
             lines.append(f"{source}: {where}: {message}{shown}")
         else:
             lines.append(f"{source}: {message}")
@@ -648,14 +648,26 @@ MAX_YAML_ALIASES = 100
 MAX_YAML_VALUES = 1_000_000  # values after aliases are expanded
 
 
-def _expanded_size(root: yaml.Node, source: str) -> None:
+def _check_expansion(root: yaml.Node, source: str) -> None:
     """Count the YAML graph's aliases and the values it expands to, without expanding it."""
-    sizes: dict[int, int] = {}
-    aliases = 0
-    on_path: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    seen, edges, stack = {id(root)}, 0, [root]
     while stack:
-        node, children_done = stack.pop()
+        for child in _children(stack.pop()):
+            edges += 1
+            if id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+    aliases = edges - (len(seen) - 1)  # every reference beyond a value's first is an alias
+    if aliases > MAX_YAML_ALIASES:
+        raise ConfigError(
+            f"{source}: {aliases} YAML aliases (*name), more than {MAX_YAML_ALIASES}; a config "
+            "needs few, and nested aliases can expand a small file into billions of values"
+        )
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    pending: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while pending:
+        node, children_done = pending.pop()
         key = id(node)
         if children_done:
             on_path.discard(key)
@@ -665,23 +677,12 @@ def _expanded_size(root: yaml.Node, source: str) -> None:
                     f"{source}: expands to more than {MAX_YAML_VALUES:,} values through its "
                     "aliases (*name); write the values out or use fewer aliases"
                 )
-            continue
-        if key in on_path:
+        elif key in on_path:
             raise ConfigError(f"{source}: an alias refers to a value that contains it (a loop)")
-        if key in sizes:
-            continue
-        on_path.add(key)
-        stack.append((node, True))
-        for child in _children(node):
-            if id(child) in sizes or id(child) in on_path:
-                aliases += 1  # a node reached twice is reached through an alias
-                if aliases > MAX_YAML_ALIASES:
-                    raise ConfigError(
-                        f"{source}: more than {MAX_YAML_ALIASES} YAML aliases (*name); a config "
-                        "needs few, and nested aliases can expand a small file into billions "
-                        "of values"
-                    )
-            stack.append((child, False))
+        elif key not in sizes:
+            on_path.add(key)
+            pending.append((node, True))
+            pending.extend((child, False) for child in _children(node))
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -700,7 +701,7 @@ def load_yaml_text(text: str, source: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        _expanded_size(node, source)
+        _check_expansion(node, source)
         return loader.construct_document(node)
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply (hundreds of levels)") from None

@@ -225,6 +225,12 @@ def _resume_given_run(run_dir: Path, config: Config) -> tuple[Path, RunLock]:
     return run_dir, lock
 
 
+def check_resume(run_dir: str | Path, config: Config) -> None:
+    """Raise the CnnvizError `--resume RUN` would give, without keeping the lock (a quick
+    check before TensorFlow loads; `train` checks again for real)."""
+    _resume_given_run(Path(run_dir), config)[1].release()
+
+
 @dataclass
 class _Claim:
     """The run directory this process trains, and its lock."""
@@ -389,7 +395,9 @@ def _checkpoint_class():
             filepath = self._get_file_path(epoch, batch, logs)
             if self._should_save_model(epoch, batch, logs, filepath):
                 self._pending, self._pending_best = self.model.get_weights(), self.best
-            last_epoch = epoch + 1 >= self.params.get("epochs", 0) or self.model.stop_training
+            epochs = (self.params or {}).get("epochs")  # None outside fit
+            last_epoch = (epochs is not None and epoch + 1 >= epochs) or bool(
+                getattr(self.model, "stop_training", False))
             if self._pending is not None and (
                     last_epoch or time.monotonic() - self._written_at >= self.interval):
                 self._write()
