@@ -231,6 +231,28 @@ def check_resume(run_dir: str | Path, config: Config) -> None:
     _resume_given_run(Path(run_dir), config)[1].release()
 
 
+def _remove_stale_files(parent: Path) -> None:
+    """Remove what killed processes left under `parent`: half-made run folders, and temporary
+    files in every run that no live process trains."""
+    remove_stale_temporaries(parent)
+    for run_dir in run_ids(parent):
+        try:
+            lock = try_lock_run(run_dir)
+        except CnnvizError:  # a run we cannot write to: nothing of ours to clean there
+            continue
+        if lock is None:
+            continue
+        try:
+            _remove_stale_temporaries_of(run_dir)
+        finally:
+            lock.release()
+
+
+def _remove_stale_temporaries_of(run_dir: Path) -> None:
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / BACKUP_DIR):
+        remove_stale_temporaries(folder)
+
+
 @dataclass
 class _Claim:
     """The run directory this process trains, and its lock."""
@@ -242,15 +264,14 @@ class _Claim:
 
 def _claim_run(out_root: str | Path, config: Config, *, resume: Path | None, multi_worker: bool,
                log) -> _Claim:
+    _remove_stale_files(Path(out_root) / run_slug(config.name))
     if resume is not None:
-        return _Claim(*_resume_given_run(resume, config), created=False)
+        run_dir, lock = _resume_given_run(resume, config)
+        _remove_stale_temporaries_of(run_dir)
+        return _Claim(run_dir, lock, created=False)
     found = None if multi_worker else find_resumable_run(out_root, config, log=log)
     if found is not None:
-        run_dir, lock = found
-        remove_stale_temporaries(run_dir)
-        for folder in (run_dir / "checkpoints", run_dir / BACKUP_DIR):
-            remove_stale_temporaries(folder)
-        return _Claim(run_dir, lock, created=False)
+        return _Claim(*found, created=False)
     run_dir, lock = create_run_dir(out_root, run_slug(config.name), dump_config(config))
     return _Claim(run_dir, lock, created=True)
 
