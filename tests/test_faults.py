@@ -424,7 +424,25 @@ def test_a_read_only_keras_cache_is_used_and_the_advice_names_where_keras_looks(
     _with_small_filesystem(home, "size=64k", (
         f"mkdir '{home}/datasets' && echo placed > '{home}/datasets/mnist.npz' && "
         f"mount -o remount,ro '{home}' && KERAS_HOME='{home}' PYTHONPATH='{ROOT}' "
-        f"'{sys.executable}' '{tmp_path}/probe.py' > '{tmp_path}/stdout' 2>&1"))
+        f"'{sys.executable}' '{tmp_path}/probe.py' > '{tmp_path}/stdout' 2> /dev/null"))
     lines = (tmp_path / "stdout").read_text().splitlines()
     assert lines[0] == str(home / "datasets" / "mnist.npz"), lines
     assert "put the file in /tmp/.keras/datasets or set data.path" in lines[-1], lines
+
+
+def test_a_resumed_run_stops_early_as_an_uninterrupted_one(tmp_path):
+    """EarlyStopping's memory (wait, best, best weights) is part of the commit."""
+    raw = {**CONFIG, "train": {**CONFIG["train"], "epochs": 12,
+                               "optimizer": {"name": "sgd", "learning_rate": 2.0},
+                               "early_stopping": {"monitor": "val_loss", "patience": 2}}}
+    config = validate(raw)
+    whole = train(config, tmp_path / "whole", log=lambda line: None)
+    assert 3 < whole.metrics["epochs"] < 12, "the test needs a run that stops early"
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "cut", extra_callbacks=[_StopAfter(whole.metrics["epochs"] - 1)],
+              log=lambda line: None)
+    resumed = train(config, tmp_path / "cut", log=lambda line: None)
+    assert resumed.metrics["resumed_from_epoch"] == whole.metrics["epochs"] - 1
+    assert (resumed.run_dir / "history.csv").read_bytes() == (
+        whole.run_dir / "history.csv").read_bytes()
+    assert resumed.metrics["test_loss"] == whole.metrics["test_loss"], "best weights restored"

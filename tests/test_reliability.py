@@ -215,12 +215,48 @@ def test_every_slug_is_a_name_tensorflow_accepts(name):
 def test_a_run_named_with_any_text_trains_into_its_slug(tmp_path):
     from cnnviz.train import train
 
-    name = "Mon réseau (essai 1) 数字"
-    config = validate(_config(name=name, **{"model.layers.0.name": "_conv.1-a"}))
-    result = train(config, tmp_path, log=lambda line: None)
-    assert result.run_dir.parent == tmp_path / run_slug(name)
-    assert run_slug(name) == "Mon-reseau-essai-1"
-    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["name"] == name
+    previous = os.umask(0o027)
+    try:
+        for name, slug in [("Mon réseau (essai 1) 数字", "Mon-reseau-essai-1"),
+                           ("r" * 300, run_slug("r" * 300))]:
+            config = validate(_config(name=name, **{"model.layers.0.name": "_conv.1-a"}))
+            result = train(config, tmp_path, log=lambda line: None)
+            assert result.run_dir.parent == tmp_path / slug and len(slug) <= 64
+            assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["name"] == name
+    finally:
+        os.umask(previous)
+    # Every file, whoever wrote it (cnnviz, Keras's CSVLogger, h5py, zipfile), has the umask's mode.
+    modes = {path.relative_to(tmp_path): stat.S_IMODE(path.stat().st_mode)
+             for path in tmp_path.rglob("*")}
+    assert all(mode == (0o750 if (tmp_path / path).is_dir() else 0o640)
+               for path, mode in modes.items()), modes
+
+
+@pytest.mark.slow
+def test_a_model_keras_cannot_build_leaves_nothing(tmp_path):
+    """A head layer named like a layer of the backbone (only Keras knows those names)."""
+    config_file = tmp_path / "clash.yaml"
+    config_file.write_text(yaml.safe_dump({
+        "data": {"source": "digits", "image_size": [32, 32]},
+        "model": {"backbone": {"name": "VGG16", "weights": None},
+                  "layers": [{"type": "dense", "units": 4, "name": "block1_conv1"}]},
+        "train": {"epochs": 1}}))
+    result = runner.invoke(app, ["train", str(config_file), "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, "block1_conv1", "VGG16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_progress_is_one_line_per_epoch_unless_on_a_terminal(monkeypatch):
+    from cnnviz.train import _keras_verbose
+
+    leader, follower = os.openpty()
+    with open(follower, "w") as terminal, open(os.devnull, "w") as log_file:
+        monkeypatch.setattr(sys, "stdout", terminal)
+        assert _keras_verbose("auto") == 1, "Keras's bar on a terminal"
+        monkeypatch.setattr(sys, "stdout", log_file)
+        assert _keras_verbose("auto") == 2, "one line per epoch in a log"
+        assert _keras_verbose(1) == 1, "unless the config says otherwise"
+    os.close(leader)
 
 
 # ------------------------------------------------------------------------- writes and files
