@@ -79,7 +79,8 @@ def parse_indices(spec: str, count: int, *, option: str = "--images",
                 f"a range (0:500){files}"
             ) from None
     if not indices:
-        raise CnnvizError(f"{option} {spec!r} selects nothing ({what} has {count})")
+        nothing = "no image" if option == "--images" else "nothing"
+        raise CnnvizError(f"{option} {spec!r} selects {nothing} ({what} has {count})")
     return indices
 
 

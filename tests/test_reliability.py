@@ -348,10 +348,11 @@ def _copy_run(run_dir: Path, target: Path) -> Path:
 def test_a_broken_metrics_json_is_one_line(digits_run, tmp_path):
     run_dir = _copy_run(digits_run, tmp_path / "run")
     (run_dir / "metrics.json").write_text('{"test_accuracy": 0.9, "class_na')
+    before = sorted(run_dir.rglob("*"))
     result = runner.invoke(app, ["saliency", str(run_dir), "--images", "0",
                                  "--method", "vanilla"])
     assert_one_line_error(result, str(run_dir / "metrics.json"), "damaged")
-    assert not (run_dir / "figures").exists()
+    assert sorted(run_dir.rglob("*")) == before, "nothing written"
 
 
 def test_a_truncated_keras_file_is_called_truncated_not_missing(digits_run, tmp_path):
