@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _models import tiny_digits_config
 
 from cnnviz.config import validate
 from cnnviz.train import train
@@ -32,19 +33,9 @@ ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
 
 EPOCHS = 4
-CONFIG = {
-    "name": "faults",
-    "seed": 3,
-    "data": {"source": "digits"},
-    "model": {"layers": [
-        {"type": "conv2d", "filters": 4, "kernel": 3, "padding": "same", "name": "conv"},
-        {"type": "max_pool2d", "pool": 2, "name": "pool"},
-        {"type": "flatten", "name": "flat"},
-        {"type": "dropout", "rate": 0.3, "name": "drop"},  # its masks must repeat on resume
-    ]},
-    # checkpoint_interval 0: the checkpoints are written at every epoch, inside the kill window.
-    "train": {"epochs": EPOCHS, "batch_size": 64, "checkpoint_interval": 0},
-}
+# checkpoint_interval 0: the checkpoints are written at every epoch, inside the kill window;
+# the dropout masks must repeat on resume.
+CONFIG = tiny_digits_config("faults", seed=3, epochs=EPOCHS, dropout=0.3, checkpoint_interval=0)
 TEMPORARY = re.compile(r"\.tmp(\.keras|\.weights\.h5)?$")
 
 

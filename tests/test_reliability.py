@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _models import tiny_digits_config
 from typer.testing import CliRunner
 
 from cnnviz.cli import app
@@ -31,19 +32,7 @@ from cnnviz.runs import (
 ROOT = Path(__file__).parent.parent
 runner = CliRunner()
 
-# A tiny config: digits at 8x8, one conv layer.
-TINY = {
-    "name": "tiny",
-    "seed": 1,
-    "data": {"source": "digits"},
-    "model": {"layers": [
-        {"type": "conv2d", "filters": 4, "kernel": 3, "padding": "same", "name": "conv"},
-        {"type": "max_pool2d", "pool": 2, "name": "pool"},
-        {"type": "flatten", "name": "flat"},
-        {"type": "dropout", "rate": 0.2, "name": "drop"},
-    ]},
-    "train": {"epochs": 1, "batch_size": 64},
-}
+TINY = tiny_digits_config("tiny", seed=1, epochs=1, dropout=0.2)
 
 
 def _config(**changes) -> dict:
