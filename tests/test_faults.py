@@ -437,3 +437,16 @@ def test_a_resumed_run_stops_early_as_an_uninterrupted_one(tmp_path):
     assert (resumed.run_dir / "history.csv").read_bytes() == (
         whole.run_dir / "history.csv").read_bytes()
     assert resumed.metrics["test_loss"] == whole.metrics["test_loss"], "best weights restored"
+
+
+def test_a_new_run_that_fails_before_its_first_epoch_leaves_nothing(tmp_path):
+    """Nothing in it to resume, and a leftover would be resumed (and fail again) next time."""
+    import keras
+
+    class FailAtStart(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            raise RuntimeError("out of memory, say")
+
+    with pytest.raises(RuntimeError):
+        train(validate(CONFIG), tmp_path, extra_callbacks=[FailAtStart()], log=lambda line: None)
+    assert list((tmp_path / "faults").iterdir()) == []
