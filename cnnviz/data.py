@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,13 @@ def _fetch(fname: str, origin: str, cache_subdir: str = "datasets", extract: boo
     """
     import keras
 
+    cached = os.path.join(_keras_cache_dir(), cache_subdir, fname)
+    if not extract and os.path.isfile(cached):  # also from a read-only cache, which Keras skips
+        return cached
+    # Keras reads and writes /tmp/.keras instead of a cache it cannot write: an archive to
+    # extract must go there.
+    folder = _keras_cache_dir() if not extract or os.access(_keras_cache_dir(), os.W_OK) else (
+        os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras"))
     try:
         return keras.utils.get_file(
             fname, origin=origin, cache_subdir=cache_subdir, extract=extract,
@@ -116,7 +124,7 @@ def _fetch(fname: str, origin: str, cache_subdir: str = "datasets", extract: boo
     except Exception as error:  # noqa: BLE001 - urllib wraps every network failure differently
         raise CnnvizError(
             f"could not download {fname} from {origin} ({error}); with no network, put the file in "
-            f"{os.path.join(_keras_cache_dir(), cache_subdir)} or set data.path to a local copy"
+            f"{os.path.join(folder, cache_subdir)} or set data.path to a local copy"
         ) from None
 
 

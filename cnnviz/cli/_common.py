@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -103,6 +104,9 @@ def command(*args, typer_app: typer.Typer = app, **kwargs):
                     _print_json(stdout, {"command": name or function.__name__, "ok": False,
                                          "exit_code": USER_ERROR, "error": str(error)})
                 fail(str(error))
+            except OSError as error:  # a file the library does not write itself (one line too)
+                where = f"{error.filename}: " if error.filename else ""
+                fail(f"{where}{error.strerror or error}")
             except KeyboardInterrupt:
                 typer.echo("interrupted", err=True)
                 raise typer.Exit(130) from None
@@ -141,6 +145,22 @@ def _json_default(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def writable_out(out: Path | None, default: Path) -> Path:
+    """The folder to write into (`--out`, else `default`), refused at once (before any work)
+    when it is a file or lies on a read-only or forbidden place."""
+    folder = out if out is not None else default
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    option = f"--out {out}" if out is not None else f"output folder {folder}"
+    if not existing.is_dir():
+        fail(f"{option}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"{option}: cannot write in {existing} (read-only or permission denied); "
+             "use --out with a writable folder")
+    return folder
 
 
 def import_tensorflow() -> None:
@@ -221,7 +241,7 @@ def run_and_folder(source: Path, out: Path | None, command_name: str):
 
     run = load_run(source)
     if out is not None:
-        return run, out
+        return run, writable_out(out, out)
     if run.directory is not None:
         return run, run.directory / "figures" / command_name
     return run, Path("outputs") / "figures" / source.stem / command_name

@@ -266,7 +266,6 @@ def _write_record(record: dict, folders: set[Path]) -> Path | None:
 
 def _recorded_preprocessing(directory: Path | None) -> dict | None:
     """The preprocessing metrics.json recorded for the run (None for a bare .keras file)."""
-    if directory is None or not (directory / "metrics.json").is_file():
-        return None
-    return json.loads((directory / "metrics.json").read_text()).get("preprocessing")
+    from cnnviz.runs import read_metrics
 
+    return read_metrics(directory).get("preprocessing")

@@ -28,8 +28,15 @@ from cnnviz.cli._common import (
     load_config_file,
     smoke_figure_options,
     smoke_trust_methods,
+    writable_out,
 )
 from cnnviz.errors import CnnvizError
+
+ResumeOption = Annotated[
+    Path | None,
+    typer.Option("--resume", help="Resume this interrupted run directory; exit 2 if a live "
+                 "process is training it."),
+]
 
 
 @command("train")
@@ -37,6 +44,7 @@ def train_command(
     config: ConfigArgument,
     out: OutOption = None,
     set_: SetOption = None,
+    resume: ResumeOption = None,
     expect: ExpectOption = None,
     junit: JunitOption = None,
     json_output: JsonOption = False,
@@ -44,17 +52,22 @@ def train_command(
 ) -> dict:
     """Train the model a config describes into outputs/<name>/<timestamp>.
 
-    Re-running the same command after an interrupted run resumes it from its last finished epoch.
+    Re-running the same command after an interrupted run resumes it from its last finished
+    epoch (unless another process is training it: then a new run starts).
     Exit codes: 0 done, 1 an expectation failed, 2 bad input (nothing trained).
     """
     started = time.perf_counter()
     resolved = load_config_file(config, set_, smoke=smoke)
     expectations = expectations_for(resolved, expect, "train")
+    out_root = writable_out(out, Path("outputs"))
+    from cnnviz.train import check_resume, train
+
+    if resume is not None:
+        check_resume(resume, resolved)  # before TensorFlow's import: a live run fails at once
     import_tensorflow()
     from cnnviz.gates import needs_evaluation, training_values
-    from cnnviz.train import train
 
-    result = train(resolved, out or Path("outputs"))
+    result = train(resolved, out_root, resume=resume)
     files = print_training(result)
     payload = {"run_dir": str(result.run_dir), "smoke": smoke, "metrics": result.metrics}
     values = training_values(result.metrics)
@@ -142,7 +155,9 @@ def summary_command(
         from cnnviz.summary import model_from_config
 
         model = model_from_config(resolved)
-        folder = out or Path("outputs") / (resolved.name or target.stem) / "summary"
+        from cnnviz.config import run_slug
+
+        folder = out or Path("outputs") / run_slug(resolved.name or target.stem) / "summary"
     else:
         import_tensorflow()
         from cnnviz.runs import load_run
@@ -185,11 +200,12 @@ def run_command(
     started = time.perf_counter()
     resolved = load_config_file(config, set_, smoke=smoke)
     expectations = expectations_for(resolved, expect, "run")
+    out_root = writable_out(out, Path("outputs"))
     import_tensorflow()
     from cnnviz.gates import training_values, trust_checks, trust_values
     from cnnviz.train import train
 
-    result = train(resolved, out or Path("outputs"))
+    result = train(resolved, out_root)
     files = print_training(result)
     timings = {"train_s": round(time.perf_counter() - started, 3)}
     run = load_run(result.run_dir)
