@@ -317,7 +317,14 @@ def load_dataset(config: Config) -> Dataset:
         class_names = [str(index) for index in range(num_classes)]
 
     if data.test_limit is not None and data.test_limit < len(y_test):
-        kept = np.sort(_split_indices(y_test, data.test_limit / len(y_test), config.seed + 3)[1])
+        # Exactly test_limit images, each class in its share: rank every image within its
+        # class (seeded order), keep the lowest ranks.
+        order = np.random.default_rng(config.seed + 3).permutation(len(y_test))
+        rank = np.empty(len(y_test))
+        for label in np.unique(y_test):
+            members = order[y_test[order] == label]
+            rank[members] = (np.arange(len(members)) + 0.5) / len(members)
+        kept = np.sort(np.argsort(rank, kind="stable")[: data.test_limit])
         x_test, y_test = x_test[kept], y_test[kept]
         for key in [key for key in extras if key.endswith("_test")]:
             extras[key] = extras[key][kept]
