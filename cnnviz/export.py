@@ -13,6 +13,7 @@ takes what its training data was scaled to; export.json records which.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -83,7 +84,8 @@ def export_model(model, path: str | Path, format_name: str) -> Path:
     written = staging / path.name
     _call_once(model)
     try:
-        with _quiet_stderr():  # the converters log pages of C++ and absl lines
+        # The converters log pages of C++ and absl lines.
+        with _quiet_stderr(), _statistics_as_variables(model, format_name == "onnx"):
             model.export(str(written), format=FORMATS[format_name].keras_format, verbose=False)
         _replace(written, path)
     except CnnvizError:
@@ -95,6 +97,31 @@ def export_model(model, path: str | Path, format_name: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def _statistics_as_variables(model, active: bool):
+    """For the ONNX converter: a Normalization layer given its mean and variance keeps them as
+    plain tensors, which tf2onnx turns into extra graph inputs instead of constants (the
+    exported model would then need them fed). While exporting, they are variables (frozen
+    into the graph as initializers); the layer is restored afterwards."""
+    swapped = []
+    if active:
+        import tensorflow as tf
+
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            if type(layer).__name__ == "Normalization" and getattr(layer, "input_mean", None) \
+                    is not None and getattr(layer, "mean", None) is not None:
+                swapped.append((layer, layer.mean, layer.variance))
+                # object.__setattr__: Keras would otherwise track the variables as new weights.
+                object.__setattr__(layer, "mean", tf.Variable(layer.mean, trainable=False))
+                object.__setattr__(layer, "variance", tf.Variable(layer.variance, trainable=False))
+    try:
+        yield
+    finally:
+        for layer, mean, variance in swapped:
+            object.__setattr__(layer, "mean", mean)
+            object.__setattr__(layer, "variance", variance)
 
 
 def _call_once(model) -> None:

@@ -117,3 +117,25 @@ def test_a_missing_extra_is_named_in_one_line(digits_run, monkeypatch, tmp_path)
     assert lines == [("error: --format onnx needs the packages onnx, tf2onnx (missing: tf2onnx); "
                       "install them with: pip install 'cnnviz[export]'")]
     assert not Path(tmp_path / "m.onnx").exists()
+
+
+def test_a_normalization_layer_exports_to_onnx_with_one_input(tmp_path):
+    """Normalization(mean=, variance=) keeps plain tensors that tf2onnx would make inputs."""
+    import keras
+    import onnxruntime
+
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Normalization(mean=[120.0, 110.0, 100.0], variance=[900.0, 800.0, 700.0])(
+        inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(
+        keras.layers.Flatten()(x)))
+    model.save(tmp_path / "normalized.keras")
+    result = runner.invoke(app, ["export", str(tmp_path / "normalized.keras"), "--format", "onnx",
+                                 "--out", str(tmp_path / "n.onnx")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    session = onnxruntime.InferenceSession(str(tmp_path / "n.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    assert len(session.get_inputs()) == 1
+    images = np.random.default_rng(0).uniform(0, 255, (5, 6, 6, 3)).astype(np.float32)
+    (received,) = session.run(None, {session.get_inputs()[0].name: images})
+    assert np.max(np.abs(received - model.predict(images, verbose=0))) <= 1e-4
