@@ -10,3 +10,7 @@ class CnnvizError(Exception):
 
 class ConfigError(CnnvizError):
     """A config file or `--set` override that cannot be loaded or validated."""
+
+
+class CnnvizWarning(UserWarning):
+    """Something the user should know that does not stop the work (printed as one line)."""

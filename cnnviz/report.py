@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +47,17 @@ class Selection:
     labels: np.ndarray  # (N,) int32 true class, -1 where unknown (image files)
     names: list[str]  # file-name stems: test_0007, or the image file's stem
     class_names: list[str]
+    # What the percentages in captions are: the model's own probabilities, or ours of its logits.
+    probability_label: str = "probability"
 
 
 # ----------------------------------------------------------------------------- image choice
-def parse_indices(spec: str, count: int) -> list[int]:
-    """`0,3,7` or `0:500` or `10:20:2` (Python slices, end exclusive) -> indices below `count`."""
+def parse_indices(spec: str, count: int, *, option: str = "--images",
+                  domain: str = "the test split") -> list[int]:
+    """`0,3,7` or `0:500` or `10:20:2` (Python slices, end exclusive) -> indices below `count`.
+
+    `option` and `domain` name the flag and what it indexes in error messages.
+    """
     indices: list[int] = []
     for part in (part.strip() for part in spec.split(",")):
         if not part:
@@ -66,18 +72,26 @@ def parse_indices(spec: str, count: int) -> list[int]:
                 index = int(part)
                 if not -count <= index < count:
                     raise CnnvizError(
-                        f"--images {spec!r}: index {index} is outside the test split "
+                        f"{option} {spec!r}: index {index} is outside {domain} "
                         f"(0..{count - 1})"
                     )
                 indices.append(index % count)
         except ValueError:
+            what = "nor an image file" if option == "--images" else "nor `all`"
             raise CnnvizError(
-                f"--images {spec!r}: {part!r} is neither an index (7), a range (0:500) nor an "
-                "image file"
+                f"{option} {spec!r}: {part!r} is neither an index (7), a range (0:500) {what}"
             ) from None
     if not indices:
-        raise CnnvizError(f"--images {spec!r} selects no image (the test split has {count})")
+        what = "no image" if option == "--images" else "nothing"
+        raise CnnvizError(f"{option} {spec!r} selects {what} ({domain} has {count})")
     return indices
+
+
+def parse_class_spec(spec: str, count: int) -> list[int]:
+    """`all`, `0:10` or `3,5` -> class indices below `count` (for --classes)."""
+    if spec.strip().lower() == "all":
+        return list(range(count))
+    return parse_indices(spec, count, option="--classes", domain="the model's classes")
 
 
 def _looks_like_files(spec: str) -> bool:
@@ -127,21 +141,44 @@ def load_image_files(paths: Sequence[Path], input_shape: tuple[int, int, int], p
     return preprocessing.apply(raw)
 
 
-def select_images(run: Run, spec: str) -> Selection:
+def probability_label(model, output=None) -> str:
+    """How captions name the percentages `predict_probabilities` gives for this output."""
+    from cnnviz.explain._common import output_activation
+
+    activation = output_activation(model, output)
+    if activation == "linear":
+        single = int(model.outputs[_output(model, output)].shape[-1]) == 1
+        return "sigmoid of the logit" if single else "softmax of the logits"
+    return f"{activation} probability"
+
+
+def _output(model, output) -> int:
+    from cnnviz.explain._common import output_index
+
+    return output_index(model, output)
+
+
+def select_images(run: Run, spec: str, *, output=None) -> Selection:
     """The images `--images` names: test-split indices of the run, or image files."""
+    from cnnviz.explain._compiled import require_built
+
+    require_built(run.model)
+    index = _output(run.model, output)
     input_shape = tuple(int(size) for size in run.model.inputs[0].shape[1:])
-    num_outputs = int(run.model.outputs[0].shape[-1])
+    num_outputs = int(run.model.outputs[index].shape[-1])
     class_names = class_names_of(run, num_outputs)
+    label = probability_label(run.model, index)
     if _looks_like_files(spec):
         paths = [Path(part.strip()) for part in spec.split(",") if part.strip()]
         images = load_image_files(paths, input_shape, _preprocessing(run))
         return Selection(images, np.full(len(paths), -1, np.int32),
-                         [path.stem for path in paths], class_names)
+                         [path.stem for path in paths], class_names, label)
     dataset = run.dataset()
     indices = parse_indices(spec, len(dataset.x_test))
     width = len(str(len(dataset.x_test) - 1))
     return Selection(dataset.x_test[indices], dataset.y_test[indices],
-                     [f"test_{index:0{width}d}" for index in indices], dataset.class_names)
+                     [f"test_{index:0{width}d}" for index in indices], dataset.class_names,
+                     label)
 
 
 # -------------------------------------------------------------------------------- batching
@@ -195,11 +232,12 @@ def write_per_image(
 
 
 def caption(selection: Selection, index: int, probabilities: np.ndarray) -> str:
-    """`true 3 · predicted 3 (97%)` (or without the true class for an image file)."""
+    """`true 3 · predicted 3 (97% softmax probability)` (no true class for an image file)."""
     names = selection.class_names
     predicted = int(np.argmax(probabilities))
     predicted_name = names[predicted] if predicted < len(names) else str(predicted)
-    text = f"predicted {predicted_name} ({probabilities[predicted]:.0%})"
+    text = (f"predicted {predicted_name} ({probabilities[predicted]:.0%} "
+            f"{selection.probability_label})")
     label = int(selection.labels[index])
     if label >= 0:
         true_name = names[label] if label < len(names) else str(label)
@@ -250,7 +288,7 @@ def _chunk_targets(target: int | None, probabilities: np.ndarray) -> np.ndarray:
 
 def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequence[str],
                      target: int | None = None, samples: int = 20, noise: float = 0.15,
-                     seed: int = 0) -> list[FigureFile]:
+                     seed: int = 0, output=None) -> list[FigureFile]:
     """One figure per image: the input next to each saliency method's map."""
     from cnnviz.explain import saliency
     from cnnviz.plot import saliency_row
@@ -258,10 +296,10 @@ def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequ
     suffix = "all" if len(methods) > 1 else methods[0]
 
     def explain_chunk(images, labels):
-        probabilities = predict_probabilities(model, images)
+        probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
         maps = {method: saliency(model, images, targets, method=method, samples=samples,
-                                 noise=noise, seed=seed) for method in methods}
+                                 noise=noise, seed=seed, output=output) for method in methods}
         return [(probabilities[i], targets[i], {m: maps[m][i] for m in methods})
                 for i in range(len(images))]
 
@@ -275,7 +313,8 @@ def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequ
 
 
 def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | None = None,
-                    guided: bool = False, target: int | None = None) -> list[FigureFile]:
+                    guided: bool = False, target: int | None = None,
+                    output=None) -> list[FigureFile]:
     """One figure per image: the Grad-CAM heatmap over the input (and Guided Grad-CAM)."""
     from cnnviz.explain import gradcam, gradcam_layer
     from cnnviz.plot import gradcam_figure
@@ -283,10 +322,11 @@ def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | N
     layer_name = gradcam_layer(model, layer)
 
     def explain_chunk(images, labels):
-        probabilities = predict_probabilities(model, images)
+        probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
-        heatmaps = gradcam(model, images, targets, layer=layer_name)
-        guided_maps = gradcam(model, images, targets, layer=layer_name, guided=True) if guided else None
+        heatmaps = gradcam(model, images, targets, layer=layer_name, output=output)
+        guided_maps = (gradcam(model, images, targets, layer=layer_name, guided=True,
+                               output=output) if guided else None)
         return [(probabilities[i], targets[i], heatmaps[i],
                  None if guided_maps is None else guided_maps[i]) for i in range(len(images))]
 
@@ -300,17 +340,23 @@ def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | N
     return write_per_image(selection, folder, f"grad-cam ({layer_name})", explain_chunk, draw)
 
 
+def file_stem(layer_path: str) -> str:
+    """A layer path as part of a file name: `base/conv1` -> `base__conv1`."""
+    return layer_path.replace("/", "__")
+
+
 def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int = 4,
                       stride: int | None = None, fill: float = 0.5,
-                      target: int | None = None) -> list[FigureFile]:
+                      target: int | None = None, output=None) -> list[FigureFile]:
     """One figure per image: input, P(target) under occlusion, and the predicted-class map."""
     from cnnviz.explain import occlusion
     from cnnviz.plot import occlusion_figure
 
     def explain_chunk(images, labels):
-        probabilities = predict_probabilities(model, images)
+        probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
-        result = occlusion(model, images, targets, patch=patch, stride=stride, fill=fill)
+        result = occlusion(model, images, targets, patch=patch, stride=stride, fill=fill,
+                           output=output)
         return [(probabilities[i], targets[i], result.probability[i], result.predicted_class[i],
                  result.unoccluded_probability[i]) for i in range(len(images))]
 
@@ -329,31 +375,42 @@ def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int =
     return write_per_image(selection, folder, "occlusion", explain_chunk, draw)
 
 
-def feature_map_figures(model, selection: Selection, folder: Path, *,
-                        layers: Sequence[str]) -> list[FigureFile]:
-    """One figure per image and layer: the input and the layer's feature maps."""
-    from cnnviz.explain import feature_maps
+def feature_map_figures(model, selection: Selection, folder: Path, *, layers: Sequence[str],
+                        max_channels: int | None = 64, output=None) -> list[FigureFile]:
+    """One figure per image and layer: the input and the layer's (most active) feature maps.
+
+    All layers come from one forward pass per chunk of images (`layer_activations`).
+    """
+    from cnnviz.explain.layers import layer_activations
     from cnnviz.plot import feature_maps_grid
 
     def explain_chunk(images, labels):
-        probabilities = predict_probabilities(model, images)
-        maps = {layer: feature_maps(model, images, layer) for layer in layers}
-        return [(probabilities[i], {layer: maps[layer][i] for layer in layers})
+        probabilities = predict_probabilities(model, images, output=output)
+        activations = layer_activations(model, images, layers, max_channels=max_channels,
+                                        output=output)
+        return [(probabilities[i], {path: (found.maps[i], found.channels[i], found.total_channels)
+                                    for path, found in activations.items()})
                 for i in range(len(images))]
 
     def draw(index, payload):
         probabilities, maps = payload
-        return [(f"{selection.names[index]}_{layer}.png",
-                 feature_maps_grid(selection.images[index], layer_maps, layer_name=layer,
-                                   title=f"Feature maps of {layer} — "
+        return [(f"{selection.names[index]}_{file_stem(path)}.png",
+                 feature_maps_grid(selection.images[index], layer_maps, layer_name=path,
+                                   channels=channels, total_channels=total,
+                                   max_maps=len(channels),
+                                   title=f"Feature maps of {path} — "
                                          f"{caption(selection, index, probabilities)}"))
-                for layer, layer_maps in maps.items()]
+                for path, (layer_maps, channels, total) in maps.items()]
 
     return write_per_image(selection, folder, "feature maps", explain_chunk, draw)
 
 
 def conv_layer_names(model) -> list[str]:
-    return [layer.name for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    """Paths of the convolution layers (Conv2D, DepthwiseConv2D, SeparableConv2D), nested
+    models opened: what `filters` and `feature-maps` show without `--layer`."""
+    from cnnviz.explain.layers import kernel_paths
+
+    return kernel_paths(model)
 
 
 def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[FigureFile]:
@@ -362,23 +419,33 @@ def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[Figure
     from cnnviz.plot import filters_grid
 
     written = []
-    for layer in layers:
-        kernels = filters(model, layer)
-        title = (f"Filters of {layer}: {kernels.shape[3]} kernels of "
-                 f"{kernels.shape[0]}x{kernels.shape[1]}x{kernels.shape[2]}")
-        written.append(save_captioned(filters_grid(kernels, title=title), folder / f"{layer}.png"))
+    with progress_bar(len(layers), "filters") as progress:
+        task = progress.add_task("filters", total=len(layers))
+        for layer in layers:
+            kernels = filters(model, layer)
+            title = (f"Filters of {layer}: {kernels.shape[3]} kernels of "
+                     f"{kernels.shape[0]}x{kernels.shape[1]}x{kernels.shape[2]}")
+            written.append(save_captioned(filters_grid(kernels, title=title),
+                                          folder / f"{file_stem(layer)}.png"))
+            progress.advance(task)
     return written
 
 
 def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
                           layer: str | None = None, indices: Sequence[int] | None = None,
-                          steps: int = 256, seed: int = 0) -> FigureFile:
-    """One grid: the input that maximizes each class score (or each chosen filter of `layer`)."""
+                          steps: int = 256, seed: int = 0, output=None,
+                          input_range: tuple[float, float] | None = None) -> FigureFile:
+    """One grid: the input that maximizes each class score (or each chosen filter of `layer`).
+
+    Classes default to the first 10 (filters to the first 16); the images are optimized and
+    drawn in the model's input range (`input_range`, default `_common.input_range(model)`),
+    with a progress bar per chunk of images.
+    """
     from cnnviz.explain import activation_maximization_batch
     from cnnviz.plot import activation_max_grid
 
     if layer is None:
-        indices = list(indices if indices is not None else range(len(class_names)))
+        indices = list(indices if indices is not None else range(min(len(class_names), 10)))
         labels = [class_names[index] if index < len(class_names) else str(index)
                   for index in indices]
         title, name = "Activation maximization: the input each class wants most", "classes.png"
@@ -388,15 +455,26 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
         channels = int(get_layer(model, layer).output.shape[-1])
         indices = list(indices if indices is not None else range(min(channels, 16)))
         labels = [f"filter {index}" for index in indices]
-        title, name = f"Activation maximization of {layer}'s filters", f"{layer}.png"
+        title = f"Activation maximization of {layer}'s filters"
+        name = f"{file_stem(layer)}.png"
     height = int(model.inputs[0].shape[1])
     # The library's defaults suit 8x8 inputs; from ~20 px up, stronger smoothing (chosen by eye
     # on 28x28 digits, every class still the top prediction) keeps the images readable.
     smoothing = ({"learning_rate": 0.02, "l2": 0.2, "tv": 0.5, "blur_sigma": 1.0}
                  if height >= 20 else {})
-    images = activation_maximization_batch(model, layer, indices, steps=steps, seed=seed,
-                                           **smoothing)
+    with progress_bar(len(indices), "activation maximization") as progress:
+        task = progress.add_task("activation maximization", total=len(indices))
+        images = activation_maximization_batch(
+            model, layer, indices, steps=steps, seed=seed, output=output,
+            input_range=input_range, progress=lambda done: progress.advance(task, done),
+            **smoothing)
     return save_captioned(activation_max_grid(images, labels, title=title), folder / name)
+
+
+def predicted_classes(model, images: np.ndarray, *, output=None, limit: int = 64) -> list[int]:
+    """The distinct classes the model predicts for `images`, in order of first appearance."""
+    predicted = predict_probabilities(model, images, output=output).argmax(axis=-1)
+    return [int(label) for label in dict.fromkeys(predicted.tolist())][:limit]
 
 
 def one_per_class(labels: np.ndarray, limit: int = 10) -> str:
@@ -412,9 +490,9 @@ def all_figures(run: Run, selection: Selection, folder: Path, *, feature_map_ima
 
     model = run.model
     conv_layers = conv_layer_names(model)
-    first_images = Selection(selection.images[:feature_map_images],
-                             selection.labels[:feature_map_images],
-                             selection.names[:feature_map_images], selection.class_names)
+    first_images = replace(selection, images=selection.images[:feature_map_images],
+                           labels=selection.labels[:feature_map_images],
+                           names=selection.names[:feature_map_images])
     layer = gradcam_layer(model)
     return [
         ("Saliency: vanilla, guided backpropagation, rectified (deconvnet), SmoothGrad",

@@ -128,7 +128,7 @@ def test_image_files_are_preprocessed_like_the_training_data(digits_run, tmp_pat
     (["gradcam", "{run}", "--layer", "conv9"], "no layer named 'conv9'"),
     (["gradcam", "{run}", "--layer", "flatten"], "flatten"),
     (["saliency", "{run}", "--target", "12"], "--target 12 is not a class"),
-    (["filters", "{run}", "--layer", "dense"], "Conv2D layers: conv1, conv2"),
+    (["filters", "{run}", "--layer", "dense"], "Layers with kernels: conv1, conv2"),
     (["saliency", "{run}", "--images", "missing.png"], "missing.png does not exist"),
 ])
 def test_bad_figure_requests_exit_2_with_one_line(digits_run, args, message):

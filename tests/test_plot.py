@@ -175,23 +175,36 @@ def test_filters_grid_rejects_wrong_shape():
 
 # --------------------------------------------------------------------------- feature maps
 def test_feature_maps_grid_draws_input_and_each_map_scaled_to_its_range():
+    from matplotlib import colormaps
+
     maps = np.maximum(RNG.normal(size=(6, 6, 5)), 0)
     maps[..., 2] = 0.0  # a dead channel
     fig = feature_maps_grid(GRAY, maps, layer_name="conv1")
     _decoded(fig)
     shown = _image_axes(fig)
     assert shown[0].get_title() == "input"
-    assert [ax.get_title() for ax in shown[1:]] == ["#0", "#1", "#2 flat 0", "#3", "#4"]
-    first = np.asarray(shown[1].get_images()[0].get_array())
-    np.testing.assert_allclose(first, (maps[..., 0] - maps[..., 0].min()) / np.ptp(maps[..., 0]))
-    assert np.isfinite(np.asarray(shown[3].get_images()[0].get_array())).all()
+    labels = [text.get_text() for text in shown[1].texts]
+    assert labels == ["#0", "#1", "#2 flat 0", "#3", "#4"]
+    mosaic = np.asarray(shown[1].get_images()[0].get_array())  # 2 rows x 3 of 6 x 6, gap 1
+    first = (maps[..., 0] - maps[..., 0].min()) / np.ptp(maps[..., 0])
+    np.testing.assert_allclose(mosaic[:6, :6], colormaps["viridis"](first)[..., :3])
+    dead = mosaic[:6, 14:20]  # tile 2: row 0, column 2
+    np.testing.assert_allclose(dead, colormaps["viridis"](np.zeros((6, 6)))[..., :3])
+    assert np.isfinite(mosaic).all()
     assert "conv1" in fig.get_suptitle()
 
 
 def test_feature_maps_grid_caps_maps_and_accepts_a_batch_of_one():
     fig = feature_maps_grid(RGB_0_255, RNG.uniform(size=(1, 4, 4, 80)), layer_name="c", max_maps=9)
-    assert len(_image_axes(fig)) == 1 + 9
-    assert "first 9 of 80" in _all_text(fig)
+    assert len(_image_axes(fig)[1].texts) == 9
+    assert "9 first of 80" in _all_text(fig)
+
+
+def test_feature_maps_grid_labels_tiles_with_the_chosen_channels():
+    fig = feature_maps_grid(GRAY, RNG.uniform(size=(4, 4, 3)), layer_name="c", channels=[7, 2, 40],
+                            total_channels=64)
+    assert [text.get_text() for text in _image_axes(fig)[1].texts] == ["#7", "#2", "#40"]
+    assert "3 most active of 64" in _all_text(fig)
 
 
 # ------------------------------------------------------------------- activation maximization

@@ -90,7 +90,14 @@ TargetOption = Annotated[
     int | None, typer.Option("--target", help="Class to explain (default: the predicted one).")
 ]
 LayerOption = Annotated[
-    str | None, typer.Option("--layer", help="Layer name (see `cnnviz summary`).")
+    str | None,
+    typer.Option("--layer", help="Layer: a path through nested models (base/conv1) or a name "
+                                 "unique in the model; `cnnviz layers` lists them."),
+]
+OutputOption = Annotated[
+    str | None,
+    typer.Option("--output", help="Which output of a multi-output model: its name or index "
+                                  "(the error for a multi-output model lists them)."),
 ]
 ModelSourceArgument = Annotated[
     Path, typer.Argument(help="A run directory, a .keras file, or a config (.yaml: untrained model).")

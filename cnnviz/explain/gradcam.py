@@ -13,12 +13,14 @@ import numpy as np
 from cnnviz.errors import CnnvizError
 from cnnviz.explain._common import (
     as_image_batch,
-    default_conv_layer,
+    default_layer_path,
     features_and_logits,
-    get_layer,
+    four_d_paths,
+    output_rank,
     target_scores,
 )
 from cnnviz.explain._compiled import (
+    batch_size_for,
     check_images,
     choose_targets,
     model_copy,
@@ -26,51 +28,42 @@ from cnnviz.explain._compiled import (
     run_batched,
     target_array,
 )
+from cnnviz.explain._graph import find_layer
 from cnnviz.explain.saliency import _gradient_maps
 
 # Added to a map's max before dividing: an all-zero map stays 0 instead of becoming NaN.
 _EPSILON = 1e-12
 
 
-def _four_d_layers(model) -> list[str]:
-    names = []
-    for layer in model.layers:
-        try:
-            shape = layer.output.shape
-        except (AttributeError, ValueError):
-            continue
-        if len(shape) == 4 and type(layer).__name__ != "InputLayer":
-            names.append(layer.name)
-    return names
-
-
 def gradcam_layer(model, layer=None) -> str:
-    """The name of the layer Grad-CAM explains.
+    """The path of the layer Grad-CAM explains.
 
     Args:
         model: a built Keras model.
-        layer: None (the last layer with a 4-D output, `_common.default_conv_layer`), a layer
-            name, or a layer of `model`.
+        layer: None (the last layer with a 4-D output, inside nested models too:
+            `_common.default_layer_path`), a path through nested models (`base/conv`), a name
+            (top-level, or unique in the model), or a layer object of `model`.
 
     Returns:
-        The layer's name.
+        The layer's path (its name for a top-level layer).
 
     Raises:
         CnnvizError: no such layer in `model`, or its output is not (N, h, w, K).
     """
     require_built(model)
     if layer is None:
-        return default_conv_layer(model).name
-    name = layer if isinstance(layer, str) else getattr(layer, "name", repr(layer))
-    found = get_layer(model, name)
-    if not isinstance(layer, str) and found is not layer:
-        raise CnnvizError(f"layer {name!r} is not a layer of model {model.name!r}")
-    if len(found.output.shape) != 4:
+        return default_layer_path(model)
+    entry = find_layer(model, layer)
+    if output_rank(entry.layer) != 4:
+        paths = four_d_paths(model)
+        listing = (", ".join(paths) if len(paths) <= 40
+                   else f"{len(paths)} layers (list them with `cnnviz layers`)")
+        shape = tuple(entry.layer.output.shape)
         raise CnnvizError(
-            f"Grad-CAM needs a layer with a 4-D output (N, h, w, K); layer {name!r} outputs "
-            f"{tuple(found.output.shape)}. 4-D layers: {', '.join(_four_d_layers(model))}"
+            f"Grad-CAM needs a layer with a 4-D output (N, h, w, K); layer {entry.path!r} "
+            f"outputs {shape}. 4-D layers: {listing}"
         )
-    return name
+    return entry.path
 
 
 def _gradcam_body(layer_name: str, height: int, width: int):
@@ -105,7 +98,14 @@ def _normalized(maps: np.ndarray) -> np.ndarray:
 
 
 def gradcam(
-    model, images, targets=None, *, layer=None, guided: bool = False, batch_size: int = 128
+    model,
+    images,
+    targets=None,
+    *,
+    layer=None,
+    guided: bool = False,
+    output=None,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Grad-CAM heatmaps (Selvaraju et al. 2017): where the conv layer saw evidence for the target.
 
@@ -113,11 +113,13 @@ def gradcam(
         model: a built Keras classifier (softmax or single-sigmoid output); not modified.
         images: (N, H, W, C) or (H, W, C) array.
         targets: None (each image's predicted class), an int, or a sequence of N ints.
-        layer: the conv layer (name or layer object); None picks the last 4-D layer
-            (see `gradcam_layer`).
+        layer: the conv layer: a path through nested models (`base/conv`), a name, or a layer
+            object; None picks the last 4-D layer, nested models searched (`gradcam_layer`).
         guided: multiply by the guided-backprop saliency map, itself scaled to [0, 1] per image
             (Guided Grad-CAM), and scale the product to [0, 1] again.
-        batch_size: images per compiled chunk.
+        output: which output of a multi-output model (index or name); None for one output.
+        batch_size: most images per compiled chunk; None sizes it to the model
+            (`_compiled.batch_size_for`).
 
     Returns:
         (N, H, W) float32 in [0, 1]; per image, the map over its own max, upsampled bilinearly
@@ -125,7 +127,7 @@ def gradcam(
     """
     batch = as_image_batch(images)
     name = gradcam_layer(model, layer)
-    logits = model_copy(model, "logits")
+    logits = model_copy(model, "logits", output=output)
     check_images(logits.model, batch)
     wanted = target_array(logits.model, targets, len(batch))
     height, width = batch.shape[1:3]
@@ -135,10 +137,10 @@ def gradcam(
         _gradcam_body(name, height, width),
         len(batch),
         lambda start, stop: [batch[start:stop], wanted[start:stop]],
-        batch_size,
+        batch_size_for(logits, batch_size),
     )
     if guided:
         # Same targets as the CAM (resolved once), so both halves explain the same class.
-        maps, _ = _gradient_maps(model, batch, chosen, "guided", batch_size)
+        maps, _ = _gradient_maps(model, batch, chosen, "guided", batch_size, output=output)
         cams = _normalized(cams * _normalized(maps))
     return cams.astype(np.float32)

@@ -149,3 +149,28 @@ def grid_shape(count: int, max_columns: int = 8) -> tuple[int, int]:
     """(rows, columns) for `count` tiles: close to square, at most `max_columns` wide."""
     columns = max(1, min(max_columns, math.ceil(math.sqrt(count))))
     return max(1, math.ceil(count / columns)), columns
+
+
+def mosaic(tiles: np.ndarray, columns: int, *, gap: int | None = None,
+           background: float = 1.0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Tiles (K, h, w) or (K, h, w, 3) laid out row by row in one array, `gap` pixels apart.
+
+    One image with one `imshow` draws a thousand times faster than a thousand small axes
+    (a MobileNetV2 layer set went from minutes to seconds).
+
+    Returns:
+        (the mosaic, (top, left) of each tile in it).
+    """
+    count, height, width = tiles.shape[:3]
+    gap = max(1, min(height, width) // 8) if gap is None else gap
+    rows = max(1, math.ceil(count / columns))
+    shape = (rows * height + (rows - 1) * gap, columns * width + (columns - 1) * gap,
+             *tiles.shape[3:])
+    canvas = np.full(shape, background, dtype=np.float64)
+    origins = []
+    for index in range(count):
+        top = (index // columns) * (height + gap)
+        left = (index % columns) * (width + gap)
+        canvas[top:top + height, left:left + width] = tiles[index]
+        origins.append((top, left))
+    return canvas, origins

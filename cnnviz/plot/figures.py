@@ -23,6 +23,7 @@ from cnnviz.plot.display import (
     grid_shape,
     image_extent,
     is_constant,
+    mosaic,
     new_figure,
     normalize01,
     note,
@@ -174,52 +175,65 @@ def feature_maps_grid(
     layer_name: str,
     max_maps: int = 64,
     title: str | None = None,
+    channels=None,
+    total_channels: int | None = None,
 ) -> Figure:
     """An input image beside the feature maps one layer computes for it.
 
     Each map is scaled to its own min..max (viridis) so weak channels stay visible; channels that
-    are constant for this image (e.g. dead ReLUs) are labelled "flat".
+    are constant for this image (e.g. dead ReLUs) are labelled "flat". The maps are drawn as one
+    mosaic image (one `imshow`), each tile labelled with its channel index.
 
     Args:
         image: the input, (H, W, C) (or (H, W)).
-        maps: the layer's output for that image, (h, w, channels) (a leading batch axis of 1 is
+        maps: the layer's output for that image, (h, w, k) (a leading batch axis of 1 is
             dropped), e.g. `feature_maps(model, image[None], layer)[0]`.
-        layer_name: the layer's name, for the titles.
-        max_maps: draw at most this many channels (the first ones).
+        layer_name: the layer's name or path, for the titles.
+        max_maps: draw at most this many maps (the first ones).
         title: figure title; defaults to "Feature maps of <layer_name>".
+        channels: (k,) the channel index of each map (when `maps` holds a chosen subset, e.g.
+            the most active); default 0..k-1.
+        total_channels: how many channels the layer has (default k), for the subtitle.
 
     Returns:
-        A Figure: the input on the left, a grid of maps on the right.
+        A Figure: the input on the left, the mosaic of maps on the right.
     """
+    from matplotlib import colormaps
+
     values = finite(maps)
     if values.ndim == 4 and values.shape[0] == 1:
         values = values[0]
     if values.ndim != 3:
         raise CnnvizError(f"maps must have shape (h, w, channels); received {values.shape}")
-    channels = values.shape[-1]
-    shown = min(channels, max_maps)
+    count = values.shape[-1]
+    labels = np.arange(count) if channels is None else np.asarray(channels).reshape(-1)
+    total = count if total_channels is None else int(total_channels)
+    shown = min(count, max_maps)
     rows, columns = grid_shape(shown)
+    tiles = np.moveaxis(values[..., :shown], -1, 0)
+    flat = [is_constant(tile) for tile in tiles]
+    colored = colormaps["viridis"](np.stack([normalize01(tile) for tile in tiles]))[..., :3]
+    canvas, origins = mosaic(colored, columns)
     input_width = max(2.0, 0.35 * TILE_INCHES * columns)
     fig = new_figure(input_width + TILE_INCHES * columns + 0.3, max(2.6, TILE_INCHES * rows + 1.0))
     left, right = fig.subfigures(1, 2, width_ratios=[input_width, TILE_INCHES * columns])
     show_image(left.add_subplot(), image, title="input")
-    axes = right.subplots(rows, columns, squeeze=False)
-    flat_channels = 0
-    for index, ax in enumerate(axes.flat):
-        plain_axes(ax)
-        if index >= shown:
-            ax.set_visible(False)
-            continue
-        channel = values[..., index]
-        ax.imshow(normalize01(channel), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        label = f"#{index}"
-        if is_constant(channel):  # e.g. a ReLU that is off everywhere for this image
-            flat_channels += 1
-            label += f" flat {float(channel.flat[0]):.2g}"
-        ax.set_title(label, fontsize=7, pad=2)
-    subset = f"first {shown} of {channels}" if shown < channels else f"{channels}"
-    flat = f", {flat_channels} flat" if flat_channels else ""
-    right.suptitle(f"{subset} channels{flat}; each scaled to its own range", fontsize=9)
+    ax = right.add_subplot()
+    ax.imshow(canvas, interpolation="nearest")
+    plain_axes(ax)
+    size = 6 if columns > 4 else 7
+    for (top, left_edge), label, constant, tile in zip(origins, labels, flat, tiles):
+        text = f"#{int(label)}" + (f" flat {float(tile.flat[0]):.2g}" if constant else "")
+        ax.text(left_edge, top, text, fontsize=size, color="white", va="top", ha="left",
+                bbox={"boxstyle": "square,pad=0.1", "facecolor": "black", "alpha": 0.55,
+                      "linewidth": 0})
+    if shown < total:
+        chosen = "most active" if channels is not None else "first"
+        subset = f"{shown} {chosen} of {total}"
+    else:
+        subset = f"{total}"
+    flat_count = f", {sum(flat)} flat" if any(flat) else ""
+    right.suptitle(f"{subset} channels{flat_count}; each scaled to its own range", fontsize=9)
     fig.suptitle(title or f"Feature maps of layer {layer_name!r}")
     return fig
 
