@@ -14,3 +14,7 @@ class ConfigError(CnnvizError):
 
 class CnnvizWarning(UserWarning):
     """Something the user should know that does not stop the work (printed as one line)."""
+
+
+class CnnvizNotice(CnnvizWarning):
+    """A choice cnnviz made for the user that they should know about (printed as `note:`)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,6 +50,13 @@ class Selection:
     class_names: list[str]
     # What the percentages in captions are: the model's own probabilities, or ours of its logits.
     probability_label: str = "probability"
+    # What figures show: the image files' own pixels (scaled to [0, 1]) where the model input
+    # is a preprocessed tensor (caffe's BGR, [-1, 1], ...); None: the images themselves.
+    display: np.ndarray | None = None
+
+    def shown(self, index: int) -> np.ndarray:
+        """The image figures draw for image `index`: never a preprocessed tensor."""
+        return (self.display if self.display is not None else self.images)[index]
 
 
 # ----------------------------------------------------------------------------- image choice
@@ -119,9 +127,15 @@ def _preprocessing(run: Run):
     return Preprocessing(kind="scale", divisor=255.0)
 
 
-def load_image_files(paths: Sequence[Path], input_shape: tuple[int, int, int], preprocessing):
-    """Read image files, convert to the model's channels and size, preprocess like training."""
+def read_pixels(paths: Sequence[Path], input_shape: tuple[int, int, int], *,
+                resize: str = "stretch") -> np.ndarray:
+    """Image files as pixels (N, H, W, C) float32 in 0..255, in the model's channels and size.
+
+    `resize`: "stretch", "crop" or "pad" (`cnnviz.preprocess.resize_pixels`).
+    """
     from PIL import Image, UnidentifiedImageError
+
+    from cnnviz.preprocess import resize_pixels
 
     height, width, channels = input_shape
     images = []
@@ -130,15 +144,33 @@ def load_image_files(paths: Sequence[Path], input_shape: tuple[int, int, int], p
             raise CnnvizError(f"--images: image file {path} does not exist")
         try:
             with Image.open(path) as image:
-                converted = image.convert("L" if channels == 1 else "RGB").resize(
-                    (width, height), Image.BILINEAR)
+                converted = image.convert("L" if channels == 1 else "RGB")
                 pixels = np.asarray(converted, dtype=np.float32)
         except UnidentifiedImageError:
             raise CnnvizError(f"--images: {path} is not an image file PIL can read") from None
-        images.append(pixels.reshape(height, width, channels))
+        pixels = pixels.reshape(*pixels.shape[:2], channels)
+        images.append(np.clip(resize_pixels(pixels, (height, width), resize), 0.0, 255.0))
+    return np.stack(images)
+
+
+def load_image_files(paths: Sequence[Path], input_shape: tuple[int, int, int], preprocessing,
+                     *, resize: str = "stretch"):
+    """Read image files, convert to the model's channels and size, preprocess like training."""
+    pixels = read_pixels(paths, input_shape, resize=resize)
     # An 8-bit file's full range stands for the data's full range (0..16 for digits).
-    raw = np.stack(images) / np.float32(255.0) * np.float32(preprocessing.divisor)
+    raw = pixels / np.float32(255.0) * np.float32(preprocessing.divisor)
     return preprocessing.apply(raw)
+
+
+def _bare_model_inputs(run: Run, pixels: np.ndarray, preprocess: str) -> np.ndarray:
+    """Inputs for a bare .keras file: the `--preprocess` mode ("auto" resolved, noted)."""
+    from cnnviz.errors import CnnvizNotice
+    from cnnviz.preprocess import prepare, resolve_mode
+
+    mode, note = resolve_mode(run.model, preprocess)
+    if note:
+        warnings.warn(note, CnnvizNotice, stacklevel=2)
+    return prepare(pixels, mode)
 
 
 def probability_label(model, output=None) -> str:
@@ -158,8 +190,13 @@ def _output(model, output) -> int:
     return output_index(model, output)
 
 
-def select_images(run: Run, spec: str, *, output=None) -> Selection:
-    """The images `--images` names: test-split indices of the run, or image files."""
+def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
+                  resize: str = "stretch") -> Selection:
+    """The images `--images` names: test-split indices of the run, or image files.
+
+    Image files are resized as `resize` says; a run prepares them as it recorded, a bare
+    .keras file as `preprocess` says (`cnnviz.preprocess.MODES`; a run refuses any but "auto").
+    """
     from cnnviz.explain._compiled import require_built
 
     require_built(run.model)
@@ -168,11 +205,24 @@ def select_images(run: Run, spec: str, *, output=None) -> Selection:
     num_outputs = int(run.model.outputs[index].shape[-1])
     class_names = class_names_of(run, num_outputs)
     label = probability_label(run.model, index)
+    recorded = run.config is not None
+    if recorded and preprocess != "auto":
+        raise CnnvizError(
+            f"--preprocess {preprocess} is for bare .keras files; {run.directory or 'this run'} "
+            "prepares images as it recorded when it was trained"
+        )
     if _looks_like_files(spec):
         paths = [Path(part.strip()) for part in spec.split(",") if part.strip()]
-        images = load_image_files(paths, input_shape, _preprocessing(run))
+        pixels = read_pixels(paths, input_shape, resize=resize)
+        if recorded:
+            preprocessing = _preprocessing(run)
+            images = preprocessing.apply(pixels / np.float32(255.0)
+                                         * np.float32(preprocessing.divisor))
+        else:
+            images = _bare_model_inputs(run, pixels, preprocess)
         return Selection(images, np.full(len(paths), -1, np.int32),
-                         [path.stem for path in paths], class_names, label)
+                         [path.stem for path in paths], class_names, label,
+                         display=pixels / np.float32(255.0))
     dataset = run.dataset()
     indices = parse_indices(spec, len(dataset.x_test))
     width = len(str(len(dataset.x_test) - 1))
@@ -306,7 +356,7 @@ def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequ
     def draw(index, payload):
         probabilities, explained, maps = payload
         title = f"Saliency {_explained(selection, index, explained, probabilities)}"
-        figure = saliency_row(selection.images[index], maps, title=title)
+        figure = saliency_row(selection.shown(index), maps, title=title)
         return [(f"{selection.names[index]}_{suffix}.png", figure)]
 
     return write_per_image(selection, folder, f"saliency ({suffix})", explain_chunk, draw)
@@ -334,7 +384,8 @@ def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | N
         probabilities, explained, heatmap, guided_map = payload
         title = (f"Grad-CAM on {layer_name} "
                  f"{_explained(selection, index, explained, probabilities)}")
-        figure = gradcam_figure(selection.images[index], heatmap, title=title, guided_map=guided_map)
+        figure = gradcam_figure(selection.shown(index), heatmap, title=title,
+                                guided_map=guided_map)
         return [(f"{selection.names[index]}.png", figure)]
 
     return write_per_image(selection, folder, f"grad-cam ({layer_name})", explain_chunk, draw)
@@ -364,7 +415,7 @@ def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int =
         probabilities, explained, probability_map, class_map, intact = payload
         label = int(selection.labels[index])
         figure = occlusion_figure(
-            selection.images[index], probability_map, class_map,
+            selection.shown(index), probability_map, class_map,
             class_names=selection.class_names, target_label=int(explained),
             true_label=label if label >= 0 else None,
             predicted_label=int(np.argmax(probabilities)), unoccluded_probability=float(intact),
@@ -395,7 +446,7 @@ def feature_map_figures(model, selection: Selection, folder: Path, *, layers: Se
     def draw(index, payload):
         probabilities, maps = payload
         return [(f"{selection.names[index]}_{file_stem(path)}.png",
-                 feature_maps_grid(selection.images[index], layer_maps, layer_name=path,
+                 feature_maps_grid(selection.shown(index), layer_maps, layer_name=path,
                                    channels=channels, total_channels=total,
                                    max_maps=len(channels),
                                    title=f"Feature maps of {path} — "
@@ -406,8 +457,17 @@ def feature_map_figures(model, selection: Selection, folder: Path, *, layers: Se
 
 
 def conv_layer_names(model) -> list[str]:
-    """Paths of the convolution layers (Conv2D, DepthwiseConv2D, SeparableConv2D), nested
-    models opened: what `filters` and `feature-maps` show without `--layer`."""
+    """Paths of the Conv2D and SeparableConv2D layers, nested models opened: the layers
+    `feature-maps` shows without `--layer` (depthwise layers, one per expansion in MobileNets,
+    would add half as many figures again; name them with --layer)."""
+    from cnnviz.explain.layers import kernel_paths
+
+    return kernel_paths(model, ("Conv2D", "SeparableConv2D"))
+
+
+def kernel_layer_names(model) -> list[str]:
+    """Paths of every layer with spatial kernels (Conv2D, DepthwiseConv2D, SeparableConv2D),
+    nested models opened: what `filters` draws without `--layer`."""
     from cnnviz.explain.layers import kernel_paths
 
     return kernel_paths(model)
@@ -434,15 +494,17 @@ def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[Figure
 def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
                           layer: str | None = None, indices: Sequence[int] | None = None,
                           steps: int = 256, seed: int = 0, output=None,
-                          input_range: tuple[float, float] | None = None) -> FigureFile:
+                          preprocess: str | None = None) -> FigureFile:
     """One grid: the input that maximizes each class score (or each chosen filter of `layer`).
 
-    Classes default to the first 10 (filters to the first 16); the images are optimized and
-    drawn in the model's input range (`input_range`, default `_common.input_range(model)`),
-    with a progress bar per chunk of images.
+    Classes default to the first 10 (filters to the first 16), with a progress bar per chunk
+    of images. The images are optimized in the model's input range: `_common.input_range`, or
+    the range of the `cnnviz.preprocess` mode `preprocess` (a bare .keras file), and drawn as
+    pixels (that mode undone: caffe's BGR becomes RGB).
     """
     from cnnviz.explain import activation_maximization_batch
     from cnnviz.plot import activation_max_grid
+    from cnnviz.preprocess import to_pixels, value_range
 
     if layer is None:
         indices = list(indices if indices is not None else range(min(len(class_names), 10)))
@@ -462,12 +524,15 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
     # on 28x28 digits, every class still the top prediction) keeps the images readable.
     smoothing = ({"learning_rate": 0.02, "l2": 0.2, "tv": 0.5, "blur_sigma": 1.0}
                  if height >= 20 else {})
+    input_range = None if preprocess is None else value_range(preprocess)
     with progress_bar(len(indices), "activation maximization") as progress:
         task = progress.add_task("activation maximization", total=len(indices))
         images = activation_maximization_batch(
             model, layer, indices, steps=steps, seed=seed, output=output,
             input_range=input_range, progress=lambda done: progress.advance(task, done),
             **smoothing)
+    if preprocess is not None:
+        images = to_pixels(images, preprocess) / np.float32(255.0)
     return save_captioned(activation_max_grid(images, labels, title=title), folder / name)
 
 
@@ -490,9 +555,10 @@ def all_figures(run: Run, selection: Selection, folder: Path, *, feature_map_ima
 
     model = run.model
     conv_layers = conv_layer_names(model)
-    first_images = replace(selection, images=selection.images[:feature_map_images],
-                           labels=selection.labels[:feature_map_images],
-                           names=selection.names[:feature_map_images])
+    first = slice(0, feature_map_images)
+    first_images = replace(selection, images=selection.images[first],
+                           labels=selection.labels[first], names=selection.names[first],
+                           display=None if selection.display is None else selection.display[first])
     layer = gradcam_layer(model)
     return [
         ("Saliency: vanilla, guided backpropagation, rectified (deconvnet), SmoothGrad",
@@ -503,7 +569,8 @@ def all_figures(run: Run, selection: Selection, folder: Path, *, feature_map_ima
         ("Activation maximization",
          [activation_max_figure(model, folder / "activation-max",
                                 class_names=selection.class_names, steps=activation_max_steps)]),
-        ("Convolution filters", filter_figures(model, folder / "filters", layers=conv_layers)),
+        ("Convolution filters",
+         filter_figures(model, folder / "filters", layers=kernel_layer_names(model))),
         ("Feature maps",
          feature_map_figures(model, first_images, folder / "feature-maps", layers=conv_layers)),
     ]

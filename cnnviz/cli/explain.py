@@ -14,6 +14,8 @@ from cnnviz.cli._common import (
     ModelSourceArgument,
     OutOption,
     OutputOption,
+    PreprocessOption,
+    ResizeOption,
     RunArgument,
     SetOption,
     TargetOption,
@@ -43,6 +45,8 @@ def saliency_command(
     target: TargetOption = None,
     seed: Annotated[int, typer.Option(help="SmoothGrad noise seed.")] = 0,
     output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """Saliency maps: |d score / d pixel|, vanilla, guided, rectified (deconvnet) or SmoothGrad."""
@@ -51,7 +55,8 @@ def saliency_command(
 
     loaded, folder = run_and_folder(run, out, "saliency")
     methods = SALIENCY_METHODS if method is SaliencyMethod.all else (method.value,)
-    selection = select_images(loaded, images, output=output)
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
     report_written(saliency_figures(loaded.model, selection, folder, methods=methods, target=target,
                                     samples=samples, noise=noise, seed=seed, output=output))
 
@@ -64,6 +69,8 @@ def gradcam_command(
     guided: Annotated[bool, typer.Option("--guided", help="Also draw Guided Grad-CAM.")] = False,
     target: TargetOption = None,
     output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """Grad-CAM heatmaps over the input (default layer: the last one with a spatial output,
@@ -75,7 +82,8 @@ def gradcam_command(
     chosen = gradcam_layer(loaded.model, layer)
     if layer is None:
         typer.echo(f"Grad-CAM on layer {chosen} (the last layer with a spatial output)")
-    selection = select_images(loaded, images, output=output)
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
     report_written(gradcam_figures(loaded.model, selection, folder, layer=chosen, guided=guided,
                                    target=target, output=output))
 
@@ -89,13 +97,16 @@ def occlusion_command(
     fill: Annotated[float, typer.Option(help="Value the patch is filled with.")] = 0.5,
     target: TargetOption = None,
     output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """Occlusion sensitivity: the class probability as a patch covers each place."""
     from cnnviz.report import occlusion_figures, select_images
 
     loaded, folder = run_and_folder(run, out, "occlusion")
-    selection = select_images(loaded, images, output=output)
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
     report_written(occlusion_figures(loaded.model, selection, folder, patch=patch, stride=stride,
                                      fill=fill, target=target, output=output))
 
@@ -104,9 +115,11 @@ def occlusion_command(
 def feature_maps_command(
     run: RunArgument,
     images: ImagesOption = "0:2",
-    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layer(s) to show, by path or unique name (default: every convolution layer, inside nested models too).")] = None,
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layer(s) to show, by path or unique name (default: every Conv2D and SeparableConv2D layer, inside nested models too).")] = None,
     max_channels: Annotated[int, typer.Option("--max-channels", min=1, help="Channels per layer and image: the most active first.")] = 64,
     output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """The feature maps (activations) of conv layers for chosen images."""
@@ -114,7 +127,8 @@ def feature_maps_command(
 
     loaded, folder = run_and_folder(run, out, "feature-maps")
     layers = layer or conv_layer_names(loaded.model)
-    selection = select_images(loaded, images, output=output)
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
     report_written(feature_map_figures(loaded.model, selection, folder, layers=layers,
                                        max_channels=max_channels, output=output))
 
@@ -126,11 +140,11 @@ def filters_command(
     out: OutOption = None,
 ) -> None:
     """The learned convolution kernels of each conv layer (depthwise ones too)."""
-    from cnnviz.report import conv_layer_names, filter_figures
+    from cnnviz.report import filter_figures, kernel_layer_names
 
     loaded, folder = run_and_folder(run, out, "filters")
     report_written(filter_figures(loaded.model, folder,
-                                  layers=layer or conv_layer_names(loaded.model)))
+                                  layers=layer or kernel_layer_names(loaded.model)))
 
 
 @command("activation-max")
@@ -143,6 +157,8 @@ def activation_max_command(
     steps: Annotated[int, typer.Option(min=1, help="Gradient-ascent steps.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
     output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """Activation maximization: synthesize the input each class (or filter) responds to most."""
@@ -166,14 +182,20 @@ def activation_max_command(
     elif classes is not None:
         indices = parse_class_spec(classes, len(class_names))
     elif images is not None:
-        selection = select_images(loaded, images, output=index)
+        selection = select_images(loaded, images, output=index, preprocess=preprocess.value,
+                                  resize=resize.value)
         indices = predicted_classes(loaded.model, selection.images, output=index)
         typer.echo(f"activation maximization of the predicted classes {indices}")
     else:
         indices = None
+    mode = None
+    if loaded.config is None:  # a bare .keras file: optimize in the range --preprocess gives
+        from cnnviz.preprocess import resolve_mode
+
+        mode, _ = resolve_mode(loaded.model, preprocess.value)
     report_written([activation_max_figure(loaded.model, folder, class_names=class_names,
                                           layer=layer, indices=indices, steps=steps, seed=seed,
-                                          output=index)])
+                                          output=index, preprocess=mode)])
 
 
 @command("layers")

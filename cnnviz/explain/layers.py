@@ -42,10 +42,10 @@ def resolve_layer(model, layer):
     return find_layer(model, layer).layer
 
 
-def kernel_paths(model) -> list[str]:
-    """Paths of the layers `filters` can draw (Conv2D, DepthwiseConv2D, SeparableConv2D),
-    nested models opened."""
-    return [entry.path for entry in layer_entries(model) if type(entry.layer).__name__ in _KERNELS]
+def kernel_paths(model, kinds: tuple[str, ...] = tuple(_KERNELS)) -> list[str]:
+    """Paths of the layers `filters` can draw (Conv2D, DepthwiseConv2D, SeparableConv2D; or
+    only `kinds` of them), nested models opened."""
+    return [entry.path for entry in layer_entries(model) if type(entry.layer).__name__ in kinds]
 
 
 def filters(model, layer) -> np.ndarray:

@@ -23,7 +23,7 @@ from cnnviz.plot.display import (
     grid_shape,
     image_extent,
     is_constant,
-    mosaic,
+    labelled_mosaic,
     new_figure,
     normalize01,
     note,
@@ -33,6 +33,7 @@ from cnnviz.plot.display import (
 )
 
 TILE_INCHES = 1.15
+FIGURE_DPI = 100  # what `render_png` writes by default; figimage mosaics are placed in it
 PANEL_INCHES = 3.0
 
 
@@ -182,7 +183,7 @@ def feature_maps_grid(
 
     Each map is scaled to its own min..max (viridis) so weak channels stay visible; channels that
     are constant for this image (e.g. dead ReLUs) are labelled "flat". The maps are drawn as one
-    mosaic image (one `imshow`), each tile labelled with its channel index.
+    mosaic image placed pixel for pixel, each tile labelled with its channel index.
 
     Args:
         image: the input, (H, W, C) (or (H, W)).
@@ -209,32 +210,40 @@ def feature_maps_grid(
     labels = np.arange(count) if channels is None else np.asarray(channels).reshape(-1)
     total = count if total_channels is None else int(total_channels)
     shown = min(count, max_maps)
-    rows, columns = grid_shape(shown)
+    _, columns = grid_shape(shown)
     tiles = np.moveaxis(values[..., :shown], -1, 0)
     flat = [is_constant(tile) for tile in tiles]
-    colored = colormaps["viridis"](np.stack([normalize01(tile) for tile in tiles]))[..., :3]
-    canvas, origins = mosaic(colored, columns)
-    input_width = max(2.0, 0.35 * TILE_INCHES * columns)
-    fig = new_figure(input_width + TILE_INCHES * columns + 0.3, max(2.6, TILE_INCHES * rows + 1.0))
-    left, right = fig.subfigures(1, 2, width_ratios=[input_width, TILE_INCHES * columns])
-    show_image(left.add_subplot(), image, title="input")
-    ax = right.add_subplot()
-    ax.imshow(canvas, interpolation="nearest")
-    plain_axes(ax)
-    size = 6 if columns > 4 else 7
-    for (top, left_edge), label, constant, tile in zip(origins, labels, flat, tiles):
-        text = f"#{int(label)}" + (f" flat {float(tile.flat[0]):.2g}" if constant else "")
-        ax.text(left_edge, top, text, fontsize=size, color="white", va="top", ha="left",
-                bbox={"boxstyle": "square,pad=0.1", "facecolor": "black", "alpha": 0.55,
-                      "linewidth": 0})
+    scaled = np.stack([normalize01(tile) for tile in tiles])
+    colored = np.round(colormaps["viridis"](scaled)[..., :3] * 255).astype(np.uint8)
+    names = [f"#{int(label)}" + (f" flat {float(tile.flat[0]):.2g}" if constant else "")
+             for label, constant, tile in zip(labels, flat, tiles)]
+    canvas, _, _ = labelled_mosaic(colored, names, columns)
+
+    # Laid out by hand, the mosaic placed pixel for pixel (`figimage`: no axes, no resampling;
+    # no constrained layout, no tight box): those passes were most of the drawing time.
+    dpi = FIGURE_DPI
+    map_width, map_height = canvas.shape[1] / dpi, canvas.shape[0] / dpi
+    input_side = max(1.8, min(3.0, 0.35 * map_width))
+    top_band, bottom_band = 1.0, 0.15
+    width = input_side + map_width + 0.45
+    height = max(input_side + 0.4, map_height) + top_band + bottom_band
+    fig = Figure(figsize=(width, height), facecolor="white", dpi=dpi)
+    input_ax = fig.add_axes((0.1 / width, (height - top_band - input_side) / height,
+                             (input_side - 0.1) / width, input_side / height))
+    show_image(input_ax, image, title="input")
+    fig.figimage(canvas, xo=round((input_side + 0.3) * dpi),
+                 yo=round((height - top_band - map_height) * dpi), origin="upper")
     if shown < total:
         chosen = "most active" if channels is not None else "first"
         subset = f"{shown} {chosen} of {total}"
     else:
         subset = f"{total}"
     flat_count = f", {sum(flat)} flat" if any(flat) else ""
-    right.suptitle(f"{subset} channels{flat_count}; each scaled to its own range", fontsize=9)
-    fig.suptitle(title or f"Feature maps of layer {layer_name!r}")
+    fig.text((input_side + 0.3 + map_width / 2) / width, (height - top_band + 0.05) / height,
+             f"{subset} channels{flat_count}; each scaled to its own range", fontsize=9,
+             ha="center", va="bottom")
+    fig.suptitle(title or f"Feature maps of layer {layer_name!r}", y=1 - 0.08 / height,
+                 va="top", wrap=True, fontsize=10)
     return fig
 
 
