@@ -80,10 +80,10 @@ def gradcam_command(
 
     loaded, folder = run_and_folder(run, out, "gradcam")
     chosen = gradcam_layer(loaded.model, layer)
-    if layer is None:
-        typer.echo(f"Grad-CAM on layer {chosen} (the last layer with a spatial output)")
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
                               resize=resize.value)
+    if layer is None:
+        typer.echo(f"Grad-CAM on layer {chosen} (the last layer with a spatial output)")
     report_written(gradcam_figures(loaded.model, selection, folder, layer=chosen, guided=guided,
                                    target=target, output=output))
 

@@ -33,7 +33,7 @@ from cnnviz.explain._graph import (
 )
 
 # Layer types whose kernels `filters` draws, and the weight that holds the spatial kernels.
-_KERNELS = {"Conv2D": "kernel", "DepthwiseConv2D": "depthwise_kernel",
+_KERNELS = {"Conv2D": "kernel", "DepthwiseConv2D": "kernel",
             "SeparableConv2D": "depthwise_kernel"}
 
 
