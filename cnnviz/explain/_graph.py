@@ -151,6 +151,44 @@ class Rebuilt:
     tensors: dict
 
 
+def walk(model, inputs: list, call_leaf: Callable, *, record: dict | None = None,
+         prefix: str = ""):
+    """Run `model`'s graph on `inputs`, nested models opened, every other layer computed by
+    `call_leaf(path, layer, args, kwargs)`.
+
+    The values flowing through can be anything `call_leaf` makes of them: symbolic tensors
+    (`rebuild`), tensors, or numpy arrays (the reference forward pass). `record`, when given,
+    receives {path: output} for every layer, nested models included (first call of a shared
+    layer only).
+
+    Returns:
+        The model's outputs, structured as the model returns them.
+    """
+    import keras
+
+    def call(operation, args, kwargs):
+        path = prefix + operation.name
+        if is_nested_model(operation):
+            result = walk(operation, keras.tree.flatten(args), call_leaf, record=record,
+                          prefix=path + SEPARATOR)
+        else:
+            result = call_leaf(path, operation, args, kwargs)
+        if record is not None:
+            record.setdefault(path, result)
+        return result
+
+    if isinstance(model, keras.Sequential):
+        (current,) = inputs
+        for layer in model.layers:
+            if type(layer).__name__ != "InputLayer":
+                current = call(layer, (current,), {})
+        return current
+    return model._run_through_graph(
+        inputs, operation_fn=lambda operation: operation,
+        call_fn=lambda operation, *args, **kwargs: call(operation, args, kwargs),
+    )
+
+
 def rebuild(model, *, output: int | None = 0, substitute: Substitute | None = None,
             append: Callable | None = None) -> Rebuilt:
     """Replay `model`'s graph on new inputs with its own layers, nested models opened up.
@@ -182,33 +220,14 @@ def rebuild(model, *, output: int | None = 0, substitute: Substitute | None = No
         used_names.add(alias.name)
         return alias
 
-    def call(operation, args, kwargs, prefix: str):
-        path = prefix + operation.name
-        if is_nested_model(operation):
-            result = replay(operation, keras.tree.flatten(args), path + SEPARATOR)
-        else:
-            replacement = substitute(path, operation) if substitute is not None else None
-            if replacement is IDENTITY:
-                result = keras.tree.flatten(args)[0]
-            else:
-                result = named(replacement or operation, path)(*args, **kwargs)
-        tensors.setdefault(path, result)
-        return result
-
-    def replay(container, inputs, prefix: str):
-        if isinstance(container, keras.Sequential):
-            (current,) = inputs
-            for layer in container.layers:
-                if type(layer).__name__ != "InputLayer":
-                    current = call(layer, (current,), {}, prefix)
-            return current
-        return container._run_through_graph(
-            inputs, operation_fn=lambda operation: operation,
-            call_fn=lambda operation, *args, **kwargs: call(operation, args, kwargs, prefix),
-        )
+    def call_leaf(path, operation, args, kwargs):
+        replacement = substitute(path, operation) if substitute is not None else None
+        if replacement is IDENTITY:
+            return keras.tree.flatten(args)[0]
+        return named(replacement or operation, path)(*args, **kwargs)
 
     inputs = [keras.Input(tuple(t.shape[1:]), dtype=t.dtype) for t in model.inputs]
-    outputs = keras.tree.flatten(replay(model, inputs, ""))
+    outputs = keras.tree.flatten(walk(model, inputs, call_leaf, record=tensors))
     chosen = outputs if output is None else outputs[output]
     if append is not None:
         chosen = append(chosen)
