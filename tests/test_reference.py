@@ -375,6 +375,25 @@ def test_graphs_with_merges_normalization_depthwise_and_nested_models_are_checke
     np.testing.assert_allclose(traces["head"].output, model(images), atol=1e-4)
 
 
+def test_explain_steps_refuses_a_graph_and_points_to_verify():
+    inputs = keras.Input((3, 3, 1))
+    model = keras.Model(inputs, L.Add()([inputs, L.Conv2D(1, 1)(inputs)]))
+    with pytest.raises(CnnvizError, match="chain of layers.*`verify` checks graphs"):
+        explain_steps(model, np.zeros((3, 3, 1), "float32"))
+
+
+def test_explain_steps_still_works_after_the_model_was_explained():
+    """Explanations call the model's layers on other inputs; its own graph is unchanged."""
+    from _models import images, two_conv_functional
+
+    from cnnviz.explain import saliency
+
+    model = two_conv_functional()  # functional: its chain is read from the layers' nodes
+    batch = images(2, (8, 8, 1))
+    saliency(model, batch, method="guided")
+    assert "Keras output" in explain_steps(model, batch[0])
+
+
 def test_layers_it_cannot_check_are_named_in_one_line():
     inputs = keras.Input((4, 4, 1))
     x = L.UpSampling2D(2, name="up")(inputs)

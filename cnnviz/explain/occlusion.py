@@ -85,7 +85,7 @@ def _pixel_sum(per_window: np.ndarray, row_cover: np.ndarray, col_cover: np.ndar
     Window (i, j) covers pixel (y, x) iff row_cover[i, y] and col_cover[j, x], so the sum is
     row_cover^T @ values @ col_cover for each image.
     """
-    return np.einsum("iy,nij,jx->nyx", row_cover, per_window, col_cover, optimize=True)
+    return row_cover.T @ per_window @ col_cover
 
 
 def _most_frequent(window_class, row_cover, col_cover, fallback: np.ndarray) -> np.ndarray:

@@ -583,7 +583,8 @@ def _compute_layer(layer, x: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- model plumbing
 def _linear_layers(model) -> list:
-    """The model's layers in order (InputLayer left out); a CnnvizError unless it is a chain."""
+    """The model's layers in order (InputLayer left out); a CnnvizError unless it is a chain
+    (what `explain_steps` can write out step by step)."""
     if not getattr(model, "built", False) or not getattr(model, "inputs", None):
         raise CnnvizError(
             f"model {model.name!r} has no defined input; build it with keras.Input(shape=...) first"
@@ -603,13 +604,14 @@ def _linear_layers(model) -> list:
         return layers
     expected = model.inputs[0]
     for layer in layers:
-        nodes = len(getattr(layer, "_inbound_nodes", ()) or ())
-        inbound = layer.input if nodes == 1 else None
+        # `layer.input` is the layer's first call: the model's own graph (the copies cnnviz
+        # explains through call the same layers again, on other inputs).
+        inbound = layer.input if getattr(layer, "_inbound_nodes", None) else None
         if inbound is not expected:
             raise CnnvizError(
-                f"reference forward pass needs a chain of layers (Sequential or a linear "
-                f"functional model); layer {layer.name!r} does not take exactly the previous "
-                f"layer's output (skip connections, shared layers and merges are not supported)"
+                f"explain_steps writes out a chain of layers (Sequential or a linear functional "
+                f"model); layer {layer.name!r} does not take exactly the previous layer's "
+                f"output. `verify` checks graphs with skip connections and merges"
             )
         expected = layer.output
     if expected is not model.outputs[0]:
