@@ -76,10 +76,12 @@ def layer_entries(model) -> list[LayerEntry]:
     return entries
 
 
-def describe_layers(entries: list[LayerEntry], model_name: str) -> str:
-    if len(entries) <= _LISTED_LAYERS:
-        return "Layers: " + ", ".join(entry.path for entry in entries)
-    return f"{len(entries)} layers; list them with `cnnviz layers` (layer_table({model_name!r}))"
+def list_paths(paths: list[str]) -> str:
+    """Layer paths for an error message: all of them for a small model, else how many and
+    where to see them."""
+    if len(paths) <= _LISTED_LAYERS:
+        return ", ".join(paths) or "none"
+    return f"{len(paths)} layers (list them with `cnnviz layers`)"
 
 
 def find_layer(model, layer) -> LayerEntry:
@@ -122,7 +124,8 @@ def find_layer(model, layer) -> LayerEntry:
     close = difflib.get_close_matches(path, [entry.path for entry in entries], n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise CnnvizError(
-        f"no layer named {path!r} in model {model.name!r}.{hint} {describe_layers(entries, model.name)}"
+        f"no layer named {path!r} in model {model.name!r}.{hint} Layers: "
+        f"{list_paths([entry.path for entry in entries])}"
     )
 
 

@@ -28,7 +28,7 @@ from cnnviz.explain._compiled import (
     run_batched,
     target_array,
 )
-from cnnviz.explain._graph import find_layer
+from cnnviz.explain._graph import find_layer, list_paths
 from cnnviz.explain.saliency import _gradient_maps
 
 # Added to a map's max before dividing: an all-zero map stays 0 instead of becoming NaN.
@@ -55,13 +55,10 @@ def gradcam_layer(model, layer=None) -> str:
         return default_layer_path(model)
     entry = find_layer(model, layer)
     if output_rank(entry.layer) != 4:
-        paths = four_d_paths(model)
-        listing = (", ".join(paths) if len(paths) <= 40
-                   else f"{len(paths)} layers (list them with `cnnviz layers`)")
         shape = tuple(entry.layer.output.shape)
         raise CnnvizError(
             f"Grad-CAM needs a layer with a 4-D output (N, h, w, K); layer {entry.path!r} "
-            f"outputs {shape}. 4-D layers: {listing}"
+            f"outputs {shape}. 4-D layers: {list_paths(four_d_paths(model))}"
         )
     return entry.path
 

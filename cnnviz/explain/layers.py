@@ -29,6 +29,7 @@ from cnnviz.explain._graph import (
     is_nested_model,
     layer_entries,
     layer_tensor,
+    list_paths,
     rebuild,
 )
 
@@ -69,12 +70,9 @@ def filters(model, layer) -> np.ndarray:
     entry = find_layer(model, layer)
     kind = type(entry.layer).__name__
     if kind not in _KERNELS:
-        choices = kernel_paths(model)
-        listing = (", ".join(choices) if len(choices) <= 40
-                   else f"{len(choices)} layers (list them with `cnnviz layers`)")
         raise CnnvizError(
             f"layer {entry.path!r} is a {kind}, not a Conv2D, DepthwiseConv2D or SeparableConv2D "
-            f"layer. Layers with kernels: {listing or 'none'}"
+            f"layer. Layers with kernels: {list_paths(kernel_paths(model))}"
         )
     kernel = np.asarray(getattr(entry.layer, _KERNELS[kind]), dtype=np.float32)
     if kind != "Conv2D":
@@ -164,12 +162,9 @@ class LayerActivations:
 def _check_feature_layer(model, layer) -> str:
     entry = find_layer(model, layer)
     if output_rank(entry.layer) != 4:
-        choices = four_d_paths(model)
-        listing = (", ".join(choices) if len(choices) <= 40
-                   else f"{len(choices)} layers (list them with `cnnviz layers`)")
         raise CnnvizError(
             f"layer {entry.path!r} has no 4-D output (N, h, w, channels) to show as feature "
-            f"maps. Layers with one: {listing or 'none'}"
+            f"maps. Layers with one: {list_paths(four_d_paths(model))}"
         )
     return entry.path
 
