@@ -1,7 +1,10 @@
-"""What every explanation method shares: the logits copy, the target scores, the default layer.
+"""What every explanation method shares: which output, its logits copy and target scores, the
+model's input range, the default layer.
 
 One place decides "what do we differentiate" (tf-keras-vis's model modifier + score): the
-pre-softmax output of a *copy* of the model, and for each image the score of its target class.
+pre-softmax output of a *copy* of the model (one output of a multi-output model), and for each
+image the score of its target class. The copies are flat replays of the model's graph over its
+own layers (`_graph.rebuild`), so layers inside nested models are reached the same way.
 """
 
 from __future__ import annotations
@@ -122,13 +125,6 @@ def output_activation(model, output=None) -> str:
         return "softmax"
     name = _activation_name(producer)
     return name if name in _SQUASHING else "linear"
-
-
-def is_binary_sigmoid(model, output=None) -> bool:
-    """True when the output is one sigmoid unit (a binary classifier)."""
-    index = output_index(model, output)
-    return (model.outputs[index].shape[-1] == 1
-            and output_activation(model, index) == "sigmoid")
 
 
 def logits_model(model, *, output=None):
