@@ -9,8 +9,10 @@ tensor, whose variables are the user's own (never copied, so never stale), and i
 layers can be swapped for others (a linear output layer, guided ReLUs) without touching the
 user's model.
 
-The replay uses Keras's `Function._run_through_graph` (Keras 3), the one loop Keras itself runs
-a functional graph with; nothing else here depends on Keras internals.
+Keras 3 has no public graph API; three private names are used, all here: the replay runs
+`Function._run_through_graph` (the loop Keras itself runs a functional graph with),
+`_nodes_by_depth` tells a functional model from a subclassed one, and `KerasTensor.
+_keras_history` names the layer that produced an output.
 """
 
 from __future__ import annotations
@@ -63,16 +65,16 @@ def layer_entries(model) -> list[LayerEntry]:
     own layers (paths `base`, `base/conv1`, ...)."""
     entries: list[LayerEntry] = []
 
-    def walk(container, prefix: str) -> None:
+    def add(container, prefix: str) -> None:
         for layer in container.layers:
             if type(layer).__name__ == "InputLayer":
                 continue
             path = prefix + layer.name
             entries.append(LayerEntry(path, layer))
             if is_nested_model(layer):
-                walk(layer, path + SEPARATOR)
+                add(layer, path + SEPARATOR)
 
-    walk(model, "")
+    add(model, "")
     return entries
 
 
