@@ -57,6 +57,9 @@ def fail(message: str) -> None:
     raise typer.Exit(USER_ERROR)
 
 
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """cnnviz's own warnings as one line on stderr (`warning: ...` / `note: ...`)."""
     if issubclass(category, CnnvizWarning):
@@ -64,9 +67,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         typer.echo(f"{prefix}: {message}", err=True)
     else:
         _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
-
-
-_PYTHON_SHOWWARNING = warnings.showwarning
 
 
 def command(*args, typer_app: typer.Typer = app, **kwargs):
@@ -117,6 +117,8 @@ OutputOption = Annotated[
     typer.Option("--output", help="Which output of a multi-output model: its name or index "
                                   "(the error for a multi-output model lists them)."),
 ]
+
+
 class Preprocess(str, Enum):
     auto = "auto"
     scale = "scale"
