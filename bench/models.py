@@ -1,8 +1,9 @@
 """cnnviz on real models: cost of each explanation in forward passes, beside plain Keras.
 
-    python bench/models.py                   # ResNet50 + digits CNN rows, MobileNetV2 feature maps
+    python bench/models.py                   # digits CNN, ResNet50, MobileNetV2 feature maps
     python bench/models.py --quick           # digits CNN rows only (a minute)
-    python bench/models.py --baseline-commit e8687f2   # also time feature-maps with that commit
+    python bench/models.py --sections feature-maps --baseline-commit e8687f2
+                                             # feature-maps beside that commit's code, same run
 
 For each model and request size B, measured in one process: every contender is called once
 per round, for --repeats rounds (taking turns, so all see the same machine load), and the
@@ -296,8 +297,9 @@ def feature_map_rows(folder: Path, baseline_commit: str | None) -> tuple[list[Ro
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits CNN rows only")
+    parser.add_argument("--sections", default="digits,resnet50,feature-maps",
+                        help="comma-separated: digits, resnet50, feature-maps")
     parser.add_argument("--repeats", type=int, default=10, help="rounds of timed calls")
-    parser.add_argument("--skip-feature-maps", action="store_true")
     parser.add_argument("--baseline-commit", default=None,
                         help="also time `feature-maps` with this commit's code, same run")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
@@ -313,21 +315,23 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows: list[Row] = []
     raw: dict = {}
-    print("digits CNN ...", flush=True)
-    part, raw["digits"] = digits_rows(arguments.repeats)
-    rows += part
-    if not arguments.quick:
+    sections = {"digits"} if arguments.quick else set(arguments.sections.split(","))
+    if "digits" in sections:
+        print("digits CNN ...", flush=True)
+        part, raw["digits"] = digits_rows(arguments.repeats)
+        rows += part
+    if "resnet50" in sections:
         print("ResNet50 ...", flush=True)
         part, raw["resnet50"] = resnet50_rows(max(2, arguments.repeats // 4))
         rows += part
-        if not arguments.skip_feature_maps:
-            print("MobileNetV2 feature maps ...", flush=True)
-            folder = Path(tempfile.mkdtemp(prefix="cnnviz-bench-models-"))
-            try:
-                part, raw["feature_maps"] = feature_map_rows(folder, arguments.baseline_commit)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-            rows += part
+    if "feature-maps" in sections:
+        print("MobileNetV2 feature maps ...", flush=True)
+        folder = Path(tempfile.mkdtemp(prefix="cnnviz-bench-models-"))
+        try:
+            part, raw["feature_maps"] = feature_map_rows(folder, arguments.baseline_commit)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        rows += part
     values["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
     print()
     print_table(rows)

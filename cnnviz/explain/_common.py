@@ -91,14 +91,14 @@ def output_index(model, output=None) -> int:
         CnnvizError: a model with several outputs and `output` None, or an unknown output;
             the message lists the outputs.
     """
+    if output is None and len(model.outputs) == 1:
+        return 0
     names = output_names(model)
     listing = ", ".join(
         f"{index} {name!r} ({int(model.outputs[index].shape[-1])} units)"
         for index, name in enumerate(names)
     )
     if output is None:
-        if len(names) == 1:
-            return 0
         raise CnnvizError(
             f"model {model.name!r} has {len(names)} outputs: {listing}; choose one with "
             "--output NAME|INDEX (API: output=)"
