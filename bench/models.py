@@ -249,11 +249,13 @@ def _mobilenet_files(folder: Path) -> tuple[Path, str]:
     return path, ",".join(pictures)
 
 
-def _timed_command(command: list[str], pythonpath: Path) -> tuple[int, float, int]:
-    environment = {**os.environ, **QUIET_ENV, "PYTHONPATH": str(pythonpath)}
+def _timed_command(command: list[str], code: Path) -> tuple[int, float, int]:
+    """Run `command` with the cnnviz package of the checkout `code` (its folder is the working
+    directory, which `python -m` puts first on sys.path)."""
+    environment = {**os.environ, **QUIET_ENV, "PYTHONPATH": str(code)}
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env=environment)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=environment, cwd=code)
     _, status, usage = os.wait4(process.pid, 0)
     return os.waitstatus_to_exitcode(status), time.perf_counter() - started, int(usage.ru_maxrss)
 

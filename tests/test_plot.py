@@ -183,15 +183,15 @@ def test_feature_maps_grid_draws_input_and_each_map_scaled_to_its_range():
     _decoded(fig)
     assert _image_axes(fig)[0].get_title() == "input"
     mosaic = np.asarray(fig.images[0].get_array())  # uint8 RGB, placed pixel for pixel
-    # 2 rows x 3 tiles, each 6 x 6 enlarged 16 times, under a 13-pixel label band, 6 apart
+    # 2 rows x 3 tiles, each 6 x 6 enlarged 12 times, under a 13-pixel label band, 6 apart
     first = (maps[..., 0] - maps[..., 0].min()) / np.ptp(maps[..., 0])
     expected = np.round(colormaps["viridis"](first)[..., :3] * 255)
-    np.testing.assert_array_equal(mosaic[13:13 + 96:16, 0:96:16], expected)
-    dead = mosaic[13:13 + 96, 2 * 102:2 * 102 + 96]  # tile 2: row 0, column 2
+    np.testing.assert_array_equal(mosaic[13:13 + 72:12, 0:72:12], expected)
+    dead = mosaic[13:13 + 72, 2 * 78:2 * 78 + 72]  # tile 2: row 0, column 2
     np.testing.assert_array_equal(dead, np.broadcast_to(
         np.round(np.asarray(colormaps["viridis"](0.0)[:3]) * 255), dead.shape))
     for column in range(3):  # a label above every tile of the first row
-        band = mosaic[:13, column * 102:column * 102 + 96]
+        band = mosaic[:13, column * 78:column * 78 + 72]
         assert band.min() < 128, f"no label above tile {column}"
     assert "5 channels, 1 flat" in _all_text(fig)
     assert "conv1" in fig.get_suptitle()
@@ -200,7 +200,7 @@ def test_feature_maps_grid_draws_input_and_each_map_scaled_to_its_range():
 def test_feature_maps_grid_caps_maps_and_accepts_a_batch_of_one():
     fig = feature_maps_grid(RGB_0_255, RNG.uniform(size=(1, 4, 4, 80)), layer_name="c", max_maps=9)
     mosaic = np.asarray(fig.images[0].get_array())
-    assert mosaic.shape[:2] == (3 * (13 + 96 + 6), 3 * 102 - 6)  # 3 x 3 tiles
+    assert mosaic.shape[:2] == (3 * (13 + 72 + 6), 3 * 78 - 6)  # 3 x 3 tiles of 4 x 4, x18
     assert "9 first of 80" in _all_text(fig)
 
 

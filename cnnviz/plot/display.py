@@ -159,7 +159,7 @@ def grid_shape(count: int, max_columns: int = 8) -> tuple[int, int]:
 
 
 def labelled_mosaic(tiles: np.ndarray, labels, columns: int, *,
-                    tile_pixels: int = 96) -> tuple[np.ndarray, list[tuple[int, int]], int]:
+                    tile_pixels: int = 72) -> tuple[np.ndarray, list[tuple[int, int]], int]:
     """RGB tiles (K, h, w, 3) uint8 laid out row by row in one uint8 image, each enlarged
     (nearest neighbour, a whole factor) to about `tile_pixels` and labelled above in black.
 
