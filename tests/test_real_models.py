@@ -357,3 +357,29 @@ def test_tiny_mobilenet_nested_equals_its_flat_graph():
                                atol=1e-5)
     guided = input_gradients(nested, batch, method="guided")  # through 35 ReLU(6) layers
     np.testing.assert_allclose(guided, input_gradients(flat, batch, method="guided"), atol=1e-6)
+
+
+# ------------------------------------------------------------- the other methods, same helpers
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam",
+                                    "scorecam", "eigencam"])
+def test_every_cam_method_reaches_into_a_nested_backbone(method):
+    from cnnviz.explain import cam
+
+    nested, flat = nested_and_flat()
+    np.testing.assert_allclose(cam(nested, BATCH, method=method, layer="base/conv2"),
+                               cam(flat, BATCH, method=method, layer="conv2"), atol=1e-5)
+
+
+def test_signed_and_black_box_methods_explain_the_chosen_output():
+    from cnnviz.explain import gradient_x_input, integrated_gradients, rise
+
+    model = _two_heads()
+    parity = keras.Model(model.inputs, model.outputs[1])  # that head alone
+    targets = np.array([1, 0, 1, 1, 0])
+    np.testing.assert_allclose(
+        integrated_gradients(model, BATCH, targets, steps=8, output="parity"),
+        integrated_gradients(parity, BATCH, targets, steps=8), atol=1e-6)
+    np.testing.assert_allclose(gradient_x_input(model, BATCH, targets, output=1),
+                               gradient_x_input(parity, BATCH, targets), atol=1e-6)
+    np.testing.assert_allclose(rise(model, BATCH, targets, masks=16, cell=2, output="parity"),
+                               rise(parity, BATCH, targets, masks=16, cell=2), atol=1e-6)
