@@ -50,8 +50,8 @@ _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 KINDS = ("logits", "output", "probabilities", "guided", "rectified")
 
 
-def require_built(model) -> None:
-    """A CnnvizError unless `model` is built and takes one input (an image batch)."""
+def require_built(model, *, single_input: bool = True) -> None:
+    """A CnnvizError unless `model` is built and (with `single_input`) takes one input."""
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
@@ -61,7 +61,7 @@ def require_built(model) -> None:
             f"model {model.name!r} has not been built yet; give it an Input layer or call it "
             "on a batch of images once before explaining it"
         )
-    if len(inputs) > 1:
+    if single_input and len(inputs) > 1:
         names = ", ".join(f"{t.name!r} {tuple(t.shape[1:])}" for t in inputs)
         raise CnnvizError(
             f"model {model.name!r} has {len(inputs)} inputs ({names}); cnnviz explains models "

@@ -107,7 +107,7 @@ def layer_table(model) -> list[LayerRow]:
     Output shapes are those of the layer inside the whole model (a backbone built for any image
     size shows the sizes the model's input gives it).
     """
-    require_built(model) if len(getattr(model, "inputs", None) or []) <= 1 else None
+    require_built(model, single_input=False)
     tensors = rebuild(model, output=None).tensors
     rows = []
     for entry in layer_entries(model):
