@@ -35,7 +35,6 @@ load average at the start and end is printed. Nothing here asserts: tests never 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -46,13 +45,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/bench.py: the shared timing and table helpers
+sys.path.insert(1, str(ROOT))  # run from a checkout without installing
 
 import numpy as np
 
-# bench/bench.py, beside this file (the script's folder is first on sys.path): one Row type,
-# one table printer for every benchmark group.
-from bench import QUIET_ENV, Row, print_settings, print_table, settings
+from bench import QUIET_ENV, Row, begin, print_table, save_report
 
 
 def _calibrated(model, shape, seed: int = 0):
@@ -306,14 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time `feature-maps` with this commit's code, same run")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     arguments = parser.parse_args(argv)
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    from cnnviz._quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()
-    values = settings()
-    print("cnnviz bench: real models")
-    print_settings(values)
+    values = begin("cnnviz bench: real models", arguments.quick)
     started = time.perf_counter()
     rows: list[Row] = []
     raw: dict = {}
@@ -341,16 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{sum(row.passed for row in targets)}/{len(targets)} targets met; "
           f"{time.perf_counter() - started:.0f} s; load average at start "
           f"{values['load_average_at_start']}, at end {values['load_average_at_end']}")
-    from cnnviz.runs import atomic_write_json
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {"timestamp": stamp, "settings": values, "rows": [asdict(row) for row in rows],
-              "raw": raw}
-    arguments.out.mkdir(parents=True, exist_ok=True)
-    payload = json.loads(json.dumps(report, default=str))
-    atomic_write_json(arguments.out / f"models-{stamp}.json", payload)
-    atomic_write_json(arguments.out / "models-latest.json", payload)
-    print(f"wrote {arguments.out / f'models-{stamp}.json'}")
+    save_report(arguments.out, "models-",
+                {"settings": values, "rows": [asdict(row) for row in rows], "raw": raw})
     return 0
 
 
