@@ -347,8 +347,9 @@ def test_format_table_columns_are_aligned():
 
 
 def test_graphs_with_merges_normalization_depthwise_and_nested_models_are_checked():
-    """A residual block, a concatenation, Normalization, Rescaling, depthwise and separable
-    convolutions, ZeroPadding2D, BatchNormalization and a nested model: every layer matches."""
+    """A residual block, a squeeze-and-excitation gate (a broadcast Multiply), a concatenation,
+    Normalization, Rescaling, depthwise and separable convolutions, ZeroPadding2D,
+    BatchNormalization and a nested model: every layer matches."""
     inner_in = keras.Input((6, 6, 4))
     inner = keras.Model(inner_in, L.SeparableConv2D(3, 3, padding="same", depth_multiplier=2,
                                                     activation="relu", name="sep")(inner_in),
@@ -361,15 +362,16 @@ def test_graphs_with_merges_normalization_depthwise_and_nested_models_are_checke
     x = L.ZeroPadding2D(1, name="pad")(x)
     x = L.DepthwiseConv2D(3, depth_multiplier=2, activation="relu6", name="dw")(x)
     x = L.BatchNormalization(name="bn")(x)
-    x = L.Concatenate(name="concat")([x, L.Multiply(name="gate")([x, x])])
+    gate = L.Reshape((1, 1, 4), name="squeeze_gate")(L.GlobalAveragePooling2D(name="se")(x))
+    x = L.Concatenate(name="concat")([x, L.Multiply(name="gate")([x, gate])])
     x = inner(L.Conv2D(4, 1, name="squeeze")(x))
     outputs = L.Dense(3, activation="softmax", name="head")(L.GlobalAveragePooling2D(name="gap")(x))
     model = randomized(keras.Model(inputs, outputs), seed=7)
     images = np.random.default_rng(8).uniform(0, 255, (4, 6, 6, 2)).astype("float32")
     report = verify(model, images, tolerance=1e-3)
     names = [row.name for row in report.rows]
-    assert names == ["rescale", "norm", "conv", "residual", "pad", "dw", "bn", "gate", "concat",
-                     "squeeze", "inner/sep", "gap", "head"]
+    assert names == ["rescale", "norm", "conv", "residual", "pad", "dw", "bn", "se",
+                     "squeeze_gate", "gate", "concat", "squeeze", "inner/sep", "gap", "head"]
     assert report.ok, format_table(report)
     traces = {trace.name: trace for trace in reference_forward(model, images)}
     np.testing.assert_allclose(traces["head"].output, model(images), atol=1e-4)

@@ -26,6 +26,7 @@ layer so that the rest of the model is still checked.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -528,12 +529,13 @@ _LAYERS: dict[str, Callable[[object, dict, np.ndarray], np.ndarray]] = {
     "DepthwiseConv2D": _depthwise_conv2d,
     "SeparableConv2D": _separable_conv2d,
     "Normalization": _normalization,
-    "Add": _merge(lambda parts: np.sum(parts, axis=0)),
+    # Merges broadcast like Keras's: a squeeze-and-excitation gate (N, 1, 1, C) times (N, H, W, C).
+    "Add": _merge(lambda parts: functools.reduce(np.add, parts)),
     "Subtract": _merge(lambda parts: parts[0] - parts[1]),
-    "Multiply": _merge(lambda parts: np.prod(parts, axis=0)),
-    "Average": _merge(lambda parts: np.mean(parts, axis=0)),
-    "Maximum": _merge(lambda parts: np.max(parts, axis=0)),
-    "Minimum": _merge(lambda parts: np.min(parts, axis=0)),
+    "Multiply": _merge(lambda parts: functools.reduce(np.multiply, parts)),
+    "Average": _merge(lambda parts: functools.reduce(np.add, parts) / len(parts)),
+    "Maximum": _merge(lambda parts: functools.reduce(np.maximum, parts)),
+    "Minimum": _merge(lambda parts: functools.reduce(np.minimum, parts)),
     "Concatenate": _concatenate,
     "Dense": _dense,
     "MaxPooling2D": _pooling("max"),
