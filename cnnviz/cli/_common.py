@@ -13,12 +13,14 @@ import json
 import math
 import os
 import sys
+import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cnnviz.errors import CnnvizError
+from cnnviz.errors import CnnvizError, CnnvizNotice, CnnvizWarning
 
 app = typer.Typer(
     name="cnnviz",
@@ -81,8 +83,21 @@ def fail(message: str) -> None:
     raise typer.Exit(USER_ERROR)
 
 
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """cnnviz's own warnings as one line on stderr (`warning: ...` / `note: ...`)."""
+    if issubclass(category, CnnvizWarning):
+        prefix = "note" if issubclass(category, CnnvizNotice) else "warning"
+        typer.echo(f"{prefix}: {message}", err=True)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
 def command(*args, typer_app: typer.Typer = app, **kwargs):
-    """Register a command whose `CnnvizError`s become one-line messages and exit code 2.
+    """Register a command whose `CnnvizError`s become one-line messages and exit code 2, and
+    whose `CnnvizWarning`s are printed once each as one line.
 
     A command may return a dict: its JSON result. Its "exit_code" (default 0) becomes the
     process's. With `--json` (a `json_output` parameter) everything the command prints, Keras's
@@ -97,7 +112,10 @@ def command(*args, typer_app: typer.Typer = app, **kwargs):
             as_json = bool(call_kwargs.get("json_output"))
             stdout = sys.stdout
             try:
-                with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+                with warnings.catch_warnings(), (contextlib.redirect_stdout(sys.stderr)
+                                                  if as_json else contextlib.nullcontext()):
+                    warnings.simplefilter("once", CnnvizWarning)
+                    warnings.showwarning = _show_warning
                     result = function(*call_args, **call_kwargs)
             except CnnvizError as error:
                 if as_json:
@@ -228,7 +246,44 @@ TargetOption = Annotated[
     int | None, typer.Option("--target", help="Class to explain (default: the predicted one).")
 ]
 LayerOption = Annotated[
-    str | None, typer.Option("--layer", help="Layer name (see `cnnviz summary`).")
+    str | None,
+    typer.Option("--layer", help="Layer: a path through nested models (base/conv1) or a name "
+                                 "unique in the model; `cnnviz layers` lists them."),
+]
+OutputOption = Annotated[
+    str | None,
+    typer.Option("--output", help="Which output of a multi-output model: its name or index "
+                                  "(the error for a multi-output model lists them)."),
+]
+
+
+class Preprocess(str, Enum):
+    auto = "auto"
+    scale = "scale"
+    unit = "unit"
+    caffe = "caffe"
+    torch = "torch"
+    none = "none"
+
+
+class Resize(str, Enum):
+    stretch = "stretch"
+    crop = "crop"
+    pad = "pad"
+
+
+PreprocessOption = Annotated[
+    Preprocess,
+    typer.Option("--preprocess", help=(
+        "Bare .keras files: how image files become inputs. auto: raw 0..255 if the model "
+        "begins with Rescaling/Normalization, else scale; scale: x/255; unit: [-1, 1]; caffe, "
+        "torch: keras.applications' modes; none: raw 0..255. Run directories use their own.")),
+]
+ResizeOption = Annotated[
+    Resize,
+    typer.Option("--resize", help=(
+        "Image files to the model's size: stretch (ignore the aspect ratio), crop (centre "
+        "crop to it, Keras's smart_resize) or pad (black borders).")),
 ]
 ModelSourceArgument = Annotated[
     Path, typer.Argument(help="A run directory, a .keras file, or a config (.yaml: untrained model).")
