@@ -17,6 +17,8 @@ from cnnviz.cli._common import (
     JsonOption,
     JunitOption,
     OutOption,
+    Preprocess,
+    PreprocessOption,
     RunArgument,
     command,
     expectations_for,
@@ -91,6 +93,7 @@ def predict_command(
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes per row.")] = 3,
     batch_size: Annotated[int, typer.Option(min=1, help="Images decoded and predicted together.")] = 64,
+    preprocess: PreprocessOption = Preprocess.auto,
     json_output: JsonOption = False,
 ) -> dict:
     """Predict the class of image files: a CSV of file, predicted class, probability and the
@@ -113,7 +116,8 @@ def predict_command(
     with progress_bar(len(paths), "predict") as bar:
         task = bar.add_task("predict", total=len(paths))
         predictions = predict_files(loaded.model, paths, class_names, top_k=top_k,
-                                    batch_size=batch_size, prepare=_preparation(loaded),
+                                    batch_size=batch_size,
+                                    prepare=_preparation(loaded, preprocess.value),
                                     progress=lambda done: bar.advance(task, done))
         with _csv_destination(csv_file, json_output) as write:
             write(csv_line(header))
@@ -150,18 +154,21 @@ def _csv_destination(csv_file: Path | None, json_output: bool):
         Path(temporary).unlink(missing_ok=True)
 
 
-def _preparation(run):
+def _preparation(run, preprocess: str):
     """Pixels (8-bit units) -> model inputs: None for a cnnviz run (its model preprocesses, D1);
-    for a bare .keras file, x / 255 unless it begins with a Rescaling/Normalization layer."""
-    if run.config is not None:
-        return None
-    from cnnviz.export import input_range_of
+    for a bare .keras file, `--preprocess` (auto: raw pixels when it begins with a Rescaling or
+    Normalization layer, else x / 255, said in one line)."""
+    from cnnviz.preprocess import prepare, resolve_mode
 
-    if input_range_of(run.model)[1] > 1.0:
+    if run.config is not None:
+        if preprocess != "auto":
+            raise CnnvizError(f"--preprocess {preprocess} is for bare .keras files; a run "
+                              "directory's model takes the pixels as it recorded")
         return None
-    typer.echo("the model does not begin with a Rescaling or Normalization layer: images are "
-               "divided by 255", err=True)
-    return lambda pixels: pixels / 255.0
+    mode, note = resolve_mode(run.model, preprocess)
+    if note:
+        typer.echo(f"note: {note}", err=True)
+    return None if mode == "none" else (lambda pixels: prepare(pixels, mode))
 
 
 class ExportFormatChoice(str, Enum):
