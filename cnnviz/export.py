@@ -255,10 +255,8 @@ def check_images_for(run, count: int) -> tuple[np.ndarray, str]:
 
 def input_range_of(model) -> tuple[float, float]:
     """The model's input range (D1: (0, 255) for models that start with preprocessing layers)."""
-    try:
-        from cnnviz.explain._common import input_range
-    except ImportError:  # before the data package's preprocessing layers existed
-        return (0.0, 1.0)
+    from cnnviz.explain._common import input_range
+
     return tuple(float(value) for value in input_range(model))
 
 
