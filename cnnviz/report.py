@@ -20,7 +20,6 @@ from cnnviz.runs import Run, atomic_write_text, save_figure
 from cnnviz.trust.attribution import predict_probabilities
 
 CHUNK = 64  # images explained per batch: big enough to amortize, small enough to stay flat
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 @dataclass(frozen=True)
@@ -39,14 +38,86 @@ def save_captioned(figure, path: Path) -> FigureFile:
     return written
 
 
+class ImageFiles:
+    """Image files as a lazy (N, H, W, C) float32 array of model inputs: indexing reads only the
+    files asked for (a chunk at a time), so explaining a folder of any size stays flat.
+
+    The last chunk read is kept, so the figure of image i reads nothing again.
+
+    Args:
+        paths: the files.
+        input_shape: the model's (H, W, C).
+        value_range: the model's input range; 8-bit pixels are mapped onto it (identity for
+            (0, 255), the range of every cnnviz model of images).
+        max_pixels: refuse larger files before decoding them.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 4
+
+    def __init__(self, paths: Sequence[str | Path], input_shape: tuple[int, int, int], *,
+                 value_range: tuple[float, float] = (0.0, 255.0),
+                 max_pixels: int | None = None):
+        from cnnviz.images import MAX_IMAGE_PIXELS
+
+        self.paths = [str(path) for path in paths]
+        self.input_shape = tuple(int(side) for side in input_shape)
+        self.value_range = value_range
+        self.max_pixels = max_pixels or MAX_IMAGE_PIXELS
+        self._held: tuple[list[int], np.ndarray] = ([], np.zeros((0, *self.input_shape), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), *self.input_shape)
+
+    def _read(self, indices: list[int]) -> np.ndarray:
+        from cnnviz.images import read_images
+
+        pixels = read_images([self.paths[i] for i in indices], self.input_shape,
+                             max_pixels=self.max_pixels)
+        low, high = self.value_range
+        if (low, high) != (0.0, 255.0):
+            pixels = low + pixels * np.float32((high - low) / 255.0)
+        self._held = (indices, pixels)
+        return pixels
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            index = range(len(self))[key]
+            held, pixels = self._held
+            if index in held:
+                return pixels[held.index(index)]
+            return self._read([index])[0]
+        indices = list(range(len(self))[key]) if isinstance(key, slice) else [
+            range(len(self))[int(i)] for i in np.asarray(key).reshape(-1)]
+        if indices == self._held[0]:
+            return self._held[1]
+        return self._read(indices)
+
+    def __array__(self, dtype=None, copy=None):
+        pixels = self[:]
+        return pixels if dtype is None else pixels.astype(dtype)
+
+
 @dataclass
 class Selection:
     """Images to explain, as model inputs, with what is known about them."""
 
-    images: np.ndarray  # (N, H, W, C) float32, preprocessed like the training data
-    labels: np.ndarray  # (N,) int32 true class, -1 where unknown (image files)
-    names: list[str]  # file-name stems: test_0007, or the image file's stem
+    # (N, H, W, C) float32 model inputs (8-bit pixel units for cnnviz models of images);
+    # `ImageFiles` when they come from files, read a chunk at a time.
+    images: np.ndarray | ImageFiles
+    labels: np.ndarray  # (N,) int32 true class, -1 where unknown
+    names: list[str]  # output file-name stems: test_0007, or the image file's stem
     class_names: list[str]
+    files: list[str] | None = None  # the image file each one is, named in the captions
+
+    def head(self, count: int) -> Selection:
+        """The first `count` images."""
+        return Selection(self.images[:count], self.labels[:count], self.names[:count],
+                         self.class_names, None if self.files is None else self.files[:count])
 
 
 # ----------------------------------------------------------------------------- image choice
@@ -80,10 +151,6 @@ def parse_indices(spec: str, count: int) -> list[int]:
     return indices
 
 
-def _looks_like_files(spec: str) -> bool:
-    return any(part.strip().lower().endswith(IMAGE_SUFFIXES) for part in spec.split(","))
-
-
 def class_names_of(run: Run, num_outputs: int) -> list[str]:
     """The run's class names (from metrics.json or the config), else "0", "1", ..."""
     if run.directory is not None and (run.directory / "metrics.json").is_file():
@@ -95,53 +162,52 @@ def class_names_of(run: Run, num_outputs: int) -> list[str]:
     return [str(index) for index in range(max(num_outputs, 2))]
 
 
-def _preprocessing(run: Run):
-    from cnnviz.data import Preprocessing
-
-    if run.directory is not None and (run.directory / "metrics.json").is_file():
-        saved = json.loads((run.directory / "metrics.json").read_text()).get("preprocessing")
-        if saved:
-            return Preprocessing.from_dict(saved)
-    return Preprocessing(kind="scale", divisor=255.0)
-
-
-def load_image_files(paths: Sequence[Path], input_shape: tuple[int, int, int], preprocessing):
-    """Read image files, convert to the model's channels and size, preprocess like training."""
-    from PIL import Image, UnidentifiedImageError
-
-    height, width, channels = input_shape
-    images = []
-    for path in paths:
-        if not path.is_file():
-            raise CnnvizError(f"--images: image file {path} does not exist")
-        try:
-            with Image.open(path) as image:
-                converted = image.convert("L" if channels == 1 else "RGB").resize(
-                    (width, height), Image.BILINEAR)
-                pixels = np.asarray(converted, dtype=np.float32)
-        except UnidentifiedImageError:
-            raise CnnvizError(f"--images: {path} is not an image file PIL can read") from None
-        images.append(pixels.reshape(height, width, channels))
-    # An 8-bit file's full range stands for the data's full range (0..16 for digits).
-    raw = np.stack(images) / np.float32(255.0) * np.float32(preprocessing.divisor)
-    return preprocessing.apply(raw)
+def _file_names(paths: list[Path]) -> list[str]:
+    """Output names for image files: their stems, with parent folders added where stems clash."""
+    depth = 1
+    while True:
+        names = ["_".join(path.with_suffix("").parts[-depth:]) for path in paths]
+        if len(set(names)) == len(names) or depth > max(len(path.parts) for path in paths):
+            return names if len(set(names)) == len(names) else [
+                f"{index:04d}_{name}" for index, name in enumerate(names)]
+        depth += 1
 
 
 def select_images(run: Run, spec: str) -> Selection:
-    """The images `--images` names: test-split indices of the run, or image files."""
+    """The images `--images` names: test-split indices of the run, or image files.
+
+    Files: comma-separated files, folders and globs (`cnnviz.images.expand_image_spec`); a file
+    in a folder named like a class (`cat/001.jpg`) gets that class as its true label. Indices
+    into a folder-trained run's test split read only those files, from the lists the run
+    recorded. Either way images are read a chunk at a time, never all at once.
+    """
+    from cnnviz.explain._common import input_range
+    from cnnviz.images import expand_image_spec
+
     input_shape = tuple(int(size) for size in run.model.inputs[0].shape[1:])
     num_outputs = int(run.model.outputs[0].shape[-1])
     class_names = class_names_of(run, num_outputs)
-    if _looks_like_files(spec):
-        paths = [Path(part.strip()) for part in spec.split(",") if part.strip()]
-        images = load_image_files(paths, input_shape, _preprocessing(run))
-        return Selection(images, np.full(len(paths), -1, np.int32),
-                         [path.stem for path in paths], class_names)
+    max_pixels = run.config.data.max_image_pixels if run.config is not None else None
+    paths = expand_image_spec(spec)
+    if paths is not None:
+        labels = np.asarray([class_names.index(path.parent.name)
+                             if path.parent.name in class_names else -1 for path in paths],
+                            np.int32)
+        images = ImageFiles(paths, input_shape, value_range=input_range(run.model),
+                            max_pixels=max_pixels)
+        return Selection(images, labels, _file_names(paths), class_names,
+                         [str(path) for path in paths])
     dataset = run.dataset()
-    indices = parse_indices(spec, len(dataset.x_test))
-    width = len(str(len(dataset.x_test) - 1))
-    return Selection(dataset.x_test[indices], dataset.y_test[indices],
-                     [f"test_{index:0{width}d}" for index in indices], dataset.class_names)
+    test = dataset.test
+    indices = parse_indices(spec, len(test))
+    width = len(str(len(test) - 1))
+    names = [f"test_{index:0{width}d}" for index in indices]
+    if test.files is None:
+        return Selection(test.images(indices), test.labels[indices], names, dataset.class_names)
+    images = ImageFiles(test.paths(indices), input_shape, value_range=input_range(run.model),
+                        max_pixels=max_pixels)
+    return Selection(images, test.labels[indices], names, dataset.class_names,
+                     [test.files[index] for index in indices])
 
 
 # -------------------------------------------------------------------------------- batching
@@ -195,7 +261,8 @@ def write_per_image(
 
 
 def caption(selection: Selection, index: int, probabilities: np.ndarray) -> str:
-    """`true 3 · predicted 3 (97%)` (or without the true class for an image file)."""
+    """`true 3 · predicted 3 (97%)`, after the image's file when it has one (`cat/01.jpg · ...`),
+    without the true class when it is unknown."""
     names = selection.class_names
     predicted = int(np.argmax(probabilities))
     predicted_name = names[predicted] if predicted < len(names) else str(predicted)
@@ -204,6 +271,8 @@ def caption(selection: Selection, index: int, probabilities: np.ndarray) -> str:
     if label >= 0:
         true_name = names[label] if label < len(names) else str(label)
         text = f"true {true_name} · {text}"
+    if selection.files is not None:
+        text = f"{selection.files[index]} · {text}"
     return text
 
 
@@ -322,7 +391,7 @@ def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int =
             class_names=selection.class_names, target_label=int(explained),
             true_label=label if label >= 0 else None,
             predicted_label=int(np.argmax(probabilities)), unoccluded_probability=float(intact),
-            title=f"Occlusion, {patch}x{patch} patches of {fill:g} — "
+            title=f"Occlusion, {patch}x{patch} patches at {fill:g} of the input range — "
                   f"{caption(selection, index, probabilities)}")
         return [(f"{selection.names[index]}.png", figure)]
 
@@ -412,9 +481,7 @@ def all_figures(run: Run, selection: Selection, folder: Path, *, feature_map_ima
 
     model = run.model
     conv_layers = conv_layer_names(model)
-    first_images = Selection(selection.images[:feature_map_images],
-                             selection.labels[:feature_map_images],
-                             selection.names[:feature_map_images], selection.class_names)
+    first_images = selection.head(feature_map_images)
     layer = gradcam_layer(model)
     return [
         ("Saliency: vanilla, guided backpropagation, rectified (deconvnet), SmoothGrad",

@@ -104,7 +104,8 @@ class Run:
         if self._dataset is None:  # several commands of one `cnnviz run` ask for it
             from cnnviz.data import load_dataset
 
-            self._dataset = load_dataset(self.config)
+            # A folder-trained run reads its recorded file lists: the folder is not listed.
+            self._dataset = load_dataset(self.config, run_dir=self.directory)
         return self._dataset
 
 

@@ -9,6 +9,7 @@ import platform
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,23 +271,89 @@ def _versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _pipeline(images: np.ndarray, labels: np.ndarray, config: Config, *, shuffle: bool):
-    """The tf.data pipeline batched by the GLOBAL batch size; Keras splits each batch per replica."""
-    import tensorflow as tf
+def _shard(strategy) -> tuple[int, int] | None:
+    """(workers, this worker's index) under MultiWorkerMirroredStrategy, else None."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return None
+    spec = resolver.cluster_spec()
+    tasks = [(job, index) for job in ("chief", "worker") if job in spec.jobs
+             for index in range(spec.num_tasks(job))]
+    return len(tasks), tasks.index((resolver.task_type, int(resolver.task_id)))
 
-    from cnnviz.data import training_pipeline
 
-    data = training_pipeline(images, labels, config.train.batch_size, shuffle=shuffle,
-                             seed=config.seed)
-    if config.train.distribute == "multi_worker":
-        # Every worker holds the same arrays in the same shuffled order (same config, same
-        # seed), so each takes its share of every global batch; AUTO would try to shard by
-        # file first, and in-memory arrays have no files.
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA)
-        data = data.with_options(options)
-    return data
+@dataclass
+class _Inputs:
+    """The three tf.data pipelines of a training run and what they were built from."""
+
+    train: object
+    validation: object | None
+    test: object
+    steps_per_epoch: int
+
+
+def _inputs(config: Config, dataset, run_dir: Path, strategy) -> _Inputs:
+    """The pipelines, batched by the GLOBAL batch size (Keras splits each batch per replica).
+
+    Training batches are shuffled and augmented; every worker of a multi-worker run decodes
+    only its share of the files (`Split.pipeline(workers=...)`).
+    """
+    from cnnviz.data import augmentation_layers, disk_cache
+    from cnnviz.model import one_hot_labels
+
+    data, batch = config.data, config.train.batch_size
+    workers = _shard(strategy) if config.train.distribute == "multi_worker" else None
+    common = {"workers": workers,
+              "one_hot": dataset.num_classes if one_hot_labels(config) else None}
+
+    def cache(name):
+        if data.cache == "none" or dataset.folder is None:
+            return None
+        if data.cache == "memory":
+            return ""
+        return disk_cache(Path(data.cache_dir) if data.cache_dir else run_dir / "cache", name,
+                          dataset.splits[name])
+
+    augment = augmentation_layers(data.augment, seed=config.seed,
+                                  value_range=dataset.value_range)
+    train_data = dataset.train.pipeline(batch, shuffle=True, seed=config.seed, augment=augment,
+                                        cache=cache("train"), **common)
+    has_validation = len(dataset.val) > 0 and data.validation_split > 0
+    validation = (dataset.val.pipeline(batch, cache=cache("val"), **common)
+                  if has_validation else None)
+    steps = -(-len(dataset.train) // batch)
+    return _Inputs(train_data, validation, dataset.test.pipeline(batch, **common), steps)
+
+
+def class_weights(config: Config, dataset) -> dict[int, float] | None:
+    """`train.class_weight` as {class index: weight} (Keras's `class_weight`), or None.
+
+    balanced: n / (classes x count of the class) over the training split, as scikit-learn's
+    `compute_class_weight("balanced")`; a mapping names classes by name or index.
+    """
+    wanted = config.train.class_weight
+    if wanted is None:
+        return None
+    names = dataset.class_names
+    if wanted == "balanced":
+        counts = np.bincount(dataset.train.labels, minlength=len(names))
+        present = counts > 0
+        weights = np.where(present, len(dataset.train.labels) / (present.sum() * np.maximum(counts, 1)), 1.0)
+        return {index: float(weight) for index, weight in enumerate(weights)}
+    resolved = {}
+    for key, weight in wanted.items():
+        if isinstance(key, int) or (isinstance(key, str) and key.isdigit() and key not in names):
+            index = int(key)
+            if not 0 <= index < len(names):
+                raise CnnvizError(f"train.class_weight: class {index} is not a class of the data "
+                                  f"(0..{len(names) - 1})")
+        elif key in names:
+            index = names.index(key)
+        else:
+            raise CnnvizError(f"train.class_weight: no class named {key!r}; classes: "
+                              f"{', '.join(names)}")
+        resolved[index] = float(weight)
+    return {index: resolved.get(index, 1.0) for index in range(len(names))}
 
 
 def _callbacks(config: Config, run_dir: Path, *, monitor: str, resuming: bool, backup: bool,
@@ -302,12 +369,20 @@ def _callbacks(config: Config, run_dir: Path, *, monitor: str, resuming: bool, b
         # Keras's BackupAndRestore, before CSVLogger: an epoch in history.csv has its backup.
         *([keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), delete_checkpoint=False,
                                             double_checkpoint=True)] if backup else []),
+        # Adds the epoch's learning rate to the logs: before CSVLogger, which writes them.
+        _learning_rate_logger(),
         last,
         checkpoint(str(run_dir / "checkpoints" / "best.keras"), monitor=monitor,
                    save_best_only=True, interval=interval, same_file_as=last),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
         keras.callbacks.TerminateOnNaN(),
     ]
+    schedule = config.train.optimizer.schedule
+    if schedule is not None and schedule.type == "plateau":
+        # After CSVLogger: the rate it lowers is the next epoch's, logged with that epoch.
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor=schedule.monitor, factor=schedule.factor, patience=schedule.patience,
+            min_lr=schedule.min_learning_rate, verbose=0))
     if config.train.early_stopping is not None:
         stopping = config.train.early_stopping
         callbacks.append(keras.callbacks.EarlyStopping(
@@ -317,6 +392,22 @@ def _callbacks(config: Config, run_dir: Path, *, monitor: str, resuming: bool, b
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
     callbacks.extend(extra_callbacks)
     return callbacks
+
+
+def _learning_rate_logger():
+    """A callback putting `learning_rate` (the rate at the epoch's start) into each epoch's logs,
+    so history.csv and curves.png show what a schedule did."""
+    import keras
+
+    class LearningRateLogger(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["learning_rate"] = self.rate
+
+    return LearningRateLogger()
 
 
 def _distributed_fixes(model, strategy, element_spec) -> None:
@@ -357,6 +448,29 @@ def _distributed_fixes(model, strategy, element_spec) -> None:
     model.test_step = vector_logs(model.test_step)
 
 
+@contextmanager
+def _bad_files_named(dataset, splits: tuple[str, ...]):
+    """Turn TensorFlow's decode failure in the middle of an epoch into one line naming the file.
+
+    Every file's header was checked before training; a file damaged inside is found only when
+    decoded. Then the splits' files are decoded once more, alone, to find which one it was.
+    """
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.InvalidArgumentError:
+        if dataset.folder is None:
+            raise
+        from cnnviz.data.folders import bad_files_error
+
+        paths = [path for name in splits for path in dataset.splits[name].paths()]
+        error = bad_files_error(dataset.folder, paths)
+        if error is None:
+            raise
+        raise error from None
+
+
 def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(),
           dataset=None, log=print) -> TrainResult:
     """Train the config's model into a run directory under `out_root/<config.name>/`.
@@ -390,8 +504,11 @@ def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(
     chief, task = _worker(strategy)
     multi_worker = config.train.distribute == "multi_worker"
     keras.utils.set_random_seed(config.seed)
+    resumable = None if multi_worker else find_resumable_run(out_root, config)
     if dataset is None:
-        dataset = load_dataset(config)
+        # Resuming a folder run reads the file lists it recorded: the same splits, whatever
+        # happened to the folder since.
+        dataset = load_dataset(config, run_dir=resumable, log=log)
 
     if not chief:
         # Same work as the chief (saving and evaluating read all-reduced variables, so every
@@ -406,11 +523,12 @@ def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(
             shutil.rmtree(run_dir, ignore_errors=True)
         return TrainResult(run_dir, result.metrics, 0, chief=False)
 
-    run_dir = None if multi_worker else find_resumable_run(out_root, config)
+    run_dir = resumable
     resuming = run_dir is not None
     if run_dir is None:
         run_dir = new_run_dir(out_root, config.name or "cnnviz")
         atomic_write_text(run_dir / "config.yaml", dump_config(config))
+    dataset.record(run_dir)
     resume_epoch = _saved_epoch(run_dir / BACKUP_DIR) if resuming else 0
     _trim_history(run_dir / "history.csv", resume_epoch)
     if not multi_worker:
@@ -429,35 +547,40 @@ def _fit(config: Config, run_dir: Path, dataset, strategy, device: str, *, resum
     """Build, fit, evaluate and save into `run_dir` (train's body, the same on every worker)."""
     import keras
 
+    from cnnviz.data import measure_statistics
+    from cnnviz.explain._common import input_range
     from cnnviz.model import build_model, compile_model
 
+    measure_statistics(dataset)  # standardize/mean_subtract: one streaming pass, before building
+    inputs = _inputs(config, dataset, run_dir, strategy)
     previous_policy = keras.mixed_precision.global_policy()
     with strategy.scope():
         try:
-            model = build_model(config, dataset.input_shape, dataset.num_classes)
-            compile_model(model, config)
+            model = build_model(config, dataset.input_shape, dataset.num_classes,
+                                dataset.preprocessing)
+            compile_model(model, config, steps_per_epoch=inputs.steps_per_epoch)
         finally:
             # build_model sets a process-wide mixed_float16 policy; the layers keep theirs,
             # and models built later in this process get the policy they had before.
             keras.mixed_precision.set_global_policy(previous_policy)
 
-    has_validation = len(dataset.x_val) > 0 and config.data.validation_split > 0
     history_file = run_dir / "history.csv"
-    callbacks = _callbacks(config, run_dir, monitor="val_loss" if has_validation else "loss",
+    callbacks = _callbacks(config, run_dir,
+                           monitor="val_loss" if inputs.validation is not None else "loss",
                            resuming=resuming, backup=backup, extra_callbacks=extra_callbacks)
-    train_data = _pipeline(dataset.x_train, dataset.y_train, config, shuffle=True)
     if config.train.distribute != "none":
-        _distributed_fixes(model, strategy, train_data.element_spec)
-    val_data = (_pipeline(dataset.x_val, dataset.y_val, config, shuffle=False)
-                if has_validation else None)
+        _distributed_fixes(model, strategy, inputs.train.element_spec)
+    weights = class_weights(config, dataset)
     started = time.perf_counter()
-    history = model.fit(train_data, validation_data=val_data, epochs=config.train.epochs,
-                        initial_epoch=resume_epoch, callbacks=callbacks, verbose=config.train.verbose,
-                        shuffle=False)  # the pipeline shuffles; Keras would warn it ignores True
+    with _bad_files_named(dataset, ("train", "val")):
+        history = model.fit(inputs.train, validation_data=inputs.validation,
+                            epochs=config.train.epochs, initial_epoch=resume_epoch,
+                            callbacks=callbacks, verbose=config.train.verbose, class_weight=weights,
+                            shuffle=False)  # the pipeline shuffles; Keras would warn it ignores True
     seconds = time.perf_counter() - started
 
-    test_data = _pipeline(dataset.x_test, dataset.y_test, config, shuffle=False)
-    evaluation = model.evaluate(test_data, verbose=0, return_dict=True)
+    with _bad_files_named(dataset, ("test",)):
+        evaluation = model.evaluate(inputs.test, verbose=0, return_dict=True)
     full_history = read_history(history_file)
     epochs_done = len(full_history.get("epoch", [])) or len(history.history.get("loss", []))
     metrics = {
@@ -469,15 +592,20 @@ def _fit(config: Config, run_dir: Path, dataset, strategy, device: str, *, resum
         "resumed_from_epoch": int(resume_epoch),
         "seconds": round(seconds, 3),
         "train_images_per_second": round(
-            len(dataset.x_train) * max(epochs_done - resume_epoch, 0) / max(seconds, 1e-9), 1),
+            len(dataset.train) * max(epochs_done - resume_epoch, 0) / max(seconds, 1e-9), 1),
         "device": device,
         "distribute": config.train.distribute,
         "replicas": int(strategy.num_replicas_in_sync),
         "batch_size": int(config.train.batch_size),
-        "train_images": len(dataset.x_train),
-        "test_images": len(dataset.x_test),
+        "train_images": len(dataset.train),
+        "validation_images": len(dataset.val) if inputs.validation is not None else 0,
+        "test_images": len(dataset.test),
         "class_names": dataset.class_names,
         "preprocessing": dataset.preprocessing.to_dict(),
+        "input_range": list(input_range(model)),
+        **({"class_weight": {dataset.class_names[index]: weight
+                             for index, weight in weights.items()}} if weights else {}),
+        **({"skipped_files": len(dataset.skipped)} if dataset.skipped else {}),
         "versions": _versions(),
     }
     save_model(model, run_dir / "model.keras")

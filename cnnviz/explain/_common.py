@@ -25,6 +25,46 @@ def as_image_batch(images) -> np.ndarray:
     return batch
 
 
+def _first_layer(model):
+    """The first layer that computes something (InputLayer skipped), looking inside a nested
+    model that comes first (`x = base(inputs)` with the preprocessing inside `base`)."""
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    if not layers:
+        return None
+    first = layers[0]
+    if hasattr(first, "layers") and first.layers:
+        return _first_layer(first)
+    return first
+
+
+def input_range(model) -> tuple[float, float]:
+    """(low, high): the values the model's inputs take, in the units it is fed.
+
+    A model that begins with Keras preprocessing layers takes raw pixels (DECISIONS D1):
+    a `Rescaling(scale)` without offset maps (0, 1/scale) onto [0, 1], so cnnviz's own models
+    give (0, 255) for images (x / 255), (0, 16)-style ranges only for data in other units; any
+    other Rescaling or a leading Normalization means 8-bit pixels, (0, 255). Every other model
+    takes inputs in [0, 1]. Explanations take every value in input units (occlusion fill,
+    activation-maximization start and clip range) from this one function.
+
+    Args:
+        model: a built Keras model.
+
+    Returns:
+        (low, high) as floats.
+    """
+    first = _first_layer(model)
+    kind = type(first).__name__
+    if kind == "Rescaling":
+        scale, offset = first.scale, first.offset
+        if np.ndim(scale) == 0 and np.ndim(offset) == 0 and float(offset) == 0.0 and scale > 0:
+            return (0.0, float(np.float32(1.0 / float(scale))))
+        return (0.0, 255.0)
+    if kind == "Normalization":
+        return (0.0, 255.0)
+    return (0.0, 1.0)
+
+
 def _activation_name(layer) -> str | None:
     activation = getattr(layer, "activation", None)
     if activation is None:

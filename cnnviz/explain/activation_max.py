@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from cnnviz.errors import CnnvizError
+from cnnviz.explain._common import input_range as model_input_range
 from cnnviz.explain._common import is_binary_sigmoid, logits_model, target_scores
 from cnnviz.explain.layers import layer_model, resolve_layer
 
@@ -84,7 +85,7 @@ def activation_maximization(
     tv: float = 0.1,
     blur_every: int = 4,
     blur_sigma: float = 0.5,
-    input_range: tuple[float, float] = (0.0, 1.0),
+    input_range: tuple[float, float] | None = None,
     regularizers: Regularizers | None = None,
 ) -> np.ndarray:
     """The input that maximizes one class score or one filter's mean activation.
@@ -124,7 +125,7 @@ def activation_maximization_batch(
     tv: float = 0.1,
     blur_every: int = 4,
     blur_sigma: float = 0.5,
-    input_range: tuple[float, float] = (0.0, 1.0),
+    input_range: tuple[float, float] | None = None,
     regularizers: Regularizers | None = None,
     batch_size: int = 64,
 ) -> np.ndarray:
@@ -152,6 +153,9 @@ def activation_maximization_batch(
         blur_every: blur every this many steps (0 disables).
         blur_sigma: standard deviation of that Gaussian blur, in pixels.
         input_range: (low, high) valid input values; images start near the middle, stay inside.
+            None: the model's own (`_common.input_range`: (0, 255) for a model that begins
+            with its preprocessing layers, else (0, 1)). The penalties see the image scaled to
+            [0, 1], so their weights mean the same in every range.
         regularizers: (weight, penalty) pairs to use instead of those built from `l2` and `tv`;
             a penalty maps images (N, H, W, C) to (N,) with TensorFlow ops.
         batch_size: images optimized together; more indices run in chunks of this size.
@@ -165,6 +169,8 @@ def activation_maximization_batch(
     """
     import tensorflow as tf
 
+    if input_range is None:
+        input_range = model_input_range(model)
     low, high = (float(value) for value in input_range)
     _check_settings(steps, learning_rate, jitter, blur_every, blur_sigma, low, high, batch_size)
     input_shape = _input_shape(model)
@@ -199,10 +205,12 @@ def activation_maximization_batch(
         direction = gradient / (rms + 1e-12)
         if regularizers:
             # ... and the penalty weights relative to a unit-RMS score gradient.
+            # On the image scaled to [0, 1]: the same pull, whatever the input range.
+            unit = (images - low) / (high - low)
             with tf.GradientTape() as tape:
-                tape.watch(images)
-                penalty = tf.add_n([weight * fn(images) for weight, fn in regularizers])
-            direction -= tape.gradient(penalty, images)
+                tape.watch(unit)
+                penalty = tf.add_n([weight * fn(unit) for weight, fn in regularizers])
+            direction -= tape.gradient(penalty, unit)
         return tf.clip_by_value(images + step_size * direction, low, high)
 
     def blur_step(images):

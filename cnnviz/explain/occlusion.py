@@ -11,7 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch, class_probabilities, resolve_targets
+from cnnviz.explain._common import (
+    as_image_batch,
+    class_probabilities,
+    input_range,
+    resolve_targets,
+)
 from cnnviz.explain._compiled import (
     check_images,
     check_target_count,
@@ -107,7 +112,9 @@ def occlusion(
         targets: None (each image's class predicted on the intact image), an int, or N ints.
         patch: side of the square, in pixels; at most min(H, W).
         stride: step between windows; None means `patch` (windows tile the image).
-        fill: value written into every channel under the patch.
+        fill: what the patch holds, as a share of the model's input range
+            (`_common.input_range`): 0 its low end (black), 1 its high end, 0.5 mid-grey;
+            for a model taking [0, 1] this is the value itself.
         batch_size: occluded copies per compiled forward chunk.
 
     Returns:
@@ -119,6 +126,8 @@ def occlusion(
     output = model_copy(model, "output")
     check_images(output.model, batch)
 
+    low, high = input_range(model)
+    fill_value = np.float32(low + fill * (high - low))
     (intact,) = run_batched(
         output, "forward", forward_body, count, lambda a, b: [batch[a:b]], batch_size
     )
@@ -138,7 +147,7 @@ def occlusion(
     def occluded(start: int, stop: int) -> list[np.ndarray]:
         flat = np.arange(start, stop)
         covered = masks[flat % windows][..., None]
-        return [np.where(covered, np.float32(fill), batch[flat // windows])]
+        return [np.where(covered, fill_value, batch[flat // windows])]
 
     (outputs,) = run_batched(
         output, "forward", forward_body, count * windows, occluded, batch_size

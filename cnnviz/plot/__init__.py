@@ -3,6 +3,7 @@
 from cnnviz.plot.display import render_png, show_image
 from cnnviz.plot.figures import (
     activation_max_grid,
+    augmentation_grid,
     feature_maps_grid,
     filters_grid,
     gradcam_figure,
@@ -13,6 +14,7 @@ from cnnviz.plot.figures import (
 
 __all__ = [
     "activation_max_grid",
+    "augmentation_grid",
     "feature_maps_grid",
     "filters_grid",
     "gradcam_figure",

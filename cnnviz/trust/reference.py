@@ -14,6 +14,8 @@ Conventions followed exactly as TensorFlow/Keras define them:
 * Max pooling pads with -inf; average pooling with `padding="same"` averages over the cells inside
   the image only (the padded cells are not counted).
 * Flatten is row-major over (H, W, C), channels last.
+* Rescaling is `x * scale + offset`; Normalization is `(x - mean) / max(sqrt(variance), 1e-7)`
+  (a model's own preprocessing layers, DECISIONS D1).
 * BatchNormalization at inference: `(x - moving_mean) / sqrt(moving_variance + epsilon) * gamma
   + beta`; Dropout and the noise layers are the identity at inference.
 * The string activation `"leaky_relu"` has slope 0.2 (keras.activations.leaky_relu); the
@@ -439,6 +441,22 @@ def _rescaling(layer, config: dict, x: np.ndarray) -> np.ndarray:
     return x * scale + offset
 
 
+def _normalization(layer, config: dict, x: np.ndarray) -> np.ndarray:
+    """Keras Normalization with a given mean and variance: (x - mean) / max(sqrt(var), 1e-7)."""
+    if config.get("invert"):
+        raise _Unsupported("Normalization with invert=True")
+    axis = config.get("axis", -1)
+    if axis not in (-1, [-1], (-1,), x.ndim - 1, [x.ndim - 1]):
+        raise _Unsupported(f"Normalization over axis {axis!r} (only the channel axis)")
+    if config.get("mean") is not None:  # given when built (cnnviz's models)
+        mean, variance = config["mean"], config["variance"]
+    else:  # adapted: kept as weights (mean, variance, count)
+        mean, variance = layer.get_weights()[:2]
+    mean = np.asarray(mean, np.float64).reshape(-1)
+    variance = np.asarray(variance, np.float64).reshape(-1)
+    return (x - mean) / np.maximum(np.sqrt(variance), 1e-7)
+
+
 def _activation_layer(layer, config: dict, x: np.ndarray) -> np.ndarray:
     class_name = type(layer).__name__
     if class_name == "Activation":
@@ -481,6 +499,7 @@ _LAYERS: dict[str, Callable[[object, dict, np.ndarray], np.ndarray]] = {
     "Flatten": _flatten,
     "BatchNormalization": _batch_norm,
     "Rescaling": _rescaling,
+    "Normalization": _normalization,
     "Activation": _activation_layer,
     "ReLU": _activation_layer,
     "LeakyReLU": _activation_layer,
