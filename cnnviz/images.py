@@ -191,9 +191,19 @@ def undecodable_files(paths: Sequence[str]) -> list[tuple[str, str]]:
             decode_image(tf.io.read_file(str(paths[index])), 3)
             reason = "cannot be decoded"
         except tf.errors.OpError as error:
-            reason = f"cannot be decoded ({error.message.splitlines()[0].strip()})"
+            reason = f"cannot be decoded ({tensorflow_reason(error)})"
         bad.append((str(paths[index]), reason))
     return bad
+
+
+def tensorflow_reason(error) -> str:
+    """TensorFlow's own words from an OpError, without its op and device decorations."""
+    import re
+
+    text = error.message.splitlines()[0] if error.message else type(error).__name__
+    text = re.sub(r"\{\{[^}]*\}\}", "", text)
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
+    return text.strip() or type(error).__name__
 
 
 def read_images(paths: Sequence[str | Path], input_shape: Sequence[int], *,
@@ -222,7 +232,7 @@ def read_images(paths: Sequence[str | Path], input_shape: Sequence[int], *,
             images[row] = load_image(tf.constant(str(path)), (height, width), channels).numpy()
         except tf.errors.OpError as error:
             raise CnnvizError(f"{what} image file {path} cannot be decoded "
-                              f"({error.message.splitlines()[0].strip()})") from None
+                              f"({tensorflow_reason(error)})") from None
     return images
 
 

@@ -211,7 +211,8 @@ def select_images(run: Run, spec: str) -> Selection:
 
 
 # -------------------------------------------------------------------------------- batching
-def chunks(count: int, size: int = CHUNK) -> Iterator[slice]:
+def chunks(count: int, size: int | None = None) -> Iterator[slice]:
+    size = size or CHUNK
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))
 

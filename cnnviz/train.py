@@ -9,6 +9,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -572,14 +573,18 @@ def _fit(config: Config, run_dir: Path, dataset, strategy, device: str, *, resum
         _distributed_fixes(model, strategy, inputs.train.element_spec)
     weights = class_weights(config, dataset)
     started = time.perf_counter()
-    with _bad_files_named(dataset, ("train", "val")):
+    with _bad_files_named(dataset, ("train", "val")), warnings.catch_warnings():
+        # A pipeline sharded by file has no length Keras can read (see Split.pipeline): Keras
+        # learns it when the first epoch's data ends, and warns that it ran out of data.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
         history = model.fit(inputs.train, validation_data=inputs.validation,
                             epochs=config.train.epochs, initial_epoch=resume_epoch,
                             callbacks=callbacks, verbose=config.train.verbose, class_weight=weights,
                             shuffle=False)  # the pipeline shuffles; Keras would warn it ignores True
     seconds = time.perf_counter() - started
 
-    with _bad_files_named(dataset, ("test",)):
+    with _bad_files_named(dataset, ("test",)), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
         evaluation = model.evaluate(inputs.test, verbose=0, return_dict=True)
     full_history = read_history(history_file)
     epochs_done = len(full_history.get("epoch", [])) or len(history.history.get("loss", []))

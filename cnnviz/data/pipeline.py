@@ -173,6 +173,11 @@ class Split:
             # Every worker shuffles the same way (same seed), so the shards are disjoint; each
             # keeps the same number of files, or one worker would wait for a batch forever.
             elements = elements.take(count - count % total).shard(total, index)
+            # Keras counts an epoch's steps from the cardinality, here this worker's batches;
+            # TensorFlow then splits each batch across all the replicas, so an epoch takes
+            # `total` times more steps than that count. Unknown cardinality: Keras runs until
+            # the data ends, which every worker reaches at the same step (equal shares).
+            elements = elements.filter(lambda path, label: True)
         size, channels = self.image_size, self.channels
         images = elements.map(lambda path, label: (load_image(path, size, channels), label),
                               num_parallel_calls=tf.data.AUTOTUNE)
