@@ -164,7 +164,7 @@ def plain_keras(folder: Path, env: dict) -> dict:
 def cnnviz_train(config: Path, out: Path, env: dict) -> dict:
     result = timed([sys.executable, "-m", "cnnviz.cli", "train", str(config), "--out", str(out)],
                    env)
-    metrics_file = sorted(out.glob("*/*/metrics.json"))[-1]
+    metrics_file = max(out.glob("*/*/metrics.json"))
     metrics = json.loads(metrics_file.read_text())
     result.update(fit_seconds=metrics["seconds"], fit_images=metrics["train_images"]
                   + metrics.get("validation_images", 0), accuracy=metrics["test_accuracy"])

@@ -222,8 +222,10 @@ def learning_rate(config: Config, steps_per_epoch: int = 1):
     drops = range(schedule.every_epochs, config.train.epochs, schedule.every_epochs)
     if not drops:
         return rate
+    # PiecewiseConstantDecay keeps the old value AT a boundary: end each stretch one step
+    # early, so the epoch's first step already has its new rate.
     return keras.optimizers.schedules.PiecewiseConstantDecay(
-        [epoch * steps for epoch in drops],
+        [epoch * steps - 1 for epoch in drops],
         [rate * schedule.factor ** count for count in range(len(drops) + 1)])
 
 

@@ -277,3 +277,34 @@ def test_limit_takes_a_stratified_subset():
     assert len(data.train) == 200
     counts = np.bincount(data.train.labels, minlength=10)
     assert counts.min() >= 18 and counts.max() <= 22, counts
+
+
+def test_a_stalled_download_times_out_with_a_one_line_way_out(tmp_path, monkeypatch):
+    """A server that accepts the connection and never answers: the read timeout ends it."""
+    import socket
+    import threading
+    import time
+
+    from cnnviz.data.sources import fetch
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    origin = f"http://127.0.0.1:{server.getsockname()[1]}/mnist.npz"
+    started = time.perf_counter()
+    try:
+        with pytest.raises(CnnvizError) as raised:
+            fetch("mnist.npz", origin, timeout=0.5)
+    finally:
+        server.close()
+    assert time.perf_counter() - started < 30
+    message = str(raised.value)
+    assert accepted, "it connected, then waited for an answer"
+    assert "\n" not in message
+    assert (f"could not download mnist.npz from {origin} (no answer within 0.5 s "
+            "(data.download_timeout))") in message
+    assert f"put it at {tmp_path / 'datasets' / 'mnist.npz'}, or set data.path" in message
+    assert not (tmp_path / "datasets" / "mnist.npz").exists(), "no partial file left"

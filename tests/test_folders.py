@@ -10,45 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _folders import CLASSES, folder_config, make_folder
 from PIL import Image
 from typer.testing import CliRunner
 
 from cnnviz.cli import app
-from cnnviz.config import validate
 from cnnviz.data import load_dataset, measure_statistics
 from cnnviz.errors import CnnvizError
 
 runner = CliRunner()
 SIDE = 12
-CLASSES = ("bright", "dark")
-
-
-def make_folder(root: Path, per_class: int = 24, *, seed: int = 0) -> Path:
-    """Two easy classes (a bright or a dark square on noise), PNG and JPEG mixed; each image's
-    top-left pixel holds its number, so a test can tell which file an image came from."""
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for index in range(per_class):
-            pixels = rng.integers(60, 120, (SIDE, SIDE, 3)).astype(np.uint8)
-            pixels[3:9, 3:9] = 230 if label == 0 else 10
-            pixels[0, 0] = index
-            suffix = "png" if index % 3 else "bmp"
-            Image.fromarray(pixels).save(root / name / f"{index:03d}.{suffix}")
-    return root
-
-
-def folder_config(root: Path, **data) -> object:
-    return validate({
-        "name": "folder",
-        "seed": 5,
-        "data": {"source": "directory", "path": str(root), "image_size": [SIDE, SIDE],
-                 "validation_split": 0.25, "test_split": 0.25, **data},
-        "model": {"layers": [{"type": "conv2d", "filters": 4, "kernel": 3, "name": "conv"},
-                             {"type": "max_pool2d", "pool": 2}, {"type": "flatten"}]},
-        "train": {"epochs": 2, "batch_size": 8, "verbose": 0,
-                  "optimizer": {"learning_rate": 0.01}},
-    })
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +120,9 @@ def test_a_bad_file_is_one_line_exit_2_and_nothing_is_written(folder, tmp_path):
                            catch_exceptions=False)
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines == [f"error: data.path {copy}: dark/notes.png is not an image file "
-                     "(unrecognised content); remove it, or set data.skip_bad_files: true to "
-                     "skip unreadable files"]
+    assert lines == [(f"error: data.path {copy}: dark/notes.png is not an image file "
+                      "(unrecognised content); remove it, or set data.skip_bad_files: true to "
+                      "skip unreadable files")]
     assert not (tmp_path / "out").exists(), "refused before any run directory exists"
 
 
