@@ -182,3 +182,26 @@ def test_image_specs_name_files_folders_and_globs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CnnvizError, match=r"is a folder with no image file"):
         expand_image_spec(str(tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_bad_image_files_given_to_a_command_exit_2_with_one_line(digits_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from cnnviz.cli import app
+
+    truncated, bomb, text = tmp_path / "cut.png", tmp_path / "bomb.png", tmp_path / "text.jpg"
+    Image.fromarray(RGB).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-30])
+    Image.new("1", (10_000, 9_000)).save(bomb)
+    text.write_text("hello")
+    for path, problem in ((truncated, "is truncated"), (bomb, "over the limit of 89,478,485"),
+                          (text, "is not an image file")):
+        result = CliRunner().invoke(app, ["gradcam", str(digits_run), "--images", str(path),
+                                          "--out", str(tmp_path / "figures")],
+                                    catch_exceptions=False)
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and str(path) in errors[0] and problem in errors[0]
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "figures").exists()
