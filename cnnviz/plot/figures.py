@@ -52,7 +52,8 @@ def training_curves(
     """Loss and metrics per epoch, training (solid) vs validation (dashed), one panel per metric.
 
     The best validation epoch is marked (lowest for loss-like metrics, highest otherwise).
-    A learning rate that changed during training (a schedule) gets a last panel, log scale.
+    A learning rate that changed during training (a schedule) gets a last panel (log scale
+    unless it starts from 0).
 
     Args:
         history: Keras `History.history`-style dict, e.g. {"loss": [...], "val_loss": [...],
@@ -87,7 +88,8 @@ def training_curves(
         ax = axes[-1]
         ax.plot(np.arange(1, rates.size + 1), rates, "-", marker="o" if rates.size <= 30 else None,
                 markersize=3, color="tab:green")
-        ax.set_yscale("log")
+        if rates.min() > 0:  # a warm-up from 0 cannot be drawn on a log scale
+            ax.set_yscale("log")
         ax.set_title("learning rate")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
