@@ -132,6 +132,19 @@ def print_settings(values: dict) -> None:
           f"numpy {values['numpy']}, Python {values['python']}")
 
 
+def begin(title: str, quick: bool) -> dict:
+    """Quiet TensorFlow's start-up lines, import it, print the settings in force; return them."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    from cnnviz._quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    values = settings()
+    print(f"{title} ({'quick' if quick else 'full'})")
+    print_settings(values)
+    return values
+
+
 # ------------------------------------------------------------------------------- training
 def _timed(method, totals: list):
     """`method`, adding the seconds each call takes to `totals[-1]`."""
@@ -482,19 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     sizes = QUICK if arguments.quick else FULL
 
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    from cnnviz._quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()
+    values = begin("cnnviz bench", arguments.quick)
     import keras
 
     from cnnviz.config import load_config
     from cnnviz.data import load_dataset
 
-    values = settings()
-    print(f"cnnviz bench ({'quick' if arguments.quick else 'full'})")
-    print_settings(values)
     started = time.perf_counter()
     rows: list[Row] = []
     raw: dict = {}

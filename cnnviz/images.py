@@ -136,22 +136,30 @@ def decode_image(contents, channels: int):
         return tf.cast(pixels, tf.float32)
 
     pixels = tf.cond(sixteen_bit, deep, shallow)
-    # Any of 1 (gray), 2 (gray + alpha), 3 (RGB), 4 (RGBA) channels -> RGB and alpha, with one
-    # gather: an opaque alpha (255) is appended and picked where the file has none.
     count = tf.shape(pixels)[-1]
-    padded = tf.concat([pixels, tf.fill(tf.concat([tf.shape(pixels)[:-1], [1]], 0), 255.0)], -1)
-    order = tf.gather(tf.constant([[0, 0, 0, 1], [0, 0, 0, 1], [0, 1, 2, 3], [0, 1, 2, 3]]),
-                      count - 1)
-    rgba = tf.gather(padded, order, axis=-1)
-    alpha = rgba[..., 3:] / 255.0
-    rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)  # composited on white
+
+    def composited_on_white(colour, alpha):
+        share = alpha / 255.0
+        return colour * share + 255.0 * (1.0 - share)
+
+    def gray(_=None):
+        return tf.concat([pixels[..., :1]] * 3, axis=-1)
+
+    # Channels in the file: 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA -> RGB on white.
+    # (Explicit branches: a gather along the channel axis is ten times slower.)
+    as_rgb = tf.switch_case(count - 1, [
+        gray,
+        lambda: composited_on_white(gray(), pixels[..., 1:2]),
+        lambda: pixels,
+        lambda: composited_on_white(pixels[..., :3], pixels[..., 3:4]),
+    ])
+    as_rgb = tf.ensure_shape(as_rgb, [None, None, 3])
     if channels == 1:
         weights = tf.constant([0.299, 0.587, 0.114], tf.float32)
-        gray_file = tf.logical_or(tf.equal(count, 1), tf.equal(count, 2))
-        # A gray file stays exactly its own values; only colour files are mixed.
-        return tf.where(gray_file, rgb[..., :1],
-                        tf.reduce_sum(rgb * weights, axis=-1, keepdims=True))
-    return rgb
+        # A gray file stays exactly its own values; only colour is mixed (ITU-R 601).
+        return tf.cond(count <= 2, lambda: as_rgb[..., :1],
+                       lambda: tf.reduce_sum(as_rgb * weights, axis=-1, keepdims=True))
+    return as_rgb
 
 
 def resize(images, size: Sequence[int]):

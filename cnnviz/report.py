@@ -370,6 +370,113 @@ def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | N
     return write_per_image(selection, folder, f"grad-cam ({layer_name})", explain_chunk, draw)
 
 
+def cam_figures(model, selection: Selection, folder: Path, *, methods: Sequence[str],
+                layer: str | None = None, target: int | None = None) -> list[FigureFile]:
+    """One figure per image: the input next to each CAM method's heatmap over it."""
+    from cnnviz.explain import cam, gradcam_layer
+    from cnnviz.plot import cam_row
+
+    layer_name = gradcam_layer(model, layer)
+    suffix = "all" if len(methods) > 1 else methods[0]
+
+    def explain_chunk(images, labels):
+        probabilities = predict_probabilities(model, images)
+        targets = _chunk_targets(target, probabilities)
+        maps = {method: cam(model, images, targets, method=method, layer=layer_name)
+                for method in methods}
+        return [(probabilities[i], targets[i], {m: maps[m][i] for m in methods})
+                for i in range(len(images))]
+
+    def draw(index, payload):
+        probabilities, explained, maps = payload
+        title = (f"CAM on {layer_name} {_explained(selection, index, explained, probabilities)}"
+                 + (" (eigencam: class-agnostic)" if "eigencam" in maps else ""))
+        return [(f"{selection.names[index]}_{suffix}.png",
+                 cam_row(selection.images[index], maps, title=title))]
+
+    return write_per_image(selection, folder, f"cam ({suffix}, {layer_name})", explain_chunk,
+                           draw)
+
+
+CAM_FAMILY = "Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Score-CAM, Eigen-CAM"
+SIGNED_HEADING = ("Signed attributions: integrated gradients (64 steps from a black image) and "
+                  "gradient x input; red for the class, blue against")
+SIGNED_METHODS = ("integrated_gradients", "gradient_x_input")
+_SIGNED_TITLES = {"integrated_gradients": "integrated gradients",
+                  "gradient_x_input": "gradient x input"}
+
+
+def signed_figures(model, selection: Selection, folder: Path, *, methods: Sequence[str],
+                   steps: int = 64, baseline: float | str = 0.0,
+                   target: int | None = None) -> list[FigureFile]:
+    """One figure per image: signed attribution maps (red for the class, blue against).
+
+    Under integrated gradients, the completeness check: the attributions' sum beside
+    score(image) - score(baseline), which it must equal up to the integration error.
+    """
+    from cnnviz.explain import gradient_x_input, integrated_gradients
+    from cnnviz.explain.integrated_gradients import score_difference
+    from cnnviz.plot import signed_row
+
+    suffix = "all" if len(methods) > 1 else methods[0]
+
+    def explain_chunk(images, labels):
+        probabilities = predict_probabilities(model, images)
+        targets = _chunk_targets(target, probabilities)
+        maps, notes = {}, [{} for _ in images]
+        if "integrated_gradients" in methods:
+            maps["integrated_gradients"] = integrated_gradients(
+                model, images, targets, baseline=baseline, steps=steps)
+            totals = maps["integrated_gradients"].sum(axis=(1, 2, 3))
+            expected = score_difference(model, images, targets, baseline=baseline)
+            for i, (total, difference) in enumerate(zip(totals, expected)):
+                gap = abs(total - difference) / max(abs(difference), 1e-12)
+                notes[i]["integrated gradients"] = (
+                    f"sum {total:.3g} vs score(x) - score(x') {difference:.3g} ({gap:.1%} off)")
+        if "gradient_x_input" in methods:
+            maps["gradient_x_input"] = gradient_x_input(model, images, targets)
+        return [(probabilities[i], targets[i],
+                 {_SIGNED_TITLES[m]: maps[m][i] for m in methods}, notes[i])
+                for i in range(len(images))]
+
+    described = f"{steps} steps from {baseline!r}" if "integrated_gradients" in methods else ""
+
+    def draw(index, payload):
+        probabilities, explained, maps, notes = payload
+        title = (f"Signed attribution {_explained(selection, index, explained, probabilities)}"
+                 f"\n{described + '; ' if described else ''}red: for the class, blue: against")
+        return [(f"{selection.names[index]}_{suffix}.png",
+                 signed_row(selection.images[index], maps, title=title, notes=notes))]
+
+    return write_per_image(selection, folder, f"signed ({suffix})", explain_chunk, draw)
+
+
+def rise_figures(model, selection: Selection, folder: Path, *, masks: int = 2000, cell: int = 7,
+                 keep: float = 0.5, seed: int = 0,
+                 target: int | None = None) -> list[FigureFile]:
+    """One figure per image: the RISE map over the input, scaled per image."""
+    from cnnviz.explain import rise
+    from cnnviz.plot import cam_row
+    from cnnviz.plot.display import normalize01
+
+    def explain_chunk(images, labels):
+        probabilities = predict_probabilities(model, images)
+        targets = _chunk_targets(target, probabilities)
+        maps = rise(model, images, targets, masks=masks, cell=cell, keep=keep, seed=seed)
+        return [(probabilities[i], targets[i], maps[i]) for i in range(len(images))]
+
+    def draw(index, payload):
+        probabilities, explained, saliency = payload
+        title = (f"RISE, {masks} masks {_explained(selection, index, explained, probabilities)}"
+                 f"\nE[P(class) | pixel kept] from {saliency.min():.2f} (blue) to "
+                 f"{saliency.max():.2f} (red)")
+        figure = cam_row(selection.images[index], {"RISE": normalize01(saliency)}, title=title,
+                         label="scaled to its own range")
+        return [(f"{selection.names[index]}.png", figure)]
+
+    return write_per_image(selection, folder, f"rise ({masks} masks)", explain_chunk, draw)
+
+
 def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int = 4,
                       stride: int | None = None, fill: float = 0.5,
                       target: int | None = None) -> list[FigureFile]:
@@ -478,7 +585,7 @@ def one_per_class(labels: np.ndarray, limit: int = 10) -> str:
 def all_figures(run: Run, selection: Selection, folder: Path, *, feature_map_images: int = 2,
                 activation_max_steps: int = 256) -> list[tuple[str, list[FigureFile]]]:
     """Every figure type for `selection`, grouped as the index page shows them."""
-    from cnnviz.explain import SALIENCY_METHODS, gradcam_layer
+    from cnnviz.explain import CAM_METHODS, SALIENCY_METHODS, gradcam_layer
 
     model = run.model
     conv_layers = conv_layer_names(model)
@@ -489,6 +596,13 @@ def all_figures(run: Run, selection: Selection, folder: Path, *, feature_map_ima
          saliency_figures(model, selection, folder / "saliency", methods=SALIENCY_METHODS)),
         (f"Grad-CAM and Guided Grad-CAM (layer {layer})",
          gradcam_figures(model, selection, folder / "gradcam", layer=layer, guided=True)),
+        (f"The CAM family on layer {layer}: {CAM_FAMILY}",
+         cam_figures(model, selection, folder / "cam", methods=CAM_METHODS, layer=layer)),
+        (SIGNED_HEADING,
+         signed_figures(model, selection, folder / "signed", methods=SIGNED_METHODS)),
+        ("RISE: randomized input sampling (2000 masks)",
+         rise_figures(model, selection, folder / "rise",
+                      cell=min(7, *selection.images.shape[1:3]))),
         ("Occlusion sensitivity", occlusion_figures(model, selection, folder / "occlusion")),
         ("Activation maximization",
          [activation_max_figure(model, folder / "activation-max",
@@ -525,7 +639,7 @@ def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0) -
         "class_sensitivity": classes})
     figures = [save_captioned(sanity_maps_figure(result), folder / "sanity_maps.png"),
                save_captioned(sanity_curves_figure(result), folder / "sanity_curves.png")]
-    flagged = any(result.insensitive.values()) or any(
+    flagged = any(result.insensitive_to.values()) or any(
         entry.get("class_insensitive") for entry in classes.values() if isinstance(entry, dict))
     return Report(text, figures, data_file, flagged)
 

@@ -82,6 +82,51 @@ def test_gradcam_names_its_layer_and_draws_guided(digits_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_cam_all_draws_every_variant_in_one_row(digits_run, tmp_path):
+    result, paths = _invoke("cam", digits_run, "--images", "0,1", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "CAM on layer pool2" in result.output
+    _assert_pngs(paths, 2)
+    assert [path.name for path in paths] == ["test_000_all.png", "test_001_all.png"]
+    with Image.open(paths[0]) as image:
+        width, height = image.size
+    assert 1.5 * height < width < 2.5 * height  # input + seven panels in two rows of four
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,args,name", [
+    ("cam", ["--method", "scorecam", "--layer", "conv1"], "test_000_scorecam.png"),
+    ("integrated-gradients", ["--steps", "16", "--baseline", "blur"],
+     "test_000_integrated_gradients.png"),
+    ("gradient-x-input", [], "test_000_gradient_x_input.png"),
+    ("rise", ["--masks", "200", "--cell", "4"], "test_000.png"),
+])
+def test_each_new_method_command_writes_its_figure(digits_run, tmp_path, command, args, name):
+    result, paths = _invoke(command, digits_run, "--images", "0", *args, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    _assert_pngs(paths, 1)
+    assert paths[0].name == name
+
+
+@pytest.mark.slow
+def test_signed_maps_use_a_diverging_map_centred_on_zero(digits_run, tmp_path):
+    """The IG panel's colour bar runs from -m to +m: white is exactly 0."""
+    from cnnviz.explain import integrated_gradients
+    from cnnviz.plot import signed_row
+    from cnnviz.runs import load_run
+
+    run = load_run(digits_run)
+    image = run.dataset().x_test[:1]
+    attributions = integrated_gradients(run.model, image)[0]
+    figure = signed_row(image[0], {"integrated gradients": attributions})
+    drawn = figure.axes[1].get_images()[0]
+    low, high = drawn.get_clim()
+    assert drawn.get_cmap().name == "RdBu_r"
+    assert low == -high and high == pytest.approx(np.abs(attributions.sum(axis=-1)).max())
+    assert attributions.min() < 0 < attributions.max()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("command,args,count", [
     ("occlusion", ["--images", "0,1", "--patch", "2"], 2),
     ("feature-maps", ["--images", "0"], 2),  # conv1 and conv2
@@ -130,6 +175,10 @@ def test_image_files_are_preprocessed_like_the_training_data(digits_run, tmp_pat
     (["gradcam", "{run}", "--layer", "flatten"], "flatten"),
     (["saliency", "{run}", "--target", "12"], "--target 12 is not a class"),
     (["filters", "{run}", "--layer", "dense"], "Conv2D layers: conv1, conv2"),
+    (["cam", "{run}", "--method", "gradcam+"], "'gradcam+' is not one of"),
+    (["cam", "{run}", "--layer", "dense"], "4-D layers: conv1, pool1, conv2, pool2"),
+    (["integrated-gradients", "{run}", "--baseline", "grey"], "--baseline 'grey' is neither"),
+    (["rise", "{run}", "--cell", "9"], "cell=9 grid cells do not fit in 8 x 8 images"),
     (["saliency", "{run}", "--images", "missing.png"], "missing.png does not exist"),
 ])
 def test_bad_figure_requests_exit_2_with_one_line(digits_run, args, message):
@@ -152,7 +201,7 @@ def test_run_trains_and_writes_every_figure_and_an_index(tmp_path):
     assert len(sources) >= 10
     for source in sources:
         assert (run_dir / source).is_file(), source
-    for folder in ("saliency", "gradcam", "occlusion", "activation-max", "filters",
-                   "feature-maps"):
+    for folder in ("saliency", "gradcam", "cam", "signed", "rise", "occlusion", "activation-max",
+                   "filters", "feature-maps"):
         assert any(source.startswith(f"figures/{folder}/") for source in sources), folder
     assert "true positive" in index and "predicted" in index

@@ -25,7 +25,13 @@ def upsample(cam: np.ndarray, size: tuple) -> np.ndarray:
 
 
 def normalized(cam: np.ndarray) -> np.ndarray:
+    """Divided by its max: how Guided Grad-CAM scales the guided map and the product."""
     return cam / cam.max() if cam.max() > 0 else cam
+
+
+def min_max(cam: np.ndarray) -> np.ndarray:
+    """How every CAM map is scaled (pytorch-grad-cam's scale_cam_image)."""
+    return (cam - cam.min()) / (cam.max() - cam.min()) if cam.max() > cam.min() else 0 * cam
 
 
 def reference_gradcam(model, layer_name: str, x: np.ndarray, target: int) -> np.ndarray:
@@ -46,7 +52,7 @@ def reference_gradcam(model, layer_name: str, x: np.ndarray, target: int) -> np.
     features = features[0].numpy()
     weights = gradients.mean(axis=(0, 1))
     cam = np.maximum((features * weights).sum(axis=-1), 0.0)
-    return upsample(normalized(cam), x.shape[:2])
+    return upsample(min_max(cam), x.shape[:2])
 
 
 @pytest.mark.parametrize("layer_name", ("conv_a", None))
@@ -76,7 +82,7 @@ def test_gradcam_equals_cam_on_a_global_average_pooling_head():
     features = feature_maps(model, batch)
     for target in range(3):
         cam = np.maximum(features @ head[:, target], 0.0)  # CAM: sum_k W[k, c] A_k
-        expected = np.stack([upsample(normalized(c), (8, 8)) for c in cam])
+        expected = np.stack([upsample(min_max(c), (8, 8)) for c in cam])
         np.testing.assert_allclose(gradcam(model, batch, target), expected, atol=1e-5)
 
 
@@ -86,7 +92,7 @@ def test_sigmoid_class_zero_sees_the_opposite_evidence_of_class_one():
     evidence = feature_maps(model, batch) @ model.get_layer("head").get_weights()[0][:, 0]
     for target, sign in ((1, 1.0), (0, -1.0)):
         expected = np.stack(
-            [upsample(normalized(np.maximum(sign * e, 0)), (8, 8)) for e in evidence]
+            [upsample(min_max(np.maximum(sign * e, 0)), (8, 8)) for e in evidence]
         )
         assert (expected.max(axis=(1, 2)) > 0.5).all()
         np.testing.assert_allclose(gradcam(model, batch, target), expected, atol=1e-5)

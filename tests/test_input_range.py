@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 from _models import cam_net, images
 
-from cnnviz.explain import activation_maximization_batch, gradcam, occlusion, saliency
+from cnnviz.explain import (
+    CAM_METHODS,
+    activation_maximization_batch,
+    cam,
+    gradcam,
+    gradient_x_input,
+    integrated_gradients,
+    occlusion,
+    rise,
+    saliency,
+)
 from cnnviz.explain._common import input_range
 
 
@@ -55,6 +65,20 @@ def test_every_method_explains_8_bit_pixels_as_it_explains_unit_images():
     # The patch is mid-grey in both: 0.5 of [0, 1], 127.5 of [0, 255].
     np.testing.assert_allclose(occlusion(pixel_model, pixels, patch=3).probability,
                                occlusion(unit_model, unit, patch=3).probability, atol=1e-5)
+    for method in CAM_METHODS:  # Score-CAM masks to the low end of each range
+        np.testing.assert_allclose(cam(pixel_model, pixels, method=method),
+                                   cam(unit_model, unit, method=method), atol=1e-4,
+                                   err_msg=method)
+    np.testing.assert_allclose(rise(pixel_model, pixels, masks=200, cell=4, seed=1),
+                               rise(unit_model, unit, masks=200, cell=4, seed=1), atol=1e-5)
+    # Signed attributions are per input value: gradient x input is unit-free.
+    np.testing.assert_allclose(gradient_x_input(pixel_model, pixels),
+                               gradient_x_input(unit_model, unit), rtol=1e-3, atol=1e-6)
+    for baseline in (0.0, "blur"):
+        np.testing.assert_allclose(
+            integrated_gradients(pixel_model, pixels, baseline=baseline, steps=16),
+            integrated_gradients(unit_model, unit, baseline=baseline, steps=16),
+            rtol=1e-3, atol=1e-6)
 
 
 def test_activation_maximization_climbs_the_same_way_in_8_bit_units():

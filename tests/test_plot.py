@@ -17,6 +17,7 @@ from PIL import Image
 from cnnviz.errors import CnnvizError
 from cnnviz.plot import (
     activation_max_grid,
+    cam_row,
     feature_maps_grid,
     filters_grid,
     gradcam_figure,
@@ -24,6 +25,7 @@ from cnnviz.plot import (
     render_png,
     saliency_row,
     show_image,
+    signed_row,
     training_curves,
 )
 
@@ -329,6 +331,35 @@ def test_gradcam_figure_rejects_a_heatmap_with_channels():
 
 
 # ------------------------------------------------------------------------------ no pyplot
+def test_cam_row_overlays_each_method_on_one_shared_0_to_1_scale():
+    maps = {"gradcam": RNG.uniform(0, 1, (8, 8)), "eigencam": np.zeros((8, 8)),
+            "scorecam": RNG.uniform(0, 1, (2, 2))}  # a coarse map is stretched
+    figure = cam_row(GRAY, maps, title="CAM on conv2")
+    panels = figure.axes[1:4]
+    assert [ax.get_title() for ax in panels] == list(maps)
+    for ax in panels:
+        overlay = ax.get_images()[-1]
+        assert overlay.get_cmap().name == "turbo" and overlay.get_clim() == (0.0, 1.0)
+    assert "all 0" in [text.get_text() for text in panels[1].texts]
+    assert len(figure.axes) == 5  # input, three panels, one colour bar
+    _decoded(figure)
+
+
+def test_signed_row_is_centred_on_zero_and_sums_channels_keeping_the_sign():
+    attribution = RNG.normal(size=(8, 8, 3))
+    figure = signed_row(RGB_0_255[:8, :8], {"integrated gradients": attribution,
+                                            "zero": np.zeros((8, 8))},
+                        notes={"integrated gradients": "sum 1.0 vs 1.0"})
+    drawn = figure.axes[1].get_images()[0]
+    summed = attribution.sum(axis=-1)
+    np.testing.assert_allclose(drawn.get_array(), summed)
+    assert drawn.get_cmap().name == "RdBu_r"
+    assert drawn.get_clim() == pytest.approx((-np.abs(summed).max(), np.abs(summed).max()))
+    assert figure.axes[1].get_xlabel() == "sum 1.0 vs 1.0"
+    assert "constant map (0)" in _all_text(figure)
+    _decoded(figure)
+
+
 def test_plotting_never_imports_pyplot():
     code = (
         "import sys, numpy as np\n"

@@ -149,6 +149,32 @@ def test_an_edge_detector_is_flagged_insensitive():
     assert payload["steps"] == ["head", "hidden", "conv"]
 
 
+def test_every_step_is_judged_and_the_layers_a_map_ignores_are_named():
+    """Saliency of the quadrant model is still the quadrant once the head is random (the hidden
+    layer alone decides where the gradient goes): insensitive to the head, not to the rest."""
+    model = quadrant_reader()
+    result = model_randomization(
+        model, images(6), methods={"saliency": "saliency", "edges": edge_detector}
+    )
+    for name in result.methods:
+        np.testing.assert_array_equal(
+            result.similar[name],
+            (result.rank_correlation[name] > 0.5) | (result.ssim[name] > 0.5),
+        )
+    saliency = result.rank_correlation["saliency"]
+    assert saliency[0] > 0.9 and saliency[1] < 0.1
+    assert result.insensitive_to == {"saliency": ("head",), "edges": ("head", "hidden", "conv")}
+    assert result.insensitive == {"saliency": False, "edges": True}  # the final verdict, kept
+    table = result.format_table()
+    saliency_row = next(line for line in table.splitlines() if line.startswith("saliency"))
+    assert saliency_row.endswith("INSENSITIVE to head") and "0.97/" in saliency_row
+    assert "INSENSITIVE to head, hidden, conv (rank correlation > 0.5 with every layer random)" in table
+    payload = json.loads(json.dumps(result.to_dict()))["methods"]
+    assert payload["saliency"]["insensitive_to"] == ["head"]
+    assert payload["saliency"]["similar_per_step"] == [True, False, False]
+    assert payload["edges"]["insensitive"] is True
+
+
 def test_targets_stay_those_of_the_trained_model():
     model = quadrant_reader(((0, 0), (1, 1)))
     batch = images(5)
@@ -199,8 +225,11 @@ def test_figures():
     grid = sanity_maps_figure(result, image_index=1)
     assert isinstance(grid, Figure)
     assert len(grid.axes) == 2 * (2 + 3)  # methods x (input, trained, 3 steps)
-    assert grid.axes[0].get_ylabel() == "saliency"
-    assert "insensitive" in grid.axes[5].get_ylabel()
+    assert grid.axes[0].get_ylabel() == "saliency\ninsensitive to\nhead"
+    assert grid.axes[5].get_ylabel() == "edges\ninsensitive to\nhead, hidden, conv"
+    framed = [[ax.spines["top"].get_visible() for ax in grid.axes[row * 5 + 2: row * 5 + 5]]
+              for row in range(2)]
+    assert framed == [[True, False, False], [True, True, True]]  # the similar steps
     curves = sanity_curves_figure(result)
     assert isinstance(curves, Figure) and len(curves.axes) == 2
     with pytest.raises(CnnvizError, match="image_index 2 is out of range"):

@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnviz.cli import app
+from cnnviz.trust.attribution import METHODS
 
 ROOT = Path(__file__).parent.parent
 runner = CliRunner()
@@ -44,8 +45,14 @@ def test_sanity_writes_table_json_and_figures(digits_run, tmp_path):
     result = _invoke("sanity", digits_run, "--images", "0:8", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     numbers = json.loads((tmp_path / "sanity.json").read_text())
-    steps = numbers["model_randomization"]
-    assert "saliency" in json.dumps(steps) and "class_sensitivity" in numbers
+    methods = numbers["model_randomization"]["methods"]
+    assert list(methods) == list(METHODS) and "class_sensitivity" in numbers
+    for name, entry in methods.items():  # every method judged at every step
+        assert len(entry["similar_per_step"]) == len(numbers["model_randomization"]["steps"])
+        assert entry["insensitive_to"] == [
+            step for step, similar in zip(numbers["model_randomization"]["steps"],
+                                          entry["similar_per_step"]) if similar], name
+    assert "eigencam" in result.output and "INSENSITIVE to preds" in result.output
     for name in ("sanity_maps.png", "sanity_curves.png", "sanity.txt"):
         assert (tmp_path / name).is_file()
 
@@ -56,7 +63,7 @@ def test_faithfulness_writes_table_json_and_curves(digits_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "random" in result.output and "deletion" in result.output.lower()
     numbers = json.loads((tmp_path / "faithfulness.json").read_text())
-    assert "random" in json.dumps(numbers)
+    assert list(numbers["methods"]) == [*METHODS, "random"]
     assert (tmp_path / "faithfulness.png").is_file()
 
 

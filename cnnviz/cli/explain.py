@@ -1,4 +1,5 @@
-"""Figure commands: saliency, gradcam, occlusion, feature-maps, filters, activation-max."""
+"""Figure commands: saliency, gradcam, cam, integrated-gradients, gradient-x-input, rise,
+occlusion, feature-maps, filters, activation-max."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from cnnviz.cli._common import (
     report_written,
     run_and_folder,
 )
+from cnnviz.errors import CnnvizError
 
 
 class SaliencyMethod(str, Enum):
@@ -69,6 +71,115 @@ def gradcam_command(
     selection = select_images(loaded, images)
     report_written(gradcam_figures(loaded.model, selection, folder, layer=chosen, guided=guided,
                             target=target))
+
+
+class CamMethod(str, Enum):
+    gradcam = "gradcam"
+    gradcam_plus_plus = "gradcam++"
+    xgradcam = "xgradcam"
+    layercam = "layercam"
+    hirescam = "hirescam"
+    scorecam = "scorecam"
+    eigencam = "eigencam"
+    all = "all"
+
+
+@command("cam")
+def cam_command(
+    run: RunArgument,
+    images: ImagesOption = "0:8",
+    method: Annotated[CamMethod, typer.Option(help="CAM variant; `all` draws every one in a row.")] = CamMethod.all,
+    layer: LayerOption = None,
+    target: TargetOption = None,
+    out: OutOption = None,
+) -> None:
+    """The CAM family over the input (default: every variant in one row per image).
+
+    gradcam, gradcam++, xgradcam, layercam, hirescam; scorecam (gradient-free, one forward pass
+    per channel of the layer); eigencam (first principal component, class-agnostic).
+    """
+    from cnnviz.explain import CAM_METHODS, gradcam_layer
+    from cnnviz.report import cam_figures, select_images
+
+    loaded, folder = run_and_folder(run, out, "cam")
+    chosen = gradcam_layer(loaded.model, layer)
+    if layer is None:
+        typer.echo(f"CAM on layer {chosen} (the last layer with a spatial output)")
+    methods = CAM_METHODS if method is CamMethod.all else (method.value,)
+    selection = select_images(loaded, images)
+    report_written(cam_figures(loaded.model, selection, folder, methods=methods, layer=chosen,
+                               target=target))
+
+
+def _baseline(value: str) -> float | str:
+    if value == "blur":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise CnnvizError(
+            f"--baseline {value!r} is neither a number (a pixel value, e.g. 0) nor 'blur'"
+        ) from None
+
+
+@command("integrated-gradients")
+def integrated_gradients_command(
+    run: RunArgument,
+    images: ImagesOption = "0:8",
+    steps: Annotated[int, typer.Option(min=1, help="Trapezoid-rule intervals on the path.")] = 64,
+    baseline: Annotated[str, typer.Option(help="Where the path starts: a pixel value (0: black) or `blur`.")] = "0",
+    target: TargetOption = None,
+    out: OutOption = None,
+) -> None:
+    """Integrated gradients: signed, red for the class, blue against.
+
+    Each figure states the completeness check: the attributions' sum beside
+    score(image) - score(baseline), which it must equal up to the integration error.
+    """
+    from cnnviz.report import select_images, signed_figures
+
+    start = _baseline(baseline)
+    loaded, folder = run_and_folder(run, out, "integrated-gradients")
+    selection = select_images(loaded, images)
+    report_written(signed_figures(loaded.model, selection, folder,
+                                  methods=("integrated_gradients",), steps=steps,
+                                  baseline=start, target=target))
+
+
+@command("gradient-x-input")
+def gradient_x_input_command(
+    run: RunArgument,
+    images: ImagesOption = "0:8",
+    target: TargetOption = None,
+    out: OutOption = None,
+) -> None:
+    """Gradient x input (signed; red for the class, blue against)."""
+    from cnnviz.report import select_images, signed_figures
+
+    loaded, folder = run_and_folder(run, out, "gradient-x-input")
+    selection = select_images(loaded, images)
+    report_written(signed_figures(loaded.model, selection, folder, methods=("gradient_x_input",),
+                                  target=target))
+
+
+@command("rise")
+def rise_command(
+    run: RunArgument,
+    images: ImagesOption = "0:8",
+    masks: Annotated[int, typer.Option(min=1, help="Random masks (one forward pass each, per image).")] = 2000,
+    cell: Annotated[int, typer.Option(min=1, help="Grid cells per side before upsampling.")] = 7,
+    keep: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability a grid cell is kept.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the masks.")] = 0,
+    target: TargetOption = None,
+    out: OutOption = None,
+) -> None:
+    """RISE (Petsiuk et al. 2018): the class probability over random masks, a black-box map."""
+    from cnnviz.report import rise_figures, select_images
+
+    loaded, folder = run_and_folder(run, out, "rise")
+    selection = select_images(loaded, images)
+    report_written(rise_figures(loaded.model, selection, folder, masks=masks, cell=cell,
+                                keep=keep, seed=seed, target=target))
 
 
 @command("occlusion")

@@ -104,6 +104,8 @@ def run_batched(
     count: int,
     fetch: Callable[[int, int], list[np.ndarray]],
     batch_size: int,
+    *,
+    consume: Callable[[int, int, list[np.ndarray]], None] | None = None,
 ) -> list[np.ndarray]:
     """Run a compiled function over `count` items in chunks of one fixed size; concatenate.
 
@@ -115,9 +117,13 @@ def run_batched(
         fetch: `fetch(start, stop) -> list of arrays` for items start..stop-1 (made lazily so
             e.g. occluded copies never exist all at once).
         batch_size: the largest chunk.
+        consume: `consume(start, stop, outputs)` receives each chunk's outputs (items
+            start..stop-1) instead of keeping them, for methods that reduce many items to a few
+            (integrated gradients, RISE): memory stays one chunk, whatever the item count.
 
     Returns:
-        The body's outputs for all N items, as numpy arrays with leading dimension N.
+        The body's outputs for all N items, as numpy arrays with leading dimension N; an empty
+        list when `consume` took them.
     """
     import tensorflow as tf
 
@@ -138,8 +144,11 @@ def run_batched(
                 signature = [tf.TensorSpec(a.shape, tf.as_dtype(a.dtype)) for a in arrays]
                 function = tf.function(make_body(copy.model), input_signature=signature)
                 copy.functions[key] = function
-        outputs = function(*arrays)
-        results.append([np.asarray(output)[:real] for output in outputs])
+        outputs = [np.asarray(output)[:real] for output in function(*arrays)]
+        if consume is None:
+            results.append(outputs)
+        else:
+            consume(start, start + real, outputs)
     return [np.concatenate(parts) for parts in zip(*results)]
 
 

@@ -2,8 +2,9 @@
 
 For each image: the gradient of its target's pre-softmax score with respect to one conv layer's
 output A (h, w, K) is averaged over space to one weight per channel, w_k; the map is
-ReLU(sum_k w_k A_k), divided by its own max and resized to the input size. On a
-conv -> GlobalAveragePooling2D -> Dense head this is exactly CAM (Zhou et al. 2016).
+ReLU(sum_k w_k A_k), min-max scaled and resized to the input size (`cam.cam`, which computes
+the whole CAM family). On a conv -> GlobalAveragePooling2D -> Dense head this is exactly CAM
+(Zhou et al. 2016). This module also decides which layer every CAM method explains.
 """
 
 from __future__ import annotations
@@ -11,22 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import (
-    as_image_batch,
-    default_conv_layer,
-    features_and_logits,
-    get_layer,
-    target_scores,
-)
-from cnnviz.explain._compiled import (
-    check_images,
-    choose_targets,
-    model_copy,
-    require_built,
-    run_batched,
-    target_array,
-)
-from cnnviz.explain.saliency import _gradient_maps
+from cnnviz.explain._common import as_image_batch, default_conv_layer, get_layer
+from cnnviz.explain._compiled import require_built
+from cnnviz.explain.saliency import _gradient_maps, _predicted_targets
 
 # Added to a map's max before dividing: an all-zero map stays 0 instead of becoming NaN.
 _EPSILON = 1e-12
@@ -73,32 +61,6 @@ def gradcam_layer(model, layer=None) -> str:
     return name
 
 
-def _gradcam_body(layer_name: str, height: int, width: int):
-    def make_body(clone):
-        import tensorflow as tf
-
-        layer_and_logits = features_and_logits(clone, layer_name)
-
-        def body(images, targets):
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(images)  # records the path through `features`; no weight gradients
-                features, logits = layer_and_logits(images, training=False)
-                chosen = choose_targets(logits, targets)
-                scores = target_scores(logits, chosen)
-            gradients = tape.gradient(scores, features)
-            # Mean over space only, per image and channel (keras.io's example also averages
-            # over the batch axis, which is right only for one image).
-            weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-            cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
-            cam = cam / (tf.reduce_max(cam, axis=(1, 2), keepdims=True) + _EPSILON)
-            cam = tf.image.resize(cam[..., None], (height, width), method="bilinear")[..., 0]
-            return cam, chosen
-
-        return body
-
-    return make_body
-
-
 def _normalized(maps: np.ndarray) -> np.ndarray:
     """Each (H, W) map divided by its own max (+ epsilon); maps are >= 0."""
     return maps / (maps.max(axis=(1, 2), keepdims=True) + _EPSILON)
@@ -120,25 +82,17 @@ def gradcam(
         batch_size: images per compiled chunk.
 
     Returns:
-        (N, H, W) float32 in [0, 1]; per image, the map over its own max, upsampled bilinearly
-        (tf.image.resize) from the layer's (h, w). A map with no positive evidence is all 0.
+        (N, H, W) float32 in [0, 1]: `cam(..., method="gradcam")`, per image the map min-max
+        scaled at the layer's (h, w), then upsampled bilinearly (tf.image.resize). A map with
+        no positive evidence is all 0.
     """
+    from cnnviz.explain.cam import cam  # cam.py imports gradcam_layer from here
+
     batch = as_image_batch(images)
-    name = gradcam_layer(model, layer)
-    logits = model_copy(model, "logits")
-    check_images(logits.model, batch)
-    wanted = target_array(logits.model, targets, len(batch))
-    height, width = batch.shape[1:3]
-    cams, chosen = run_batched(
-        logits,
-        f"gradcam:{name}",
-        _gradcam_body(name, height, width),
-        len(batch),
-        lambda start, stop: [batch[start:stop], wanted[start:stop]],
-        batch_size,
-    )
+    cams = cam(model, batch, targets, method="gradcam", layer=layer, batch_size=batch_size)
     if guided:
-        # Same targets as the CAM (resolved once), so both halves explain the same class.
+        # Same targets as the CAM, so both halves explain the same class.
+        chosen = _predicted_targets(model, batch, targets, batch_size)
         maps, _ = _gradient_maps(model, batch, chosen, "guided", batch_size)
         cams = _normalized(cams * _normalized(maps))
     return cams.astype(np.float32)

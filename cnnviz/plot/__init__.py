@@ -4,17 +4,20 @@ from cnnviz.plot.display import render_png, show_image
 from cnnviz.plot.figures import (
     activation_max_grid,
     augmentation_grid,
+    cam_row,
     feature_maps_grid,
     filters_grid,
     gradcam_figure,
     occlusion_figure,
     saliency_row,
+    signed_row,
     training_curves,
 )
 
 __all__ = [
     "activation_max_grid",
     "augmentation_grid",
+    "cam_row",
     "feature_maps_grid",
     "filters_grid",
     "gradcam_figure",
@@ -22,5 +25,6 @@ __all__ = [
     "render_png",
     "saliency_row",
     "show_image",
+    "signed_row",
     "training_curves",
 ]

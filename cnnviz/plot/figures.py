@@ -420,9 +420,7 @@ def saliency_row(image, maps: Mapping[str, object], *, title: str = "Saliency") 
     Returns:
         A Figure with 1 + len(maps) panels in a row.
     """
-    fig = new_figure(2.4 * (1 + len(maps)) + 0.3, 2.9)
-    axes = fig.subplots(1, 1 + len(maps), squeeze=False)[0]
-    show_image(axes[0], image, title="input")
+    fig, axes = _input_and_panels(image, len(maps), panel=2.4, margin=0.3, height=2.9)
     for ax, (method, attribution) in zip(axes[1:], maps.items(), strict=True):
         values = _reduce_channels(attribution)
         plain_axes(ax)
@@ -436,6 +434,14 @@ def saliency_row(image, maps: Mapping[str, object], *, title: str = "Saliency") 
         ax.set_title(method, fontsize=9)
     fig.suptitle(title)
     return fig
+
+
+def _input_and_panels(image, count: int, *, panel: float, margin: float, height: float):
+    """A row figure: the input on the left, then `count` empty panels; sizes in inches."""
+    fig = new_figure(panel * (1 + count) + margin, height)
+    axes = fig.subplots(1, 1 + count, squeeze=False)[0]
+    show_image(axes[0], image, title="input")
+    return fig, axes
 
 
 def _reduce_channels(attribution) -> np.ndarray:
@@ -481,21 +487,9 @@ def gradcam_figure(
     axes = fig.subplots(1, panels)
     show_image(axes[0], image, title="input")
 
-    show_image(axes[1], image)
-    coarse = heat.shape != np.shape(image)[:2]
-    drawn = axes[1].imshow(
-        np.clip(heat, 0, 1),
-        cmap="turbo",
-        vmin=0,
-        vmax=1,
-        alpha=alpha,
-        extent=image_extent(image),
-        interpolation="bilinear" if coarse else "nearest",
-    )
+    drawn = _heat_overlay(axes[1], image, heat, alpha)
     axes[1].set_title("Grad-CAM overlay", fontsize=9)
-    # The colour bar gets its own opaque mappable: inheriting the overlay's alpha washes it out.
-    opaque = ScalarMappable(norm=drawn.norm, cmap=drawn.get_cmap())
-    fig.colorbar(opaque, ax=axes[1], fraction=0.046, pad=0.04, label="Grad-CAM (0..1)")
+    _opaque_colorbar(fig, drawn, axes[1], fraction=0.046, pad=0.04, label="Grad-CAM (0..1)")
     if not heat.max(initial=0.0) > 0:
         note(axes[1], "heatmap is all 0")
 
@@ -509,5 +503,113 @@ def gradcam_figure(
         axes[2].set_title("Guided Grad-CAM", fontsize=9)
         if is_constant(guided):
             note(axes[2], f"constant map ({float(guided.flat[0]):.3g})")
+    fig.suptitle(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------- CAM family
+def cam_row(
+    image,
+    heatmaps: Mapping[str, object],
+    *,
+    title: str = "Class activation maps",
+    label: str = "map (0..1)",
+    alpha: float = 0.5,
+) -> Figure:
+    """The input next to one heatmap per method, each laid over the input (the CAM family, RISE).
+
+    Args:
+        image: the input, (H, W, C).
+        heatmaps: method name -> (h, w) map in [0, 1] (a coarser map is stretched over the
+            image), drawn in this order with turbo on one shared 0..1 scale.
+        title: figure title (say which class, what was predicted, which layer).
+        label: the colour bar's label.
+        alpha: opacity of each heatmap over the image.
+
+    Returns:
+        A Figure with 1 + len(heatmaps) panels and one colour bar: one row, or rows of 4 when
+        there are more than 5 panels (the seven CAM methods stay legible on a 520 px page).
+    """
+    panels = 1 + len(heatmaps)
+    columns = panels if panels <= 5 else 4
+    rows = -(-panels // columns)
+    fig = new_figure(2.4 * columns + 0.9, 2.6 * rows + 0.3)
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    show_image(axes[0], image, title="input")
+    drawn = None
+    for ax, (method, heatmap) in zip(axes[1:panels], heatmaps.items(), strict=True):
+        heat = finite(heatmap)
+        if heat.ndim == 3 and heat.shape[-1] == 1:
+            heat = heat[..., 0]
+        if heat.ndim != 2:
+            raise CnnvizError(f"heatmap {method!r} must have shape (H, W); received {heat.shape}")
+        drawn = _heat_overlay(ax, image, heat, alpha)
+        ax.set_title(method, fontsize=9)
+        if not heat.max(initial=0.0) > 0:
+            note(ax, "all 0")
+    if drawn is not None:
+        _opaque_colorbar(fig, drawn, list(axes[:panels]), pad=0.02, label=label,
+                         fraction=0.046 / max(1, columns - 1) ** 0.5)
+    fig.suptitle(title)
+    return fig
+
+
+def _heat_overlay(ax, image, heat: np.ndarray, alpha: float):
+    """The image with a 0..1 heatmap over it in turbo (a coarser map stretched bilinearly)."""
+    show_image(ax, image)
+    coarse = heat.shape != np.shape(image)[:2]
+    return ax.imshow(np.clip(heat, 0, 1), cmap="turbo", vmin=0, vmax=1, alpha=alpha,
+                     extent=image_extent(image),
+                     interpolation="bilinear" if coarse else "nearest")
+
+
+def _opaque_colorbar(fig, drawn, ax, **kwargs) -> None:
+    # Its own opaque mappable: inheriting the overlay's alpha washes the bar out.
+    fig.colorbar(ScalarMappable(norm=drawn.norm, cmap=drawn.get_cmap()), ax=ax, **kwargs)
+
+
+# ------------------------------------------------------------------- signed attributions
+def signed_row(
+    image,
+    maps: Mapping[str, object],
+    *,
+    title: str = "Signed attributions",
+    notes: Mapping[str, str] | None = None,
+) -> Figure:
+    """The input next to one signed attribution map per method: red for, blue against the class.
+
+    Each map is drawn with RdBu_r centred on 0 (white), from -max|value| to +max|value| of that
+    panel, with its own colour bar in the attribution's units. A (H, W, C) map is summed over
+    channels, keeping the sign (Captum's convention).
+
+    Args:
+        image: the input, (H, W, C).
+        maps: method name -> (H, W) or (H, W, C) signed map, drawn in this order.
+        title: figure title.
+        notes: optional method name -> a line written under its panel (e.g. a completeness check).
+
+    Returns:
+        A Figure with 1 + len(maps) panels in a row.
+    """
+    fig, axes = _input_and_panels(image, len(maps), panel=2.9, margin=0.3, height=3.1)
+    for ax, (method, attribution) in zip(axes[1:], maps.items(), strict=True):
+        values = finite(attribution)
+        if values.ndim == 3:
+            values = values.sum(axis=-1)
+        if values.ndim != 2:
+            raise CnnvizError(
+                f"map {method!r} must have shape (H, W) or (H, W, C); received {values.shape}"
+            )
+        limit = symmetric_limit(values)
+        drawn = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        plain_axes(ax)
+        ax.set_title(method, fontsize=9)
+        fig.colorbar(drawn, ax=ax, fraction=0.046, pad=0.04)
+        if is_constant(values):
+            note(ax, f"constant map ({float(values.flat[0]) if values.size else 0:.3g})")
+        if notes and method in notes:
+            ax.set_xlabel(notes[method], fontsize=7)
     fig.suptitle(title)
     return fig

@@ -35,8 +35,10 @@ def _show_map(ax, values, *, title: str | None = None) -> None:
 def sanity_maps_figure(result, *, image_index: int = 0, title: str | None = None) -> Figure:
     """The classic cascading-randomization grid for one image.
 
-    Rows: methods (flagged ones in red). Columns: the input, the trained model's map, then the
-    map after each randomization step (output layer first, cumulative left to right).
+    Rows: methods (flagged ones in red, with the layers they are insensitive to). Columns: the
+    input, the trained model's map, then the map after each randomization step (output layer
+    first, cumulative left to right); a step whose map is still similar (mean rank correlation
+    or SSIM above the threshold) is framed in red.
 
     Args:
         result: a `cnnviz.trust.sanity.SanityResult`.
@@ -61,23 +63,34 @@ def sanity_maps_figure(result, *, image_index: int = 0, title: str | None = None
         maps = result.maps[method][:, image_index]  # (S + 1, H, W)
         for column, values in enumerate(maps, start=1):
             _show_map(axes[row, column], values, title=columns[column] if row == 0 else None)
-        flagged = result.insensitive[method]
+            if column >= 2 and result.similar[method][column - 2]:
+                _frame(axes[row, column])
+        layers = result.insensitive_to[method]
         axes[row, 0].set_ylabel(
-            method + ("\n(insensitive)" if flagged else ""),
-            fontsize=8, color=_FLAG_COLOR if flagged else "black",
+            method + ("\ninsensitive to\n" + _wrapped(", ".join(layers), 18) if layers else ""),
+            fontsize=7 if layers else 8, color=_FLAG_COLOR if layers else "black",
         )
     axes[0, 0].set_title("input", fontsize=8)
     fig.suptitle(
         title or "Cascading randomization (Adebayo et al. 2018): layers re-initialized from the "
-        "output down, left to right", fontsize=9,
+        f"output down, left to right;\nred frame: map still similar (rank correlation or SSIM "
+        f"> {result.threshold:g})", fontsize=9,
     )
     return fig
+
+
+def _frame(ax) -> None:
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_color(_FLAG_COLOR)
+        spine.set_linewidth(2.5)
 
 
 def sanity_curves_figure(result, *, title: str | None = None) -> Figure:
     """Rank correlation and SSIM with the trained model's map, per method, vs randomization step.
 
-    Step 0 ("trained") is 1 by definition; the dashed line is the insensitivity threshold.
+    Step 0 ("trained") is 1 by definition; the dotted line is the threshold, and a red ring
+    marks each step where the method's map is still similar (either measure above it).
 
     Args:
         result: a `cnnviz.trust.sanity.SanityResult`.
@@ -86,31 +99,47 @@ def sanity_curves_figure(result, *, title: str | None = None) -> Figure:
     Returns:
         A Figure with two panels.
     """
-    fig = new_figure(10.0, 3.8)
+    fig = new_figure(12.5, 4.0)
     axes = fig.subplots(1, 2)
     labels = ["trained"] + list(result.steps)
     positions = np.arange(len(labels))
+    colours = method_colours(result.methods)
     for ax, (name, values) in zip(
         axes, (("Spearman rank correlation", result.rank_correlation), ("SSIM", result.ssim))
     ):
         for method in result.methods:
             curve = np.concatenate([[1.0], finite(values[method])])
-            ax.plot(positions, curve, marker="o", markersize=3,
-                    linestyle="--" if result.insensitive[method] else "-",
-                    label=method + (" (insensitive)" if result.insensitive[method] else ""))
+            flagged = bool(result.insensitive_to[method])
+            ax.plot(positions, curve, marker="o", markersize=3, color=colours[method],
+                    linestyle="--" if flagged else "-",
+                    label=method + (f" (insensitive to {len(result.insensitive_to[method])} of "
+                                    f"{len(result.steps)})" if flagged else ""))
+            similar = np.flatnonzero(result.similar[method]) + 1
+            ax.plot(positions[similar], curve[similar], linestyle="none", marker="o",
+                    markersize=8, markerfacecolor="none", markeredgecolor=_FLAG_COLOR)
         ax.set_xticks(positions, labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(name)
         ax.set_ylim(-0.2, 1.05)
         ax.axhline(0.0, color="gray", linewidth=0.5)
         ax.grid(alpha=0.3)
-    axes[0].axhline(result.threshold, color=_FLAG_COLOR, linestyle=":", linewidth=1,
-                    label=f"threshold {result.threshold:g}")
+    for ax in axes:
+        ax.axhline(result.threshold, color=_FLAG_COLOR, linestyle=":", linewidth=1,
+                   label=f"threshold {result.threshold:g}")
     axes[0].set_xlabel("randomized down to layer")
     axes[1].set_xlabel("randomized down to layer")
-    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper right")
-    fig.suptitle(title or "Similarity to the trained model's maps as layers are randomized",
-                 fontsize=10)
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="outside right center")
+    fig.suptitle(title or "Similarity to the trained model's maps as layers are randomized "
+                 "(red ring: still similar, dashed: insensitive to some layer)", fontsize=10)
     return fig
+
+
+def method_colours(methods) -> dict:
+    """One distinct colour per method (tab10 up to 10 methods, then tab20): 16 registry
+    methods must not share the default cycle's 10 colours."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
+    return {method: palette[index % len(palette)] for index, method in enumerate(methods)}
 
 
 # ------------------------------------------------------------------------------ faithfulness
@@ -124,9 +153,10 @@ def faithfulness_figure(result, *, title: str | None = None) -> Figure:
     Returns:
         A Figure with two panels (deletion, insertion); AUCs in the legends.
     """
-    fig = new_figure(10.0, 3.8)
+    fig = new_figure(11.0, 4.0 + 0.13 * len(result.methods))
     axes = fig.subplots(1, 2)
     fractions = finite(result.fractions)
+    colours = method_colours([method for method in result.methods if method != "random"])
     for ax, curve, areas, better in (
         (axes[0], result.deletion, result.deletion_auc, "lower"),
         (axes[1], result.insertion, result.insertion_auc, "higher"),
@@ -136,13 +166,15 @@ def faithfulness_figure(result, *, title: str | None = None) -> Figure:
                 ax.plot(fractions, finite(curve[method]), color="black", linestyle="--",
                         linewidth=1.5, label=f"random ({areas[method]:.3f})")
             else:
-                ax.plot(fractions, finite(curve[method]), linewidth=1.2,
+                ax.plot(fractions, finite(curve[method]), linewidth=1.2, color=colours[method],
                         label=f"{method} ({areas[method]:.3f})")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlim(0.0, 1.0)
         ax.grid(alpha=0.3)
         ax.set_ylabel("target probability")
-        ax.legend(fontsize=7, title=f"AUC ({better} is better)", title_fontsize=7)
+        # Below the panel: with a dozen methods a legend inside would hide the curves.
+        ax.legend(fontsize=7, title=f"AUC ({better} is better)", title_fontsize=7,
+                  loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     axes[0].set_xlabel(f"share of pixels replaced by {result.baseline}, most important first")
     axes[1].set_xlabel(f"share of pixels restored onto {result.baseline}, most important first")
     axes[0].set_title("Deletion", fontsize=9)

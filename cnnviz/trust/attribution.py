@@ -3,26 +3,34 @@
 Every entry has the same signature, `(model, images, targets) -> (N, H, W) float32`, larger
 meaning "more important for the target class", so the checks can compare methods with one loop:
 
-=================  ================================================================  =========
-name               map                                                               sign
-=================  ================================================================  =========
-saliency           |d logit / d pixel|, max over channels (Simonyan et al. 2014)     >= 0
-guided             guided backprop (Springenberg et al. 2015)                        >= 0
-rectified          deconvnet ReLU rule (Zeiler & Fergus 2014)                        >= 0
-smoothgrad         vanilla saliency averaged over noisy copies (Smilkov et al. 2017) >= 0
-gradcam            Grad-CAM on the last 4-D layer (Selvaraju et al. 2017), [0, 1]    >= 0
-guided_gradcam     Grad-CAM x guided backprop, [0, 1]                                >= 0
-occlusion          probability drop when a patch hides the pixel (Zeiler & Fergus)   signed
-=================  ================================================================  =========
+====================  ===============================================================  ======
+name                  map                                                              sign
+====================  ===============================================================  ======
+saliency              |d logit / d pixel|, max over channels (Simonyan et al. 2014)    >= 0
+guided                guided backprop (Springenberg et al. 2015)                       >= 0
+rectified             deconvnet ReLU rule (Zeiler & Fergus 2014)                       >= 0
+smoothgrad            vanilla saliency over noisy copies (Smilkov et al. 2017)         >= 0
+gradient_x_input      input x gradient (Shrikumar et al. 2016)                         signed
+integrated_gradients  64 steps from a black baseline (Sundararajan et al. 2017)        signed
+gradcam               Grad-CAM on the last 4-D layer (Selvaraju et al. 2017), [0, 1]   >= 0
+guided_gradcam        Grad-CAM x guided backprop, [0, 1]                               >= 0
+gradcam++, xgradcam,  the rest of the CAM family on the same layer                     >= 0
+layercam, hirescam,   (`cnnviz.explain.cam`), [0, 1]
+scorecam, eigencam
+occlusion             probability drop when a patch hides the pixel (Zeiler & Fergus)  signed
+rise                  E[P(target) | pixel kept], 2000 random masks (Petsiuk et al.)    >= 0
+====================  ===============================================================  ======
 
+Signed attributions per input value (gradient x input, integrated gradients) are summed over
+channels, keeping the sign (Captum's convention): positive is evidence for the target.
 `occlusion` is the target probability of the intact image minus the (mean) probability when a
 patch covering the pixel is hidden: positive where the pixel is evidence for the target,
-negative where hiding it makes the target more likely. It is left signed on purpose: ordering
-pixels by it (faithfulness) and counting its positive part (`cue_share`) both want the sign;
-the sanity checks compare absolute maps, as Adebayo et al. do.
+negative where hiding it makes the target more likely. Signed maps are left signed on purpose:
+ordering pixels by them (faithfulness) and counting their positive part (`cue_share`) both want
+the sign; the sanity checks compare absolute maps, as Adebayo et al. do.
 
-Every method is deterministic for a given model (SmoothGrad's noise is seeded), so two calls on
-the same model give the same maps: the sanity checks rely on that.
+Every method is deterministic for a given model (SmoothGrad's noise and RISE's masks are
+seeded), so two calls on the same model give the same maps: the sanity checks rely on that.
 """
 
 from __future__ import annotations
@@ -57,6 +65,36 @@ def _gradcam(guided: bool) -> AttributionFunction:
     return attribute
 
 
+def _cam(method: str) -> AttributionFunction:
+    def attribute(model, images, targets):
+        from cnnviz.explain.cam import cam
+
+        return cam(model, images, targets, method=method)
+
+    attribute.__name__ = method
+    return attribute
+
+
+def _integrated_gradients(model, images, targets):
+    from cnnviz.explain.integrated_gradients import integrated_gradients
+
+    return integrated_gradients(model, images, targets).sum(axis=-1)
+
+
+def _gradient_x_input(model, images, targets):
+    from cnnviz.explain.integrated_gradients import gradient_x_input
+
+    return gradient_x_input(model, images, targets).sum(axis=-1)
+
+
+def _rise(model, images, targets):
+    from cnnviz.explain.rise import rise
+
+    batch = as_image_batch(images)
+    # The paper's 7 x 7 grid, or one cell per pixel on images smaller than that.
+    return rise(model, batch, targets, cell=min(7, *batch.shape[1:3]), seed=0)
+
+
 def occlusion_window(height: int, width: int) -> tuple[int, int]:
     """(patch, stride) the `occlusion` entry uses: a patch ~1/7 of the image, half-patch stride.
 
@@ -81,9 +119,14 @@ ATTRIBUTIONS: dict[str, AttributionFunction] = {
     "guided": _saliency("guided"),
     "rectified": _saliency("rectified"),
     "smoothgrad": _saliency("smoothgrad"),
+    "gradient_x_input": _gradient_x_input,
+    "integrated_gradients": _integrated_gradients,
     "gradcam": _gradcam(guided=False),
     "guided_gradcam": _gradcam(guided=True),
+    **{method: _cam(method) for method in
+       ("gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam")},
     "occlusion": _occlusion,
+    "rise": _rise,
 }
 METHODS = tuple(ATTRIBUTIONS)
 

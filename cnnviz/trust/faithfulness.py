@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch, resolve_targets
+from cnnviz.explain._common import as_image_batch, blurred, resolve_targets
 from cnnviz.trust.attribution import (
     METHODS,
     MethodsArgument,
@@ -50,14 +50,7 @@ def baseline_images(images, baseline: str = "blur", *, blur_sigma: float | None 
             np.float32
         )
     if baseline == "blur":
-        from scipy.ndimage import gaussian_filter
-
-        sigma = min(batch.shape[1:3]) / 5 if blur_sigma is None else float(blur_sigma)
-        if sigma <= 0:
-            raise CnnvizError(f"blur_sigma must be > 0; received {blur_sigma!r}")
-        return gaussian_filter(batch, sigma=(0, sigma, sigma, 0), mode="nearest").astype(
-            np.float32
-        )
+        return blurred(batch, blur_sigma)
     raise CnnvizError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
 
 

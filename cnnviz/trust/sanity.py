@@ -5,7 +5,9 @@ layer down, one more layer at each step, and recomputes every method's maps for 
 and the same target classes. A map that explains the model must change as the weights it
 explains are destroyed; a map that stays the same (high rank correlation with the trained
 model's map even when every layer is random) shows the input, not the model: the paper's edge
-detector. `class_sensitivity` asks the same question of the target class: a map that looks the
+detector. Every step is judged, as the paper reads its figures: a map still similar after the
+top layers are random (guided backprop's failure) does not explain those layers, even if it
+changes once the first conv layers go too. `class_sensitivity` asks the same question of the target class: a map that looks the
 same for the predicted and for another class does not explain the class.
 """
 
@@ -171,9 +173,14 @@ class SanityResult:
             trained model's |map| and the map after each step.
         ssim: {method: (S,)} mean SSIM, same pairs.
         rank_correlation_per_image, ssim_per_image: {method: (S, N)}.
+        similar: {method: (S,) bool}, per step: the mean rank correlation OR the mean SSIM is
+            above `threshold`, i.e. randomizing down to that layer left the map similar.
+        insensitive_to: {method: tuple of step names where `similar`}: the layers the map
+            does not depend on, the paper's per-layer reading (guided backprop on a CNN:
+            its top layers).
         insensitive: {method: bool}, final-step rank correlation > `threshold`: the map barely
             changes when no learned weight is left.
-        threshold: the rank correlation above which a method is called insensitive.
+        threshold: the rank correlation (and SSIM) above which a map counts as unchanged.
         targets: (N,) int32, the classes explained at every step (the trained model's).
         images: (M, H, W, C) the first M images, for figures.
         maps: {method: (S + 1, M, H, W)} their maps: index 0 from the trained model, then one
@@ -186,6 +193,8 @@ class SanityResult:
     ssim: dict
     rank_correlation_per_image: dict
     ssim_per_image: dict
+    similar: dict
+    insensitive_to: dict
     insensitive: dict
     threshold: float
     targets: np.ndarray
@@ -203,33 +212,46 @@ class SanityResult:
                 name: {
                     "rank_correlation": [float(v) for v in self.rank_correlation[name]],
                     "ssim": [float(v) for v in self.ssim[name]],
+                    "similar_per_step": [bool(v) for v in self.similar[name]],
+                    "insensitive_to": list(self.insensitive_to[name]),
                     "insensitive": bool(self.insensitive[name]),
                 }
                 for name in self.methods
             },
         }
 
+    def verdict(self, method: str) -> str:
+        """"ok", or the layers whose randomization left `method`'s map similar."""
+        if not self.insensitive_to[method]:
+            return "ok"
+        text = "INSENSITIVE to " + ", ".join(self.insensitive_to[method])
+        if self.insensitive[method]:
+            text += f" (rank correlation > {self.threshold:g} with every layer random)"
+        return text
+
     def format_table(self) -> str:
-        """Rank correlation with the trained map after each step, one row per method."""
+        """Rank correlation / SSIM with the trained map after each step, one row per method."""
         columns = ["+" + step for step in self.steps]
         columns[0] = self.steps[0]
-        width = max(6, *(len(c) for c in columns))
+        width = max(10, *(len(c) for c in columns))
         name_width = max(len("method"), *(len(m) for m in self.methods))
         lines = [
-            ("Cascading randomization (Adebayo et al. 2018): Spearman rank correlation of |map| "
-            "with the trained model's map"),
+            ("Cascading randomization (Adebayo et al. 2018): similarity of |map| to the trained "
+             "model's map as layers are re-initialized from the output down"),
+            (f"(Spearman rank correlation / SSIM; * similar at that step: either above "
+             f"{self.threshold:g})"),
             f"{'method':<{name_width}}  " + "  ".join(f"{c:>{width}}" for c in columns)
-            + "  final SSIM  verdict",
+            + "  verdict",
         ]
         for name in self.methods:
-            values = "  ".join(f"{v:>{width}.2f}" for v in self.rank_correlation[name])
-            verdict = (
-                f"INSENSITIVE (> {self.threshold:g} with every layer random)"
-                if self.insensitive[name] else "ok"
-            )
-            lines.append(
-                f"{name:<{name_width}}  {values}  {self.ssim[name][-1]:>10.2f}  {verdict}"
-            )
+            cells = [
+                f"{rank:.2f}/{ssim:.2f}" + ("*" if similar else " ")
+                for rank, ssim, similar in zip(
+                    self.rank_correlation[name], self.ssim[name], self.similar[name]
+                )
+            ]
+            values = "  ".join(f"{cell:>{width}}" for cell in cells)
+            lines.append(f"{name:<{name_width}}  {values}  {self.verdict(name)}")
         return "\n".join(lines)
 
 
@@ -257,9 +279,11 @@ def model_randomization(
             step), an int, or N ints.
         methods: registry names (see `cnnviz.trust.attribution.METHODS`) or {name: function}.
         seed: seed of the re-initialization (step s uses seed + 1000 * s + variable index).
-        threshold: a method whose mean rank correlation after the last step is above this is
-            flagged insensitive. 0.5 is far above what a model-dependent map keeps (Adebayo et
-            al. report ~0 for gradients) and far below an input-only map (1.0).
+        threshold: after each step, a method whose mean rank correlation or mean SSIM is above
+            this is called insensitive to the layers randomized so far (`insensitive_to`); after
+            the last step (rank correlation), insensitive to the whole model (`insensitive`).
+            0.5 is far above what a model-dependent map keeps (Adebayo et al. report ~0 for
+            gradients) and far below an input-only map (1.0).
         keep: how many images' maps to keep for figures.
 
     Returns:
@@ -292,13 +316,20 @@ def model_randomization(
     per_image_rank = {name: np.stack(values) for name, values in correlations.items()}
     per_image_ssim = {name: np.stack(values) for name, values in similarities.items()}
     mean_rank = {name: values.mean(axis=1) for name, values in per_image_rank.items()}
+    mean_ssim = {name: values.mean(axis=1) for name, values in per_image_ssim.items()}
+    steps = tuple(layer.name for layer in layers)
+    similar = {name: (mean_rank[name] > threshold) | (mean_ssim[name] > threshold)
+               for name in resolved}
     return SanityResult(
         methods=tuple(resolved),
-        steps=tuple(layer.name for layer in layers),
+        steps=steps,
         rank_correlation=mean_rank,
-        ssim={name: values.mean(axis=1) for name, values in per_image_ssim.items()},
+        ssim=mean_ssim,
         rank_correlation_per_image=per_image_rank,
         ssim_per_image=per_image_ssim,
+        similar=similar,
+        insensitive_to={name: tuple(step for step, flag in zip(steps, similar[name]) if flag)
+                        for name in resolved},
         insensitive={name: bool(mean_rank[name][-1] > threshold) for name in resolved},
         threshold=float(threshold),
         targets=chosen,

@@ -1,0 +1,266 @@
+"""The class activation map family on one conv layer, batched and compiled (pytorch-grad-cam's set).
+
+Every method combines the layer's activations A (h, w, K) into one (h, w) map, ReLU'd, min-max
+scaled per image and resized bilinearly to the input. Where gradients are used, g = d(score)/dA
+for the target's pre-softmax score, taken per image on the logits copy of the model:
+
+=============  ==========================================================================
+method         map
+=============  ==========================================================================
+gradcam        sum_k w_k A_k, w_k = mean over space of g_k (Selvaraju et al. 2017)
+gradcam++      w_k = sum over space of relu(g_k) alpha_k, alpha = g^2 / (2 g^2 + sum(A_k) g^3),
+               0 where g = 0 (Chattopadhyay et al. 2018)
+xgradcam       w_k = sum(g_k A_k) / (sum(A_k) + eps) (Fu et al. 2020)
+layercam       sum_k relu(g_k) * A_k, element-wise (Jiang et al. 2021)
+hirescam       sum_k g_k * A_k, element-wise (Draelos & Carin 2020)
+scorecam       w = softmax over k of the target score of the input masked by A_k, upsampled and
+               min-max scaled; gradient-free, one forward pass per channel (Wang et al. 2020)
+eigencam       first principal component of the (hw, K) activations, signed to correlate with
+               their channel mean; class-agnostic (Muhammad & Yeasin 2020)
+=============  ==========================================================================
+
+The layer is reached through `_common.features_and_logits` and chosen by
+`gradcam.gradcam_layer`, like Grad-CAM's, so every method sees the same layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cnnviz.errors import CnnvizError
+from cnnviz.explain._common import (
+    as_image_batch,
+    features_and_logits,
+    input_range,
+    target_scores,
+)
+from cnnviz.explain._compiled import (
+    check_images,
+    choose_targets,
+    model_copy,
+    run_batched,
+    target_array,
+)
+
+CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam")
+
+# Added to a range before dividing: an all-zero (or constant) map becomes 0 instead of NaN.
+_EPSILON = 1e-12
+# XGrad-CAM's eps in sum(g A) / (sum(A) + eps), as pytorch-grad-cam has it.
+_XGRADCAM_EPSILON = 1e-7
+# Score-CAM's eps in its per-channel min-max scaling of the upsampled activation.
+_SCORECAM_EPSILON = 1e-8
+
+
+def _scaled_and_resized(maps, height: int, width: int):
+    """ReLU, min-max per image, bilinear resize: (B, h, w) -> (B, H, W) in [0, 1]. TensorFlow."""
+    import tensorflow as tf
+
+    maps = tf.nn.relu(maps)
+    low = tf.reduce_min(maps, axis=(1, 2), keepdims=True)
+    high = tf.reduce_max(maps, axis=(1, 2), keepdims=True)
+    maps = (maps - low) / (high - low + _EPSILON)
+    return tf.image.resize(maps[..., None], (height, width), method="bilinear")[..., 0]
+
+
+def _combine(method: str, features, gradients):
+    """The (B, h, w) map before ReLU and scaling, from A and g (both (B, h, w, K))."""
+    import tensorflow as tf
+
+    if method == "gradcam":
+        weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    elif method == "gradcam++":
+        # g^2 / (2 g^2 + S g^3) = 1 / (2 + S g) where g != 0: no g^3 underflow. pytorch-grad-cam
+        # adds 1e-6 to the denominator, which shrinks alpha wherever |g| < ~1e-3; we don't.
+        total = tf.reduce_sum(features, axis=(1, 2), keepdims=True)
+        alpha = tf.math.divide_no_nan(tf.ones_like(gradients), 2.0 + total * gradients)
+        alpha = tf.where(gradients != 0, alpha, tf.zeros_like(alpha))
+        weights = tf.reduce_sum(tf.nn.relu(gradients) * alpha, axis=(1, 2), keepdims=True)
+    elif method == "xgradcam":
+        total = tf.reduce_sum(features, axis=(1, 2), keepdims=True)
+        weights = tf.reduce_sum(gradients * features, axis=(1, 2), keepdims=True) / (
+            total + _XGRADCAM_EPSILON
+        )
+    elif method == "layercam":
+        return tf.reduce_sum(tf.nn.relu(gradients) * features, axis=-1)
+    elif method == "hirescam":
+        return tf.reduce_sum(gradients * features, axis=-1)
+    else:
+        raise ValueError(f"not a gradient CAM method: {method!r}")  # internal
+    return tf.reduce_sum(weights * features, axis=-1)
+
+
+def _principal_component(features):
+    """Eigen-CAM: each image's (hw, K) activations, centred, projected on their first right
+    singular vector; the sign chosen so the map correlates positively with the channel mean.
+    Returns (B, h, w). TensorFlow.
+
+    The singular vector comes from the eigendecomposition of the smaller Gram matrix, K x K or
+    hw x hw (7x faster than a batched SVD on CPU for a 7 x 7 x 32 layer, and cheap for a
+    7 x 7 x 2048 one); if centred = U S V^T, the projection centred v_1 is s_1 u_1.
+    """
+    import tensorflow as tf
+
+    batch, height, width, channels = (tf.shape(features)[0], *features.shape[1:])
+    flat = tf.reshape(features, (batch, height * width, channels))
+    centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
+    if channels <= height * width:
+        _, vectors = tf.linalg.eigh(tf.matmul(centred, centred, transpose_a=True))
+        projection = tf.linalg.matvec(centred, vectors[:, :, -1])  # (B, hw)
+    else:
+        values, vectors = tf.linalg.eigh(tf.matmul(centred, centred, transpose_b=True))
+        projection = vectors[:, :, -1] * tf.sqrt(tf.nn.relu(values[:, -1:]))
+    mean = tf.reduce_mean(flat, axis=-1)
+    agreement = tf.reduce_sum(
+        (projection - tf.reduce_mean(projection, axis=1, keepdims=True))
+        * (mean - tf.reduce_mean(mean, axis=1, keepdims=True)),
+        axis=1,
+        keepdims=True,
+    )
+    projection = tf.where(agreement < 0, -projection, projection)
+    return tf.reshape(projection, (batch, height, width))
+
+
+def _cam_body(method: str, layer_name: str, height: int, width: int):
+    """Compiled body for every method but Score-CAM: (images, targets) -> (maps, targets used)."""
+
+    def make_body(clone):
+        import tensorflow as tf
+
+        layer_and_logits = features_and_logits(clone, layer_name)
+
+        def body(images, targets):
+            if method == "eigencam":  # gradient-free and class-agnostic
+                features, logits = layer_and_logits(images, training=False)
+                return (
+                    _scaled_and_resized(_principal_component(features), height, width),
+                    choose_targets(logits, targets),
+                )
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(images)  # records the path through `features`; no weight gradients
+                features, logits = layer_and_logits(images, training=False)
+                chosen = choose_targets(logits, targets)
+                scores = target_scores(logits, chosen)
+            # Images are independent (inference mode): d(sum of scores)/dA_i is image i's own.
+            gradients = tape.gradient(scores, features)
+            maps = _combine(method, features, gradients)
+            return _scaled_and_resized(maps, height, width), chosen
+
+        return body
+
+    return make_body
+
+
+def _activations_body(layer_name: str):
+    def make_body(clone):
+        layer_and_logits = features_and_logits(clone, layer_name)
+
+        def body(images, targets):
+            features, logits = layer_and_logits(images, training=False)
+            return features, choose_targets(logits, targets)
+
+        return body
+
+    return make_body
+
+
+def _masked_scores_body(fill: float):
+    """Score-CAM's forward pass: each image times one upsampled, min-max scaled channel."""
+
+    def make_body(clone):
+        import tensorflow as tf
+
+        def body(images, channel_maps, targets):
+            height, width = images.shape[1:3]
+            upsampled = tf.image.resize(channel_maps[..., None], (height, width), "bilinear")
+            low = tf.reduce_min(upsampled, axis=(1, 2, 3), keepdims=True)
+            high = tf.reduce_max(upsampled, axis=(1, 2, 3), keepdims=True)
+            mask = (upsampled - low) / (high - low + _SCORECAM_EPSILON)
+            logits = clone(fill + (images - fill) * mask, training=False)
+            return (target_scores(logits, targets),)
+
+        return body
+
+    return make_body
+
+
+def _scorecam(model, copy, batch, wanted, layer_name: str, batch_size: int) -> np.ndarray:
+    import tensorflow as tf
+
+    count = len(batch)
+    features, chosen = run_batched(
+        copy,
+        f"cam-activations:{layer_name}",
+        _activations_body(layer_name),
+        count,
+        lambda start, stop: [batch[start:stop], wanted[start:stop]],
+        batch_size,
+    )
+    channels = features.shape[-1]
+
+    def masked(start: int, stop: int) -> list[np.ndarray]:
+        # Item i is image i // channels masked by its channel i % channels.
+        flat = np.arange(start, stop)
+        image, channel = flat // channels, flat % channels
+        return [batch[image], features[image, :, :, channel], chosen[image]]
+
+    fill = input_range(model)[0]  # masked-out pixels go to the input range's low end (D1)
+    (scores,) = run_batched(
+        copy, f"scorecam:{fill!r}", _masked_scores_body(fill), count * channels, masked,
+        batch_size,
+    )
+    scores = scores.reshape(count, channels).astype(np.float64)
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))  # softmax over channels
+    weights /= weights.sum(axis=1, keepdims=True)
+    maps = np.einsum("nhwk,nk->nhw", features.astype(np.float64), weights).astype(np.float32)
+    return np.asarray(_scaled_and_resized(tf.constant(maps), *batch.shape[1:3]))
+
+
+def cam(
+    model,
+    images,
+    targets=None,
+    *,
+    method: str = "gradcam",
+    layer=None,
+    batch_size: int = 128,
+) -> np.ndarray:
+    """Class activation maps of one conv layer by one of `CAM_METHODS` (see the module table).
+
+    Args:
+        model: a built Keras classifier (softmax or single-sigmoid output); not modified.
+        images: (N, H, W, C) or (H, W, C) array.
+        targets: None (each image's predicted class), an int, or a sequence of N ints. Eigen-CAM
+            ignores it (it is class-agnostic).
+        method: one of `CAM_METHODS`.
+        layer: the layer (name or layer object); None picks the last layer with a 4-D output
+            (`gradcam.gradcam_layer`).
+        batch_size: images per compiled chunk; for Score-CAM, masked copies per chunk (it
+            runs one forward pass per image and channel of the layer).
+
+    Returns:
+        (N, H, W) float32 in [0, 1]: per image the map at the layer's resolution, ReLU'd,
+        min-max scaled, then resized bilinearly (tf.image.resize) to the input's (H, W). A map
+        with no positive evidence, or a constant one, is all 0.
+    """
+    from cnnviz.explain.gradcam import gradcam_layer
+
+    if method not in CAM_METHODS:
+        raise CnnvizError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    batch = as_image_batch(images)
+    name = gradcam_layer(model, layer)
+    logits = model_copy(model, "logits")
+    check_images(logits.model, batch)
+    wanted = target_array(logits.model, targets, len(batch))
+    if method == "scorecam":
+        return _scorecam(model, logits, batch, wanted, name, batch_size)
+    height, width = batch.shape[1:3]
+    maps, _ = run_batched(
+        logits,
+        f"cam:{method}:{name}",
+        _cam_body(method, name, height, width),
+        len(batch),
+        lambda start, stop: [batch[start:stop], wanted[start:stop]],
+        batch_size,
+    )
+    return maps.astype(np.float32)
