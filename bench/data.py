@@ -16,7 +16,8 @@ links), then runs, each in its own process under `/usr/bin/time -v`:
 
 on the full folder and on the quarter folder (flatness; plain Keras there as a reference).
 Reported: peak
-RSS (Maximum resident set size) and wall time of each process, the fit's own images/s, and
+RSS (Maximum resident set size), wall time and CPU time (user + system: less moved by other
+work on a shared machine than wall time) of each process, the fit's own images/s, and
 the ratios with their targets from issue 9: peak RSS <= 1.5x plain Keras, RSS at N <= 1.25x
 RSS at N/4 (memory flat in the number of images), wall time <= 1.25x plain Keras. Each pair
 is measured in the same run, alternating sides (`--repeats`, best of), because the machine
@@ -152,8 +153,11 @@ def timed(command: list[str], env: dict) -> dict:
     if finished.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", finished.stderr).group(1))
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", finished.stderr).group(1))
+              for kind in ("User", "System"))
     last = [line for line in finished.stdout.splitlines() if line.startswith("{")]
-    return {"wall_s": wall, "rss_mib": rss / 1024, **(json.loads(last[-1]) if last else {})}
+    return {"wall_s": wall, "cpu_s": cpu, "rss_mib": rss / 1024,
+            **(json.loads(last[-1]) if last else {})}
 
 
 def plain_keras(folder: Path, env: dict) -> dict:
@@ -172,9 +176,10 @@ def cnnviz_train(config: Path, out: Path, env: dict) -> dict:
 
 
 def best(runs: list[dict]) -> dict:
-    """The fastest run, with the lowest RSS seen (each is a best-of over the repeats)."""
+    """The fastest run, with the lowest RSS and CPU time seen (each a best-of the repeats)."""
     fastest = min(runs, key=lambda run: run["wall_s"])
-    return {**fastest, "rss_mib": min(run["rss_mib"] for run in runs)}
+    return {**fastest, "rss_mib": min(run["rss_mib"] for run in runs),
+            "cpu_s": min(run["cpu_s"] for run in runs)}
 
 
 def main() -> None:
@@ -228,6 +233,9 @@ def main() -> None:
         ("wall time, plain Keras (1 epoch, whole process)", f"{plain['wall_s']:.1f} s", "", ""),
         ("wall time, cnnviz train (1 epoch, whole process)", f"{ours['wall_s']:.1f} s",
          f"{ours['wall_s'] / plain['wall_s']:.2f} x plain", "<= 1.25"),
+        ("CPU time (user + system), plain Keras", f"{plain['cpu_s']:.1f} s", "", ""),
+        ("CPU time (user + system), cnnviz train", f"{ours['cpu_s']:.1f} s",
+         f"{ours['cpu_s'] / plain['cpu_s']:.2f} x plain", ""),
         ("fit throughput, plain Keras", f"{plain['fit_images'] / plain['fit_seconds']:,.0f} images/s",
          "", ""),
         ("fit throughput, cnnviz (train + validation images)",

@@ -56,7 +56,8 @@ def augment_command(
 ) -> None:
     """Write augment.png: a few training images beside what data.augment makes of them.
 
-    Reads only those images; default folder: outputs/<name>/.
+    Decodes only those images (a folder's files are checked from their headers); default folder:
+    outputs/<name>/.
     """
     resolved = load_config_file(config, set_)
     import_tensorflow()
