@@ -8,12 +8,23 @@ allowed (`model.layers.2.kernel: ...`), never half-way through a run.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cnnviz.errors import ConfigError
 
@@ -23,9 +34,18 @@ Activation = Literal[
 Padding = Literal["valid", "same"]
 PositiveInt = Annotated[int, Field(gt=0)]
 
+# Upper bounds that keep absurd numbers from reaching TensorFlow (which would fail with
+# ResourceExhausted or run out of memory long after the run started).
+MAX_FILTERS = 65_536
+MAX_UNITS = 1_048_576
+MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32 weights, ~16 GB to train with Adam
+MAX_WINDOW = 4_096  # kernel, pool and stride sides
+MAX_IMAGE_SIDE = 16_384
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # strict: `filters: true` is not 1 and `epochs: 2.0` is not 2 (pydantic's lax mode coerces both).
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -34,7 +54,21 @@ def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
-IntOrPair = PositiveInt | Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
+def _window(value: Any) -> int | list[int]:
+    """A kernel, pool or stride: one positive int, or [height, width]; one clear message otherwise."""
+
+    def side(item: Any) -> bool:
+        return type(item) is int and 0 < item <= MAX_WINDOW
+
+    if side(value) or (isinstance(value, list) and len(value) == 2 and all(map(side, value))):
+        return value
+    raise ValueError(
+        f"must be a whole number from 1 to {MAX_WINDOW}, or a list [height, width] of two such "
+        "numbers"
+    )
+
+
+IntOrPair = Annotated[int | list[int], PlainValidator(_window)]
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -227,7 +261,7 @@ class DataConfig(_Strict):
 # ---------------------------------------------------------------------------------------- model
 class Conv2DLayer(_Strict):
     type: Literal["conv2d"]
-    filters: PositiveInt
+    filters: Annotated[int, Field(gt=0, le=MAX_FILTERS)]
     kernel: IntOrPair = 3
     stride: IntOrPair = 1
     padding: Padding = "valid"
@@ -261,7 +295,7 @@ class FlattenLayer(_Strict):
 
 class DenseLayer(_Strict):
     type: Literal["dense"]
-    units: PositiveInt
+    units: Annotated[int, Field(gt=0, le=MAX_UNITS)]
     activation: Activation = "relu"
     name: str | None = None
 
@@ -311,11 +345,62 @@ class ModelConfig(_Strict):
     def _has_something(self) -> ModelConfig:
         if not self.layers and self.backbone is None:
             raise ValueError("model needs at least one entry in model.layers, or a model.backbone")
-        names = [layer.name for layer in self.layers if layer.name] + [self.output.name]
-        duplicated = sorted({name for name in names if names.count(name) > 1})
-        if duplicated:
-            raise ValueError(f"layer names must be unique; repeated: {', '.join(duplicated)}")
+        check_layer_names(self)
         return self
+
+
+# ---------------------------------------------------------------------------------- layer names
+# What TensorFlow accepts inside a name scope, minus `/` (Keras's path separator) and `>`/`\`,
+# not starting with `.` or `-` (figure files are named after layers), and short enough for a
+# file name.
+_LAYER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+# Names Keras gives layers it adds itself (the model's input layer).
+_KERAS_OWN_NAME = re.compile(r"^input_layer(_\d+)?$")
+
+
+def layer_names(layers: list) -> list[str]:
+    """Each layer's name: its own, or `<type>_<n>` (the n-th unnamed-or-named layer of that type),
+    so `--layer conv2d_2` means the same layer in every process."""
+    counts: dict[str, int] = {}
+    names = []
+    for spec in layers:
+        counts[spec.type] = counts.get(spec.type, 0) + 1
+        names.append(spec.name or f"{spec.type}_{counts[spec.type]}")
+    return names
+
+
+def check_layer_names(model: ModelConfig) -> None:
+    """Refuse layer names Keras cannot use or that collide (with each other, with an automatic
+    name, or with a layer Keras adds), so the model builds under exactly the names of the config."""
+    given = [(f"model.layers.{index}.name", layer.name) for index, layer in enumerate(model.layers)
+             if layer.name is not None] + [("model.output.name", model.output.name)]
+    for where, name in given:
+        if not _LAYER_NAME.match(name):
+            raise ValueError(
+                f"{where}={name!r} is not a usable layer name: use 1 to 64 of the characters "
+                "A-Z a-z 0-9 _ . - (not starting with . or -)"
+            )
+        if _KERAS_OWN_NAME.match(name) or name.startswith("backbone_"):
+            raise ValueError(
+                f"{where}={name!r} is a name Keras or cnnviz gives its own layers "
+                "(input_layer, backbone_*); choose another"
+            )
+    final = [(f"model.layers.{index}", name, spec.name is None)
+             for index, (spec, name) in enumerate(zip(model.layers, layer_names(model.layers)))]
+    final.append(("model.output", model.output.name, False))
+    seen: dict[str, tuple[str, bool]] = {}
+    for where, name, automatic in final:
+        if name not in seen:
+            seen[name] = (where, automatic)
+            continue
+        first, first_automatic = seen[name]
+        if not (automatic or first_automatic):
+            raise ValueError(f"layer names must be unique; {first} and {where} are both {name!r}")
+        named, unnamed = (first, where) if automatic else (where, first)
+        raise ValueError(
+            f"{named}.name={name!r} is also the automatic name of {unnamed}, which has no name; "
+            f"give {unnamed} a name or choose another one"
+        )
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -424,7 +509,25 @@ class TrainConfig(_Strict):
     )
     mixed_precision: bool = Field(False, description="float16 compute (for GPUs).")
     jit_compile: bool = Field(False, description="XLA-compile the train step.")
-    verbose: Literal[0, 1, 2] = Field(1, description="Keras progress: 0 silent, 1 bar, 2 line.")
+    verbose: Literal["auto", 0, 1, 2] = Field(
+        "auto",
+        description="Keras progress: 0 silent, 1 bar, 2 one line per epoch; auto: 1 on a "
+        "terminal, 2 when output goes to a file or CI log.",
+    )
+    checkpoint_interval: float = Field(
+        30.0,
+        ge=0.0,
+        description="Seconds between writes of checkpoints/last.keras and best.keras (0: every "
+        "epoch); both are always written when training ends.",
+    )
+
+    @field_validator("verbose", mode="before")
+    @classmethod
+    def _verbose_is_not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # True == 1 would pass the Literal
+            # ValueError, not TypeError: pydantic reports it with the config location.
+            raise ValueError("must be auto, 0, 1 or 2, not a true/false value")  # noqa: TRY004
+        return value
 
     @model_validator(mode="after")
     def _cpu_replicas_need_mirrored(self) -> TrainConfig:
@@ -440,17 +543,21 @@ class TrainConfig(_Strict):
 class Config(_Strict):
     """A whole cnnviz config."""
 
-    name: str | None = Field(None, description="Run name; default: the config file's stem.")
-    seed: int = Field(42, ge=0)
+    name: str | None = Field(
+        None,
+        description="Run name, any text; the run folder is a safe slug of it (the full name stays "
+        "in config.yaml). Default: the config file's stem.",
+    )
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed of every random choice, 0 to 2**32-1.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("name")
     @classmethod
-    def _name_is_a_folder_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value or "/" in value or value.startswith(".")):
-            raise ValueError(f"name must be a plain folder name; received {value!r}")
+    def _name_is_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("name must contain some visible characters")
         return value
 
     @model_validator(mode="after")
@@ -479,6 +586,29 @@ class Config(_Strict):
         if input_shape is not None:
             check_layer_shapes(self.model, input_shape)
         return self
+
+
+# ---------------------------------------------------------------------------------- run folders
+_SLUG_LENGTH = 64
+
+
+def run_slug(name: str | None) -> str:
+    """A folder name (and Keras model name) for a run name: ASCII letters, digits, `-`, `_`, `.`.
+
+    Accents are dropped ("Été" -> "Ete"), every other run of characters becomes one `-`, and
+    a name with nothing left (Chinese, say) or longer than 64 characters gets a short hash of
+    the full name so different names keep different folders. The result starts with a letter or
+    digit, which TensorFlow requires of a model's name.
+    """
+    name = name or "cnnviz"
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", ascii_name)
+    slug = re.sub(r"-{2,}", "-", slug).strip("-_.")
+    if slug and len(slug) <= _SLUG_LENGTH:
+        return slug
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
+    head = slug[: _SLUG_LENGTH - 9].rstrip("-_.")
+    return f"{head}-{digest}" if head else f"run-{digest}"
 
 
 # ------------------------------------------------------------------------------ shape checking
@@ -544,8 +674,9 @@ def check_layer_shapes(model: ModelConfig, input_shape: tuple[int, ...]) -> None
                     "only dense, dropout and batch_norm layers fit"
                 )
         return
-    height, width, _ = input_shape
+    height, width, channels = input_shape
     flat = False
+    parameters: list[tuple[int, str]] = []  # (count, where) per layer with weights
     for index, layer in enumerate(model.layers):
         where = f"model.layers.{index}"
         if isinstance(layer, (Conv2DLayer, PoolLayer)):
@@ -561,15 +692,32 @@ def check_layer_shapes(model: ModelConfig, input_shape: tuple[int, ...]) -> None
                 )
             height = _out_size(height, window[0], stride[0], layer.padding)
             width = _out_size(width, window[1], stride[1], layer.padding)
+            if isinstance(layer, Conv2DLayer):
+                parameters.append((window[0] * window[1] * channels * layer.filters + layer.filters,
+                                   f"{where} (conv2d, {layer.filters} filters)"))
+                channels = layer.filters
         elif isinstance(layer, FlattenLayer):
             flat = True
-        elif isinstance(layer, DenseLayer) and not flat:
-            raise ValueError(
-                f"{where} (dense) needs a flatten or global_avg_pool2d layer before it"
-            )
+            channels = height * width * channels if layer.type == "flatten" else channels
+        elif isinstance(layer, DenseLayer):
+            if not flat:
+                raise ValueError(
+                    f"{where} (dense) needs a flatten or global_avg_pool2d layer before it"
+                )
+            parameters.append((channels * layer.units + layer.units,
+                               f"{where} (dense, {layer.units} units after {channels:,} features)"))
+            channels = layer.units
     if not flat:
         raise ValueError(
             "model.layers must include a flatten or global_avg_pool2d layer before the output"
+        )
+    total = sum(count for count, _ in parameters)
+    if total > MAX_PARAMETERS:
+        count, where = max(parameters)
+        raise ValueError(
+            f"model.layers: the model would have {total:,} parameters, more than the "
+            f"{MAX_PARAMETERS:,} cnnviz trains; {where} alone has {count:,} (use fewer "
+            "filters or units, or pool before flattening)"
         )
 
 
@@ -598,7 +746,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
             lines.append(f"{source}: unknown key {where!r}; check the spelling (see `cnnviz config show`)")
         elif item["type"] == "union_tag_invalid":
             lines.append(f"{source}: {where}: {message}")
-        elif where:
+        elif where and not message.startswith(where):
             lines.append(f"{source}: {where}: {message}{shown}")
         else:
             lines.append(f"{source}: {message}")
@@ -614,7 +762,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(path):
         raise ConfigError(f"--set {text!r}: the key {key!r} has an empty part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml_text(raw, f"--set {text!r}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return path, value
@@ -650,16 +798,97 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return result
 
 
+# A config is a few kilobytes; these bounds refuse a hostile or mistaken file (a "billion laughs"
+# of nested aliases, a huge file) before it is expanded, where it would exhaust memory.
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_ALIASES = 100
+MAX_YAML_VALUES = 1_000_000  # values after aliases are expanded
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Count the YAML graph's aliases and the values it expands to, without expanding it."""
+    seen, edges, stack = {id(root)}, 0, [root]
+    while stack:
+        for child in _children(stack.pop()):
+            edges += 1
+            if id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+    aliases = edges - (len(seen) - 1)  # every reference beyond a value's first is an alias
+    if aliases > MAX_YAML_ALIASES:
+        raise ConfigError(
+            f"{source}: {aliases} YAML aliases (*name), more than {MAX_YAML_ALIASES}; a config "
+            "needs few, and nested aliases can expand a small file into billions of values"
+        )
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    pending: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while pending:
+        node, children_done = pending.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[key] > MAX_YAML_VALUES:
+                raise ConfigError(
+                    f"{source}: expands to more than {MAX_YAML_VALUES:,} values through its "
+                    "aliases (*name); write the values out or use fewer aliases"
+                )
+        elif key in on_path:
+            raise ConfigError(f"{source}: an alias refers to a value that contains it (a loop)")
+        elif key not in sizes:
+            on_path.add(key)
+            pending.append((node, True))
+            pending.extend((child, False) for child in _children(node))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """`yaml.safe_load` with bounds: aliases and expanded size are checked on the parsed graph
+    before any Python value is built from it (YAMLError for invalid YAML, ConfigError otherwise)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply (hundreds of levels)") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict:
     """Read a YAML mapping, or raise ConfigError naming the file and the problem."""
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as stream:
+            payload = stream.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+    except (IsADirectoryError, PermissionError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error}") from None
+    if len(payload) > MAX_YAML_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_YAML_BYTES:,} bytes (1 MB); a config is a few kilobytes "
+            "(put image data in an .npz file or a folder, see data.source)"
+        )
     try:
-        raw = yaml.safe_load(text)
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 text ({error.reason} at "
+                          f"byte {error.start})") from None
+    try:
+        raw = load_yaml_text(text, str(path))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

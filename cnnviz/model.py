@@ -1,7 +1,7 @@
 """Config -> Keras model, and the optimizer/loss it trains with.
 
 Layers get stable names from the config (`conv2d_1`, `conv2d_2`, ...) unless named there, so
-`--layer conv2d_2` means the same layer in every process.
+`--layer conv2d_2` means the same layer in every process (`cnnviz.config.layer_names`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from cnnviz.config import (
     DropoutLayer,
     FlattenLayer,
     PoolLayer,
+    layer_names,
+    run_slug,
 )
 from cnnviz.errors import CnnvizError
 
@@ -41,15 +43,6 @@ def _keras_layer(spec, name: str):
     if isinstance(spec, DenseLayer):
         return keras.layers.Dense(spec.units, activation=spec.activation, name=name)
     raise CnnvizError(f"unsupported layer type {spec.type!r}")  # the config schema prevents this
-
-
-def _layer_names(specs) -> list[str]:
-    counts: dict[str, int] = {}
-    names = []
-    for spec in specs:
-        counts[spec.type] = counts.get(spec.type, 0) + 1
-        names.append(spec.name or f"{spec.type}_{counts[spec.type]}")
-    return names
 
 
 def output_units(config: Config, num_classes: int) -> int:
@@ -101,8 +94,8 @@ def build_model(config: Config, input_shape: tuple[int, int, int], num_classes: 
         output_units(config, num_classes), activation=config.model.output.activation,
         name=config.model.output.name, dtype="float32",
     )
-    head = [_keras_layer(spec, name) for spec, name in zip(config.model.layers, _layer_names(config.model.layers))]
-    name = config.name or "cnnviz"
+    head = [_keras_layer(spec, name) for spec, name in zip(config.model.layers, layer_names(config.model.layers))]
+    name = run_slug(config.name)  # TensorFlow refuses spaces and most punctuation in a model name
     pixels = preprocessing.layers(input_shape[-1])
     if config.model.backbone is None:
         return keras.Sequential([keras.Input(tuple(input_shape)), *pixels, *head, output],
@@ -113,6 +106,12 @@ def build_model(config: Config, input_shape: tuple[int, int, int], num_classes: 
     for layer in pixels:
         scaled = layer(scaled)
     backbone = _backbone(config.model.backbone, scaled, input_shape)
+    taken = {layer.name for layer in backbone.layers} & {layer.name for layer in [*head, output]}
+    if taken:
+        raise CnnvizError(
+            f"layer name(s) {', '.join(sorted(taken))} of model.layers/model.output are also "
+            f"layers of the {config.model.backbone.name} backbone; choose other names"
+        )
     features = backbone.output
     pooling = config.model.backbone.pooling
     features = {

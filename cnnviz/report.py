@@ -8,7 +8,6 @@ however many images are asked for, and writes each PNG atomically.
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.runs import Run, atomic_write_text, save_figure
+from cnnviz.runs import Run, atomic_write_text, read_metrics, save_figure
 from cnnviz.trust.attribution import predict_probabilities
 
 CHUNK = 64  # images explained per batch: big enough to amortize, small enough to stay flat
@@ -121,8 +120,12 @@ class Selection:
 
 
 # ----------------------------------------------------------------------------- image choice
-def parse_indices(spec: str, count: int) -> list[int]:
-    """`0,3,7` or `0:500` or `10:20:2` (Python slices, end exclusive) -> indices below `count`."""
+def parse_indices(spec: str, count: int, *, option: str = "--images",
+                  what: str = "the test split") -> list[int]:
+    """`0,3,7` or `0:500` or `10:20:2` (Python slices, end exclusive) -> indices below `count`.
+
+    `option` and `what` name the option and the things indexed in error messages
+    (`--filters`, "conv2's 16 filters")."""
     indices: list[int] = []
     for part in (part.strip() for part in spec.split(",")):
         if not part:
@@ -137,26 +140,26 @@ def parse_indices(spec: str, count: int) -> list[int]:
                 index = int(part)
                 if not -count <= index < count:
                     raise CnnvizError(
-                        f"--images {spec!r}: index {index} is outside the test split "
-                        f"(0..{count - 1})"
+                        f"{option} {spec!r}: index {index} is outside {what} (0..{count - 1})"
                     )
                 indices.append(index % count)
         except ValueError:
+            files = " nor an image file" if option == "--images" else ""
             raise CnnvizError(
-                f"--images {spec!r}: {part!r} is neither an index (7), a range (0:500) nor an "
-                "image file"
+                f"{option} {spec!r}: {part!r} is neither an index (7){',' if files else ' nor'} "
+                f"a range (0:500){files}"
             ) from None
     if not indices:
-        raise CnnvizError(f"--images {spec!r} selects no image (the test split has {count})")
+        nothing = "no image" if option == "--images" else "nothing"
+        raise CnnvizError(f"{option} {spec!r} selects {nothing} ({what} has {count})")
     return indices
 
 
 def class_names_of(run: Run, num_outputs: int) -> list[str]:
     """The run's class names (from metrics.json or the config), else "0", "1", ..."""
-    if run.directory is not None and (run.directory / "metrics.json").is_file():
-        names = json.loads((run.directory / "metrics.json").read_text()).get("class_names")
-        if names:
-            return list(names)
+    names = read_metrics(run.directory).get("class_names")
+    if names:
+        return list(names)
     if run.config is not None and run.config.data.class_names:
         return list(run.config.data.class_names)
     return [str(index) for index in range(max(num_outputs, 2))]

@@ -123,3 +123,20 @@ def assert_unchanged(model, before: tuple) -> None:
     for old, new in zip(weights, after_weights):
         np.testing.assert_array_equal(old, new)
     assert all(a is b for a, b in zip(activations, after_activations))
+
+
+def tiny_digits_config(name: str, *, seed: int, epochs: int, dropout: float, **train) -> dict:
+    """A raw config that trains in about a second: digits at 8x8, one 4-filter conv, dropout
+    (random masks that a resumed run must repeat)."""
+    return {
+        "name": name,
+        "seed": seed,
+        "data": {"source": "digits"},
+        "model": {"layers": [
+            {"type": "conv2d", "filters": 4, "kernel": 3, "padding": "same", "name": "conv"},
+            {"type": "max_pool2d", "pool": 2, "name": "pool"},
+            {"type": "flatten", "name": "flat"},
+            {"type": "dropout", "rate": dropout, "name": "drop"},
+        ]},
+        "train": {"epochs": epochs, "batch_size": 64, **train},
+    }

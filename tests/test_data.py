@@ -306,5 +306,5 @@ def test_a_stalled_download_times_out_with_a_one_line_way_out(tmp_path, monkeypa
     assert "\n" not in message
     assert (f"could not download mnist.npz from {origin} (no answer within 0.5 s "
             "(data.download_timeout))") in message
-    assert f"put it at {tmp_path / 'datasets' / 'mnist.npz'}, or set data.path" in message
+    assert f"put the file in {tmp_path / 'datasets'} or set data.path" in message
     assert not (tmp_path / "datasets" / "mnist.npz").exists(), "no partial file left"

@@ -133,5 +133,6 @@ def test_killed_training_resumes_from_its_last_finished_epoch(tmp_path):
     assert rows_after[: len(rows_before) - 1] == rows_before[: len(rows_before) - 1], (
         "epochs finished before the kill are kept, not retrained")
     metrics = json.loads((history.parent / "metrics.json").read_text())
-    assert metrics["resumed_from_epoch"] >= 2 and metrics["epochs"] == 8
+    # The row of an epoch is written just before its commit: at most that last epoch reran.
+    assert metrics["resumed_from_epoch"] >= len(rows_before) - 1 and metrics["epochs"] == 8
     assert not (history.parent / "backup").exists()

@@ -61,7 +61,7 @@ def test_plateau_lowers_the_rate_when_the_monitor_stops_improving(tmp_path):
 
     # A rate too small to move the weights: the validation loss stays flat (no improvement
     # beyond ReduceLROnPlateau's min_delta), so after the first epoch every epoch lowers it.
-    config = _config("train.epochs=5", "train.optimizer.learning_rate=1e-9",
+    config = _config("train.epochs=5", "train.optimizer.learning_rate=1.0e-9",
                      "train.optimizer.schedule={type: plateau, factor: 0.5, patience: 1}")
     result = train(config, tmp_path, log=lambda line: None)
     assert _rates(result.run_dir) == pytest.approx([1e-9, 1e-9, 5e-10, 2.5e-10, 1.25e-10],
@@ -122,7 +122,7 @@ def test_class_weights_reach_the_loss(tmp_path):
     from cnnviz.train import train
 
     # A rate too small to move the weights: the only difference is the loss's weighting.
-    still = ["train.epochs=1", "train.optimizer.learning_rate=1e-12", "model.layers.5.rate=0"]
+    still = ["train.epochs=1", "train.optimizer.learning_rate=1.0e-12", "model.layers.5.rate=0"]
     plain = train(_config(*still), tmp_path / "a", log=lambda line: None)
     doubled = train(_config(*still, "train.class_weight={" + ", ".join(
         f"{index}: 2.0" for index in range(10)) + "}"), tmp_path / "b", log=lambda line: None)

@@ -8,6 +8,7 @@ here as one line each, exit code 2, no traceback.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -66,6 +67,9 @@ def command(*args, typer_app: typer.Typer = app, **kwargs):
                 return function(*call_args, **call_kwargs)
             except CnnvizError as error:
                 fail(str(error))
+            except OSError as error:  # a file the library does not write itself (one line too)
+                where = f"{error.filename}: " if error.filename else ""
+                fail(f"{where}{error.strerror or error}")
             except KeyboardInterrupt:
                 typer.echo("interrupted", err=True)
                 raise typer.Exit(130) from None
@@ -73,6 +77,22 @@ def command(*args, typer_app: typer.Typer = app, **kwargs):
         return typer_app.command(*args, **kwargs)(wrapper)
 
     return register
+
+
+def writable_out(out: Path | None, default: Path) -> Path:
+    """The folder to write into (`--out`, else `default`), refused at once (before any work)
+    when it is a file or lies on a read-only or forbidden place."""
+    folder = out if out is not None else default
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    option = f"--out {out}" if out is not None else f"output folder {folder}"
+    if not existing.is_dir():
+        fail(f"{option}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"{option}: cannot write in {existing} (read-only or permission denied); "
+             "use --out with a writable folder")
+    return folder
 
 
 def import_tensorflow() -> None:
@@ -104,7 +124,7 @@ def run_and_folder(source: Path, out: Path | None, command_name: str):
 
     run = load_run(source)
     if out is not None:
-        return run, out
+        return run, writable_out(out, out)
     if run.directory is not None:
         return run, run.directory / "figures" / command_name
     return run, Path("outputs") / "figures" / source.stem / command_name

@@ -245,11 +245,12 @@ def activation_max_command(
     loaded, folder = run_and_folder(run, out, "activation-max")
     class_names = class_names_of(loaded, int(loaded.model.outputs[0].shape[-1]))
     if layer is None:
-        count = len(class_names)
+        count, what = len(class_names), f"the model's {len(class_names)} classes"
     else:
         from cnnviz.explain._common import get_layer
 
         count = int(get_layer(loaded.model, layer).output.shape[-1])
-    indices = parse_indices(filters, count) if filters else None
+        what = f"{layer}'s {count} filters"
+    indices = parse_indices(filters, count, option="--filters", what=what) if filters else None
     report_written([activation_max_figure(loaded.model, folder, class_names=class_names, layer=layer,
                                    indices=indices, steps=steps, seed=seed)])

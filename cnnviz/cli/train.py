@@ -16,21 +16,33 @@ from cnnviz.cli._common import (
     fail,
     import_tensorflow,
     load_config_file,
+    writable_out,
 )
 from cnnviz.errors import CnnvizError
 
+ResumeOption = Annotated[
+    Path | None,
+    typer.Option("--resume", help="Resume this interrupted run directory; exit 2 if a live "
+                 "process is training it."),
+]
+
 
 @command("train")
-def train_command(config: ConfigArgument, out: OutOption = None, set_: SetOption = None) -> None:
+def train_command(config: ConfigArgument, out: OutOption = None, set_: SetOption = None,
+                  resume: ResumeOption = None) -> None:
     """Train the model a config describes into outputs/<name>/<timestamp>.
 
-    Re-running the same command after an interrupted run resumes it from its last finished epoch.
+    Re-running the same command after an interrupted run resumes it from its last finished
+    epoch (unless another process is training it: then a new run starts).
     """
     resolved = load_config_file(config, set_)
-    import_tensorflow()
-    from cnnviz.train import train
+    out_root = writable_out(out, Path("outputs"))
+    from cnnviz.train import check_resume, train
 
-    result = train(resolved, out or Path("outputs"))
+    if resume is not None:
+        check_resume(resume, resolved)  # before TensorFlow's import: a live run fails at once
+    import_tensorflow()
+    result = train(resolved, out_root, resume=resume)
     print_training(result)
 
 
@@ -105,7 +117,9 @@ def summary_command(
         from cnnviz.summary import model_from_config
 
         model = model_from_config(resolved)
-        folder = out or Path("outputs") / (resolved.name or target.stem) / "summary"
+        from cnnviz.config import run_slug
+
+        folder = out or Path("outputs") / run_slug(resolved.name or target.stem) / "summary"
     else:
         import_tensorflow()
         from cnnviz.runs import load_run
@@ -138,10 +152,11 @@ def run_command(
     from cnnviz.summary import write_summary
 
     resolved = load_config_file(config, set_)
+    out_root = writable_out(out, Path("outputs"))
     import_tensorflow()
     from cnnviz.train import train
 
-    result = train(resolved, out or Path("outputs"))
+    result = train(resolved, out_root)
     print_training(result)
     run = load_run(result.run_dir)
     folder = result.run_dir / "figures"

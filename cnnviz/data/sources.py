@@ -15,6 +15,7 @@ import gzip
 import os
 import pickle
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def _keras_cache_dir() -> str:
     return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
 
 
-def fetch(fname: str, origin: str, *, timeout: float, cache_subdir: str = "datasets",
+def fetch(fname: str, origin: str, *, timeout: float = 30.0, cache_subdir: str = "datasets",
           extract: bool = False) -> str:
     """A keras.datasets file: from the Keras cache when it is there, else downloaded by Keras.
 
@@ -77,7 +78,13 @@ def fetch(fname: str, origin: str, *, timeout: float, cache_subdir: str = "datas
     """
     import keras
 
-    target = os.path.join(_keras_cache_dir(), cache_subdir, fname)
+    cached = os.path.join(_keras_cache_dir(), cache_subdir, fname)
+    if not extract and os.path.isfile(cached):  # also from a read-only cache, which Keras skips
+        return cached
+    # Keras reads and writes /tmp/.keras instead of a cache it cannot write: an archive to
+    # extract must go there.
+    folder = _keras_cache_dir() if not extract or os.access(_keras_cache_dir(), os.W_OK) else (
+        os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras"))
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
@@ -89,7 +96,7 @@ def fetch(fname: str, origin: str, *, timeout: float, cache_subdir: str = "datas
         reason = _reason(error, timeout)
         raise CnnvizError(
             f"could not download {fname} from {origin} ({reason}); download it by hand and put "
-            f"it at {target}, or set data.path to a local copy"
+            f"the file in {os.path.join(folder, cache_subdir)} or set data.path to a local copy"
         ) from None
     finally:
         socket.setdefaulttimeout(previous)

@@ -11,6 +11,8 @@ import numpy as np
 from cnnviz.errors import CnnvizError
 
 _SQUASHING = ("softmax", "sigmoid")
+# Layers that only carry or preprocess the input: never a layer to explain.
+INPUT_LAYERS = ("InputLayer", "Rescaling", "Normalization")
 
 
 def as_image_batch(images) -> np.ndarray:
@@ -181,7 +183,7 @@ def default_conv_layer(model):
             shape = layer.output.shape
         except (AttributeError, ValueError):
             continue
-        if len(shape) == 4 and type(layer).__name__ != "InputLayer":
+        if len(shape) == 4 and type(layer).__name__ not in INPUT_LAYERS:
             return layer
     raise CnnvizError(
         f"model {model.name!r} has no layer with a 4-D output (N, H, W, C) to explain"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch, default_conv_layer, get_layer
+from cnnviz.explain._common import INPUT_LAYERS, as_image_batch, default_conv_layer, get_layer
 from cnnviz.explain._compiled import require_built
 from cnnviz.explain.saliency import _gradient_maps, _predicted_targets
 
@@ -27,7 +27,7 @@ def _four_d_layers(model) -> list[str]:
             shape = layer.output.shape
         except (AttributeError, ValueError):
             continue
-        if len(shape) == 4 and type(layer).__name__ != "InputLayer":
+        if len(shape) == 4 and type(layer).__name__ not in INPUT_LAYERS:
             names.append(layer.name)
     return names
 

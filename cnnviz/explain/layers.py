@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch, get_layer
+from cnnviz.explain._common import INPUT_LAYERS, as_image_batch, get_layer
 
 
 def resolve_layer(model, layer):
@@ -98,7 +98,7 @@ def feature_maps(model, images, layer, *, batch_size: int = 256) -> np.ndarray:
         choices = ", ".join(
             candidate.name
             for candidate in model.layers
-            if _output_rank(candidate) == 4 and type(candidate).__name__ != "InputLayer"
+            if _output_rank(candidate) == 4 and type(candidate).__name__ not in INPUT_LAYERS
         )
         raise CnnvizError(
             f"layer {target.name!r} has no 4-D output (N, h, w, channels) to show as feature maps. "
