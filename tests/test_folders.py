@@ -291,3 +291,29 @@ def test_images_from_a_folder_or_a_glob_are_named_and_labelled_in_chunks(folder_
     assert result.exit_code == 0, result.output
     assert len(list(tmp_path.glob("*.png"))) == 48
     assert read_sizes == [16, 16, 16], "read a chunk at a time, each file once"
+
+
+@pytest.mark.slow
+def test_a_resumed_folder_run_keeps_the_files_it_recorded(tmp_path):
+    import keras
+
+    from cnnviz.train import train
+
+    root = make_folder(tmp_path / "data")
+
+    class StopAfterOneEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("stopped on purpose")
+
+    config = folder_config(root)
+    with pytest.raises(RuntimeError, match="stopped on purpose"):
+        train(config, tmp_path / "out", extra_callbacks=[StopAfterOneEpoch()],
+              log=lambda line: None)
+    run_dir = next((tmp_path / "out" / "folder").iterdir())
+    recorded = (run_dir / "files" / "test.csv").read_text()
+    make_folder(root, per_class=40, seed=9)  # the folder grows (and changes) meanwhile
+    result = train(config, tmp_path / "out", log=lambda line: None)
+    assert result.run_dir == run_dir and result.resumed_from_epoch == 1
+    assert (run_dir / "files" / "test.csv").read_text() == recorded
+    assert result.metrics["train_images"] + result.metrics["validation_images"] \
+        + result.metrics["test_images"] == 48, "the recorded 48 files, not the 80 now there"
