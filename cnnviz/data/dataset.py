@@ -22,7 +22,7 @@ from cnnviz.data.folders import (
     write_split_files,
 )
 from cnnviz.data.pipeline import Pixels, Split
-from cnnviz.data.sources import load_arrays
+from cnnviz.data.sources import UNITS, load_arrays
 from cnnviz.errors import CnnvizError
 
 DEFAULT_FOLDER_SIZE = (256, 256)  # keras.utils.image_dataset_from_directory's default
@@ -212,13 +212,9 @@ def load_dataset(config: Config, *, run_dir: Path | None = None, log=print) -> D
     return _array_dataset(config)
 
 
-# (native maximum, factor to 8-bit units) of the sources whose range the config tells.
-_UNITS = {"digits": (16.0, 255.0 / 16.0), "shapes": (1.0, 255.0), "inline": (1.0, 1.0)}
-
-
 def config_preprocessing(config: Config) -> Preprocessing:
     """The preprocessing the config asks for, without loading data (npz: assumes 8-bit)."""
-    return _preprocessing(config, *_UNITS.get(config.data.source, (255.0, 1.0)))
+    return _preprocessing(config, *UNITS.get(config.data.source, (255.0, 1.0)))
 
 
 def _preprocessing(config: Config, native_max: float, unit_scale: float) -> Preprocessing:

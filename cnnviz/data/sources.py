@@ -41,6 +41,10 @@ CIFAR10_CLASSES = (
 )
 
 
+# (maximum in the source's own units, factor to 8-bit units) where they are not (255, 1).
+UNITS = {"digits": (16.0, 255.0 / 16.0), "shapes": (1.0, 255.0), "inline": (1.0, 1.0)}
+
+
 @dataclass
 class ArraySource:
     """What an in-memory source loaded.
@@ -174,9 +178,10 @@ def _load_digits(data: DataConfig, config: Config) -> ArraySource:
 
     digits = load_digits()
     # 0..16 -> 8-bit units, so an 8-bit image file of a digit means what the data means.
-    images = (digits.images * (255.0 / 16.0)).astype(np.float32)
+    native_max, unit_scale = UNITS["digits"]
+    images = (digits.images * unit_scale).astype(np.float32)
     return ArraySource((images, digits.target), None, [str(digit) for digit in range(10)],
-                       unit_scale=255.0 / 16.0, native_max=16.0)
+                       unit_scale=unit_scale, native_max=native_max)
 
 
 def _load_npz(data: DataConfig, config: Config) -> ArraySource:
@@ -209,7 +214,9 @@ def _load_inline(data: DataConfig, config: Config) -> ArraySource:
     images = np.asarray(data.images, dtype=np.float32)
     labels = np.asarray(data.labels)
     # Two hand-written examples are both the training and the test set.
-    return ArraySource((images, labels), (images, labels), None, native_max=1.0)
+    native_max, unit_scale = UNITS["inline"]
+    return ArraySource((images, labels), (images, labels), None, unit_scale=unit_scale,
+                       native_max=native_max)
 
 
 def _load_shapes(data: DataConfig, config: Config) -> ArraySource:
@@ -228,10 +235,12 @@ def _load_shapes(data: DataConfig, config: Config) -> ArraySource:
                        seed=config.seed + 10_000, **common)
     extras = {"cue_masks_train": train.cue_masks, "cue_masks_test": test.cue_masks}
     # [0, 1] -> 8-bit units, in place (the generator's arrays are ours).
-    train_images = np.multiply(train.images, np.float32(255.0), out=train.images)
-    test_images = np.multiply(test.images, np.float32(255.0), out=test.images)
+    native_max, unit_scale = UNITS["shapes"]
+    train_images = np.multiply(train.images, np.float32(unit_scale), out=train.images)
+    test_images = np.multiply(test.images, np.float32(unit_scale), out=test.images)
     return ArraySource((train_images, train.labels), (test_images, test.labels),
-                       list(train.class_names), unit_scale=255.0, native_max=1.0, extras=extras)
+                       list(train.class_names), unit_scale=unit_scale, native_max=native_max,
+                       extras=extras)
 
 
 LOADERS = {
