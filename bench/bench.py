@@ -145,6 +145,19 @@ def begin(title: str, quick: bool) -> dict:
     return values
 
 
+def save_report(folder: Path, prefix: str, report: dict) -> Path:
+    """Write `report` as JSON to FOLDER/<prefix><timestamp>.json and FOLDER/<prefix>latest.json."""
+    from cnnviz.runs import atomic_write_json
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    payload = json.loads(json.dumps({"timestamp": stamp, **report}, default=str))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = atomic_write_json(folder / f"{prefix}{stamp}.json", payload)
+    atomic_write_json(folder / f"{prefix}latest.json", payload)
+    print(f"wrote {path} and {prefix}latest.json")
+    return path
+
+
 # ------------------------------------------------------------------------------- training
 def _timed(method, totals: list):
     """`method`, adding the seconds each call takes to `totals[-1]`."""
@@ -535,16 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{passed}/{len(targets)} targets met; {seconds:.0f} s; load average at end "
           f"{values['load_average_at_end']}")
 
-    from cnnviz.runs import atomic_write_json
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {"timestamp": stamp, "mode": "quick" if arguments.quick else "full",
-              "sizes": asdict(sizes), "settings": values, "rows": [asdict(row) for row in rows],
-              "raw": raw, "seconds": round(seconds, 1)}
-    arguments.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(arguments.out / f"{stamp}.json", json.loads(json.dumps(report, default=str)))
-    atomic_write_json(arguments.out / "latest.json", json.loads(json.dumps(report, default=str)))
-    print(f"wrote {arguments.out / f'{stamp}.json'} and latest.json")
+    save_report(arguments.out, "", {
+        "mode": "quick" if arguments.quick else "full", "sizes": asdict(sizes),
+        "settings": values, "rows": [asdict(row) for row in rows], "raw": raw,
+        "seconds": round(seconds, 1)})
     return 0
 
 

@@ -21,7 +21,6 @@ on a machine other work may share. Nothing here asserts; tests never time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ from bench import (
     _forward_rate,
     begin,
     print_table,
+    save_report,
 )
 
 
@@ -157,17 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     print(f"\n{seconds:.0f} s; load average at end {values['load_average_at_end']}")
 
-    from cnnviz.runs import atomic_write_json
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {"timestamp": stamp, "mode": "quick" if arguments.quick else "full",
-              "sizes": asdict(sizes), "settings": values, "rows": [asdict(row) for row in rows],
-              "raw": raw, "seconds": round(seconds, 1)}
-    arguments.out.mkdir(parents=True, exist_ok=True)
-    payload = json.loads(json.dumps(report, default=str))
-    atomic_write_json(arguments.out / f"methods-{stamp}.json", payload)
-    atomic_write_json(arguments.out / "methods-latest.json", payload)
-    print(f"wrote {arguments.out / f'methods-{stamp}.json'} and methods-latest.json")
+    save_report(arguments.out, "methods-", {
+        "mode": "quick" if arguments.quick else "full", "sizes": asdict(sizes),
+        "settings": values, "rows": [asdict(row) for row in rows], "raw": raw,
+        "seconds": round(seconds, 1)})
     return 0
 
 

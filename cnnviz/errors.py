@@ -10,3 +10,11 @@ class CnnvizError(Exception):
 
 class ConfigError(CnnvizError):
     """A config file or `--set` override that cannot be loaded or validated."""
+
+
+class CnnvizWarning(UserWarning):
+    """Something the user should know that does not stop the work (printed as one line)."""
+
+
+class CnnvizNotice(CnnvizWarning):
+    """A choice cnnviz made for the user that they should know about (printed as `note:`)."""

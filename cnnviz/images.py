@@ -215,7 +215,8 @@ def tensorflow_reason(error) -> str:
 
 
 def read_images(paths: Sequence[str | Path], input_shape: Sequence[int], *,
-                max_pixels: int = MAX_IMAGE_PIXELS, what: str = "--images:") -> np.ndarray:
+                max_pixels: int = MAX_IMAGE_PIXELS, what: str = "--images:",
+                resize: str = "stretch") -> np.ndarray:
     """Check, decode and resize image files: float32 (N, H, W, C) in 8-bit units.
 
     Args:
@@ -223,9 +224,16 @@ def read_images(paths: Sequence[str | Path], input_shape: Sequence[int], *,
         input_shape: the model's (H, W, C); C is 1 or 3.
         max_pixels: refuse files with more pixels than this, before decoding them.
         what: how the one-line error names the source of the files.
+        resize: "stretch" (as training does: `load_image`), "crop" or "pad" (the aspect ratio
+            kept, `cnnviz.preprocess.resize_pixels`).
     """
     import tensorflow as tf
 
+    from cnnviz.preprocess import RESIZE_MODES, resize_pixels
+
+    if resize not in RESIZE_MODES:
+        raise CnnvizError(f"--resize {resize!r} is not a mode; choose one of "
+                          f"{', '.join(RESIZE_MODES)}")
     height, width, channels = (int(side) for side in input_shape)
     if channels not in (1, 3):
         raise CnnvizError(
@@ -237,7 +245,11 @@ def read_images(paths: Sequence[str | Path], input_shape: Sequence[int], *,
             raise CnnvizError(f"{what} image file {path} does not exist")
         check_image_file(path, max_pixels=max_pixels, what=f"{what} image file".strip())
         try:
-            images[row] = load_image(tf.constant(str(path)), (height, width), channels).numpy()
+            if resize == "stretch":
+                images[row] = load_image(tf.constant(str(path)), (height, width), channels)
+            else:
+                native = decode_image(tf.io.read_file(str(path)), channels).numpy()
+                images[row] = resize_pixels(native, (height, width), resize)
         except tf.errors.OpError as error:
             raise CnnvizError(f"{what} image file {path} cannot be decoded "
                               f"({tensorflow_reason(error)})") from None

@@ -8,8 +8,9 @@ however many images are asked for, and writes each PNG atomically.
 from __future__ import annotations
 
 import html
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,9 @@ class ImageFiles:
     Args:
         paths: the files.
         input_shape: the model's (H, W, C).
-        value_range: the model's input range; 8-bit pixels are mapped onto it (identity for
-            (0, 255), the range of every cnnviz model of images).
+        prepare: 8-bit pixels (N, H, W, C) -> model inputs (`--preprocess` for a bare model);
+            None: the pixels themselves, what every cnnviz model of images takes (D1).
+        resize: "stretch", "crop" or "pad" (`cnnviz.images.read_images`).
         max_pixels: refuse larger files before decoding them.
     """
 
@@ -55,15 +57,17 @@ class ImageFiles:
     ndim = 4
 
     def __init__(self, paths: Sequence[str | Path], input_shape: tuple[int, int, int], *,
-                 value_range: tuple[float, float] = (0.0, 255.0),
-                 max_pixels: int | None = None):
+                 prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+                 resize: str = "stretch", max_pixels: int | None = None):
         from cnnviz.images import MAX_IMAGE_PIXELS
 
         self.paths = [str(path) for path in paths]
         self.input_shape = tuple(int(side) for side in input_shape)
-        self.value_range = value_range
+        self.prepare = prepare
+        self.resize = resize
         self.max_pixels = max_pixels or MAX_IMAGE_PIXELS
-        self._held: tuple[list[int], np.ndarray] = ([], np.zeros((0, *self.input_shape), np.float32))
+        empty = np.zeros((0, *self.input_shape), np.float32)
+        self._held: tuple[list[int], np.ndarray, np.ndarray] = ([], empty, empty)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,33 +76,59 @@ class ImageFiles:
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self), *self.input_shape)
 
-    def _read(self, indices: list[int]) -> np.ndarray:
+    def _indices(self, key) -> list[int]:
+        if isinstance(key, slice):
+            return list(range(len(self))[key])
+        return [range(len(self))[int(i)] for i in np.asarray(key).reshape(-1)]
+
+    def _chunk(self, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(pixels, inputs) of `indices`, read unless they are the chunk held."""
         from cnnviz.images import read_images
 
+        held, pixels, inputs = self._held
+        if indices == held:
+            return pixels, inputs
+        if len(indices) == 1 and indices[0] in held:
+            at = held.index(indices[0])
+            return pixels[at:at + 1], inputs[at:at + 1]
         pixels = read_images([self.paths[i] for i in indices], self.input_shape,
-                             max_pixels=self.max_pixels)
-        low, high = self.value_range
-        if (low, high) != (0.0, 255.0):
-            pixels = low + pixels * np.float32((high - low) / 255.0)
-        self._held = (indices, pixels)
-        return pixels
+                             max_pixels=self.max_pixels, resize=self.resize)
+        inputs = pixels if self.prepare is None else self.prepare(pixels)
+        self._held = (indices, pixels, inputs)
+        return pixels, inputs
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
-            index = range(len(self))[key]
-            held, pixels = self._held
-            if index in held:
-                return pixels[held.index(index)]
-            return self._read([index])[0]
-        indices = list(range(len(self))[key]) if isinstance(key, slice) else [
-            range(len(self))[int(i)] for i in np.asarray(key).reshape(-1)]
-        if indices == self._held[0]:
-            return self._held[1]
-        return self._read(indices)
+            return self._chunk(self._indices([key]))[1][0]
+        return self._chunk(self._indices(key))[1]
+
+    def pixels(self, key):
+        """The files' own 8-bit pixels at `key` (what figures show)."""
+        if isinstance(key, (int, np.integer)):
+            return self._chunk(self._indices([key]))[0][0]
+        return self._chunk(self._indices(key))[0]
+
+    @property
+    def display(self) -> _Display | None:
+        """What figures draw when the model input is not the pixels themselves, else None."""
+        return None if self.prepare is None else _Display(self)
 
     def __array__(self, dtype=None, copy=None):
-        pixels = self[:]
-        return pixels if dtype is None else pixels.astype(dtype)
+        inputs = self[:]
+        return inputs if dtype is None else inputs.astype(dtype)
+
+
+class _Display:
+    """`ImageFiles` pixels scaled to [0, 1], indexed like the images (lazily)."""
+
+    def __init__(self, files: ImageFiles):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key):
+        return self.files.pixels(key) / np.float32(255.0)
 
 
 @dataclass
@@ -111,21 +141,33 @@ class Selection:
     labels: np.ndarray  # (N,) int32 true class, -1 where unknown
     names: list[str]  # output file-name stems: test_0007, or the image file's stem
     class_names: list[str]
+    # What the percentages in captions are: the model's own probabilities, or ours of its logits.
+    probability_label: str = "probability"
+    # What figures show: the image files' own pixels (scaled to [0, 1]) where the model input
+    # is a preprocessed tensor (caffe's BGR, [-1, 1], ...); None: the images themselves.
+    display: np.ndarray | _Display | None = None
     files: list[str] | None = None  # the image file each one is, named in the captions
+
+    def shown(self, index: int) -> np.ndarray:
+        """The image figures draw for image `index`: never a preprocessed tensor."""
+        return (self.display if self.display is not None else self.images)[index]
 
     def head(self, count: int) -> Selection:
         """The first `count` images."""
-        return Selection(self.images[:count], self.labels[:count], self.names[:count],
-                         self.class_names, None if self.files is None else self.files[:count])
+        first = slice(0, count)
+        return replace(self, images=self.images[first], labels=self.labels[first],
+                       names=self.names[first],
+                       display=None if self.display is None else self.display[first],
+                       files=None if self.files is None else self.files[first])
 
 
 # ----------------------------------------------------------------------------- image choice
 def parse_indices(spec: str, count: int, *, option: str = "--images",
-                  what: str = "the test split") -> list[int]:
+                  domain: str = "the test split") -> list[int]:
     """`0,3,7` or `0:500` or `10:20:2` (Python slices, end exclusive) -> indices below `count`.
 
-    `option` and `what` name the option and the things indexed in error messages
-    (`--filters`, "conv2's 16 filters")."""
+    `option` and `domain` name the flag and what it indexes in error messages.
+    """
     indices: list[int] = []
     for part in (part.strip() for part in spec.split(",")):
         if not part:
@@ -140,19 +182,26 @@ def parse_indices(spec: str, count: int, *, option: str = "--images",
                 index = int(part)
                 if not -count <= index < count:
                     raise CnnvizError(
-                        f"{option} {spec!r}: index {index} is outside {what} (0..{count - 1})"
+                        f"{option} {spec!r}: index {index} is outside {domain} "
+                        f"(0..{count - 1})"
                     )
                 indices.append(index % count)
         except ValueError:
-            files = " nor an image file" if option == "--images" else ""
-            raise CnnvizError(
-                f"{option} {spec!r}: {part!r} is neither an index (7){',' if files else ' nor'} "
-                f"a range (0:500){files}"
-            ) from None
+            alternative = {"--images": "an image file", "--classes": "`all`"}.get(option)
+            choices = (f"an index (7), a range (0:500) nor {alternative}" if alternative
+                       else "an index (7) nor a range (0:500)")
+            raise CnnvizError(f"{option} {spec!r}: {part!r} is neither {choices}") from None
     if not indices:
         nothing = "no image" if option == "--images" else "nothing"
-        raise CnnvizError(f"{option} {spec!r} selects {nothing} ({what} has {count})")
+        raise CnnvizError(f"{option} {spec!r} selects {nothing} ({domain} has {count})")
     return indices
+
+
+def parse_class_spec(spec: str, count: int) -> list[int]:
+    """`all`, `0:10` or `3,5` -> class indices below `count` (for --classes)."""
+    if spec.strip().lower() == "all":
+        return list(range(count))
+    return parse_indices(spec, count, option="--classes", domain="the model's classes")
 
 
 def class_names_of(run: Run, num_outputs: int) -> list[str]:
@@ -176,41 +225,92 @@ def _file_names(paths: list[Path]) -> list[str]:
         depth += 1
 
 
-def select_images(run: Run, spec: str) -> Selection:
+def _prepare(run: Run, preprocess: str):
+    """pixels -> model inputs for image files, or None when the model takes the pixels.
+
+    A cnnviz run's model begins with its preprocessing layers and takes 8-bit pixels (D1);
+    data in other units (npz, inline) gets the file's range mapped onto the model's input range.
+    A bare .keras file takes what `--preprocess` says ("auto" resolved, with a note).
+    """
+    from cnnviz.errors import CnnvizNotice
+    from cnnviz.explain._common import input_range
+    from cnnviz.preprocess import prepare, resolve_mode
+
+    if run.config is not None:
+        low, high = input_range(run.model)
+        if (low, high) == (0.0, 255.0):
+            return None
+        return lambda pixels: low + pixels * np.float32((high - low) / 255.0)
+    mode, note = resolve_mode(run.model, preprocess)
+    if note:
+        warnings.warn(note, CnnvizNotice, stacklevel=3)
+    return None if mode == "none" else (lambda pixels: prepare(pixels, mode))
+
+
+def probability_label(model, output=None) -> str:
+    """How captions name the percentages `predict_probabilities` gives for this output."""
+    from cnnviz.explain._common import output_activation
+
+    activation = output_activation(model, output)
+    if activation == "linear":
+        single = int(model.outputs[_output(model, output)].shape[-1]) == 1
+        return "sigmoid of the logit" if single else "softmax of the logits"
+    return f"{activation} probability"
+
+
+def _output(model, output) -> int:
+    from cnnviz.explain._common import output_index
+
+    return output_index(model, output)
+
+
+def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
+                  resize: str = "stretch") -> Selection:
     """The images `--images` names: test-split indices of the run, or image files.
 
-    Files: comma-separated files, folders and globs (`cnnviz.images.expand_image_spec`); a file
-    in a folder named like a class (`cat/001.jpg`) gets that class as its true label. Indices
-    into a folder-trained run's test split read only those files, from the lists the run
-    recorded. Either way images are read a chunk at a time, never all at once.
+    Files: comma-separated files, folders and globs (`cnnviz.images.expand_image_spec`), read
+    by `cnnviz.images` and resized as `resize` says; a file in a folder named like a class
+    (`cat/001.jpg`) gets that class as its true label. A run's model takes the pixels (D1); a
+    bare .keras file gets them as `preprocess` says (`cnnviz.preprocess.MODES`; a run refuses
+    any but "auto"). Indices into a folder-trained run's test split read only those files,
+    from the lists the run recorded. Files are read a chunk at a time, never all at once.
     """
-    from cnnviz.explain._common import input_range
+    from cnnviz.explain._compiled import require_built
     from cnnviz.images import expand_image_spec
 
+    require_built(run.model)
+    index = _output(run.model, output)
     input_shape = tuple(int(size) for size in run.model.inputs[0].shape[1:])
-    num_outputs = int(run.model.outputs[0].shape[-1])
+    num_outputs = int(run.model.outputs[index].shape[-1])
     class_names = class_names_of(run, num_outputs)
+    label = probability_label(run.model, index)
+    if run.config is not None and preprocess != "auto":
+        raise CnnvizError(
+            f"--preprocess {preprocess} is for bare .keras files; {run.directory or 'this run'} "
+            "prepares images as it recorded when it was trained"
+        )
     max_pixels = run.config.data.max_image_pixels if run.config is not None else None
     paths = expand_image_spec(spec)
     if paths is not None:
         labels = np.asarray([class_names.index(path.parent.name)
                              if path.parent.name in class_names else -1 for path in paths],
                             np.int32)
-        images = ImageFiles(paths, input_shape, value_range=input_range(run.model),
-                            max_pixels=max_pixels)
-        return Selection(images, labels, _file_names(paths), class_names,
-                         [str(path) for path in paths])
+        images = ImageFiles(paths, input_shape, prepare=_prepare(run, preprocess),
+                            resize=resize, max_pixels=max_pixels)
+        return Selection(images, labels, _file_names(paths), class_names, label,
+                         display=images.display, files=[str(path) for path in paths])
     dataset = run.dataset()
     test = dataset.test
     indices = parse_indices(spec, len(test))
     width = len(str(len(test) - 1))
     names = [f"test_{index:0{width}d}" for index in indices]
     if test.files is None:
-        return Selection(test.images(indices), test.labels[indices], names, dataset.class_names)
-    images = ImageFiles(test.paths(indices), input_shape, value_range=input_range(run.model),
+        return Selection(test.images(indices), test.labels[indices], names, dataset.class_names,
+                         label)
+    images = ImageFiles(test.paths(indices), input_shape, prepare=_prepare(run, preprocess),
                         max_pixels=max_pixels)
-    return Selection(images, test.labels[indices], names, dataset.class_names,
-                     [test.files[index] for index in indices])
+    return Selection(images, test.labels[indices], names, dataset.class_names, label,
+                     display=images.display, files=[test.files[index] for index in indices])
 
 
 # -------------------------------------------------------------------------------- batching
@@ -265,12 +365,13 @@ def write_per_image(
 
 
 def caption(selection: Selection, index: int, probabilities: np.ndarray) -> str:
-    """`true 3 · predicted 3 (97%)`, after the image's file when it has one (`cat/01.jpg · ...`),
-    without the true class when it is unknown."""
+    """`true 3 · predicted 3 (97% softmax probability)`, after the image's file when it has one
+    (`cat/01.jpg · ...`), without the true class when it is unknown."""
     names = selection.class_names
     predicted = int(np.argmax(probabilities))
     predicted_name = names[predicted] if predicted < len(names) else str(predicted)
-    text = f"predicted {predicted_name} ({probabilities[predicted]:.0%})"
+    text = (f"predicted {predicted_name} ({probabilities[predicted]:.0%} "
+            f"{selection.probability_label})")
     label = int(selection.labels[index])
     if label >= 0:
         true_name = names[label] if label < len(names) else str(label)
@@ -323,7 +424,7 @@ def _chunk_targets(target: int | None, probabilities: np.ndarray) -> np.ndarray:
 
 def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequence[str],
                      target: int | None = None, samples: int = 20, noise: float = 0.15,
-                     seed: int = 0) -> list[FigureFile]:
+                     seed: int = 0, output=None) -> list[FigureFile]:
     """One figure per image: the input next to each saliency method's map."""
     from cnnviz.explain import saliency
     from cnnviz.plot import saliency_row
@@ -331,24 +432,25 @@ def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequ
     suffix = "all" if len(methods) > 1 else methods[0]
 
     def explain_chunk(images, labels):
-        probabilities = predict_probabilities(model, images)
+        probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
         maps = {method: saliency(model, images, targets, method=method, samples=samples,
-                                 noise=noise, seed=seed) for method in methods}
+                                 noise=noise, seed=seed, output=output) for method in methods}
         return [(probabilities[i], targets[i], {m: maps[m][i] for m in methods})
                 for i in range(len(images))]
 
     def draw(index, payload):
         probabilities, explained, maps = payload
         title = f"Saliency {_explained(selection, index, explained, probabilities)}"
-        figure = saliency_row(selection.images[index], maps, title=title)
+        figure = saliency_row(selection.shown(index), maps, title=title)
         return [(f"{selection.names[index]}_{suffix}.png", figure)]
 
     return write_per_image(selection, folder, f"saliency ({suffix})", explain_chunk, draw)
 
 
 def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | None = None,
-                    guided: bool = False, target: int | None = None) -> list[FigureFile]:
+                    guided: bool = False, target: int | None = None,
+                    output=None) -> list[FigureFile]:
     """One figure per image: the Grad-CAM heatmap over the input (and Guided Grad-CAM)."""
     from cnnviz.explain import gradcam, gradcam_layer
     from cnnviz.plot import gradcam_figure
@@ -356,10 +458,11 @@ def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | N
     layer_name = gradcam_layer(model, layer)
 
     def explain_chunk(images, labels):
-        probabilities = predict_probabilities(model, images)
+        probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
-        heatmaps = gradcam(model, images, targets, layer=layer_name)
-        guided_maps = gradcam(model, images, targets, layer=layer_name, guided=True) if guided else None
+        heatmaps = gradcam(model, images, targets, layer=layer_name, output=output)
+        guided_maps = (gradcam(model, images, targets, layer=layer_name, guided=True,
+                               output=output) if guided else None)
         return [(probabilities[i], targets[i], heatmaps[i],
                  None if guided_maps is None else guided_maps[i]) for i in range(len(images))]
 
@@ -367,14 +470,21 @@ def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | N
         probabilities, explained, heatmap, guided_map = payload
         title = (f"Grad-CAM on {layer_name} "
                  f"{_explained(selection, index, explained, probabilities)}")
-        figure = gradcam_figure(selection.images[index], heatmap, title=title, guided_map=guided_map)
+        figure = gradcam_figure(selection.shown(index), heatmap, title=title,
+                                guided_map=guided_map)
         return [(f"{selection.names[index]}.png", figure)]
 
     return write_per_image(selection, folder, f"grad-cam ({layer_name})", explain_chunk, draw)
 
 
+def file_stem(layer_path: str) -> str:
+    """A layer path as part of a file name: `base/conv1` -> `base__conv1`."""
+    return layer_path.replace("/", "__")
+
+
 def cam_figures(model, selection: Selection, folder: Path, *, methods: Sequence[str],
-                layer: str | None = None, target: int | None = None) -> list[FigureFile]:
+                layer: str | None = None, target: int | None = None,
+                output=None) -> list[FigureFile]:
     """One figure per image: the input next to each CAM method's heatmap over it."""
     from cnnviz.explain import cam, gradcam_layer
     from cnnviz.plot import cam_row
@@ -383,9 +493,10 @@ def cam_figures(model, selection: Selection, folder: Path, *, methods: Sequence[
     suffix = "all" if len(methods) > 1 else methods[0]
 
     def explain_chunk(images, labels):
-        probabilities = predict_probabilities(model, images)
+        probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
-        maps = {method: cam(model, images, targets, method=method, layer=layer_name)
+        maps = {method: cam(model, images, targets, method=method, layer=layer_name,
+                            output=output)
                 for method in methods}
         return [(probabilities[i], targets[i], {m: maps[m][i] for m in methods})
                 for i in range(len(images))]
@@ -395,7 +506,7 @@ def cam_figures(model, selection: Selection, folder: Path, *, methods: Sequence[
         title = (f"CAM on {layer_name} {_explained(selection, index, explained, probabilities)}"
                  + (" (eigencam: class-agnostic)" if "eigencam" in maps else ""))
         return [(f"{selection.names[index]}_{suffix}.png",
-                 cam_row(selection.images[index], maps, title=title))]
+                 cam_row(selection.shown(index), maps, title=title))]
 
     return write_per_image(selection, folder, f"cam ({suffix}, {layer_name})", explain_chunk,
                            draw)
@@ -411,7 +522,7 @@ _SIGNED_TITLES = {"integrated_gradients": "integrated gradients",
 
 def signed_figures(model, selection: Selection, folder: Path, *, methods: Sequence[str],
                    steps: int = 64, baseline: float | str = 0.0,
-                   target: int | None = None) -> list[FigureFile]:
+                   target: int | None = None, output=None) -> list[FigureFile]:
     """One figure per image: signed attribution maps (red for the class, blue against).
 
     Under integrated gradients, the completeness check: the attributions' sum beside
@@ -424,20 +535,21 @@ def signed_figures(model, selection: Selection, folder: Path, *, methods: Sequen
     suffix = "all" if len(methods) > 1 else methods[0]
 
     def explain_chunk(images, labels):
-        probabilities = predict_probabilities(model, images)
+        probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
         maps, notes = {}, [{} for _ in images]
         if "integrated_gradients" in methods:
             maps["integrated_gradients"] = integrated_gradients(
-                model, images, targets, baseline=baseline, steps=steps)
+                model, images, targets, baseline=baseline, steps=steps, output=output)
             totals = maps["integrated_gradients"].sum(axis=(1, 2, 3))
-            expected = score_difference(model, images, targets, baseline=baseline)
+            expected = score_difference(model, images, targets, baseline=baseline,
+                                        output=output)
             for i, (total, difference) in enumerate(zip(totals, expected)):
                 gap = abs(total - difference) / max(abs(difference), 1e-12)
                 notes[i]["integrated gradients"] = (
                     f"sum {total:.3g} vs score(x) - score(x') {difference:.3g} ({gap:.1%} off)")
         if "gradient_x_input" in methods:
-            maps["gradient_x_input"] = gradient_x_input(model, images, targets)
+            maps["gradient_x_input"] = gradient_x_input(model, images, targets, output=output)
         return [(probabilities[i], targets[i],
                  {_SIGNED_TITLES[m]: maps[m][i] for m in methods}, notes[i])
                 for i in range(len(images))]
@@ -449,23 +561,24 @@ def signed_figures(model, selection: Selection, folder: Path, *, methods: Sequen
         title = (f"Signed attribution {_explained(selection, index, explained, probabilities)}"
                  f"\n{described + '; ' if described else ''}red: for the class, blue: against")
         return [(f"{selection.names[index]}_{suffix}.png",
-                 signed_row(selection.images[index], maps, title=title, notes=notes))]
+                 signed_row(selection.shown(index), maps, title=title, notes=notes))]
 
     return write_per_image(selection, folder, f"signed ({suffix})", explain_chunk, draw)
 
 
 def rise_figures(model, selection: Selection, folder: Path, *, masks: int = 2000, cell: int = 7,
                  keep: float = 0.5, seed: int = 0,
-                 target: int | None = None) -> list[FigureFile]:
+                 target: int | None = None, output=None) -> list[FigureFile]:
     """One figure per image: the RISE map over the input, scaled per image."""
     from cnnviz.explain import rise
     from cnnviz.plot import cam_row
     from cnnviz.plot.display import normalize01
 
     def explain_chunk(images, labels):
-        probabilities = predict_probabilities(model, images)
+        probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
-        maps = rise(model, images, targets, masks=masks, cell=cell, keep=keep, seed=seed)
+        maps = rise(model, images, targets, masks=masks, cell=cell, keep=keep, seed=seed,
+                    output=output)
         return [(probabilities[i], targets[i], maps[i]) for i in range(len(images))]
 
     def draw(index, payload):
@@ -473,7 +586,7 @@ def rise_figures(model, selection: Selection, folder: Path, *, masks: int = 2000
         title = (f"RISE, {masks} masks {_explained(selection, index, explained, probabilities)}"
                  f"\nE[P(class) | pixel kept] from {saliency.min():.2f} (blue) to "
                  f"{saliency.max():.2f} (red)")
-        figure = cam_row(selection.images[index], {"RISE": normalize01(saliency)}, title=title,
+        figure = cam_row(selection.shown(index), {"RISE": normalize01(saliency)}, title=title,
                          label="scaled to its own range")
         return [(f"{selection.names[index]}.png", figure)]
 
@@ -482,15 +595,16 @@ def rise_figures(model, selection: Selection, folder: Path, *, masks: int = 2000
 
 def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int = 4,
                       stride: int | None = None, fill: float = 0.5,
-                      target: int | None = None) -> list[FigureFile]:
+                      target: int | None = None, output=None) -> list[FigureFile]:
     """One figure per image: input, P(target) under occlusion, and the predicted-class map."""
     from cnnviz.explain import occlusion
     from cnnviz.plot import occlusion_figure
 
     def explain_chunk(images, labels):
-        probabilities = predict_probabilities(model, images)
+        probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
-        result = occlusion(model, images, targets, patch=patch, stride=stride, fill=fill)
+        result = occlusion(model, images, targets, patch=patch, stride=stride, fill=fill,
+                           output=output)
         return [(probabilities[i], targets[i], result.probability[i], result.predicted_class[i],
                  result.unoccluded_probability[i]) for i in range(len(images))]
 
@@ -498,7 +612,7 @@ def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int =
         probabilities, explained, probability_map, class_map, intact = payload
         label = int(selection.labels[index])
         figure = occlusion_figure(
-            selection.images[index], probability_map, class_map,
+            selection.shown(index), probability_map, class_map,
             class_names=selection.class_names, target_label=int(explained),
             true_label=label if label >= 0 else None,
             predicted_label=int(np.argmax(probabilities)), unoccluded_probability=float(intact),
@@ -509,31 +623,51 @@ def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int =
     return write_per_image(selection, folder, "occlusion", explain_chunk, draw)
 
 
-def feature_map_figures(model, selection: Selection, folder: Path, *,
-                        layers: Sequence[str]) -> list[FigureFile]:
-    """One figure per image and layer: the input and the layer's feature maps."""
-    from cnnviz.explain import feature_maps
+def feature_map_figures(model, selection: Selection, folder: Path, *, layers: Sequence[str],
+                        max_channels: int | None = 64, output=None) -> list[FigureFile]:
+    """One figure per image and layer: the input and the layer's (most active) feature maps.
+
+    All layers come from one forward pass per chunk of images (`layer_activations`).
+    """
+    from cnnviz.explain.layers import layer_activations
     from cnnviz.plot import feature_maps_grid
 
     def explain_chunk(images, labels):
-        probabilities = predict_probabilities(model, images)
-        maps = {layer: feature_maps(model, images, layer) for layer in layers}
-        return [(probabilities[i], {layer: maps[layer][i] for layer in layers})
+        probabilities = predict_probabilities(model, images, output=output)
+        activations = layer_activations(model, images, layers, max_channels=max_channels,
+                                        output=output)
+        return [(probabilities[i], {path: (found.maps[i], found.channels[i], found.total_channels)
+                                    for path, found in activations.items()})
                 for i in range(len(images))]
 
     def draw(index, payload):
         probabilities, maps = payload
-        return [(f"{selection.names[index]}_{layer}.png",
-                 feature_maps_grid(selection.images[index], layer_maps, layer_name=layer,
-                                   title=f"Feature maps of {layer} — "
+        return [(f"{selection.names[index]}_{file_stem(path)}.png",
+                 feature_maps_grid(selection.shown(index), layer_maps, layer_name=path,
+                                   channels=channels, total_channels=total,
+                                   max_maps=len(channels),
+                                   title=f"Feature maps of {path} — "
                                          f"{caption(selection, index, probabilities)}"))
-                for layer, layer_maps in maps.items()]
+                for path, (layer_maps, channels, total) in maps.items()]
 
     return write_per_image(selection, folder, "feature maps", explain_chunk, draw)
 
 
 def conv_layer_names(model) -> list[str]:
-    return [layer.name for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    """Paths of the Conv2D and SeparableConv2D layers, nested models opened: the layers
+    `feature-maps` shows without `--layer` (depthwise layers, one per expansion in MobileNets,
+    would add half as many figures again; name them with --layer)."""
+    from cnnviz.explain.layers import kernel_paths
+
+    return kernel_paths(model, ("Conv2D", "SeparableConv2D"))
+
+
+def kernel_layer_names(model) -> list[str]:
+    """Paths of every layer with spatial kernels (Conv2D, DepthwiseConv2D, SeparableConv2D),
+    nested models opened: what `filters` draws without `--layer`."""
+    from cnnviz.explain.layers import kernel_paths
+
+    return kernel_paths(model)
 
 
 def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[FigureFile]:
@@ -542,23 +676,35 @@ def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[Figure
     from cnnviz.plot import filters_grid
 
     written = []
-    for layer in layers:
-        kernels = filters(model, layer)
-        title = (f"Filters of {layer}: {kernels.shape[3]} kernels of "
-                 f"{kernels.shape[0]}x{kernels.shape[1]}x{kernels.shape[2]}")
-        written.append(save_captioned(filters_grid(kernels, title=title), folder / f"{layer}.png"))
+    with progress_bar(len(layers), "filters") as progress:
+        task = progress.add_task("filters", total=len(layers))
+        for layer in layers:
+            kernels = filters(model, layer)
+            title = (f"Filters of {layer}: {kernels.shape[3]} kernels of "
+                     f"{kernels.shape[0]}x{kernels.shape[1]}x{kernels.shape[2]}")
+            written.append(save_captioned(filters_grid(kernels, title=title),
+                                          folder / f"{file_stem(layer)}.png"))
+            progress.advance(task)
     return written
 
 
 def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
                           layer: str | None = None, indices: Sequence[int] | None = None,
-                          steps: int = 256, seed: int = 0) -> FigureFile:
-    """One grid: the input that maximizes each class score (or each chosen filter of `layer`)."""
+                          steps: int = 256, seed: int = 0, output=None,
+                          preprocess: str | None = None) -> FigureFile:
+    """One grid: the input that maximizes each class score (or each chosen filter of `layer`).
+
+    Classes default to the first 10 (filters to the first 16), with a progress bar per chunk
+    of images. The images are optimized in the model's input range: `_common.input_range`, or
+    the range of the `cnnviz.preprocess` mode `preprocess` (a bare .keras file), and drawn as
+    pixels (that mode undone: caffe's BGR becomes RGB).
+    """
     from cnnviz.explain import activation_maximization_batch
     from cnnviz.plot import activation_max_grid
+    from cnnviz.preprocess import to_pixels, value_range
 
     if layer is None:
-        indices = list(indices if indices is not None else range(len(class_names)))
+        indices = list(indices if indices is not None else range(min(len(class_names), 10)))
         labels = [class_names[index] if index < len(class_names) else str(index)
                   for index in indices]
         title, name = "Activation maximization: the input each class wants most", "classes.png"
@@ -568,15 +714,29 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
         channels = int(get_layer(model, layer).output.shape[-1])
         indices = list(indices if indices is not None else range(min(channels, 16)))
         labels = [f"filter {index}" for index in indices]
-        title, name = f"Activation maximization of {layer}'s filters", f"{layer}.png"
+        title = f"Activation maximization of {layer}'s filters"
+        name = f"{file_stem(layer)}.png"
     height = int(model.inputs[0].shape[1])
     # The library's defaults suit 8x8 inputs; from ~20 px up, stronger smoothing (chosen by eye
     # on 28x28 digits, every class still the top prediction) keeps the images readable.
     smoothing = ({"learning_rate": 0.02, "l2": 0.2, "tv": 0.5, "blur_sigma": 1.0}
                  if height >= 20 else {})
-    images = activation_maximization_batch(model, layer, indices, steps=steps, seed=seed,
-                                           **smoothing)
+    input_range = None if preprocess is None else value_range(preprocess)
+    with progress_bar(len(indices), "activation maximization") as progress:
+        task = progress.add_task("activation maximization", total=len(indices))
+        images = activation_maximization_batch(
+            model, layer, indices, steps=steps, seed=seed, output=output,
+            input_range=input_range, progress=lambda done: progress.advance(task, done),
+            **smoothing)
+    if preprocess is not None:
+        images = to_pixels(images, preprocess) / np.float32(255.0)
     return save_captioned(activation_max_grid(images, labels, title=title), folder / name)
+
+
+def predicted_classes(model, images: np.ndarray, *, output=None, limit: int = 64) -> list[int]:
+    """The distinct classes the model predicts for `images`, in order of first appearance."""
+    predicted = predict_probabilities(model, images, output=output).argmax(axis=-1)
+    return [int(label) for label in dict.fromkeys(predicted.tolist())][:limit]
 
 
 def one_per_class(labels: np.ndarray, limit: int = 10) -> str:
@@ -610,7 +770,8 @@ def all_figures(run: Run, selection: Selection, folder: Path, *, feature_map_ima
         ("Activation maximization",
          [activation_max_figure(model, folder / "activation-max",
                                 class_names=selection.class_names, steps=activation_max_steps)]),
-        ("Convolution filters", filter_figures(model, folder / "filters", layers=conv_layers)),
+        ("Convolution filters",
+         filter_figures(model, folder / "filters", layers=kernel_layer_names(model))),
         ("Feature maps",
          feature_map_figures(model, first_images, folder / "feature-maps", layers=conv_layers)),
     ]

@@ -55,14 +55,15 @@ def _num_classes(config: Config) -> int:
 
 
 def summary_text(model) -> str:
-    """Keras's own summary table as plain text."""
+    """Keras's own summary table as plain text, nested models expanded (their layers listed)."""
     lines: list[str] = []
     # Keras renders through rich at the terminal's width and crops what does not fit (the
     # Param # column on an 80-column terminal); a fixed width keeps the file and output whole.
     saved = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "110"
     try:
-        model.summary(print_fn=lambda text, line_break=True: lines.append(text), line_length=100)
+        model.summary(print_fn=lambda text, line_break=True: lines.append(text), line_length=100,
+                      expand_nested=True)
     finally:
         if saved is None:
             os.environ.pop("COLUMNS", None)
@@ -71,8 +72,23 @@ def summary_text(model) -> str:
     return "\n".join(lines)
 
 
+# Diagram attempts, simplest last: Graphviz 2.43 aborts with an assertion in maze.c while
+# routing orthogonal edges on big graphs (MobileNetV2); spline edges, then the nested models
+# drawn as one box each, avoid that router.
+_DIAGRAM_ATTEMPTS = (
+    {"expand_nested": True, "splines": "ortho"},
+    {"expand_nested": True, "splines": "spline"},
+    {"expand_nested": False, "splines": "spline"},
+)
+
+
 def write_summary(model, folder: str | Path) -> SummaryFiles:
-    """Write `summary.txt` and, where Graphviz is installed, `architecture.png` into `folder`."""
+    """Write `summary.txt` and, where Graphviz is installed, `architecture.png` into `folder`.
+
+    Nested models are expanded in both. When Graphviz fails to draw (a crash, a timeout), the
+    diagram is retried with simpler layouts; if every attempt fails, only the text is written
+    and `graphviz_problem` says why (the command still succeeds).
+    """
     folder = Path(folder)
     text = summary_text(model)
     summary_file = atomic_write_text(folder / "summary.txt", text + "\n")
@@ -82,12 +98,22 @@ def write_summary(model, folder: str | Path) -> SummaryFiles:
 
     architecture = folder / "architecture.png"
     temporary = folder / ".architecture.partial.png"
+    failure = ""
     try:
-        keras.utils.plot_model(
-            model, to_file=str(temporary), show_shapes=True, show_layer_names=True,
-            show_layer_activations=True, show_trainable=True, dpi=96,
-        )
-        os.replace(temporary, architecture)
+        for options in _DIAGRAM_ATTEMPTS:
+            try:
+                keras.utils.plot_model(
+                    model, to_file=str(temporary), show_shapes=True, show_layer_names=True,
+                    show_layer_activations=True, show_trainable=True, dpi=96, **options,
+                )
+            except Exception as error:  # noqa: BLE001 - pydot re-raises dot's failures as many types
+                failure = str(error).strip().splitlines()[-1][:200] if str(error).strip() else (
+                    type(error).__name__)
+                continue
+            os.replace(temporary, architecture)
+            return SummaryFiles(text, summary_file, architecture)
     finally:
         temporary.unlink(missing_ok=True)
-    return SummaryFiles(text, summary_file, architecture)
+    problem = (f"warning: Graphviz could not draw architecture.png ({failure}); summary.txt "
+               "was written")
+    return SummaryFiles(text, summary_file, None, problem)

@@ -174,7 +174,7 @@ def test_image_files_are_preprocessed_like_the_training_data(digits_run, tmp_pat
     (["gradcam", "{run}", "--layer", "conv9"], "no layer named 'conv9'"),
     (["gradcam", "{run}", "--layer", "flatten"], "flatten"),
     (["saliency", "{run}", "--target", "12"], "--target 12 is not a class"),
-    (["filters", "{run}", "--layer", "dense"], "Conv2D layers: conv1, conv2"),
+    (["filters", "{run}", "--layer", "dense"], "Layers with kernels: conv1, conv2"),
     (["cam", "{run}", "--method", "gradcam+"], "'gradcam+' is not one of"),
     (["cam", "{run}", "--layer", "dense"], "4-D layers: conv1, pool1, conv2, pool2"),
     (["integrated-gradients", "{run}", "--baseline", "grey"], "--baseline 'grey' is neither"),

@@ -73,7 +73,7 @@ def test_filters_of_the_hand_set_layer_are_the_sobel_kernel():
 
 @pytest.mark.parametrize("layer", ["head", "pool"])
 def test_filters_of_a_non_conv_layer_lists_the_conv_layers(layer):
-    with pytest.raises(CnnvizError, match=rf"'{layer}'.*Conv2D layers: conv1, conv2"):
+    with pytest.raises(CnnvizError, match=rf"'{layer}'.*Layers with kernels: conv1, conv2"):
         filters(_two_conv_sequential(called=True), layer)
 
 

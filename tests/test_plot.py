@@ -190,23 +190,39 @@ def test_filters_grid_rejects_wrong_shape():
 
 # --------------------------------------------------------------------------- feature maps
 def test_feature_maps_grid_draws_input_and_each_map_scaled_to_its_range():
+    from matplotlib import colormaps
+
     maps = np.maximum(RNG.normal(size=(6, 6, 5)), 0)
     maps[..., 2] = 0.0  # a dead channel
     fig = feature_maps_grid(GRAY, maps, layer_name="conv1")
     _decoded(fig)
-    shown = _image_axes(fig)
-    assert shown[0].get_title() == "input"
-    assert [ax.get_title() for ax in shown[1:]] == ["#0", "#1", "#2 flat 0", "#3", "#4"]
-    first = np.asarray(shown[1].get_images()[0].get_array())
-    np.testing.assert_allclose(first, (maps[..., 0] - maps[..., 0].min()) / np.ptp(maps[..., 0]))
-    assert np.isfinite(np.asarray(shown[3].get_images()[0].get_array())).all()
+    assert _image_axes(fig)[0].get_title() == "input"
+    mosaic = np.asarray(fig.images[0].get_array())  # uint8 RGB, placed pixel for pixel
+    # 2 rows x 3 tiles, each 6 x 6 enlarged 12 times, under a 13-pixel label band, 6 apart
+    first = (maps[..., 0] - maps[..., 0].min()) / np.ptp(maps[..., 0])
+    expected = np.round(colormaps["viridis"](first)[..., :3] * 255)
+    np.testing.assert_array_equal(mosaic[13:13 + 72:12, 0:72:12], expected)
+    dead = mosaic[13:13 + 72, 2 * 78:2 * 78 + 72]  # tile 2: row 0, column 2
+    np.testing.assert_array_equal(dead, np.broadcast_to(
+        np.round(np.asarray(colormaps["viridis"](0.0)[:3]) * 255), dead.shape))
+    for column in range(3):  # a label above every tile of the first row
+        band = mosaic[:13, column * 78:column * 78 + 72]
+        assert band.min() < 128, f"no label above tile {column}"
+    assert "5 channels, 1 flat" in _all_text(fig)
     assert "conv1" in fig.get_suptitle()
 
 
 def test_feature_maps_grid_caps_maps_and_accepts_a_batch_of_one():
     fig = feature_maps_grid(RGB_0_255, RNG.uniform(size=(1, 4, 4, 80)), layer_name="c", max_maps=9)
-    assert len(_image_axes(fig)) == 1 + 9
-    assert "first 9 of 80" in _all_text(fig)
+    mosaic = np.asarray(fig.images[0].get_array())
+    assert mosaic.shape[:2] == (3 * (13 + 72 + 6), 3 * 78 - 6)  # 3 x 3 tiles of 4 x 4, x18
+    assert "9 first of 80" in _all_text(fig)
+
+
+def test_feature_maps_grid_says_the_channels_are_the_most_active():
+    fig = feature_maps_grid(GRAY, RNG.uniform(size=(4, 4, 3)), layer_name="c", channels=[7, 2, 40],
+                            total_channels=64)
+    assert "3 most active of 64" in _all_text(fig)
 
 
 # ------------------------------------------------------------------- activation maximization

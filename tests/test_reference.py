@@ -346,12 +346,62 @@ def test_format_table_columns_are_aligned():
     assert header.startswith("layer") and lines[-1].startswith("OK: all 13 layers")
 
 
-def test_non_chain_models_are_refused():
-    inputs = keras.Input((5, 5, 1))
-    branch = L.Conv2D(1, 3, padding="same")(inputs)
-    model = keras.Model(inputs, L.Add()([inputs, branch]))
-    with pytest.raises(CnnvizError, match="chain of layers"):
-        verify(model, images_for(model))
+def test_graphs_with_merges_normalization_depthwise_and_nested_models_are_checked():
+    """A residual block, a squeeze-and-excitation gate (a broadcast Multiply), a concatenation,
+    Normalization, Rescaling, depthwise and separable convolutions, ZeroPadding2D,
+    BatchNormalization and a nested model: every layer matches."""
+    inner_in = keras.Input((6, 6, 4))
+    inner = keras.Model(inner_in, L.SeparableConv2D(3, 3, padding="same", depth_multiplier=2,
+                                                    activation="relu", name="sep")(inner_in),
+                        name="inner")
+    inputs = keras.Input((6, 6, 2))
+    x = L.Rescaling(1 / 255.0, offset=-0.5, name="rescale")(inputs)
+    x = L.Normalization(mean=[0.1, -0.2], variance=[2.0, 0.5], name="norm")(x)
+    branch = L.Conv2D(2, 3, padding="same", name="conv")(x)
+    x = L.Add(name="residual")([x, branch])
+    x = L.ZeroPadding2D(1, name="pad")(x)
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, activation="relu6", name="dw")(x)
+    x = L.BatchNormalization(name="bn")(x)
+    gate = L.Reshape((1, 1, 4), name="squeeze_gate")(L.GlobalAveragePooling2D(name="se")(x))
+    x = L.Concatenate(name="concat")([x, L.Multiply(name="gate")([x, gate])])
+    x = inner(L.Conv2D(4, 1, name="squeeze")(x))
+    outputs = L.Dense(3, activation="softmax", name="head")(L.GlobalAveragePooling2D(name="gap")(x))
+    model = randomized(keras.Model(inputs, outputs), seed=7)
+    images = np.random.default_rng(8).uniform(0, 255, (4, 6, 6, 2)).astype("float32")
+    report = verify(model, images, tolerance=1e-3)
+    names = [row.name for row in report.rows]
+    assert names == ["rescale", "norm", "conv", "residual", "pad", "dw", "bn", "se",
+                     "squeeze_gate", "gate", "concat", "squeeze", "inner/sep", "gap", "head"]
+    assert report.ok, format_table(report)
+    traces = {trace.name: trace for trace in reference_forward(model, images)}
+    np.testing.assert_allclose(traces["head"].output, model(images), atol=1e-4)
+
+
+def test_explain_steps_refuses_a_graph_and_points_to_verify():
+    inputs = keras.Input((3, 3, 1))
+    model = keras.Model(inputs, L.Add()([inputs, L.Conv2D(1, 1)(inputs)]))
+    with pytest.raises(CnnvizError, match="chain of layers.*`verify` checks graphs"):
+        explain_steps(model, np.zeros((3, 3, 1), "float32"))
+
+
+def test_explain_steps_still_works_after_the_model_was_explained():
+    """Explanations call the model's layers on other inputs; its own graph is unchanged."""
+    from _models import images, two_conv_functional
+
+    from cnnviz.explain import saliency
+
+    model = two_conv_functional()  # functional: its chain is read from the layers' nodes
+    batch = images(2, (8, 8, 1))
+    saliency(model, batch, method="guided")
+    assert "Keras output" in explain_steps(model, batch[0])
+
+
+def test_layers_it_cannot_check_are_named_in_one_line():
+    inputs = keras.Input((4, 4, 1))
+    x = L.UpSampling2D(2, name="up")(inputs)
+    model = keras.Model(inputs, L.Dense(2, name="head")(L.Flatten()(x)))
+    table = format_table(verify(model, images_for(model)))
+    assert "cannot check 1 layer(s): up (UpSampling2D)" in table.splitlines()[-1]
 
 
 def test_images_that_do_not_fit_are_refused():

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cnnviz.errors import CnnvizError
+from cnnviz.errors import CnnvizError, CnnvizNotice, CnnvizWarning
 
 app = typer.Typer(
     name="cnnviz",
@@ -57,14 +59,30 @@ def fail(message: str) -> None:
     raise typer.Exit(USER_ERROR)
 
 
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """cnnviz's own warnings as one line on stderr (`warning: ...` / `note: ...`)."""
+    if issubclass(category, CnnvizWarning):
+        prefix = "note" if issubclass(category, CnnvizNotice) else "warning"
+        typer.echo(f"{prefix}: {message}", err=True)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
 def command(*args, typer_app: typer.Typer = app, **kwargs):
-    """Register a command whose `CnnvizError`s become one-line messages and exit code 2."""
+    """Register a command whose `CnnvizError`s become one-line messages and exit code 2, and
+    whose `CnnvizWarning`s are printed once each as one line."""
 
     def register(function):
         @functools.wraps(function)
         def wrapper(*call_args, **call_kwargs):
             try:
-                return function(*call_args, **call_kwargs)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("once", CnnvizWarning)
+                    warnings.showwarning = _show_warning
+                    return function(*call_args, **call_kwargs)
             except CnnvizError as error:
                 fail(str(error))
             except OSError as error:  # a file the library does not write itself (one line too)
@@ -111,7 +129,44 @@ TargetOption = Annotated[
     int | None, typer.Option("--target", help="Class to explain (default: the predicted one).")
 ]
 LayerOption = Annotated[
-    str | None, typer.Option("--layer", help="Layer name (see `cnnviz summary`).")
+    str | None,
+    typer.Option("--layer", help="Layer: a path through nested models (base/conv1) or a name "
+                                 "unique in the model; `cnnviz layers` lists them."),
+]
+OutputOption = Annotated[
+    str | None,
+    typer.Option("--output", help="Which output of a multi-output model: its name or index "
+                                  "(the error for a multi-output model lists them)."),
+]
+
+
+class Preprocess(str, Enum):
+    auto = "auto"
+    scale = "scale"
+    unit = "unit"
+    caffe = "caffe"
+    torch = "torch"
+    none = "none"
+
+
+class Resize(str, Enum):
+    stretch = "stretch"
+    crop = "crop"
+    pad = "pad"
+
+
+PreprocessOption = Annotated[
+    Preprocess,
+    typer.Option("--preprocess", help=(
+        "Bare .keras files: how image files become inputs. auto: raw 0..255 if the model "
+        "begins with Rescaling/Normalization, else scale; scale: x/255; unit: [-1, 1]; caffe, "
+        "torch: keras.applications' modes; none: raw 0..255. Run directories use their own.")),
+]
+ResizeOption = Annotated[
+    Resize,
+    typer.Option("--resize", help=(
+        "Image files to the model's size: stretch (ignore the aspect ratio), crop (centre "
+        "crop to it, Keras's smart_resize) or pad (black borders).")),
 ]
 ModelSourceArgument = Annotated[
     Path, typer.Argument(help="A run directory, a .keras file, or a config (.yaml: untrained model).")

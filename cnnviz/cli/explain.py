@@ -1,9 +1,10 @@
 """Figure commands: saliency, gradcam, cam, integrated-gradients, gradient-x-input, rise,
-occlusion, feature-maps, filters, activation-max."""
+occlusion, feature-maps, filters, activation-max; layers (what --layer can name)."""
 
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,10 +12,17 @@ import typer
 from cnnviz.cli._common import (
     ImagesOption,
     LayerOption,
+    ModelSourceArgument,
     OutOption,
+    OutputOption,
+    PreprocessOption,
+    ResizeOption,
     RunArgument,
+    SetOption,
     TargetOption,
     command,
+    import_tensorflow,
+    load_config_file,
     report_written,
     run_and_folder,
 )
@@ -38,6 +46,9 @@ def saliency_command(
     noise: Annotated[float, typer.Option(min=0.0, help="SmoothGrad: noise std as a share of the image's range.")] = 0.15,
     target: TargetOption = None,
     seed: Annotated[int, typer.Option(help="SmoothGrad noise seed.")] = 0,
+    output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """Saliency maps: |d score / d pixel|, vanilla, guided, rectified (deconvnet) or SmoothGrad."""
@@ -46,9 +57,10 @@ def saliency_command(
 
     loaded, folder = run_and_folder(run, out, "saliency")
     methods = SALIENCY_METHODS if method is SaliencyMethod.all else (method.value,)
-    selection = select_images(loaded, images)
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
     report_written(saliency_figures(loaded.model, selection, folder, methods=methods, target=target,
-                             samples=samples, noise=noise, seed=seed))
+                                    samples=samples, noise=noise, seed=seed, output=output))
 
 
 @command("gradcam")
@@ -58,19 +70,24 @@ def gradcam_command(
     layer: LayerOption = None,
     guided: Annotated[bool, typer.Option("--guided", help="Also draw Guided Grad-CAM.")] = False,
     target: TargetOption = None,
+    output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
-    """Grad-CAM heatmaps over the input (default layer: the last conv/pool layer)."""
+    """Grad-CAM heatmaps over the input (default layer: the last one with a spatial output,
+    inside a nested backbone too)."""
     from cnnviz.explain import gradcam_layer
     from cnnviz.report import gradcam_figures, select_images
 
     loaded, folder = run_and_folder(run, out, "gradcam")
     chosen = gradcam_layer(loaded.model, layer)
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
     if layer is None:
         typer.echo(f"Grad-CAM on layer {chosen} (the last layer with a spatial output)")
-    selection = select_images(loaded, images)
     report_written(gradcam_figures(loaded.model, selection, folder, layer=chosen, guided=guided,
-                            target=target))
+                                   target=target, output=output))
 
 
 class CamMethod(str, Enum):
@@ -91,6 +108,9 @@ def cam_command(
     method: Annotated[CamMethod, typer.Option(help="CAM variant; `all` draws every one in a row.")] = CamMethod.all,
     layer: LayerOption = None,
     target: TargetOption = None,
+    output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """The CAM family over the input (default: every variant in one row per image).
@@ -103,12 +123,13 @@ def cam_command(
 
     loaded, folder = run_and_folder(run, out, "cam")
     chosen = gradcam_layer(loaded.model, layer)
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
     if layer is None:
         typer.echo(f"CAM on layer {chosen} (the last layer with a spatial output)")
     methods = CAM_METHODS if method is CamMethod.all else (method.value,)
-    selection = select_images(loaded, images)
     report_written(cam_figures(loaded.model, selection, folder, methods=methods, layer=chosen,
-                               target=target))
+                               target=target, output=output))
 
 
 def _baseline(value: str) -> float | str:
@@ -129,6 +150,9 @@ def integrated_gradients_command(
     steps: Annotated[int, typer.Option(min=1, help="Trapezoid-rule intervals on the path.")] = 64,
     baseline: Annotated[str, typer.Option(help="Where the path starts: a pixel value (0: black) or `blur`.")] = "0",
     target: TargetOption = None,
+    output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """Integrated gradients: signed, red for the class, blue against.
@@ -140,10 +164,11 @@ def integrated_gradients_command(
 
     start = _baseline(baseline)
     loaded, folder = run_and_folder(run, out, "integrated-gradients")
-    selection = select_images(loaded, images)
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
     report_written(signed_figures(loaded.model, selection, folder,
                                   methods=("integrated_gradients",), steps=steps,
-                                  baseline=start, target=target))
+                                  baseline=start, target=target, output=output))
 
 
 @command("gradient-x-input")
@@ -151,15 +176,19 @@ def gradient_x_input_command(
     run: RunArgument,
     images: ImagesOption = "0:8",
     target: TargetOption = None,
+    output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """Gradient x input (signed; red for the class, blue against)."""
     from cnnviz.report import select_images, signed_figures
 
     loaded, folder = run_and_folder(run, out, "gradient-x-input")
-    selection = select_images(loaded, images)
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
     report_written(signed_figures(loaded.model, selection, folder, methods=("gradient_x_input",),
-                                  target=target))
+                                  target=target, output=output))
 
 
 @command("rise")
@@ -171,15 +200,19 @@ def rise_command(
     keep: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability a grid cell is kept.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the masks.")] = 0,
     target: TargetOption = None,
+    output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """RISE (Petsiuk et al. 2018): the class probability over random masks, a black-box map."""
     from cnnviz.report import rise_figures, select_images
 
     loaded, folder = run_and_folder(run, out, "rise")
-    selection = select_images(loaded, images)
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
     report_written(rise_figures(loaded.model, selection, folder, masks=masks, cell=cell,
-                                keep=keep, seed=seed, target=target))
+                                keep=keep, seed=seed, target=target, output=output))
 
 
 @command("occlusion")
@@ -190,22 +223,30 @@ def occlusion_command(
     stride: Annotated[int | None, typer.Option(min=1, help="Step between patches (default: patch).")] = None,
     fill: Annotated[float, typer.Option(help="Patch value as a share of the model's input range: 0 black, 0.5 mid-grey, 1 white.")] = 0.5,
     target: TargetOption = None,
+    output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """Occlusion sensitivity: the class probability as a patch covers each place."""
     from cnnviz.report import occlusion_figures, select_images
 
     loaded, folder = run_and_folder(run, out, "occlusion")
-    selection = select_images(loaded, images)
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
     report_written(occlusion_figures(loaded.model, selection, folder, patch=patch, stride=stride,
-                              fill=fill, target=target))
+                                     fill=fill, target=target, output=output))
 
 
 @command("feature-maps")
 def feature_maps_command(
     run: RunArgument,
     images: ImagesOption = "0:2",
-    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layer(s) to show (default: every Conv2D layer).")] = None,
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layer(s) to show, by path or unique name (default: every Conv2D and SeparableConv2D layer, inside nested models too).")] = None,
+    max_channels: Annotated[int, typer.Option("--max-channels", min=1, help="Channels per layer and image: the most active first.")] = 64,
+    output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """The feature maps (activations) of conv layers for chosen images."""
@@ -213,44 +254,103 @@ def feature_maps_command(
 
     loaded, folder = run_and_folder(run, out, "feature-maps")
     layers = layer or conv_layer_names(loaded.model)
-    selection = select_images(loaded, images)
-    report_written(feature_map_figures(loaded.model, selection, folder, layers=layers))
+    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
+                              resize=resize.value)
+    report_written(feature_map_figures(loaded.model, selection, folder, layers=layers,
+                                       max_channels=max_channels, output=output))
 
 
 @command("filters")
 def filters_command(
     run: RunArgument,
-    layer: Annotated[list[str] | None, typer.Option("--layer", help="Conv layer(s) (default: all).")] = None,
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="Conv layer(s), by path or unique name (default: every Conv2D, DepthwiseConv2D and SeparableConv2D layer, inside nested models too).")] = None,
     out: OutOption = None,
 ) -> None:
-    """The learned convolution kernels of each Conv2D layer."""
-    from cnnviz.report import conv_layer_names, filter_figures
+    """The learned convolution kernels of each conv layer (depthwise ones too)."""
+    from cnnviz.report import filter_figures, kernel_layer_names
 
     loaded, folder = run_and_folder(run, out, "filters")
-    report_written(filter_figures(loaded.model, folder, layers=layer or conv_layer_names(loaded.model)))
+    report_written(filter_figures(loaded.model, folder,
+                                  layers=layer or kernel_layer_names(loaded.model)))
 
 
 @command("activation-max")
 def activation_max_command(
     run: RunArgument,
     layer: Annotated[str | None, typer.Option("--layer", help="A conv layer: maximize its filters instead of the classes.")] = None,
-    filters: Annotated[str | None, typer.Option("--filters", help="Filter (or class) indices: 0,1,2 or 0:8.")] = None,
+    classes: Annotated[str | None, typer.Option("--classes", help="Classes to synthesize: `all`, `0:10`, `3,5` (default: those predicted for --images, else the first 10).")] = None,
+    images: Annotated[str | None, typer.Option("--images", help="Images whose predicted classes are synthesized (indices or image files, as in the other commands).")] = None,
+    filters: Annotated[str | None, typer.Option("--filters", help="With --layer: filter indices, 0,1,2 or 0:8 (default: the first 16).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Gradient-ascent steps.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
+    output: OutputOption = None,
+    preprocess: PreprocessOption = "auto",
+    resize: ResizeOption = "stretch",
     out: OutOption = None,
 ) -> None:
     """Activation maximization: synthesize the input each class (or filter) responds to most."""
-    from cnnviz.report import activation_max_figure, class_names_of, parse_indices
+    from cnnviz.explain._common import get_layer, output_index
+    from cnnviz.report import (
+        activation_max_figure,
+        class_names_of,
+        parse_class_spec,
+        parse_indices,
+        predicted_classes,
+        select_images,
+    )
 
     loaded, folder = run_and_folder(run, out, "activation-max")
-    class_names = class_names_of(loaded, int(loaded.model.outputs[0].shape[-1]))
-    if layer is None:
-        count, what = len(class_names), f"the model's {len(class_names)} classes"
-    else:
-        from cnnviz.explain._common import get_layer
-
+    index = output_index(loaded.model, output)
+    class_names = class_names_of(loaded, int(loaded.model.outputs[index].shape[-1]))
+    if layer is not None:
         count = int(get_layer(loaded.model, layer).output.shape[-1])
-        what = f"{layer}'s {count} filters"
-    indices = parse_indices(filters, count, option="--filters", what=what) if filters else None
-    report_written([activation_max_figure(loaded.model, folder, class_names=class_names, layer=layer,
-                                   indices=indices, steps=steps, seed=seed)])
+        indices = (parse_indices(filters, count, option="--filters",
+                                 domain=f"{layer}'s {count} filters") if filters else None)
+    elif filters is not None:  # without --layer, --filters indexes the classes (as --classes)
+        indices = parse_indices(filters, len(class_names), option="--filters",
+                                domain=f"the model's {len(class_names)} classes")
+    elif classes is not None:
+        indices = parse_class_spec(classes, len(class_names))
+    elif images is not None:
+        selection = select_images(loaded, images, output=index, preprocess=preprocess.value,
+                                  resize=resize.value)
+        indices = predicted_classes(loaded.model, selection.images, output=index)
+        typer.echo(f"activation maximization of the predicted classes {indices}")
+    else:
+        indices = None
+    mode = None
+    if loaded.config is None:  # a bare .keras file: optimize in the range --preprocess gives
+        from cnnviz.preprocess import resolve_mode
+
+        mode, _ = resolve_mode(loaded.model, preprocess.value)
+    report_written([activation_max_figure(loaded.model, folder, class_names=class_names,
+                                          layer=layer, indices=indices, steps=steps, seed=seed,
+                                          output=index, preprocess=mode)])
+
+
+@command("layers")
+def layers_command(
+    source: ModelSourceArgument,
+    set_: SetOption = None,
+) -> None:
+    """List every layer path (nested models opened) with its type, output shape and parameters,
+    and which commands can show it (gradcam, feature-maps, filters)."""
+    from cnnviz.explain.layers import format_layer_table, layer_table
+
+    model = _model_of(source, set_)
+    typer.echo(f"{model.name}: {len(model.inputs)} input(s), {len(model.outputs)} output(s)")
+    typer.echo(format_layer_table(layer_table(model)))
+
+
+def _model_of(source: Path, overrides: list[str] | None):
+    """The model of a run directory, a .keras file, or a config (untrained, built offline)."""
+    if source.suffix in (".yaml", ".yml"):
+        resolved = load_config_file(source, overrides)
+        import_tensorflow()
+        from cnnviz.summary import model_from_config
+
+        return model_from_config(resolved)
+    import_tensorflow()
+    from cnnviz.runs import load_run
+
+    return load_run(source).model

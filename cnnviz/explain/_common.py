@@ -1,14 +1,28 @@
-"""What every explanation method shares: the logits copy, the target scores, the default layer.
+"""What every explanation method shares: which output, its logits copy and target scores, the
+model's input range, the default layer.
 
 One place decides "what do we differentiate" (tf-keras-vis's model modifier + score): the
-pre-softmax output of a *copy* of the model, and for each image the score of its target class.
+pre-softmax output of a *copy* of the model (one output of a multi-output model), and for each
+image the score of its target class. The copies are flat replays of the model's graph over its
+own layers (`_graph.rebuild`), so layers inside nested models are reached the same way.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from cnnviz.errors import CnnvizError
+from cnnviz.explain._graph import (
+    IDENTITY,
+    find_layer,
+    is_nested_model,
+    layer_entries,
+    layer_tensor,
+    output_producer,
+    rebuild,
+)
 
 _SQUASHING = ("softmax", "sigmoid")
 # Layers that only carry or preprocess the input: never a layer to explain.
@@ -25,46 +39,6 @@ def as_image_batch(images) -> np.ndarray:
             f"images must have shape (N, H, W, C) or (H, W, C); received shape {batch.shape}"
         )
     return batch
-
-
-def _first_layer(model):
-    """The first layer that computes something (InputLayer skipped), looking inside a nested
-    model that comes first (`x = base(inputs)` with the preprocessing inside `base`)."""
-    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
-    if not layers:
-        return None
-    first = layers[0]
-    if hasattr(first, "layers") and first.layers:
-        return _first_layer(first)
-    return first
-
-
-def input_range(model) -> tuple[float, float]:
-    """(low, high): the values the model's inputs take, in the units it is fed.
-
-    A model that begins with Keras preprocessing layers takes raw pixels (DECISIONS D1):
-    a `Rescaling(scale)` without offset maps (0, 1/scale) onto [0, 1], so cnnviz's own models
-    give (0, 255) for images (x / 255), (0, 16)-style ranges only for data in other units; any
-    other Rescaling or a leading Normalization means 8-bit pixels, (0, 255). Every other model
-    takes inputs in [0, 1]. Explanations take every value in input units (occlusion fill,
-    activation-maximization start and clip range) from this one function.
-
-    Args:
-        model: a built Keras model.
-
-    Returns:
-        (low, high) as floats.
-    """
-    first = _first_layer(model)
-    kind = type(first).__name__
-    if kind == "Rescaling":
-        scale, offset = first.scale, first.offset
-        if np.ndim(scale) == 0 and np.ndim(offset) == 0 and float(offset) == 0.0 and scale > 0:
-            return (0.0, float(np.float32(1.0 / float(scale))))
-        return (0.0, 255.0)
-    if kind == "Normalization":
-        return (0.0, 255.0)
-    return (0.0, 1.0)
 
 
 def blurred(images, sigma: float | None = None) -> np.ndarray:
@@ -93,47 +67,176 @@ def _activation_name(layer) -> str | None:
     return getattr(activation, "__name__", str(activation))
 
 
-def is_binary_sigmoid(model) -> bool:
-    """True when the model ends in one sigmoid unit (a binary classifier)."""
-    last = model.layers[-1]
-    return model.outputs[0].shape[-1] == 1 and (
-        _activation_name(last) == "sigmoid" or type(last).__name__ == "Activation"
+# ---------------------------------------------------------------------------- input range
+_PIXEL_LAYERS = ("Rescaling", "Normalization")
+
+
+def first_layer(model):
+    """The first layer applied to the input (inside a nested first model too), or None."""
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    if not layers:
+        return None
+    if is_nested_model(layers[0]):
+        return first_layer(layers[0])
+    return layers[0]
+
+
+def input_range(model, *, preprocess: str | None = None) -> tuple[float, float]:
+    """The range of values the model's input takes, (low, high), in the units it is fed.
+
+    (0, 255) when the model begins with a Rescaling or Normalization layer (also as the first
+    layer of a nested first model): it takes raw 8-bit pixels (D1). A `Rescaling(scale)`
+    without offset says more: it maps (0, 1/scale) onto [0, 1] — (0, 255) for cnnviz's models
+    of images, (0, 9) for toy4x4's data in its own units. Else (0, 1), or, when the caller
+    knows how images were prepared (`--preprocess`), that mode's range: "scale" (0, 1),
+    "unit" (-1, 1), "none" (0, 255), "caffe" and "torch" their per-channel extremes.
+    Explanations take every value in input units (occlusion fill, masking values, baselines,
+    activation-maximization start and clip range) from this one function.
+    """
+    if preprocess not in (None, "auto"):
+        from cnnviz.preprocess import value_range
+
+        return value_range(preprocess)
+    first = first_layer(model)
+    kind = type(first).__name__ if first is not None else ""
+    if kind == "Rescaling":
+        scale, offset = first.scale, first.offset
+        if np.ndim(scale) == 0 and np.ndim(offset) == 0 and float(offset) == 0.0 and scale > 0:
+            return (0.0, float(np.float32(1.0 / float(scale))))
+    if kind in _PIXEL_LAYERS:
+        return (0.0, 255.0)
+    return (0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------- outputs
+def output_names(model) -> list[str]:
+    """One name per output: the name of the layer that produces it."""
+    return [tensor._keras_history.operation.name for tensor in model.outputs]
+
+
+def output_index(model, output=None) -> int:
+    """The index of the output `output` means: None (the only one), an index, or a name.
+
+    Raises:
+        CnnvizError: a model with several outputs and `output` None, or an unknown output;
+            the message lists the outputs.
+    """
+    if output is None and len(model.outputs) == 1:
+        return 0
+    names = output_names(model)
+    listing = ", ".join(
+        f"{index} {name!r} ({int(model.outputs[index].shape[-1])} units)"
+        for index, name in enumerate(names)
     )
+    if output is None:
+        raise CnnvizError(
+            f"model {model.name!r} has {len(names)} outputs: {listing}; choose one with "
+            "--output NAME|INDEX (API: output=)"
+        )
+    if isinstance(output, str) and output.strip().isdigit():
+        output = int(output)
+    if isinstance(output, (int, np.integer)) and not isinstance(output, bool):
+        if 0 <= output < len(names):
+            return int(output)
+    elif isinstance(output, str) and output in names:
+        return names.index(output)
+    raise CnnvizError(f"model {model.name!r} has no output {output!r}; its outputs: {listing}")
 
 
-def logits_model(model):
-    """Return a copy of `model` whose output is the pre-softmax (pre-sigmoid) score.
+def output_activation(model, output=None) -> str:
+    """What an output holds: "softmax", "sigmoid" (probabilities) or "linear" (logits, scores).
 
-    The final softmax/sigmoid is swapped for linear on a clone; the user's model is never touched
+    Read from the layer that produces it: a Softmax layer, or a layer whose `activation` is
+    softmax or sigmoid; anything else (Dense without activation, ...) is "linear".
+    """
+    producer = output_producer(model, output_index(model, output)).layer
+    kind = type(producer).__name__
+    if kind == "Softmax":
+        return "softmax"
+    name = _activation_name(producer)
+    return name if name in _SQUASHING else "linear"
+
+
+def logits_model(model, *, output=None):
+    """A flat copy of `model` whose output is the pre-softmax (pre-sigmoid) score.
+
+    The layer producing the output (inside a nested model too) is called with a linear
+    activation, or dropped when it is a trailing Softmax/Activation layer; every layer is the
+    user's own (shared variables, no weight copy), and the user's model is never changed
     (keras.io's Grad-CAM sets `layers[-1].activation = None` on the caller's model; we don't).
-    A trailing `Activation`/`Softmax` layer is dropped instead.
+    An output that is already linear (logits) is returned as it is.
 
     Args:
-        model: a built Keras model (Sequential or functional) with one output.
+        model: a built Keras model (Sequential or functional).
+        output: which output (None when there is one; an index or a name).
 
     Returns:
-        A new `keras.Model` sharing no variables with `model`, with the same weights.
+        A `keras.Model` from the model's input to the chosen output's logits.
+    """
+    index = output_index(model, output)
+    return rebuild(model, output=index, substitute=linear_output_substitute(model, index)).model
+
+
+def probabilities_model(model, *, output=None):
+    """A flat copy of `model` whose output is probabilities: the model's own when it ends in a
+    softmax/sigmoid, else softmax (sigmoid for one unit) applied to its logits."""
+    import keras
+
+    index = output_index(model, output)
+    append = None
+    if output_activation(model, index) == "linear":
+        squash = "sigmoid" if model.outputs[index].shape[-1] == 1 else "softmax"
+        append = keras.layers.Activation(squash, name=f"cnnviz_{squash}")
+    return rebuild(model, output=index, append=append).model
+
+
+def linear_output_substitute(model, index: int):
+    """A `rebuild` substitute that makes output `index`'s producing layer linear."""
+    producer = output_producer(model, index)
+    if output_activation(model, index) == "linear":
+        return None
+    layer = producer.layer
+    if type(layer).__name__ in ("Softmax", "Activation"):
+        replacement = IDENTITY
+    else:
+        replacement = swapped_activation(layer, "linear")
+
+    def substitute(path, candidate):
+        return replacement if path == producer.path else None
+
+    return substitute
+
+
+def swapped_activation(layer, activation):
+    """A layer that calls `layer` (its variables, no copy) with `activation` in place of its own.
+
+    The swap lasts only while the wrapper calls `layer` and is undone in `finally`; the
+    graphs cnnviz compiles are traced once, so the swapped function stays in them.
     """
     import keras
 
-    last = model.layers[-1]
-    if type(last).__name__ in ("Softmax", "Activation") and (
-        type(last).__name__ == "Softmax" or _activation_name(last) in _SQUASHING
-    ):
-        inner = keras.Model(model.inputs, last.input)
-        copy = keras.models.clone_model(inner)
-        copy.set_weights(inner.get_weights())
-        return copy
+    return _swapped_class()(layer, keras.activations.get(activation))
 
-    def _linear_last(layer):
-        config = layer.get_config()
-        if layer is last and _activation_name(layer) in _SQUASHING:
-            config["activation"] = "linear"
-        return layer.__class__.from_config(config)
 
-    copy = keras.models.clone_model(model, clone_function=_linear_last)
-    copy.set_weights(model.get_weights())
-    return copy
+@functools.cache
+def _swapped_class():
+    import keras
+
+    class SwappedActivation(keras.layers.Layer):
+        def __init__(self, layer, activation):
+            super().__init__(name=layer.name, dtype=layer.dtype_policy)
+            self.layer = layer
+            self.swapped = activation
+
+        def call(self, inputs):
+            saved = self.layer.activation
+            self.layer.activation = self.swapped
+            try:
+                return self.layer(inputs)
+            finally:
+                self.layer.activation = saved
+
+    return SwappedActivation
 
 
 def class_probabilities(model_outputs) -> np.ndarray:
@@ -176,42 +279,59 @@ def target_scores(logits, targets):
     return tf.gather(logits, targets, axis=1, batch_dims=1)
 
 
+def output_rank(layer) -> int | None:
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError):
+        return None
+
+
+def four_d_paths(model) -> list[str]:
+    """Paths of every layer with a 4-D output (N, h, w, channels), nested models opened;
+    input and preprocessing layers (`INPUT_LAYERS`) are not layers to explain."""
+    return [entry.path for entry in layer_entries(model)
+            if output_rank(entry.layer) == 4 and not is_nested_model(entry.layer)
+            and type(entry.layer).__name__ not in INPUT_LAYERS]
+
+
+def default_layer_path(model) -> str:
+    """The path of the last layer with a 4-D output (N, H, W, C): Grad-CAM's default layer.
+
+    Nested models are searched: on `x = base(inputs); pool; dense` it is base's last layer.
+    """
+    paths = four_d_paths(model)
+    if not paths:
+        raise CnnvizError(
+            f"model {model.name!r} has no layer with a 4-D output (N, H, W, C) to explain"
+        )
+    return paths[-1]
+
+
 def default_conv_layer(model):
-    """The last layer with a 4-D output (N, H, W, C) before the head: Grad-CAM's default layer."""
-    for layer in reversed(model.layers):
-        try:
-            shape = layer.output.shape
-        except (AttributeError, ValueError):
-            continue
-        if len(shape) == 4 and type(layer).__name__ not in INPUT_LAYERS:
-            return layer
-    raise CnnvizError(
-        f"model {model.name!r} has no layer with a 4-D output (N, H, W, C) to explain"
-    )
+    """The layer object at `default_layer_path(model)`."""
+    return get_layer(model, default_layer_path(model))
 
 
 def get_layer(model, name: str):
-    """The layer called `name`, or a CnnvizError that lists the layers there are."""
-    for layer in model.layers:
-        if layer.name == name:
-            return layer
-    names = ", ".join(layer.name for layer in model.layers)
-    raise CnnvizError(f"no layer named {name!r} in model {model.name!r}. Layers: {names}")
+    """The layer a path (`base/conv`) or a unique name means, or a CnnvizError naming the
+    close matches (see `_graph.find_layer`)."""
+    return find_layer(model, name).layer
 
 
 def features_and_logits(clone, layer_name: str):
     """A callable `images -> (layer output, model output)` on `clone`, for use inside a GradientTape.
 
     The one way gradient methods that look at a layer (Grad-CAM and the CAM family) reach its
-    activations, so a gradient flows from the output back to exactly these tensors.
+    activations, so a gradient flows from the output back to exactly these tensors; layers
+    inside nested models are reached through the copy's flat graph.
 
     Args:
         clone: a model copy (from `_compiled.model_copy`), never the user's model.
-        layer_name: a layer of `clone`, as `gradcam_layer` resolved it.
+        layer_name: a layer path of the user's model, as `gradcam_layer` resolved it.
 
     Returns:
         A `keras.Model` mapping (N, H, W, C) images to [(N, h, w, K) activations, (N, classes)].
     """
     import keras
 
-    return keras.Model(clone.inputs[0], [clone.get_layer(layer_name).output, clone.outputs[0]])
+    return keras.Model(clone.inputs[0], [layer_tensor(clone, layer_name), clone.outputs[0]])

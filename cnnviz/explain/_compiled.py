@@ -1,44 +1,73 @@
 """Model copies and compiled, fixed-shape batched runs: what every explanation method shares.
 
-Each method runs on a cached clone of the user's model (never the model itself): the logits
-copy, a copy whose ReLUs have a guided or deconvnet backward pass, or a plain copy for forward
-probabilities. Functions compiled on a clone are cached by chunk shape, and every batch is cut
-into chunks of one size (the last one padded) so nothing retraces.
+Each method runs on a cached copy of the user's model (never the model itself): the logits
+copy, a copy whose ReLUs have a guided or deconvnet backward pass, or a copy returning the
+model's own output or its probabilities. A copy is a flat functional model over the user's own
+layers (`_graph.rebuild`): it reads the user's variables, so it is built once per model, never
+copies a weight, and is never stale when the model is trained further or randomized in place.
+Functions compiled on a copy are cached by chunk shape, and every batch is cut into chunks of
+one size (the last one padded) so nothing retraces.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import logits_model, resolve_targets
+from cnnviz.errors import CnnvizError, CnnvizWarning
+from cnnviz.explain._common import (
+    linear_output_substitute,
+    logits_model,
+    output_index,
+    output_producer,
+    probabilities_model,
+    resolve_targets,
+    swapped_activation,
+)
+from cnnviz.explain._graph import layer_tensor, layer_tensors, rebuild
 
 
 @dataclass
 class CompiledCopy:
-    """One clone of a user model and the `tf.function`s compiled on it, keyed by name and shape."""
+    """One copy of a user model and the `tf.function`s compiled on it, keyed by name and shape.
+
+    `activation_bytes`: bytes of all layer outputs for one image (None when a size is unknown),
+    what `batch_size_for` sizes chunks by.
+    """
 
     model: object
     functions: dict = field(default_factory=dict)
+    activation_bytes: int | None = None
 
 
-# user model -> {kind: CompiledCopy}. Weak keys: the cache dies with the user's model, and the
-# values hold clones only (never the user's model), so they do not keep their key alive.
+# user model -> {(kind, output): CompiledCopy}. Weak keys: the cache dies with the user's model;
+# the copies hold the user's layers but never the model object, so they do not keep it alive.
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+KINDS = ("logits", "output", "probabilities", "guided", "rectified")
 
 
-def require_built(model) -> None:
+def require_built(model, *, single_input: bool = True) -> None:
+    """A CnnvizError unless `model` is built and (with `single_input`) takes one input."""
     try:
-        model.inputs  # noqa: B018 - a Sequential without Input raises until it is built
+        inputs = model.inputs
     except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:  # a Sequential without Input raises or has none until it is built
         raise CnnvizError(
             f"model {model.name!r} has not been built yet; give it an Input layer or call it "
             "on a batch of images once before explaining it"
-        ) from None
+        )
+    if single_input and len(inputs) > 1:
+        names = ", ".join(f"{t.name!r} {tuple(t.shape[1:])}" for t in inputs)
+        raise CnnvizError(
+            f"model {model.name!r} has {len(inputs)} inputs ({names}); cnnviz explains models "
+            "with one image input. Wrap it: keras.Model(image_input, model([image_input, "
+            "fixed_other_inputs])) with the other inputs fixed, and explain that model"
+        )
 
 
 def check_images(model, images: np.ndarray) -> None:
@@ -52,49 +81,101 @@ def check_images(model, images: np.ndarray) -> None:
         )
 
 
-def _build_copy(model, kind: str):
-    import keras
-
+def _build_copy(model, kind: str, output: int):
     if kind == "logits":
-        return logits_model(model)
+        return logits_model(model, output=output)
     if kind == "output":
-        return keras.models.clone_model(model)
+        return rebuild(model, output=output).model
+    if kind == "probabilities":
+        return probabilities_model(model, output=output)
     if kind in ("guided", "rectified"):
-        logits = model_copy(model, "logits").model
-        return keras.models.clone_model(
-            logits, clone_function=_relu_swapper(_modified_relu(kind)), recursive=True
-        )
+        return _modified_relu_copy(model, kind, output)
     raise ValueError(f"unknown model copy kind {kind!r}")  # internal: never user input
 
 
-def model_copy(model, kind: str) -> CompiledCopy:
-    """The cached clone of `model` of one kind, carrying `model`'s current weights.
+def model_copy(model, kind: str, *, output=None) -> CompiledCopy:
+    """The cached copy of `model` of one kind, reading `model`'s own variables.
 
-    Kinds: "logits" (last softmax/sigmoid made linear), "guided" / "rectified" (logits clone with
-    modified ReLU backward passes), "output" (plain clone: the model's own output).
-    The weights are copied on every call (cheap next to a gradient pass) so a model trained
-    further between two calls is explained with its new weights.
+    Kinds: "logits" (the chosen output's softmax/sigmoid made linear), "guided" / "rectified"
+    (logits copy whose ReLU-family activations have a modified backward pass), "output" (the
+    model's own output), "probabilities" (the output as probabilities: softmax/sigmoid applied
+    when the model outputs logits). Every copy has one input and one output: `output` chooses
+    it (None for a single-output model; an index or a name, see `_common.output_index`).
     """
     require_built(model)
+    index = output_index(model, output)
     copies = _COPIES.setdefault(model, {})
-    if kind not in copies:
-        copies[kind] = CompiledCopy(_build_copy(model, kind))
-    copies[kind].model.set_weights(model.get_weights())
-    return copies[kind]
+    key = (kind, index)
+    if key not in copies:
+        built = _build_copy(model, kind, index)
+        copies[key] = CompiledCopy(built, activation_bytes=_activation_bytes(built))
+    return copies[key]
+
+
+def layer_outputs(copy_model, paths):
+    """A callable `images -> [output of each layer at paths]` on a flat copy (one forward
+    pass computes them all)."""
+    import keras
+
+    sub_model = keras.Model(copy_model.inputs[0],
+                            [layer_tensor(copy_model, path) for path in paths])
+
+    def call(images):
+        return keras.tree.flatten(sub_model(images, training=False))
+
+    return call
+
+
+def layer_outputs_model(model, paths, *, output=None):
+    """`layer_outputs` on the cached "output" copy of `model`. The layers do not depend on the
+    output chosen; a multi-output model uses its first when `output` is None."""
+    copy = model_copy(model, "output", output=0 if output is None else output).model
+    return layer_outputs(copy, paths)
 
 
 def chunk_size(count: int, batch_size: int) -> int:
-    """The one chunk size used for `count` items: the smallest power of two >= count, at most
-    batch_size.
+    """The one chunk size used for `count` items: `count` split evenly into as few chunks of at
+    most `batch_size` as will do.
 
-    Powers of two keep a small request from padding up to a whole batch while bounding the
-    number of distinct shapes (hence traces) to about log2(batch_size) + 1.
+    The last chunk is padded by fewer items than there are chunks (98 windows in chunks of 64
+    become two of 49, not 128 with 30 padded), and every chunk has one shape, so the function
+    is traced once per call.
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise CnnvizError(f"batch_size must be a positive integer; received {batch_size!r}")
     if count < 1:
         raise CnnvizError("there are no images to explain: received an empty batch (N = 0)")
-    return min(int(batch_size), 1 << max(count - 1, 0).bit_length())
+    chunks = -(-count // int(batch_size))
+    return -(-count // chunks)
+
+
+# Per chunk, the activations of every layer for all its images stay under this (the backward
+# pass of a gradient method keeps them all); the chunk is also capped at _MOST_PER_CHUNK,
+# beyond which a CPU gains nothing.
+_ACTIVATION_BUDGET = 1 << 30
+_MOST_PER_CHUNK = 256
+
+
+def _activation_bytes(flat_copy) -> int | None:
+    """Bytes of all layer outputs of one image in a copy's graph; None when a size is unknown."""
+    total = 0
+    for tensor in layer_tensors(flat_copy):
+        shape = tuple(tensor.shape[1:])
+        if any(size is None for size in shape):
+            return None
+        total += int(np.prod(shape, dtype=np.int64)) * 4
+    return total
+
+
+def batch_size_for(copy: CompiledCopy, batch_size: int | None) -> int:
+    """`batch_size` when given, else as many images as fit `_ACTIVATION_BUDGET` of activations
+    (at most 256, at least 1): 256 for the digits CNN, about 8 for ResNet50 at 224 x 224."""
+    if batch_size is not None:
+        return batch_size
+    per_image = copy.activation_bytes
+    if not per_image:
+        return 32
+    return int(max(1, min(_MOST_PER_CHUNK, _ACTIVATION_BUDGET // per_image)))
 
 
 def run_batched(
@@ -142,9 +223,13 @@ def run_batched(
             function = copy.functions.get(key)
             if function is None:
                 signature = [tf.TensorSpec(a.shape, tf.as_dtype(a.dtype)) for a in arrays]
-                function = tf.function(make_body(copy.model), input_signature=signature)
+                # The concrete function: calling it skips tf.function's argument binding
+                # (a fifth of a small request's time).
+                function = tf.function(make_body(copy.model),
+                                       input_signature=signature).get_concrete_function()
                 copy.functions[key] = function
-        outputs = [np.asarray(output)[:real] for output in function(*arrays)]
+        outputs = [np.asarray(output)[:real]
+                   for output in function(*(tf.constant(a) for a in arrays))]
         if consume is None:
             results.append(outputs)
         else:
@@ -185,61 +270,114 @@ def choose_targets(logits, targets):
 
 
 # --------------------------------------------------------------------------------------------
-# Modified ReLU backward passes (guided backprop, deconvnet).
+# Modified ReLU backward passes (guided backprop, deconvnet), for the whole ReLU family.
 # --------------------------------------------------------------------------------------------
+# Activations with a ReLU shape (0 or a small slope below a threshold, identity above, maybe a
+# cap): guided backprop's rule is defined for them. Others are left as they are (vanilla).
+_RELU_FUNCTIONS = ("relu", "relu6", "leaky_relu")
+_LINEAR = ("linear", None)
 
 
-def _modified_relu(rule: str):
-    """A ReLU whose backward pass follows `rule`.
+def _modified_relu(rule: str, **relu_arguments):
+    """`keras.activations.relu(x, **relu_arguments)` whose backward pass follows `rule`.
 
-    guided (Springenberg et al. 2015): pass the gradient where the forward input > 0 AND the
-    incoming gradient > 0. rectified (deconvnet, Zeiler & Fergus 2014): pass it where the
-    incoming gradient > 0, whatever the forward sign.
+    guided (Springenberg et al. 2015): the incoming gradient where it is > 0, times the
+    activation's own derivative (1 where a ReLU is on, 0 where off or capped, the slope of a
+    leaky ReLU below 0). rectified (deconvnet, Zeiler & Fergus 2014): the incoming gradient
+    where it is > 0, whatever the forward input.
     """
+    import keras
     import tensorflow as tf
 
-    @tf.custom_gradient
     def relu(x):
+        return keras.activations.relu(x, **relu_arguments)
+
+    @tf.custom_gradient
+    def modified(x):
         def backward(upstream):
             passed = tf.nn.relu(upstream)
             if rule == "guided":
-                passed = passed * tf.cast(x > 0, upstream.dtype)
+                with tf.GradientTape() as tape:  # the derivative exactly as Keras computes it
+                    tape.watch(x)
+                    value = relu(x)
+                passed = passed * tape.gradient(value, x)
             return passed
 
-        return tf.nn.relu(x), backward
+        return relu(x), backward
 
-    return relu
-
-
-def _is_relu(activation) -> bool:
-    import keras
-
-    return activation is keras.activations.relu or getattr(activation, "__name__", "") == "relu"
+    modified.__name__ = f"{rule}_relu"
+    return modified
 
 
-def _relu_swapper(replacement):
-    """A `clone_model` clone_function that puts `replacement` wherever the model applies a ReLU.
+def _relu_arguments(layer) -> dict | None:
+    """keras.activations.relu's arguments for the ReLU-family function `layer` applies, or None."""
+    kind = type(layer).__name__
+    if kind in ("ReLU", "LeakyReLU"):
+        config = layer.get_config()
+        if kind == "LeakyReLU":
+            return {"negative_slope": float(config["negative_slope"])}
+        return {"negative_slope": float(config.get("negative_slope") or 0.0),
+                "max_value": config.get("max_value"),
+                "threshold": float(config.get("threshold") or 0.0)}
+    name = _activation_of(layer)
+    if name == "relu":
+        return {}
+    if name == "relu6":
+        return {"max_value": 6.0}
+    if name == "leaky_relu":  # keras.activations.leaky_relu's default slope
+        return {"negative_slope": 0.2}
+    return None
 
-    Covers `activation="relu"` on any layer (Conv2D, Dense, Activation) and plain `ReLU` layers;
-    a ReLU layer with max_value/negative_slope/threshold is not a plain ReLU and is kept.
+
+def _activation_of(layer) -> str | None:
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    return getattr(activation, "__name__", type(activation).__name__)
+
+
+_ACTIVATION_LAYERS = ("ELU", "PReLU", "Softmax")
+
+
+def _modified_relu_copy(model, rule: str, output: int):
+    """The logits copy of `model` with every ReLU-family activation's backward pass modified.
+
+    Covers `activation=` relu / relu6 / leaky_relu on any layer (Conv2D, Dense, Activation, ...)
+    and `ReLU` (max_value, negative_slope, threshold) / `LeakyReLU` layers, inside nested models
+    too. Other non-linear activations keep their own gradient; a `CnnvizWarning` names them.
     """
     import keras
 
-    def clone_layer(layer):
-        config = layer.get_config()
-        if _is_relu(getattr(layer, "activation", None)):
-            config["activation"] = replacement
-            return layer.__class__.from_config(config)
-        if (
-            isinstance(layer, keras.layers.ReLU)
-            and config.get("max_value") is None
-            and not config.get("negative_slope")
-            and not config.get("threshold")
-        ):
-            return keras.layers.Activation(replacement, name=layer.name)
-        return layer.__class__.from_config(config)
+    producer = output_producer(model, output).path
+    linear_output = linear_output_substitute(model, output)
+    untouched: dict[str, int] = {}
 
-    return clone_layer
+    def substitute(path, layer):
+        if path == producer:
+            return linear_output(path, layer) if linear_output is not None else None
+        arguments = _relu_arguments(layer)
+        if arguments is None:
+            name = _activation_of(layer) if hasattr(layer, "activation") else None
+            if type(layer).__name__ in _ACTIVATION_LAYERS:
+                name = type(layer).__name__
+            if name not in _LINEAR:
+                untouched[name] = untouched.get(name, 0) + 1
+            return None
+        replacement = _modified_relu(rule, **arguments)
+        if layer.weights or type(layer).__name__ not in ("ReLU", "LeakyReLU", "Activation"):
+            return swapped_activation(layer, replacement)
+        return keras.layers.Activation(replacement, name=layer.name)
+
+    copy = rebuild(model, output=output, substitute=substitute).model
+    if untouched:
+        counted = ", ".join(f"{count} {name}" for name, count in sorted(untouched.items()))
+        warnings.warn(
+            f"{rule} backprop is defined for the ReLU family only; model {model.name!r} has "
+            f"other activations ({counted} layer(s)) whose gradient passes unchanged, as in "
+            "vanilla saliency",
+            CnnvizWarning, stacklevel=2,
+        )
+    return copy
 
 
 def forward_body(clone):

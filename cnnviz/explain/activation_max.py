@@ -24,8 +24,9 @@ import numpy as np
 
 from cnnviz.errors import CnnvizError
 from cnnviz.explain._common import input_range as model_input_range
-from cnnviz.explain._common import is_binary_sigmoid, logits_model, target_scores
-from cnnviz.explain.layers import layer_model, resolve_layer
+from cnnviz.explain._common import output_index, target_scores
+from cnnviz.explain._compiled import batch_size_for, layer_outputs_model, model_copy, num_classes
+from cnnviz.explain._graph import find_layer, output_producer
 
 Penalty = Callable[..., object]  # images (N, H, W, C) tf.Tensor -> (N,) tf.Tensor
 Regularizers = tuple[tuple[float, Penalty], ...]
@@ -87,6 +88,7 @@ def activation_maximization(
     blur_sigma: float = 0.5,
     input_range: tuple[float, float] | None = None,
     regularizers: Regularizers | None = None,
+    output=None,
 ) -> np.ndarray:
     """The input that maximizes one class score or one filter's mean activation.
 
@@ -109,6 +111,7 @@ def activation_maximization(
         blur_sigma=blur_sigma,
         input_range=input_range,
         regularizers=regularizers,
+        output=output,
     )[0]
 
 
@@ -127,7 +130,9 @@ def activation_maximization_batch(
     blur_sigma: float = 0.5,
     input_range: tuple[float, float] | None = None,
     regularizers: Regularizers | None = None,
-    batch_size: int = 64,
+    output=None,
+    batch_size: int | None = None,
+    progress=None,
 ) -> np.ndarray:
     """Maximize several classes or filters at once, one image per index, in one batched ascent.
 
@@ -152,13 +157,17 @@ def activation_maximization_batch(
         tv: weight of the `total_variation` penalty in the default regularizers.
         blur_every: blur every this many steps (0 disables).
         blur_sigma: standard deviation of that Gaussian blur, in pixels.
-        input_range: (low, high) valid input values; images start near the middle, stay inside.
-            None: the model's own (`_common.input_range`: (0, 255) for a model that begins
-            with its preprocessing layers, else (0, 1)). The penalties see the image scaled to
-            [0, 1], so their weights mean the same in every range.
+        input_range: (low, high) valid input values (None: `_common.input_range(model)`, the
+            range of the model's own inputs); images start near the middle and stay inside.
+            The ascent runs on the image scaled to [0, 1] over this range, so the penalties,
+            `learning_rate` and the blur mean the same for any range.
         regularizers: (weight, penalty) pairs to use instead of those built from `l2` and `tv`;
-            a penalty maps images (N, H, W, C) to (N,) with TensorFlow ops.
-        batch_size: images optimized together; more indices run in chunks of this size.
+            a penalty maps images (N, H, W, C), scaled to [0, 1], to (N,) with TensorFlow ops.
+        output: which output of a multi-output model (index or name); None for one output.
+        batch_size: images optimized together; more indices run in chunks of this size (None:
+            sized to the model's activation memory, at most 64).
+        progress: optional callable `progress(done)` called after each chunk with the number
+            of images finished in it (a progress bar's advance).
 
     Returns:
         float32 array (len(indices), H, W, C) within `input_range`.
@@ -174,7 +183,7 @@ def activation_maximization_batch(
     low, high = (float(value) for value in input_range)
     _check_settings(steps, learning_rate, jitter, blur_every, blur_sigma, low, high, batch_size)
     input_shape = _input_shape(model)
-    score, count = _score_function(model, layer)
+    score, count = _score_function(model, layer, output)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     bad = indices[(indices < 0) | (indices >= count)]
     if bad.size:
@@ -184,37 +193,39 @@ def activation_maximization_batch(
     regularizers = tuple((float(weight), fn) for weight, fn in regularizers)
 
     rng = np.random.default_rng(seed)
+    # The ascent runs on the image scaled to [0, 1] over `input_range` (x = low + width * u),
+    # so step sizes, penalties and the blur mean the same for a [0, 1], [-1, 1] or 0..255 model.
+    width = high - low
     # Low-variance noise around mid-range: no pattern to start from, nothing saturated.
-    start = (low + high) / 2 + 0.01 * (high - low) * rng.standard_normal(input_shape)
+    start = 0.5 + 0.01 * rng.standard_normal(input_shape)
     # The jitter bound shrinks linearly to 0: early steps find a shift-robust pattern, the last
     # ones settle it in place (a fixed large jitter leaves a tiny image misaligned at the end).
     bound = jitter * (1 - np.arange(steps) / steps)
     shifts = np.rint(rng.uniform(-1, 1, size=(steps, 2)) * bound[:, None])
     shifts = tf.constant(shifts, dtype=tf.int32)
-    step_size = tf.constant(learning_rate * (high - low), tf.float32)
+    step_size = tf.constant(learning_rate, tf.float32)
     blur = _gaussian_blur(blur_sigma, input_shape) if blur_every and blur_sigma > 0 else None
 
     def ascent_step(images, shift, targets):
         with tf.GradientTape() as tape:
             tape.watch(images)
             # Jitter: the gradient must work wherever the pattern sits, so no pixel-exact tricks.
-            objective = score(tf.roll(images, shift=shift, axis=[1, 2]), targets)
+            shifted = tf.roll(images, shift=shift, axis=[1, 2])
+            objective = score(low + width * shifted, targets)
         gradient = tape.gradient(objective, images)
         # Per-image RMS normalization makes the step independent of the model's logit scale ...
         rms = tf.sqrt(tf.reduce_mean(tf.square(gradient), axis=[1, 2, 3], keepdims=True))
         direction = gradient / (rms + 1e-12)
         if regularizers:
             # ... and the penalty weights relative to a unit-RMS score gradient.
-            # On the image scaled to [0, 1]: the same pull, whatever the input range.
-            unit = (images - low) / (high - low)
             with tf.GradientTape() as tape:
-                tape.watch(unit)
-                penalty = tf.add_n([weight * fn(unit) for weight, fn in regularizers])
-            direction -= tape.gradient(penalty, unit)
-        return tf.clip_by_value(images + step_size * direction, low, high)
+                tape.watch(images)
+                penalty = tf.add_n([weight * fn(images) for weight, fn in regularizers])
+            direction -= tape.gradient(penalty, images)
+        return tf.clip_by_value(images + step_size * direction, 0.0, 1.0)
 
     def blur_step(images):
-        return tf.clip_by_value(blur(images), low, high)
+        return tf.clip_by_value(blur(images), 0.0, 1.0)
 
     @tf.function
     def ascend(images, targets):
@@ -223,10 +234,12 @@ def activation_maximization_batch(
             images = ascent_step(images, shifts[step], targets)
             if blur is not None and (step + 1) % blur_every == 0:  # autograph: a tf.cond
                 images = blur_step(images)
-        return images
+        return low + width * images
 
     if len(indices) == 0:
         return np.zeros((0, *input_shape), dtype=np.float32)
+    if batch_size is None:
+        batch_size = min(64, batch_size_for(model_copy(model, "logits", output=output), None))
     size = min(batch_size, len(indices))
     results = []
     for begin in range(0, len(indices), size):
@@ -236,6 +249,8 @@ def activation_maximization_batch(
         targets = tf.constant(np.concatenate([chunk, np.repeat(chunk[-1:], size - real)]), tf.int32)
         images = tf.constant(np.broadcast_to(start, (size, *input_shape)), tf.float32)
         results.append(ascend(images, targets).numpy()[:real])
+        if progress is not None:
+            progress(real)
     return np.concatenate(results).astype(np.float32, copy=False)
 
 
@@ -254,7 +269,7 @@ def _check_settings(steps, learning_rate, jitter, blur_every, blur_sigma, low, h
         problems.append(f"blur_sigma must be >= 0; received blur_sigma={blur_sigma}")
     if not low < high:
         problems.append(f"input_range must be (low, high) with low < high; received {(low, high)}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         problems.append(f"batch_size must be at least 1; received batch_size={batch_size}")
     if problems:
         raise CnnvizError("\n".join(problems))
@@ -270,35 +285,35 @@ def _input_shape(model) -> tuple[int, ...]:
     return tuple(int(dim) for dim in shape)
 
 
-def _score_function(model, layer):
+def _score_function(model, layer, output):
     """`score(images, targets) -> (N,)` TF function and how many indices it accepts."""
     import tensorflow as tf
 
-    chosen = None if layer is None else resolve_layer(model, layer)
-    if chosen is None or chosen is model.layers[-1]:
-        logits = logits_model(model)
-        count = 2 if is_binary_sigmoid(model) else int(model.outputs[0].shape[-1])
+    index = output_index(model, output)
+    entry = None if layer is None else find_layer(model, layer)
+    if entry is None or entry.path == output_producer(model, index).path:
+        logits = model_copy(model, "logits", output=index).model
 
         def class_score(images, targets):
             return target_scores(logits(images, training=False), targets)
 
-        return class_score, count
+        return class_score, num_classes(logits)
 
-    rank = len(chosen.output.shape)
+    rank = len(entry.layer.output.shape)
     if rank not in (2, 4):
         raise CnnvizError(
-            f"layer {chosen.name!r} has output shape {tuple(chosen.output.shape)}; activation "
-            "maximization needs a 4-D (N, h, w, channels) or 2-D (N, units) output"
+            f"layer {entry.path!r} has output shape {tuple(entry.layer.output.shape)}; "
+            "activation maximization needs a 4-D (N, h, w, channels) or 2-D (N, units) output"
         )
-    sub_model = layer_model(model, chosen)
+    sub_model = layer_outputs_model(model, [entry.path], output=index)
 
     def channel_score(images, targets):
-        activations = sub_model(images, training=False)
+        (activations,) = sub_model(images)
         if rank == 4:
             activations = tf.reduce_mean(activations, axis=[1, 2])
         return tf.gather(activations, targets, axis=1, batch_dims=1)
 
-    return channel_score, int(chosen.output.shape[-1])
+    return channel_score, int(entry.layer.output.shape[-1])
 
 
 def _gaussian_blur(sigma: float, input_shape: tuple[int, int, int]):

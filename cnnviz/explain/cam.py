@@ -35,6 +35,7 @@ from cnnviz.explain._common import (
     target_scores,
 )
 from cnnviz.explain._compiled import (
+    batch_size_for,
     check_images,
     choose_targets,
     model_copy,
@@ -223,7 +224,8 @@ def cam(
     *,
     method: str = "gradcam",
     layer=None,
-    batch_size: int = 128,
+    output=None,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Class activation maps of one conv layer by one of `CAM_METHODS` (see the module table).
 
@@ -233,10 +235,13 @@ def cam(
         targets: None (each image's predicted class), an int, or a sequence of N ints. Eigen-CAM
             ignores it (it is class-agnostic).
         method: one of `CAM_METHODS`.
-        layer: the layer (name or layer object); None picks the last layer with a 4-D output
+        layer: the layer: a path through nested models (`base/conv`), a name, or a layer
+            object; None picks the last layer with a 4-D output, nested models searched
             (`gradcam.gradcam_layer`).
-        batch_size: images per compiled chunk; for Score-CAM, masked copies per chunk (it
-            runs one forward pass per image and channel of the layer).
+        output: which output of a multi-output model (index or name); None for one output.
+        batch_size: most images per compiled chunk (None: sized to the model's activation
+            memory); for Score-CAM, masked copies per chunk (it runs one forward pass per
+            image and channel of the layer).
 
     Returns:
         (N, H, W) float32 in [0, 1]: per image the map at the layer's resolution, ReLU'd,
@@ -249,9 +254,10 @@ def cam(
         raise CnnvizError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
     batch = as_image_batch(images)
     name = gradcam_layer(model, layer)
-    logits = model_copy(model, "logits")
+    logits = model_copy(model, "logits", output=output)
     check_images(logits.model, batch)
     wanted = target_array(logits.model, targets, len(batch))
+    batch_size = batch_size_for(logits, batch_size)
     if method == "scorecam":
         return _scorecam(model, logits, batch, wanted, name, batch_size)
     height, width = batch.shape[1:3]

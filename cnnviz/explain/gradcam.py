@@ -12,53 +12,46 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import INPUT_LAYERS, as_image_batch, default_conv_layer, get_layer
+from cnnviz.explain._common import (
+    as_image_batch,
+    default_layer_path,
+    four_d_paths,
+    output_rank,
+)
 from cnnviz.explain._compiled import require_built
+from cnnviz.explain._graph import find_layer, list_paths
 from cnnviz.explain.saliency import _gradient_maps, _predicted_targets
 
 # Added to a map's max before dividing: an all-zero map stays 0 instead of becoming NaN.
 _EPSILON = 1e-12
 
 
-def _four_d_layers(model) -> list[str]:
-    names = []
-    for layer in model.layers:
-        try:
-            shape = layer.output.shape
-        except (AttributeError, ValueError):
-            continue
-        if len(shape) == 4 and type(layer).__name__ not in INPUT_LAYERS:
-            names.append(layer.name)
-    return names
-
-
 def gradcam_layer(model, layer=None) -> str:
-    """The name of the layer Grad-CAM explains.
+    """The path of the layer Grad-CAM explains.
 
     Args:
         model: a built Keras model.
-        layer: None (the last layer with a 4-D output, `_common.default_conv_layer`), a layer
-            name, or a layer of `model`.
+        layer: None (the last layer with a 4-D output, inside nested models too:
+            `_common.default_layer_path`), a path through nested models (`base/conv`), a name
+            (top-level, or unique in the model), or a layer object of `model`.
 
     Returns:
-        The layer's name.
+        The layer's path (its name for a top-level layer).
 
     Raises:
         CnnvizError: no such layer in `model`, or its output is not (N, h, w, K).
     """
     require_built(model)
     if layer is None:
-        return default_conv_layer(model).name
-    name = layer if isinstance(layer, str) else getattr(layer, "name", repr(layer))
-    found = get_layer(model, name)
-    if not isinstance(layer, str) and found is not layer:
-        raise CnnvizError(f"layer {name!r} is not a layer of model {model.name!r}")
-    if len(found.output.shape) != 4:
+        return default_layer_path(model)
+    entry = find_layer(model, layer)
+    if output_rank(entry.layer) != 4:
+        shape = tuple(entry.layer.output.shape)
         raise CnnvizError(
-            f"Grad-CAM needs a layer with a 4-D output (N, h, w, K); layer {name!r} outputs "
-            f"{tuple(found.output.shape)}. 4-D layers: {', '.join(_four_d_layers(model))}"
+            f"Grad-CAM needs a layer with a 4-D output (N, h, w, K); layer {entry.path!r} "
+            f"outputs {shape}. 4-D layers: {list_paths(four_d_paths(model))}"
         )
-    return name
+    return entry.path
 
 
 def _normalized(maps: np.ndarray) -> np.ndarray:
@@ -67,7 +60,14 @@ def _normalized(maps: np.ndarray) -> np.ndarray:
 
 
 def gradcam(
-    model, images, targets=None, *, layer=None, guided: bool = False, batch_size: int = 128
+    model,
+    images,
+    targets=None,
+    *,
+    layer=None,
+    guided: bool = False,
+    output=None,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Grad-CAM heatmaps (Selvaraju et al. 2017): where the conv layer saw evidence for the target.
 
@@ -75,11 +75,13 @@ def gradcam(
         model: a built Keras classifier (softmax or single-sigmoid output); not modified.
         images: (N, H, W, C) or (H, W, C) array.
         targets: None (each image's predicted class), an int, or a sequence of N ints.
-        layer: the conv layer (name or layer object); None picks the last 4-D layer
-            (see `gradcam_layer`).
+        layer: the conv layer: a path through nested models (`base/conv`), a name, or a layer
+            object; None picks the last 4-D layer, nested models searched (`gradcam_layer`).
         guided: multiply by the guided-backprop saliency map, itself scaled to [0, 1] per image
             (Guided Grad-CAM), and scale the product to [0, 1] again.
-        batch_size: images per compiled chunk.
+        output: which output of a multi-output model (index or name); None for one output.
+        batch_size: most images per compiled chunk; None sizes it to the model
+            (`_compiled.batch_size_for`).
 
     Returns:
         (N, H, W) float32 in [0, 1]: `cam(..., method="gradcam")`, per image the map min-max
@@ -89,10 +91,11 @@ def gradcam(
     from cnnviz.explain.cam import cam  # cam.py imports gradcam_layer from here
 
     batch = as_image_batch(images)
-    cams = cam(model, batch, targets, method="gradcam", layer=layer, batch_size=batch_size)
+    cams = cam(model, batch, targets, method="gradcam", layer=layer, output=output,
+               batch_size=batch_size)
     if guided:
         # Same targets as the CAM, so both halves explain the same class.
-        chosen = _predicted_targets(model, batch, targets, batch_size)
-        maps, _ = _gradient_maps(model, batch, chosen, "guided", batch_size)
+        chosen = _predicted_targets(model, batch, targets, batch_size, output=output)
+        maps, _ = _gradient_maps(model, batch, chosen, "guided", batch_size, output=output)
         cams = _normalized(cams * _normalized(maps))
     return cams.astype(np.float32)

@@ -14,7 +14,7 @@ import numpy as np
 
 from cnnviz.errors import CnnvizError
 from cnnviz.explain._common import as_image_batch, blurred, target_scores
-from cnnviz.explain._compiled import check_images, model_copy, run_batched
+from cnnviz.explain._compiled import batch_size_for, check_images, model_copy, run_batched
 from cnnviz.explain.saliency import _gradient_body, _predicted_targets, input_gradients
 
 
@@ -60,7 +60,8 @@ def integrated_gradients(
     *,
     baseline=0.0,
     steps: int = 64,
-    batch_size: int = 128,
+    output=None,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Integrated gradients: (x - x') times the mean gradient on the straight path from x' to x.
 
@@ -75,7 +76,8 @@ def integrated_gradients(
         baseline: x', a number in input units (0.0: black for [0, 1] and 0..255 inputs), an
             image (H, W, C), one per image (N, H, W, C), or "blur" (`_common.blurred`).
         steps: intervals of the trapezoid rule (steps + 1 gradient evaluations per image).
-        batch_size: path points per compiled chunk.
+        output: which output of a multi-output model (index or name); None for one output.
+        batch_size: most path points per compiled chunk; None sizes it to the model.
 
     Returns:
         (N, H, W, C) float32 signed attributions; per image they sum to
@@ -83,10 +85,11 @@ def integrated_gradients(
     """
     batch = as_image_batch(images)
     alphas, weights = trapezoid_weights(steps)
-    logits = model_copy(model, "logits")
+    logits = model_copy(model, "logits", output=output)
     check_images(logits.model, batch)
+    batch_size = batch_size_for(logits, batch_size)
     start = baseline_batch(batch, baseline)
-    chosen = _predicted_targets(model, batch, targets, batch_size)
+    chosen = _predicted_targets(model, batch, targets, batch_size, output=output)
     difference = batch - start
     points = len(alphas)
     summed = np.zeros(batch.shape, np.float64)
@@ -110,7 +113,8 @@ def integrated_gradients(
     return (difference * summed).astype(np.float32)
 
 
-def gradient_x_input(model, images, targets=None, *, batch_size: int = 128) -> np.ndarray:
+def gradient_x_input(model, images, targets=None, *, output=None,
+                     batch_size: int | None = None) -> np.ndarray:
     """Gradient x input (Shrikumar et al. 2016): each input value times the target score's
     gradient there (pre-softmax score).
 
@@ -118,31 +122,33 @@ def gradient_x_input(model, images, targets=None, *, batch_size: int = 128) -> n
         model: a built Keras classifier (softmax or single-sigmoid output); not modified.
         images: (N, H, W, C) or (H, W, C) array.
         targets: None (each image's predicted class), an int, or a sequence of N ints.
-        batch_size: images per compiled chunk.
+        output: which output of a multi-output model (index or name); None for one output.
+        batch_size: most images per compiled chunk; None sizes it to the model.
 
     Returns:
         (N, H, W, C) float32 signed attributions.
     """
     batch = as_image_batch(images)
-    return (input_gradients(model, batch, targets, batch_size=batch_size) * batch).astype(
-        np.float32
-    )
+    gradients = input_gradients(model, batch, targets, output=output, batch_size=batch_size)
+    return (gradients * batch).astype(np.float32)
 
 
-def score_difference(model, images, targets, *, baseline=0.0, batch_size: int = 128):
+def score_difference(model, images, targets, *, baseline=0.0, output=None,
+                     batch_size: int | None = None):
     """score(x) - score(x') per image: what integrated gradients' attributions must sum to.
 
     Args:
-        model, images, baseline, batch_size: as for `integrated_gradients`.
+        model, images, baseline, output, batch_size: as for `integrated_gradients`.
         targets: (N,) ints, the classes the attributions were computed for.
 
     Returns:
         (N,) float32.
     """
     batch = as_image_batch(images)
-    logits = model_copy(model, "logits")
+    logits = model_copy(model, "logits", output=output)
     check_images(logits.model, batch)
-    chosen = _predicted_targets(model, batch, targets, batch_size)
+    batch_size = batch_size_for(logits, batch_size)
+    chosen = _predicted_targets(model, batch, targets, batch_size, output=output)
     both = np.concatenate([batch, baseline_batch(batch, baseline)])
     twice = np.concatenate([chosen, chosen])
 

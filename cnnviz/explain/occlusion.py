@@ -1,7 +1,10 @@
 """Occlusion sensitivity (Zeiler & Fergus 2014): the target's probability as a patch hides each spot.
 
-Every window of every image is one occluded copy; all copies go through one compiled forward
-pass of a clone of the model, in fixed-size chunks, built lazily chunk by chunk.
+Every window of every image is one occluded copy; the intact images and all copies go through
+one compiled forward pass of the model's probabilities copy, in chunks that split the count
+evenly (no padded windows) and are sized to the model's activation memory, built lazily chunk
+by chunk. Per-pixel maps are separable sums over the window grid (row cover x column cover),
+so nothing of size windows x pixels is ever built.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from cnnviz.explain._common import (
     resolve_targets,
 )
 from cnnviz.explain._compiled import (
+    batch_size_for,
     check_images,
     check_target_count,
     forward_body,
@@ -73,20 +77,38 @@ def _check_window(patch, stride, height: int, width: int) -> int:
     return int(stride)
 
 
-def _most_frequent(window_class: np.ndarray, cover: np.ndarray, fallback: np.ndarray):
+def _cover(starts: np.ndarray, patch: int, size: int) -> np.ndarray:
+    """(windows along one axis, size) float32: 1 where that window covers the pixel row/column."""
+    positions = np.arange(size)
+    return ((positions >= starts[:, None]) & (positions < starts[:, None] + patch)).astype(
+        np.float32)
+
+
+def _pixel_sum(per_window: np.ndarray, row_cover: np.ndarray, col_cover: np.ndarray):
+    """Per pixel, the sum over the windows covering it: (N, rows, cols) -> (N, H, W).
+
+    Window (i, j) covers pixel (y, x) iff row_cover[i, y] and col_cover[j, x], so the sum is
+    row_cover^T @ values @ col_cover for each image.
+    """
+    return row_cover.T @ per_window @ col_cover
+
+
+def _most_frequent(window_class, row_cover, col_cover, fallback: np.ndarray) -> np.ndarray:
     """Per pixel, the class most windows covering it predicted (ties: the lowest class).
 
-    window_class: (N, windows) int; cover: (windows, pixels) 0/1; fallback: (N,) for
-    pixels no window covers. Returns (N, pixels) int32.
+    window_class: (N, rows, cols) int; fallback: (N,) for pixels no window covers.
+    Returns (N, H, W) int32.
     """
-    best = np.repeat(fallback[:, None], cover.shape[1], axis=1).astype(np.int32)
+    count = len(window_class)
+    height, width = row_cover.shape[1], col_cover.shape[1]
+    best = np.repeat(fallback[:, None, None], height, 1).repeat(width, 2).astype(np.int32)
     best_votes = np.zeros(best.shape, np.float32)
     for label in np.unique(window_class):  # ascending, and only strict wins: lowest on ties
-        votes = (window_class == label).astype(np.float32) @ cover
+        votes = _pixel_sum((window_class == label).astype(np.float32), row_cover, col_cover)
         wins = votes > best_votes
         best[wins] = label
         best_votes[wins] = votes[wins]
-    return best
+    return best.reshape(count, height, width)
 
 
 def occlusion(
@@ -97,7 +119,8 @@ def occlusion(
     patch: int = 4,
     stride: int | None = None,
     fill: float = 0.5,
-    batch_size: int = 256,
+    output=None,
+    batch_size: int | None = None,
 ) -> OcclusionResult:
     """Slide a `patch` x `patch` square of value `fill` over each image; record the target's probability.
 
@@ -106,8 +129,8 @@ def occlusion(
     stride <= patch every pixel is covered.
 
     Args:
-        model: a built Keras classifier (softmax, or one sigmoid unit read as [1 - p, p]);
-            not modified.
+        model: a built Keras classifier (softmax, sigmoid, or logits: softmax/sigmoid is
+            applied to a linear output; one sigmoid unit reads as [1 - p, p]); not modified.
         images: (N, H, W, C) or (H, W, C) array.
         targets: None (each image's class predicted on the intact image), an int, or N ints.
         patch: side of the square, in pixels; at most min(H, W).
@@ -115,7 +138,9 @@ def occlusion(
         fill: what the patch holds, as a share of the model's input range
             (`_common.input_range`): 0 its low end (black), 1 its high end, 0.5 mid-grey;
             for a model taking [0, 1] this is the value itself.
-        batch_size: occluded copies per compiled forward chunk.
+        output: which output of a multi-output model (index or name); None for one output.
+        batch_size: most occluded copies per compiled forward chunk; None sizes it to the
+            model's activation memory (`_compiled.batch_size_for`).
 
     Returns:
         An `OcclusionResult` (per-pixel maps, per-window grids, targets).
@@ -123,53 +148,51 @@ def occlusion(
     batch = as_image_batch(images)
     count, height, width = batch.shape[:3]
     stride = _check_window(patch, stride, height, width)
-    output = model_copy(model, "output")
-    check_images(output.model, batch)
-
+    probabilities_copy = model_copy(model, "probabilities", output=output)
+    check_images(probabilities_copy.model, batch)
     low, high = input_range(model)
     fill_value = np.float32(low + fill * (high - low))
-    (intact,) = run_batched(
-        output, "forward", forward_body, count, lambda a, b: [batch[a:b]], batch_size
-    )
-    intact = class_probabilities(intact)
-    predicted = intact.argmax(axis=-1).astype(np.int32)
     check_target_count(targets, count)
-    chosen = resolve_targets(targets, predicted, intact.shape[-1])
     rows_at = _window_starts(height, patch, stride)
     cols_at = _window_starts(width, patch, stride)
-    masks = np.zeros((len(rows_at), len(cols_at), height, width), dtype=bool)
-    for i, top in enumerate(rows_at):
-        for j, left in enumerate(cols_at):
-            masks[i, j, top : top + patch, left : left + patch] = True
-    masks = masks.reshape(-1, height, width)
-    windows = len(masks)
+    # Per image: copy 0 is the intact image, copy 1 + i * cols + j hides window (i, j).
+    copies = 1 + len(rows_at) * len(cols_at)
+    tops = np.concatenate([[height], np.repeat(rows_at, len(cols_at))])  # intact: off the image
+    lefts = np.concatenate([[width], np.tile(cols_at, len(rows_at))])
+    rows, cols = np.arange(height), np.arange(width)
 
     def occluded(start: int, stop: int) -> list[np.ndarray]:
         flat = np.arange(start, stop)
-        covered = masks[flat % windows][..., None]
-        return [np.where(covered, fill_value, batch[flat // windows])]
+        window = flat % copies
+        top, left = tops[window][:, None], lefts[window][:, None]
+        covered = (((rows >= top) & (rows < top + patch))[:, :, None]
+                   & ((cols >= left) & (cols < left + patch))[:, None, :])
+        return [np.where(covered[..., None], fill_value, batch[flat // copies])]
 
     (outputs,) = run_batched(
-        output, "forward", forward_body, count * windows, occluded, batch_size
+        probabilities_copy, "forward", forward_body, count * copies, occluded,
+        batch_size_for(probabilities_copy, batch_size),
     )
-    probabilities = class_probabilities(outputs).reshape(count, windows, -1)
+    probabilities = class_probabilities(outputs).reshape(count, copies, -1)
+    intact, probabilities = probabilities[:, 0], probabilities[:, 1:]
+    predicted = intact.argmax(axis=-1).astype(np.int32)
+    chosen = resolve_targets(targets, predicted, intact.shape[-1])
+    grid = (count, len(rows_at), len(cols_at))
     window_probability = np.take_along_axis(
         probabilities, chosen[:, None, None].astype(np.int64), axis=-1
-    )[..., 0]
-    window_class = probabilities.argmax(axis=-1).astype(np.int32)
+    )[..., 0].reshape(grid)
+    window_class = probabilities.argmax(axis=-1).astype(np.int32).reshape(grid)
 
-    cover = masks.reshape(windows, -1).astype(np.float32)
-    covering = cover.sum(axis=0)
+    row_cover, col_cover = _cover(rows_at, patch, height), _cover(cols_at, patch, width)
+    covering = np.outer(row_cover.sum(axis=0), col_cover.sum(axis=0))
     unoccluded = intact[np.arange(count), chosen]
-    mean = (window_probability @ cover) / np.maximum(covering, 1.0)
-    probability = np.where(covering > 0, mean, unoccluded[:, None])
-    pixel_class = _most_frequent(window_class, cover, predicted)
-    grid = (count, len(rows_at), len(cols_at))
+    mean = _pixel_sum(window_probability, row_cover, col_cover) / np.maximum(covering, 1.0)
+    probability = np.where(covering > 0, mean, unoccluded[:, None, None])
     return OcclusionResult(
-        probability=probability.reshape(count, height, width).astype(np.float32),
-        predicted_class=pixel_class.reshape(count, height, width),
-        window_probability=window_probability.reshape(grid).astype(np.float32),
-        window_class=window_class.reshape(grid),
+        probability=probability.astype(np.float32),
+        predicted_class=_most_frequent(window_class, row_cover, col_cover, predicted),
+        window_probability=window_probability.astype(np.float32),
+        window_class=window_class,
         targets=chosen,
         unoccluded_probability=unoccluded.astype(np.float32),
     )

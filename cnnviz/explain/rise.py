@@ -19,6 +19,7 @@ from cnnviz.explain._common import (
     resolve_targets,
 )
 from cnnviz.explain._compiled import (
+    batch_size_for,
     check_images,
     check_target_count,
     forward_body,
@@ -101,20 +102,22 @@ def rise(
     cell: int = 7,
     keep: float = 0.5,
     seed: int = 0,
-    batch_size: int = 256,
+    output=None,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """RISE saliency: E[P(target | masked image) | pixel kept], estimated with random masks.
 
     Args:
-        model: a built Keras classifier (softmax, or one sigmoid unit read as [1 - p, p]);
-            not modified.
+        model: a built Keras classifier (softmax, sigmoid, or logits: softmax/sigmoid is
+            applied to a linear output; one sigmoid unit reads as [1 - p, p]); not modified.
         images: (N, H, W, C) or (H, W, C) array.
         targets: None (each image's class predicted on the intact image), an int, or N ints.
         masks: how many random masks (the same set for every image).
         cell: the binary grid is cell x cell before upsampling (the paper's s).
         keep: probability that a grid cell is kept (the paper's p).
         seed: seeds the masks; the same seed gives the same maps.
-        batch_size: masked copies per compiled forward chunk.
+        output: which output of a multi-output model (index or name); None for one output.
+        batch_size: most masked copies per compiled forward chunk; None sizes it to the model.
 
     Returns:
         (N, H, W) float32 >= 0, in units of the target probability (not rescaled). A masked-out
@@ -123,11 +126,12 @@ def rise(
     batch = as_image_batch(images)
     count, height, width = batch.shape[:3]
     mask_set = MaskSet(masks, height, width, cell=cell, keep=keep, seed=seed)
-    output = model_copy(model, "output")
-    check_images(output.model, batch)
+    probabilities = model_copy(model, "probabilities", output=output)
+    check_images(probabilities.model, batch)
     check_target_count(targets, count)
+    batch_size = batch_size_for(probabilities, batch_size)
     (intact,) = run_batched(
-        output, "forward", forward_body, count, lambda a, b: [batch[a:b]], batch_size
+        probabilities, "forward", forward_body, count, lambda a, b: [batch[a:b]], batch_size
     )
     intact = class_probabilities(intact)
     chosen = resolve_targets(targets, intact.argmax(axis=-1), intact.shape[-1])
@@ -154,7 +158,7 @@ def rise(
         weights[flat // count - first, image] = probability
         saliency[:] += weights.T @ chunk_masks.reshape(len(chunk_masks), -1)
 
-    run_batched(output, "forward", forward_body, count * mask_set.count, masked, batch_size,
-                consume=accumulate)
+    run_batched(probabilities, "forward", forward_body, count * mask_set.count, masked,
+                batch_size, consume=accumulate)
     saliency /= mask_set.count * mask_set.keep
     return saliency.reshape(count, height, width).astype(np.float32)

@@ -1,9 +1,10 @@
 """Input-gradient maps: vanilla saliency, guided backprop, deconvnet ("rectified"), SmoothGrad.
 
 Every map is the gradient of one pre-softmax score per image (`_common.target_scores` on
-`_common.logits_model`) with respect to the input pixels, computed for a whole batch at once by a
-`tf.function` compiled for one fixed chunk shape. Guided and rectified maps run on a cached clone
-of the logits model whose ReLUs have a modified backward pass; the caller's model is never changed.
+the logits copy, `_compiled.model_copy(model, "logits")`) with respect to the input pixels, computed for a whole batch at once by a
+`tf.function` compiled for one fixed chunk shape. Guided and rectified maps run on a cached copy
+of the logits model whose ReLU-family activations have a modified backward pass; the caller's
+model is never changed.
 
 The clone cache and the chunked compiled runner live in `_compiled.py`, shared with Grad-CAM,
 occlusion and the trust checks.
@@ -21,6 +22,7 @@ from cnnviz.explain._common import (
     target_scores,
 )
 from cnnviz.explain._compiled import (
+    batch_size_for,
     check_images,
     choose_targets,
     model_copy,
@@ -53,31 +55,32 @@ def _gradient_body(clone):
     return body
 
 
-def _gradients(model, images, targets, method: str, batch_size: int):
+def _gradients(model, images, targets, method: str, batch_size: int | None, *, output=None):
     """Signed input gradients (N, H, W, C) of each target score, and the targets used (N,)."""
     if method not in GRADIENT_METHODS:
         raise CnnvizError(
             f"unknown gradient method {method!r}; choose one of {', '.join(GRADIENT_METHODS)}"
         )
     batch = as_image_batch(images)
-    logits = model_copy(model, "logits")
+    logits = model_copy(model, "logits", output=output)
     check_images(logits.model, batch)
     wanted = target_array(logits.model, targets, len(batch))
-    copy = logits if method == "vanilla" else model_copy(model, method)
+    copy = logits if method == "vanilla" else model_copy(model, method, output=output)
     gradients, chosen = run_batched(
         copy,
         "gradients",
         _gradient_body,
         len(batch),
         lambda start, stop: [batch[start:stop], wanted[start:stop]],
-        batch_size,
+        batch_size_for(copy, batch_size),
     )
     return gradients.astype(np.float32), chosen.astype(np.int32)
 
 
-def _gradient_maps(model, images, targets, method: str, batch_size: int):
+def _gradient_maps(model, images, targets, method: str, batch_size: int | None, *,
+                   output=None):
     """|gradient| maxed over channels (N, H, W), and the targets used (N,)."""
-    gradients, chosen = _gradients(model, images, targets, method, batch_size)
+    gradients, chosen = _gradients(model, images, targets, method, batch_size, output=output)
     return np.abs(gradients).max(axis=-1), chosen
 
 
@@ -129,9 +132,10 @@ def _smoothgrad(
     return np.concatenate(means).astype(np.float32)
 
 
-def _predicted_targets(model, images: np.ndarray, targets, batch_size: int) -> np.ndarray:
+def _predicted_targets(model, images: np.ndarray, targets, batch_size: int | None, *,
+                       output=None) -> np.ndarray:
     """Targets (N,) int32: validated `targets`, or each image's predicted class."""
-    logits = model_copy(model, "logits")
+    logits = model_copy(model, "logits", output=output)
     wanted = target_array(logits.model, targets, len(images))
     if targets is not None:
         return wanted
@@ -148,13 +152,19 @@ def _predicted_targets(model, images: np.ndarray, targets, batch_size: int) -> n
         make_body,
         len(images),
         lambda start, stop: [images[start:stop], wanted[start:stop]],
-        batch_size,
+        batch_size_for(logits, batch_size),
     )
     return chosen.astype(np.int32)
 
 
 def input_gradients(
-    model, images, targets=None, *, method: str = "vanilla", batch_size: int = 128
+    model,
+    images,
+    targets=None,
+    *,
+    method: str = "vanilla",
+    output=None,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Signed gradient of each image's target score (pre-softmax) with respect to its pixels.
 
@@ -164,12 +174,14 @@ def input_gradients(
         targets: None (each image's predicted class), an int, or a sequence of N ints.
         method: "vanilla" (plain gradient), "guided" (guided backprop) or "rectified"
             (deconvnet ReLU rule).
-        batch_size: images per compiled chunk.
+        output: which output of a multi-output model (index or name); None for one output.
+        batch_size: most images per compiled chunk; None sizes it to the model
+            (`_compiled.batch_size_for`).
 
     Returns:
         (N, H, W, C) float32 gradients.
     """
-    gradients, _ = _gradients(model, images, targets, method, batch_size)
+    gradients, _ = _gradients(model, images, targets, method, batch_size, output=output)
     return gradients
 
 
@@ -182,7 +194,8 @@ def saliency(
     samples: int = 20,
     noise: float = 0.15,
     seed: int = 0,
-    batch_size: int = 128,
+    output=None,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Saliency map: |d score / d pixel|, maxed over channels (Simonyan et al. 2014).
 
@@ -199,7 +212,9 @@ def saliency(
         samples: SmoothGrad: noisy copies per image.
         noise: SmoothGrad: noise standard deviation as a fraction of each image's max - min.
         seed: SmoothGrad: seed of the noise generator.
-        batch_size: images per compiled chunk.
+        output: which output of a multi-output model (index or name); None for one output.
+        batch_size: most images per compiled chunk; None sizes it to the model
+            (`_compiled.batch_size_for`).
 
     Returns:
         (N, H, W) float32, >= 0.
@@ -207,13 +222,16 @@ def saliency(
     if method not in METHODS:
         raise CnnvizError(f"unknown saliency method {method!r}; choose one of {', '.join(METHODS)}")
     if method != "smoothgrad":
-        maps, _ = _gradient_maps(model, images, targets, method, batch_size)
+        maps, _ = _gradient_maps(model, images, targets, method, batch_size, output=output)
         return maps
     batch = as_image_batch(images)
-    check_images(model_copy(model, "logits").model, batch)
-    chosen = _predicted_targets(model, batch, targets, batch_size)
+    logits = model_copy(model, "logits", output=output)
+    check_images(logits.model, batch)
+    batch_size = batch_size_for(logits, batch_size)
+    chosen = _predicted_targets(model, batch, targets, batch_size, output=output)
     return _smoothgrad(
-        lambda noisy, wanted: _gradient_maps(model, noisy, wanted, "vanilla", batch_size),
+        lambda noisy, wanted: _gradient_maps(model, noisy, wanted, "vanilla", batch_size,
+                                             output=output),
         batch,
         chosen,
         samples=samples,

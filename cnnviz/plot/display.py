@@ -20,7 +20,9 @@ NOTE_STYLE = {"boxstyle": "round,pad=0.3", "facecolor": "white", "alpha": 0.85, 
 
 
 def render_png(fig: Figure, *, dpi: int = 100) -> bytes:
-    """The figure as PNG bytes (tight bounding box), ready to be written atomically by the caller.
+    """The figure as PNG bytes, ready to be written atomically by the caller.
+
+    Figures with a layout engine (`new_figure`'s constrained layout) get a tight bounding box.
 
     Args:
         fig: a figure from this package.
@@ -30,7 +32,12 @@ def render_png(fig: Figure, *, dpi: int = 100) -> bytes:
         The PNG file contents.
     """
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    # A figure laid out by hand (no layout engine) is saved as it is: a tight bounding box
+    # costs a second drawing pass, which is most of the time of a big mosaic.
+    tight = "tight" if fig.get_layout_engine() is not None else None
+    # zlib level 1: half the encoding time of the default 6, files within a few percent.
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches=tight, facecolor="white",
+                pil_kwargs={"compress_level": 1})
     return buffer.getvalue()
 
 
@@ -153,3 +160,39 @@ def grid_shape(count: int, max_columns: int = 8) -> tuple[int, int]:
     """(rows, columns) for `count` tiles: close to square, at most `max_columns` wide."""
     columns = max(1, min(max_columns, math.ceil(math.sqrt(count))))
     return max(1, math.ceil(count / columns)), columns
+
+
+def labelled_mosaic(tiles: np.ndarray, labels, columns: int, *,
+                    tile_pixels: int = 72) -> tuple[np.ndarray, list[tuple[int, int]], int]:
+    """RGB tiles (K, h, w, 3) uint8 laid out row by row in one uint8 image, each enlarged
+    (nearest neighbour, a whole factor) to about `tile_pixels` and labelled above in black.
+
+    One image drawn with one `imshow`, labels burnt in, draws in a fraction of the time of one
+    axes (or one text artist) per tile: a MobileNetV2 feature-map set went from minutes to
+    seconds.
+
+    Returns:
+        (the mosaic (H', W', 3) uint8, (top, left) of each tile in it, the enlargement factor).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    count, height, width = tiles.shape[:3]
+    factor = max(1, tile_pixels // max(height, width))
+    big = tiles.repeat(factor, axis=1).repeat(factor, axis=2)
+    tile_h, tile_w = height * factor, width * factor
+    gap, band = 6, 13
+    rows = max(1, math.ceil(count / columns))
+    canvas = np.full((rows * (band + tile_h + gap), columns * (tile_w + gap) - gap, 3), 255,
+                     dtype=np.uint8)
+    origins = []
+    for index in range(count):
+        top = (index // columns) * (band + tile_h + gap) + band
+        left = (index % columns) * (tile_w + gap)
+        canvas[top:top + tile_h, left:left + tile_w] = big[index]
+        origins.append((top, left))
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=10)
+    for (top, left), label in zip(origins, labels):
+        draw.text((left, top - band), str(label), fill=(0, 0, 0), font=font)
+    return np.asarray(picture), origins, factor

@@ -23,6 +23,7 @@ from cnnviz.plot.display import (
     grid_shape,
     image_extent,
     is_constant,
+    labelled_mosaic,
     new_figure,
     normalize01,
     note,
@@ -32,6 +33,7 @@ from cnnviz.plot.display import (
 )
 
 TILE_INCHES = 1.15
+FIGURE_DPI = 100  # what `render_png` writes by default; figimage mosaics are placed in it
 PANEL_INCHES = 3.0
 
 
@@ -189,53 +191,74 @@ def feature_maps_grid(
     layer_name: str,
     max_maps: int = 64,
     title: str | None = None,
+    channels=None,
+    total_channels: int | None = None,
 ) -> Figure:
     """An input image beside the feature maps one layer computes for it.
 
     Each map is scaled to its own min..max (viridis) so weak channels stay visible; channels that
-    are constant for this image (e.g. dead ReLUs) are labelled "flat".
+    are constant for this image (e.g. dead ReLUs) are labelled "flat". The maps are drawn as one
+    mosaic image placed pixel for pixel, each tile labelled with its channel index.
 
     Args:
         image: the input, (H, W, C) (or (H, W)).
-        maps: the layer's output for that image, (h, w, channels) (a leading batch axis of 1 is
+        maps: the layer's output for that image, (h, w, k) (a leading batch axis of 1 is
             dropped), e.g. `feature_maps(model, image[None], layer)[0]`.
-        layer_name: the layer's name, for the titles.
-        max_maps: draw at most this many channels (the first ones).
+        layer_name: the layer's name or path, for the titles.
+        max_maps: draw at most this many maps (the first ones).
         title: figure title; defaults to "Feature maps of <layer_name>".
+        channels: (k,) the channel index of each map (when `maps` holds a chosen subset, e.g.
+            the most active); default 0..k-1.
+        total_channels: how many channels the layer has (default k), for the subtitle.
 
     Returns:
-        A Figure: the input on the left, a grid of maps on the right.
+        A Figure: the input on the left, the mosaic of maps on the right.
     """
+    from matplotlib import colormaps
+
     values = finite(maps)
     if values.ndim == 4 and values.shape[0] == 1:
         values = values[0]
     if values.ndim != 3:
         raise CnnvizError(f"maps must have shape (h, w, channels); received {values.shape}")
-    channels = values.shape[-1]
-    shown = min(channels, max_maps)
-    rows, columns = grid_shape(shown)
-    input_width = max(2.0, 0.35 * TILE_INCHES * columns)
-    fig = new_figure(input_width + TILE_INCHES * columns + 0.3, max(2.6, TILE_INCHES * rows + 1.0))
-    left, right = fig.subfigures(1, 2, width_ratios=[input_width, TILE_INCHES * columns])
-    show_image(left.add_subplot(), image, title="input")
-    axes = right.subplots(rows, columns, squeeze=False)
-    flat_channels = 0
-    for index, ax in enumerate(axes.flat):
-        plain_axes(ax)
-        if index >= shown:
-            ax.set_visible(False)
-            continue
-        channel = values[..., index]
-        ax.imshow(normalize01(channel), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        label = f"#{index}"
-        if is_constant(channel):  # e.g. a ReLU that is off everywhere for this image
-            flat_channels += 1
-            label += f" flat {float(channel.flat[0]):.2g}"
-        ax.set_title(label, fontsize=7, pad=2)
-    subset = f"first {shown} of {channels}" if shown < channels else f"{channels}"
-    flat = f", {flat_channels} flat" if flat_channels else ""
-    right.suptitle(f"{subset} channels{flat}; each scaled to its own range", fontsize=9)
-    fig.suptitle(title or f"Feature maps of layer {layer_name!r}")
+    count = values.shape[-1]
+    labels = np.arange(count) if channels is None else np.asarray(channels).reshape(-1)
+    total = count if total_channels is None else int(total_channels)
+    shown = min(count, max_maps)
+    _, columns = grid_shape(shown)
+    tiles = np.moveaxis(values[..., :shown], -1, 0)
+    flat = [is_constant(tile) for tile in tiles]
+    scaled = np.stack([normalize01(tile) for tile in tiles])
+    colored = np.round(colormaps["viridis"](scaled)[..., :3] * 255).astype(np.uint8)
+    names = [f"#{int(label)}" + (f" flat {float(tile.flat[0]):.2g}" if constant else "")
+             for label, constant, tile in zip(labels, flat, tiles)]
+    canvas, _, _ = labelled_mosaic(colored, names, columns)
+
+    # Laid out by hand, the mosaic placed pixel for pixel (`figimage`: no axes, no resampling;
+    # no constrained layout, no tight box): those passes were most of the drawing time.
+    dpi = FIGURE_DPI
+    map_width, map_height = canvas.shape[1] / dpi, canvas.shape[0] / dpi
+    input_side = max(1.8, min(3.0, 0.35 * map_width))
+    top_band, bottom_band = 1.0, 0.15
+    width = input_side + map_width + 0.45
+    height = max(input_side + 0.4, map_height) + top_band + bottom_band
+    fig = Figure(figsize=(width, height), facecolor="white", dpi=dpi)
+    input_ax = fig.add_axes((0.1 / width, (height - top_band - input_side) / height,
+                             (input_side - 0.1) / width, input_side / height))
+    show_image(input_ax, image, title="input")
+    fig.figimage(canvas, xo=round((input_side + 0.3) * dpi),
+                 yo=round((height - top_band - map_height) * dpi), origin="upper")
+    if shown < total:
+        chosen = "most active" if channels is not None else "first"
+        subset = f"{shown} {chosen} of {total}"
+    else:
+        subset = f"{total}"
+    flat_count = f", {sum(flat)} flat" if any(flat) else ""
+    fig.text((input_side + 0.3 + map_width / 2) / width, (height - top_band + 0.05) / height,
+             f"{subset} channels{flat_count}; each scaled to its own range", fontsize=9,
+             ha="center", va="bottom")
+    fig.suptitle(title or f"Feature maps of layer {layer_name!r}", y=1 - 0.08 / height,
+                 va="top", wrap=True, fontsize=10)
     return fig
 
 

@@ -207,30 +207,36 @@ def run_methods(
     }
 
 
-def predict_probabilities(model, images, *, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities (N, K) of the model's own output, one compiled pass over fixed chunks.
+def predict_probabilities(model, images, *, output=None,
+                          batch_size: int | None = None) -> np.ndarray:
+    """Class probabilities (N, K), one compiled pass over fixed chunks.
 
-    A single sigmoid unit p becomes the two columns [1 - p, p].
+    The model's own output when it is a softmax/sigmoid; softmax (sigmoid for one unit) of
+    its logits when it is linear. A single sigmoid unit p becomes the two columns [1 - p, p].
+    `output` chooses the output of a multi-output model (index or name).
     """
     from cnnviz.explain._compiled import check_images, model_copy
 
     batch = as_image_batch(images)
-    check_images(model_copy(model, "output").model, batch)
-    return probabilities_of(model, len(batch), lambda a, b: batch[a:b], batch_size=batch_size)
+    check_images(model_copy(model, "probabilities", output=output).model, batch)
+    return probabilities_of(model, len(batch), lambda a, b: batch[a:b], output=output,
+                            batch_size=batch_size)
 
 
 def probabilities_of(
-    model, count: int, fetch: Callable[[int, int], np.ndarray], *, batch_size: int = 256
+    model, count: int, fetch: Callable[[int, int], np.ndarray], *, output=None,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Class probabilities (count, K) of images made on demand by `fetch(start, stop)`.
 
     For many perturbed copies of a few images: they are built chunk by chunk (never all in
     memory) and go through one compiled forward pass per fixed-size chunk.
     """
-    from cnnviz.explain._compiled import forward_body, model_copy, run_batched
+    from cnnviz.explain._compiled import batch_size_for, forward_body, model_copy, run_batched
 
-    output = model_copy(model, "output")
+    copy = model_copy(model, "probabilities", output=output)
     (outputs,) = run_batched(
-        output, "forward", forward_body, count, lambda a, b: [fetch(a, b)], batch_size
+        copy, "forward", forward_body, count, lambda a, b: [fetch(a, b)],
+        batch_size_for(copy, batch_size),
     )
     return class_probabilities(outputs)

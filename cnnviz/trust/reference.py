@@ -28,6 +28,7 @@ layer so that the rest of the model is still checked.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -441,22 +442,6 @@ def _rescaling(layer, config: dict, x: np.ndarray) -> np.ndarray:
     return x * scale + offset
 
 
-def _normalization(layer, config: dict, x: np.ndarray) -> np.ndarray:
-    """Keras Normalization with a given mean and variance: (x - mean) / max(sqrt(var), 1e-7)."""
-    if config.get("invert"):
-        raise _Unsupported("Normalization with invert=True")
-    axis = config.get("axis", -1)
-    if axis not in (-1, [-1], (-1,), x.ndim - 1, [x.ndim - 1]):
-        raise _Unsupported(f"Normalization over axis {axis!r} (only the channel axis)")
-    if config.get("mean") is not None:  # given when built (cnnviz's models)
-        mean, variance = config["mean"], config["variance"]
-    else:  # adapted: kept as weights (mean, variance, count)
-        mean, variance = layer.get_weights()[:2]
-    mean = np.asarray(mean, np.float64).reshape(-1)
-    variance = np.asarray(variance, np.float64).reshape(-1)
-    return (x - mean) / np.maximum(np.sqrt(variance), 1e-7)
-
-
 def _activation_layer(layer, config: dict, x: np.ndarray) -> np.ndarray:
     class_name = type(layer).__name__
     if class_name == "Activation":
@@ -489,8 +474,71 @@ def _cropping(layer, config: dict, x: np.ndarray) -> np.ndarray:
     return x[:, top:x.shape[1] - bottom, left:x.shape[2] - right, :]
 
 
+def _depthwise_linear(layer, config: dict, x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Depthwise conv as a grouped conv with one group per input channel: output channel
+    c * multiplier + m filters input channel c with kernel[..., c, m] (TensorFlow's order)."""
+    kh, kw, channels, multiplier = kernel.shape
+    return _conv2d_linear(
+        x, kernel.reshape(kh, kw, 1, channels * multiplier), None, _pair(config["strides"]),
+        config["padding"], _pair(config.get("dilation_rate", 1)), groups=channels,
+    )
+
+
+def _depthwise_conv2d(layer, config: dict, x: np.ndarray) -> np.ndarray:
+    _channels_last(config)
+    weights = _named_weights(layer)
+    out = _depthwise_linear(layer, config, x, weights["kernel"])
+    if config.get("use_bias", True):
+        out = out + weights["bias"]
+    return _resolve_activation(config.get("activation")).function(out)
+
+
+def _separable_conv2d(layer, config: dict, x: np.ndarray) -> np.ndarray:
+    _channels_last(config)
+    weights = _named_weights(layer)
+    depthwise = _depthwise_linear(layer, config, x, weights["depthwise_kernel"])
+    out = np.tensordot(depthwise, weights["pointwise_kernel"][0, 0], axes=1)
+    if config.get("use_bias", True):
+        out = out + weights["bias"]
+    return _resolve_activation(config.get("activation")).function(out)
+
+
+def _normalization(layer, config: dict, x: np.ndarray) -> np.ndarray:
+    """(x - mean) / max(sqrt(variance), epsilon), or its inverse (`invert=True`)."""
+    import keras
+
+    mean = np.asarray(layer.mean, np.float64)
+    spread = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)), keras.backend.epsilon())
+    return mean + x * spread if config.get("invert") else (x - mean) / spread
+
+
+def _merge(combine: Callable[[list[np.ndarray]], np.ndarray]):
+    def compute(layer, config: dict, x) -> np.ndarray:
+        if not isinstance(x, (list, tuple)):
+            raise _Unsupported(f"{type(layer).__name__} called on one tensor")
+        return combine([np.asarray(part, np.float64) for part in x])
+
+    return compute
+
+
+def _concatenate(layer, config: dict, x) -> np.ndarray:
+    return _merge(lambda parts: np.concatenate(parts, axis=int(config.get("axis", -1))))(
+        layer, config, x)
+
+
 _LAYERS: dict[str, Callable[[object, dict, np.ndarray], np.ndarray]] = {
     "Conv2D": _conv2d,
+    "DepthwiseConv2D": _depthwise_conv2d,
+    "SeparableConv2D": _separable_conv2d,
+    "Normalization": _normalization,
+    # Merges broadcast like Keras's: a squeeze-and-excitation gate (N, 1, 1, C) times (N, H, W, C).
+    "Add": _merge(lambda parts: functools.reduce(np.add, parts)),
+    "Subtract": _merge(lambda parts: parts[0] - parts[1]),
+    "Multiply": _merge(lambda parts: functools.reduce(np.multiply, parts)),
+    "Average": _merge(lambda parts: functools.reduce(np.add, parts) / len(parts)),
+    "Maximum": _merge(lambda parts: functools.reduce(np.maximum, parts)),
+    "Minimum": _merge(lambda parts: functools.reduce(np.minimum, parts)),
+    "Concatenate": _concatenate,
     "Dense": _dense,
     "MaxPooling2D": _pooling("max"),
     "AveragePooling2D": _pooling("average"),
@@ -499,7 +547,6 @@ _LAYERS: dict[str, Callable[[object, dict, np.ndarray], np.ndarray]] = {
     "Flatten": _flatten,
     "BatchNormalization": _batch_norm,
     "Rescaling": _rescaling,
-    "Normalization": _normalization,
     "Activation": _activation_layer,
     "ReLU": _activation_layer,
     "LeakyReLU": _activation_layer,
@@ -540,7 +587,8 @@ def _compute_layer(layer, x: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- model plumbing
 def _linear_layers(model) -> list:
-    """The model's layers in order (InputLayer left out); a CnnvizError unless it is a chain."""
+    """The model's layers in order (InputLayer left out); a CnnvizError unless it is a chain
+    (what `explain_steps` can write out step by step)."""
     if not getattr(model, "built", False) or not getattr(model, "inputs", None):
         raise CnnvizError(
             f"model {model.name!r} has no defined input; build it with keras.Input(shape=...) first"
@@ -560,13 +608,14 @@ def _linear_layers(model) -> list:
         return layers
     expected = model.inputs[0]
     for layer in layers:
-        nodes = len(getattr(layer, "_inbound_nodes", ()) or ())
-        inbound = layer.input if nodes == 1 else None
+        # `layer.input` is the layer's first call: the model's own graph (the copies cnnviz
+        # explains through call the same layers again, on other inputs).
+        inbound = layer.input if getattr(layer, "_inbound_nodes", None) else None
         if inbound is not expected:
             raise CnnvizError(
-                f"reference forward pass needs a chain of layers (Sequential or a linear "
-                f"functional model); layer {layer.name!r} does not take exactly the previous "
-                f"layer's output (skip connections, shared layers and merges are not supported)"
+                f"explain_steps writes out a chain of layers (Sequential or a linear functional "
+                f"model); layer {layer.name!r} does not take exactly the previous layer's "
+                f"output. `verify` checks graphs with skip connections and merges"
             )
         expected = layer.output
     if expected is not model.outputs[0]:
@@ -588,45 +637,70 @@ def _model_batch(model, images) -> np.ndarray:
     return batch
 
 
-def _keras_layer_outputs(model, layers, batch: np.ndarray, batch_size: int = 256) -> list:
-    """Keras's own output of every layer, float64, from one compiled batched call per chunk."""
+def _single_input(model) -> None:
+    if not getattr(model, "built", False) or not getattr(model, "inputs", None):
+        raise CnnvizError(
+            f"model {model.name!r} has no defined input; build it with keras.Input(shape=...) first"
+        )
+    if len(model.inputs) != 1:
+        raise CnnvizError(
+            f"reference forward pass needs one input; model {model.name!r} has "
+            f"{len(model.inputs)} inputs"
+        )
+
+
+def _keras_outputs(model, batch: np.ndarray, batch_size: int = 256,
+                   paths: list[str] | None = None) -> dict:
+    """Keras's own output of every leaf layer path (or of `paths`), float64, from one compiled
+    batched call per chunk of a flat copy of the model (nested models opened; the user's
+    layers, not copies)."""
     import keras
     import tensorflow as tf
 
-    probe = keras.Model(model.inputs, [layer.output for layer in layers])
+    from cnnviz.explain._graph import is_nested_model, layer_entries, rebuild
+
+    rebuilt = rebuild(model, output=None)
+    if paths is None:
+        nested = {entry.path for entry in layer_entries(model) if is_nested_model(entry.layer)}
+        paths = [path for path in rebuilt.tensors if path not in nested]
+    probe = keras.Model(rebuilt.model.inputs[0], [rebuilt.tensors[path] for path in paths])
     run = tf.function(lambda x: probe(x, training=False))
     chunk = min(batch_size, len(batch))
-    pieces: list[list[np.ndarray]] = [[] for _ in layers]
+    pieces: list[list[np.ndarray]] = [[] for _ in paths]
     for start in range(0, len(batch), chunk):
         part = batch[start:start + chunk]
         real = len(part)
         if real < chunk:  # pad the last chunk to the traced shape instead of retracing
             part = np.concatenate([part, np.zeros((chunk - real, *part.shape[1:]), part.dtype)])
-        outputs = run(tf.constant(part))
-        if not isinstance(outputs, (list, tuple)):
-            outputs = [outputs]
+        outputs = keras.tree.flatten(run(tf.constant(part)))
         for index, output in enumerate(outputs):
             pieces[index].append(np.asarray(output, np.float64)[:real])
-    return [np.concatenate(parts, axis=0) for parts in pieces]
+    return {path: np.concatenate(parts, axis=0) for path, parts in zip(paths, pieces)}
 
 
-def _trace(layers, batch: np.ndarray, keras_outputs: Callable[[], list]) -> list[LayerTrace]:
-    """Run the layers in numpy; an unsupported layer continues from Keras's output of it."""
-    traces = []
-    x = batch.astype(np.float64)
-    for index, layer in enumerate(layers):
+def _walk_numpy(model, batch: np.ndarray, keras_outputs: Callable[[], dict]) -> list[LayerTrace]:
+    """Run the model's graph in numpy, nested models opened, merges (Add, Concatenate, ...)
+    fed their inputs; an unsupported layer continues from Keras's own output of it."""
+    from cnnviz.explain._graph import walk
+
+    traces: list[LayerTrace] = []
+
+    def call_leaf(path, layer, args, kwargs):
         class_name = type(layer).__name__
+        x = args[0] if args else None
         try:
-            x = _compute_layer(layer, x)
-            traces.append(LayerTrace(layer.name, class_name, x))
-            continue
+            out = _compute_layer(layer, x)
+            traces.append(LayerTrace(path, class_name, out))
+            return out
         except _Unsupported as unsupported:
             reason = str(unsupported)
         # A config this pass does not understand is reported like a missing layer type.
-        except (KeyError, IndexError, TypeError, ValueError) as error:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
             reason = f"numpy pass failed: {type(error).__name__}: {error}"
-        traces.append(LayerTrace(layer.name, class_name, None, False, reason))
-        x = keras_outputs()[index]
+        traces.append(LayerTrace(path, class_name, None, False, reason))
+        return keras_outputs()[path]
+
+    walk(model, [batch.astype(np.float64)], call_leaf)
     return traces
 
 
@@ -634,39 +708,41 @@ def reference_forward(model, images) -> list[LayerTrace]:
     """Recompute the model layer by layer in plain numpy (float64).
 
     Args:
-        model: a built Keras model that is a chain of layers (Sequential or linear functional),
-            one input, one output, channels_last.
+        model: a built Keras model with one input, channels_last: Sequential or functional,
+            branches and merges (Add, Concatenate, ...) and nested models included.
         images: float array (N, H, W, C), or one image (H, W, C).
 
     Returns:
-        One LayerTrace per layer (InputLayer left out), in order. `output` has the layer's output
-        shape with the batch axis first. An unsupported layer has `supported=False`, a reason,
-        `output=None`, and Keras's own output of it feeds the next layer.
+        One LayerTrace per layer (InputLayer left out; a nested model's layers by path), in the
+        order the graph runs them. `output` has the layer's output shape with the batch axis
+        first. An unsupported layer has `supported=False`, a reason, `output=None`, and Keras's
+        own output of it feeds the layers after it.
 
     Raises:
-        CnnvizError: the model is not a chain of layers, or the images do not fit its input.
+        CnnvizError: the model has several inputs, or the images do not fit its input.
     """
-    layers = _linear_layers(model)
+    _single_input(model)
     batch = _model_batch(model, images)
     cache: list = []
 
-    def keras_outputs() -> list:
+    def keras_outputs() -> dict:
         if not cache:
-            cache.append(_keras_layer_outputs(model, layers, batch))
+            cache.append(_keras_outputs(model, batch))
         return cache[0]
 
-    return _trace(layers, batch, keras_outputs)
+    return _walk_numpy(model, batch, keras_outputs)
 
 
 def verify(model, images, *, tolerance: float = 1e-4, batch_size: int = 256) -> VerifyReport:
     """Compare every layer's numpy output with Keras's own output of that layer.
 
-    Keras's outputs come from one compiled `keras.Model(model.inputs, [every layer's output])`
-    (chunked by `batch_size`); the numpy pass runs on its own numbers from the input on, so a
-    difference anywhere shows up in that layer's row and the rows after it.
+    Keras's outputs come from one compiled model returning every layer's output (chunked by
+    `batch_size`); the numpy pass runs on its own numbers from the input on, so a difference
+    anywhere shows up in that layer's row and the rows after it. Graphs with branches, merges
+    (Add, Concatenate, Multiply, ...) and nested models are walked in the order they run.
 
     Args:
-        model: a built Keras model that is a chain of layers (see `reference_forward`).
+        model: a built Keras model with one input (see `reference_forward`).
         images: float array (N, H, W, C), or one image (H, W, C).
         tolerance: largest accepted max |numpy - keras| per layer (absolute, float32 Keras vs
             float64 numpy). Must be >= 0.
@@ -674,16 +750,17 @@ def verify(model, images, *, tolerance: float = 1e-4, batch_size: int = 256) -> 
 
     Returns:
         A VerifyReport: one row per layer; `report.ok` is False if any layer differs by more than
-        `tolerance` or could not be recomputed.
+        `tolerance` or could not be recomputed (its row says which and why).
     """
     if not tolerance >= 0:
         raise CnnvizError(f"tolerance must be >= 0; received tolerance={tolerance!r}")
-    layers = _linear_layers(model)
+    _single_input(model)
     batch = _model_batch(model, images)
-    expected = _keras_layer_outputs(model, layers, batch, batch_size)
-    traces = _trace(layers, batch, lambda: expected)
+    expected = _keras_outputs(model, batch, batch_size)
+    traces = _walk_numpy(model, batch, lambda: expected)
     rows = []
-    for trace, keras_output in zip(traces, expected):
+    for trace in traces:
+        keras_output = expected[trace.name]
         shape = tuple(int(size) for size in keras_output.shape[1:])
         if not trace.supported:
             rows.append(VerifyRow(trace.name, trace.class_name, shape, math.nan, False,
@@ -727,6 +804,9 @@ def format_table(report: VerifyReport) -> str:
         failed = [row.name for row in report.rows if not row.ok]
         verdict = (f"FAILED: {len(failed)} of {len(report.rows)} layers unsupported or "
                    f"differing by more than {report.tolerance:.0e}: {', '.join(failed)}")
+        unchecked = [f"{row.name} ({row.class_name})" for row in report.rows if row.reason]
+        if unchecked:
+            verdict += f"\ncannot check {len(unchecked)} layer(s): {', '.join(unchecked)}"
     return "\n".join([*table, "", verdict])
 
 
@@ -1035,7 +1115,8 @@ def explain_steps(model, image, *, max_params: int = 1000, max_positions: int = 
                      f"{_shape_text(x.shape)} -> {_shape_text(out.shape)}")
         lines.extend(body)
         x = out
-    keras_output = _keras_layer_outputs(model, layers[-1:], batch)[0][0]
+    last = layers[-1].name
+    keras_output = _keras_outputs(model, batch, paths=[last])[last][0]
     difference = float(np.max(np.abs(keras_output - x), initial=0.0))
     lines.extend([
         "",
