@@ -91,6 +91,64 @@ class ShapesOptions(_Strict):
     )
 
 
+# ------------------------------------------------------------------------------- augmentation
+# Each entry becomes the Keras preprocessing layer of the same name (keras.layers.RandomFlip,
+# ...), applied to training batches only, inside the tf.data pipeline on the CPU.
+Factor = Annotated[float, Field(ge=0.0, le=1.0)]
+FactorOrRange = Factor | Annotated[list[Annotated[float, Field(ge=-1.0, le=1.0)]],
+                                   Field(min_length=2, max_length=2)]
+FillMode = Literal["reflect", "wrap", "constant", "nearest"]
+
+
+class RandomFlip(_Strict):
+    type: Literal["random_flip"]
+    mode: Literal["horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
+
+
+class RandomRotation(_Strict):
+    type: Literal["random_rotation"]
+    factor: FactorOrRange = Field(
+        0.1, description="Fraction of a full turn: 0.1 rotates by up to +-36 degrees.")
+    fill_mode: FillMode = "reflect"
+
+
+class RandomZoom(_Strict):
+    type: Literal["random_zoom"]
+    height_factor: FactorOrRange = Field(
+        0.1, description="Zoom by up to this share of the height (negative: in, positive: out).")
+    width_factor: FactorOrRange | None = Field(
+        None, description="Default: the same zoom as the height (aspect ratio kept).")
+    fill_mode: FillMode = "reflect"
+
+
+class RandomTranslation(_Strict):
+    type: Literal["random_translation"]
+    height_factor: FactorOrRange = Field(0.1, description="Shift by up to this share of the height.")
+    width_factor: FactorOrRange = Field(0.1, description="Shift by up to this share of the width.")
+    fill_mode: FillMode = "reflect"
+
+
+class RandomContrast(_Strict):
+    type: Literal["random_contrast"]
+    factor: FactorOrRange = Field(
+        0.2, description="Scale the contrast around the mean by a factor in [1 - f, 1 + f].")
+
+
+class RandomBrightness(_Strict):
+    type: Literal["random_brightness"]
+    factor: FactorOrRange = Field(
+        0.2, description="Add up to this share of the value range (0..255) to every pixel.")
+
+
+AugmentConfig = Annotated[
+    RandomFlip | RandomRotation | RandomZoom | RandomTranslation | RandomContrast
+    | RandomBrightness,
+    Field(discriminator="type"),
+]
+AUGMENT_TYPES = ("random_flip", "random_rotation", "random_zoom", "random_translation",
+                 "random_contrast", "random_brightness")
+
+
 class DataConfig(_Strict):
     """Where images come from and how they are prepared."""
 
@@ -107,18 +165,22 @@ class DataConfig(_Strict):
         None, description="Resize images to [height, width]; null keeps the native size."
     )
     color_mode: Literal["grayscale", "rgb"] | None = Field(
-        None, description="directory source: read images as grayscale or rgb (default rgb)."
+        None, description="directory source: read images as grayscale or rgb (default rgb); "
+        "other modes are converted (see README, Image files)."
     )
     preprocessing: Literal["scale", "standardize", "mean_subtract", "none"] = Field(
         "scale",
-        description="scale: divide by scale_divisor into [0,1]; standardize: (x-mean)/std of the "
-        "training split; mean_subtract: x-mean (per channel); none: raw values.",
+        description="Done by the model's first layers (Keras Rescaling, Normalization), so the "
+        "saved model takes raw pixels: scale: divide by scale_divisor into [0,1]; standardize: "
+        "(x-mean)/std of the training split; mean_subtract: x-mean (per channel); none: raw "
+        "values.",
     )
     scale_divisor: float | None = Field(
         None,
         gt=0,
-        description="Divisor for `scale` and applied before standardize/mean_subtract; default: "
-        "the source's maximum (16 for digits, 255 for 8-bit images, 1 for shapes).",
+        description="Divisor for `scale` and applied before standardize/mean_subtract, in the "
+        "source's own units; default: the source's maximum (16 for digits, 255 for 8-bit images, "
+        "1 for shapes).",
     )
     validation_split: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of the training split held out for validation."
@@ -130,7 +192,35 @@ class DataConfig(_Strict):
         description="Share held out for testing, for sources without their own test split.",
     )
     limit: PositiveInt | None = Field(
-        None, description="Use at most this many training images (quick runs)."
+        None, description="Use at most this many training images, a stratified seeded subset "
+        "(quick runs)."
+    )
+    augment: list[AugmentConfig] = Field(
+        default_factory=list,
+        description="Random transformations of the training images (Keras preprocessing layers, "
+        "in this order): random_flip, random_rotation, random_zoom, random_translation, "
+        "random_contrast, random_brightness. See `cnnviz augment CONFIG`.",
+    )
+    cache: Literal["none", "memory", "disk"] = Field(
+        "none",
+        description="directory source: keep decoded images after the first epoch (tf.data cache) "
+        "in memory, or on disk (in <run>/cache, or data.cache_dir); for when decoding dominates.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Folder for data.cache: disk (default: the run directory's cache/)."
+    )
+    skip_bad_files: bool = Field(
+        False,
+        description="directory source: skip image files that cannot be read (and say which) "
+        "instead of stopping; every file is then decoded once before training.",
+    )
+    max_image_pixels: PositiveInt = Field(
+        89_478_485,
+        description="Refuse image files with more pixels than this, before decoding them "
+        "(Pillow's decompression-bomb limit, 89 megapixels).",
+    )
+    download_timeout: float = Field(
+        30.0, gt=0, description="Seconds a keras.datasets download may wait to connect or read."
     )
     test_limit: PositiveInt | None = Field(
         None, description="Use at most this many test images, a stratified seeded subset "
@@ -318,10 +408,59 @@ def check_layer_names(model: ModelConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------- train
+class CosineSchedule(_Strict):
+    """keras.optimizers.schedules.CosineDecay over the whole training, after a linear warm-up."""
+
+    type: Literal["cosine"]
+    warmup_epochs: float = Field(
+        0.0, ge=0.0, description="Epochs of linear warm-up from 0 to train.optimizer.learning_rate.")
+    min_learning_rate: float = Field(0.0, ge=0.0, description="The rate the cosine ends at.")
+
+
+class ExponentialSchedule(_Strict):
+    """keras.optimizers.schedules.ExponentialDecay: lr * decay_rate ** (epoch / decay_epochs)."""
+
+    type: Literal["exponential"]
+    decay_rate: float = Field(0.9, gt=0.0, lt=1.0)
+    decay_epochs: float = Field(1.0, gt=0.0)
+    staircase: bool = Field(False, description="Decay in whole steps of decay_epochs.")
+
+
+class StepSchedule(_Strict):
+    """keras.optimizers.schedules.PiecewiseConstantDecay: lr * factor every `every_epochs`."""
+
+    type: Literal["step"]
+    factor: float = Field(0.1, gt=0.0, lt=1.0)
+    every_epochs: PositiveInt = 10
+
+
+class PlateauSchedule(_Strict):
+    """keras.callbacks.ReduceLROnPlateau: lr * factor when `monitor` stops improving."""
+
+    type: Literal["plateau"]
+    monitor: str = "val_loss"
+    factor: float = Field(0.1, gt=0.0, lt=1.0)
+    patience: PositiveInt = 2
+    min_learning_rate: float = Field(0.0, ge=0.0)
+
+
+ScheduleConfig = Annotated[
+    CosineSchedule | ExponentialSchedule | StepSchedule | PlateauSchedule,
+    Field(discriminator="type"),
+]
+
+
 class OptimizerConfig(_Strict):
     name: Literal["adam", "sgd", "rmsprop"] = "adam"
     learning_rate: float = Field(1e-3, gt=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd and rmsprop only.")
+    schedule: ScheduleConfig | None = Field(
+        None,
+        description="Learning-rate schedule: cosine (warmup_epochs, min_learning_rate), "
+        "exponential (decay_rate, decay_epochs, staircase), step (factor, every_epochs) or "
+        "plateau (monitor, factor, patience, min_learning_rate). The rate of each epoch goes "
+        "into history.csv and curves.png.",
+    )
 
     @model_validator(mode="after")
     def _momentum_applies(self) -> OptimizerConfig:
@@ -350,6 +489,14 @@ class TrainConfig(_Strict):
         default_factory=lambda: ["accuracy"]
     )
     early_stopping: EarlyStoppingConfig | None = None
+    class_weight: Literal["balanced"] | dict[int | str, Annotated[float, Field(gt=0.0)]] | None = Field(
+        None,
+        description="Weight of each class in the loss: balanced (n / (classes x count), from the "
+        "training split) or a mapping of class name or index to weight (others: 1).",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Keras label smoothing of the cross-entropy targets."
+    )
     tensorboard: bool = Field(False, description="Write TensorBoard logs to <run>/tensorboard.")
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto: a GPU when TensorFlow sees one, else the CPU."
@@ -446,6 +593,16 @@ class Config(_Strict):
                 raise ValueError(
                     f"model.output.activation 'sigmoid' is for two classes; data has {classes}"
                 )
+        schedule = self.train.optimizer.schedule
+        if isinstance(schedule, CosineSchedule) and schedule.warmup_epochs >= self.train.epochs:
+            raise ValueError(
+                f"train.optimizer.schedule.warmup_epochs={schedule.warmup_epochs:g} leaves no "
+                f"epoch of the {self.train.epochs} (train.epochs) to decay; use fewer")
+        if (isinstance(schedule, PlateauSchedule) and schedule.monitor.startswith("val_")
+                and self.data.validation_split == 0):
+            raise ValueError(
+                f"train.optimizer.schedule.monitor {schedule.monitor!r} needs validation data; "
+                "set data.validation_split > 0 or monitor 'loss'")
         input_shape = native_input_shape(self.data)
         if input_shape is not None:
             check_layer_shapes(self.model, input_shape)

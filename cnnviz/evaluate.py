@@ -12,7 +12,7 @@ import heapq
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ class Mistake:
     """One wrongly classified image, with what the model said."""
 
     confidence: float  # probability of the (wrong) predicted class
-    image: np.ndarray  # (H, W, C) as it entered the model
+    image: np.ndarray  # (H, W, C) pixels as read (before any `prepare`)
     true_label: int
     predicted_label: int
     name: str  # file name or test-split index (test_0042)
@@ -166,7 +166,8 @@ def _cell(value: float) -> str:
 
 def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str]]],
              class_names: Sequence[str], *, top_k: int = 5, mistakes: int = MISTAKES,
-             source: str = "", progress=None) -> Evaluation:
+             source: str = "", prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+             progress=None) -> Evaluation:
     """Stream labelled batches through the model and accumulate every evaluation number.
 
     Args:
@@ -176,6 +177,9 @@ def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str
         top_k: k of the top-k accuracy (capped at K).
         mistakes: how many of the most confident mistakes to keep (with their images).
         source: what is evaluated, for titles.
+        prepare: maps a batch of pixels to model inputs (a bare .keras file's `--preprocess`);
+            None feeds them as they are (a cnnviz model preprocesses inside, DECISIONS D1).
+            The mistakes keep the pixels, for display.
         progress: called with the batch size after each batch (a progress bar's advance).
 
     Returns:
@@ -193,7 +197,8 @@ def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str
     seen = 0
     for images, labels, names in batches:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        probabilities = predict_probabilities(model, np.asarray(images, np.float32))
+        inputs = np.asarray(images, np.float32)
+        probabilities = predict_probabilities(model, inputs if prepare is None else prepare(inputs))
         if probabilities.shape[1] != count:
             raise CnnvizError(f"the model has {probabilities.shape[1]} outputs but the data has "
                               f"{count} classes ({', '.join(class_names)})")
@@ -229,6 +234,20 @@ def array_batches(images: np.ndarray, labels: np.ndarray, names: Sequence[str],
     for start in range(0, len(images), batch_size):
         stop = start + batch_size
         yield images[start:stop], labels[start:stop], names[start:stop]
+
+
+def split_batches(split, labels: np.ndarray, batch_size: int = 256):
+    """(images, labels, names) batches of a data split streamed through its tf.data pipeline
+    (the one training uses); `labels` replaces the split's own (classes mapped to the model's).
+    Names: the split's file names, else test_NNNN."""
+    width = len(str(max(len(split) - 1, 0)))
+    names = split.files if split.files is not None else [
+        f"test_{index:0{width}d}" for index in range(len(split))]
+    start = 0
+    for images, _ in split.pipeline(batch_size):
+        stop = start + int(images.shape[0])
+        yield images.numpy(), labels[start:stop], names[start:stop]
+        start = stop
 
 
 def write_evaluation(evaluation: Evaluation, folder: Path) -> tuple[Path, list]:
@@ -272,38 +291,61 @@ def evaluation_folder(run, source: Path, data: Path | None) -> Path:
 
 
 def evaluate_data(run, folder: Path, *, data: Path | None = None, top_k: int = 5,
-                  batch_size: int = 256):
-    """Evaluate a run on its own test split, or on `data` (a config's test split), and write
-    the files into `folder`.
+                  batch_size: int = 256, prepare: Callable[[np.ndarray], np.ndarray] | None = None):
+    """Evaluate a run on its own test split, on a config's test split, or on a folder of class
+    sub-folders (`data`), streaming, and write the files into `folder`. `prepare`: as in
+    `evaluate` (pixels -> inputs of a bare .keras model).
 
     Returns:
         (the `Evaluation`, evaluation.json's path, the figures as `report.FigureFile`s).
     """
     from cnnviz.report import class_names_of, progress_bar
 
-    class_names = class_names_of(run, int(run.model.outputs[0].shape[-1]))
-    if data is None:
-        if run.config is None:
-            raise CnnvizError("a bare .keras file has no test split; give --data CONFIG_OR_DIR")
-        dataset, source = run.dataset(), "the test split"
-    elif Path(data).suffix in (".yaml", ".yml"):
-        from cnnviz.config import load_config
-        from cnnviz.data import load_dataset
-
-        dataset, source = load_dataset(load_config(data)), f"the test split of {data}"
-    else:
-        raise CnnvizError(f"--data {data}: give a config file (.yaml)")
-    labels = _labels_in(dataset.y_test, dataset.class_names, class_names, str(data or "the run"))
-    count = len(labels)
-    width = len(str(max(count - 1, 0)))
-    names = [f"test_{index:0{width}d}" for index in range(count)]
-    with progress_bar(count, "evaluate") as bar:
-        task = bar.add_task("evaluate", total=count)
-        evaluation = evaluate(run.model, array_batches(dataset.x_test, labels, names, batch_size),
-                              class_names, top_k=top_k, source=source,
+    outputs = int(run.model.outputs[0].shape[-1])
+    class_names = class_names_of(run, outputs)
+    split, data_classes, source = _evaluation_split(run, data)
+    if run.config is None and run.directory is None and len(data_classes) == max(outputs, 2):
+        # A bare .keras file knows no class names: the folder's, in Keras's sorted order, are
+        # its classes (as image_dataset_from_directory labelled them for training).
+        class_names = list(data_classes)
+    labels = _labels_in(split.labels, data_classes, class_names, str(data or "the run"))
+    with progress_bar(len(split), "evaluate") as bar:
+        task = bar.add_task("evaluate", total=len(split))
+        evaluation = evaluate(run.model, split_batches(split, labels, batch_size), class_names,
+                              top_k=top_k, source=source, prepare=prepare,
                               progress=lambda done: bar.advance(task, done))
     data_file, figures = write_evaluation(evaluation, folder)
     return evaluation, data_file, figures
+
+
+def _evaluation_split(run, data: Path | None):
+    """(split, its class names, how to name it) for `evaluate_data`."""
+    if data is None:
+        if run.config is None:
+            raise CnnvizError("a bare .keras file has no test split; give --data CONFIG_OR_DIR")
+        dataset = run.dataset()
+        return dataset.test, dataset.class_names, "the test split"
+    data = Path(data)
+    if data.suffix in (".yaml", ".yml"):
+        from cnnviz.config import load_config
+        from cnnviz.data import load_dataset
+
+        dataset = load_dataset(load_config(data))
+        return dataset.test, dataset.class_names, f"the test split of {data}"
+    if not data.is_dir():
+        raise CnnvizError(f"--data {data}: give a config file (.yaml) or a folder of class "
+                          "sub-folders")
+    from cnnviz.data import Split
+    from cnnviz.data.folders import check_listing, list_class_folder
+    from cnnviz.images import MAX_IMAGE_PIXELS
+
+    max_pixels = run.config.data.max_image_pixels if run.config is not None else MAX_IMAGE_PIXELS
+    # Every file's header is checked first: a bad file is one line, not an error mid-stream.
+    listing = check_listing(list_class_folder(data), max_pixels=max_pixels, skip_bad_files=False)
+    height, width, channels = (int(size) for size in run.model.inputs[0].shape[1:])
+    split = Split(listing.labels, image_size=(height, width), channels=channels,
+                  files=listing.files, root=data, max_pixels=max_pixels)
+    return split, listing.class_names, str(data)
 
 
 def _labels_in(labels: np.ndarray, data_classes: Sequence[str], model_classes: Sequence[str],

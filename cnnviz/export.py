@@ -244,8 +244,8 @@ def check_images_for(run, count: int) -> tuple[np.ndarray, str]:
     """Images to compare the exported model on: the run's first test images, or (a bare .keras)
     seeded uniform noise over the input range the model expects."""
     if run.config is not None:
-        dataset = run.dataset()
-        images = np.asarray(dataset.x_test[:count], np.float32)
+        test = run.dataset().test
+        images = np.asarray(test.images(np.arange(min(count, len(test)))), np.float32)
         return images, f"the first {len(images)} test images"
     low, high = input_range_of(run.model)
     shape = tuple(int(size) for size in run.model.inputs[0].shape[1:])

@@ -56,13 +56,20 @@ def output_units(config: Config, num_classes: int) -> int:
     return num_classes
 
 
-def build_model(config: Config, input_shape: tuple[int, int, int], num_classes: int):
+def build_model(config: Config, input_shape: tuple[int, int, int], num_classes: int,
+                preprocessing=None):
     """Build the (uncompiled) Keras model the config describes.
+
+    The model begins with its preprocessing layers (Keras Rescaling, and Normalization for
+    standardize/mean_subtract), so it takes the data's raw pixel values (8-bit units for image
+    sources) and a saved model explains image files without anything else (DECISIONS D1).
 
     Args:
         config: a validated config.
         input_shape: (H, W, C) of one image.
         num_classes: classes in the data; sizes the output layer.
+        preprocessing: a `cnnviz.data.Preprocessing` (with the training split's statistics);
+            None: what the config asks for, statistics not yet measured (mean 0, std 1).
 
     Returns:
         A Sequential model, or a functional one when `model.backbone` is set (the backbone's
@@ -71,6 +78,10 @@ def build_model(config: Config, input_shape: tuple[int, int, int], num_classes: 
     import keras
 
     from cnnviz.config import check_layer_shapes
+    from cnnviz.data import config_preprocessing
+
+    if preprocessing is None:
+        preprocessing = config_preprocessing(config)
 
     try:
         check_layer_shapes(config.model, tuple(input_shape))
@@ -85,11 +96,16 @@ def build_model(config: Config, input_shape: tuple[int, int, int], num_classes: 
     )
     head = [_keras_layer(spec, name) for spec, name in zip(config.model.layers, layer_names(config.model.layers))]
     name = run_slug(config.name)  # TensorFlow refuses spaces and most punctuation in a model name
+    pixels = preprocessing.layers(input_shape[-1])
     if config.model.backbone is None:
-        return keras.Sequential([keras.Input(tuple(input_shape)), *head, output], name=name)
+        return keras.Sequential([keras.Input(tuple(input_shape)), *pixels, *head, output],
+                                name=name)
 
     inputs = keras.Input(tuple(input_shape))
-    backbone = _backbone(config.model.backbone, inputs, input_shape)
+    scaled = inputs
+    for layer in pixels:
+        scaled = layer(scaled)
+    backbone = _backbone(config.model.backbone, scaled, input_shape)
     taken = {layer.name for layer in backbone.layers} & {layer.name for layer in [*head, output]}
     if taken:
         raise CnnvizError(
@@ -177,14 +193,49 @@ def _layerwise(optimizer_class):
 _LAYERWISE: dict = {}
 
 
-def make_optimizer(config: Config, slow_layers: set[str] = frozenset()):
+def learning_rate(config: Config, steps_per_epoch: int = 1):
+    """`train.optimizer.learning_rate`, or a keras.optimizers.schedules schedule of it.
+
+    Schedules count optimizer steps; the config counts epochs of `steps_per_epoch` steps.
+    `plateau` is a callback (ReduceLROnPlateau, see train.py), so its rate starts constant.
+    """
+    import keras
+
+    spec = config.train.optimizer
+    schedule, rate = spec.schedule, spec.learning_rate
+    steps = max(1, int(steps_per_epoch))
+    if schedule is None or schedule.type == "plateau":
+        return rate
+    if schedule.type == "cosine":
+        warmup = round(schedule.warmup_epochs * steps)
+        decay = max(1, config.train.epochs * steps - warmup)
+        alpha = min(1.0, schedule.min_learning_rate / rate)
+        if warmup == 0:
+            return keras.optimizers.schedules.CosineDecay(rate, decay, alpha=alpha)
+        return keras.optimizers.schedules.CosineDecay(0.0, decay, alpha=alpha,
+                                                      warmup_target=rate, warmup_steps=warmup)
+    if schedule.type == "exponential":
+        return keras.optimizers.schedules.ExponentialDecay(
+            rate, max(1, round(schedule.decay_epochs * steps)), schedule.decay_rate,
+            staircase=schedule.staircase)
+    drops = range(schedule.every_epochs, config.train.epochs, schedule.every_epochs)
+    if not drops:
+        return rate
+    # PiecewiseConstantDecay keeps the old value AT a boundary: end each stretch one step
+    # early, so the epoch's first step already has its new rate.
+    return keras.optimizers.schedules.PiecewiseConstantDecay(
+        [epoch * steps - 1 for epoch in drops],
+        [rate * schedule.factor ** count for count in range(len(drops) + 1)])
+
+
+def make_optimizer(config: Config, slow_layers: set[str] = frozenset(), steps_per_epoch: int = 1):
     """The configured optimizer; backbone layers (`slow_layers`) learn at a reduced rate."""
     import keras
 
     spec = config.train.optimizer
     base = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
             "rmsprop": keras.optimizers.RMSprop}[spec.name]
-    kwargs = {"learning_rate": spec.learning_rate}
+    kwargs = {"learning_rate": learning_rate(config, steps_per_epoch)}
     if spec.name in ("sgd", "rmsprop"):
         kwargs["momentum"] = spec.momentum
     if not slow_layers:
@@ -204,8 +255,28 @@ def loss_name(config: Config) -> str:
     return "sparse_categorical_crossentropy"
 
 
-def compile_model(model, config: Config) -> None:
-    """Compile `model` for training as the config's `train` section says."""
+def one_hot_labels(config: Config) -> bool:
+    """Label smoothing needs one-hot targets: Keras's sparse cross-entropy has no smoothing."""
+    return config.train.label_smoothing > 0 and config.model.output.activation != "sigmoid"
+
+
+def make_loss(config: Config):
+    """The loss object: `loss_name`'s, or the smoothed cross-entropy (`train.label_smoothing`)."""
+    import keras
+
+    smoothing = config.train.label_smoothing
+    if not smoothing:
+        return loss_name(config)
+    if config.model.output.activation == "sigmoid":
+        return keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
+    return keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+
+
+def compile_model(model, config: Config, *, steps_per_epoch: int = 1) -> None:
+    """Compile `model` for training as the config's `train` section says.
+
+    `steps_per_epoch` converts a learning-rate schedule's epochs into optimizer steps.
+    """
     metrics = []
     for metric in config.train.metrics:
         if metric == "accuracy":
@@ -220,8 +291,8 @@ def compile_model(model, config: Config) -> None:
             metrics.append({"auc": keras.metrics.AUC, "precision": keras.metrics.Precision,
                             "recall": keras.metrics.Recall}[metric](name=metric))
     model.compile(
-        optimizer=make_optimizer(config, backbone_layer_names(model, config)),
-        loss=loss_name(config),
+        optimizer=make_optimizer(config, backbone_layer_names(model, config), steps_per_epoch),
+        loss=make_loss(config),
         metrics=metrics,
         jit_compile=config.train.jit_compile,
     )

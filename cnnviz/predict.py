@@ -1,8 +1,9 @@
 """Predictions for image files, streamed: files -> tf.data (decode, resize, batch) -> model -> rows.
 
-Files are read by `cnnviz.images` (the one reader, inside a parallel tf.data map), batched and
-prefetched; each batch goes through one compiled forward pass and becomes CSV rows at once, so
-memory is bounded by the batch, never by the number of files.
+Files go through the data package's own tf.data input (`cnnviz.data.Split.pipeline`: read by
+`cnnviz.images`, the one reader, in a parallel map, batched and prefetched); each batch goes
+through one compiled forward pass and becomes CSV rows at once, so memory is bounded by the
+batch, never by the number of files.
 """
 
 from __future__ import annotations
@@ -69,21 +70,21 @@ def _rows(model, paths: list[str], class_names: Sequence[str], shape: tuple[int,
           top_k: int, batch_size: int, prepare, progress) -> Iterator[list]:
     import tensorflow as tf
 
-    from cnnviz.images import load_image
+    from cnnviz.data import Split
     from cnnviz.trust.attribution import predict_probabilities
 
     height, width, channels = shape
-    pixels = (tf.data.Dataset.from_tensor_slices(paths)
-              .map(lambda path: load_image(path, (height, width), channels),
-                   num_parallel_calls=tf.data.AUTOTUNE)
-              .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    # The files as an unlabelled split: the same tf.data input (decode, resize, batch,
+    # prefetch) that training and evaluation stream through. Paths are used as given.
+    files = Split(np.zeros(len(paths), np.int32), image_size=(height, width),
+                  channels=channels, files=paths, root=Path())
     count = len(class_names)
     top_k = max(1, min(top_k, count))
     done = 0
-    batches = iter(pixels)
+    batches = iter(files.pipeline(batch_size))
     while done < len(paths):
         try:
-            batch = next(batches).numpy()
+            batch = next(batches)[0].numpy()
         except tf.errors.OpError:
             raise _decoding_error(paths[done:]) from None
         inputs = prepare(batch) if prepare is not None else batch

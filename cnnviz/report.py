@@ -21,7 +21,6 @@ from cnnviz.runs import Run, atomic_write_text, read_metrics, save_figure
 from cnnviz.trust.attribution import predict_probabilities
 
 CHUNK = 64  # images explained per batch: big enough to amortize, small enough to stay flat
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 @dataclass(frozen=True)
@@ -40,23 +39,127 @@ def save_captioned(figure, path: Path) -> FigureFile:
     return written
 
 
+class ImageFiles:
+    """Image files as a lazy (N, H, W, C) float32 array of model inputs: indexing reads only the
+    files asked for (a chunk at a time), so explaining a folder of any size stays flat.
+
+    The last chunk read is kept, so the figure of image i reads nothing again.
+
+    Args:
+        paths: the files.
+        input_shape: the model's (H, W, C).
+        prepare: 8-bit pixels (N, H, W, C) -> model inputs (`--preprocess` for a bare model);
+            None: the pixels themselves, what every cnnviz model of images takes (D1).
+        resize: "stretch", "crop" or "pad" (`cnnviz.images.read_images`).
+        max_pixels: refuse larger files before decoding them.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 4
+
+    def __init__(self, paths: Sequence[str | Path], input_shape: tuple[int, int, int], *,
+                 prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+                 resize: str = "stretch", max_pixels: int | None = None):
+        from cnnviz.images import MAX_IMAGE_PIXELS
+
+        self.paths = [str(path) for path in paths]
+        self.input_shape = tuple(int(side) for side in input_shape)
+        self.prepare = prepare
+        self.resize = resize
+        self.max_pixels = max_pixels or MAX_IMAGE_PIXELS
+        empty = np.zeros((0, *self.input_shape), np.float32)
+        self._held: tuple[list[int], np.ndarray, np.ndarray] = ([], empty, empty)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), *self.input_shape)
+
+    def _indices(self, key) -> list[int]:
+        if isinstance(key, slice):
+            return list(range(len(self))[key])
+        return [range(len(self))[int(i)] for i in np.asarray(key).reshape(-1)]
+
+    def _chunk(self, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(pixels, inputs) of `indices`, read unless they are the chunk held."""
+        from cnnviz.images import read_images
+
+        held, pixels, inputs = self._held
+        if indices == held:
+            return pixels, inputs
+        if len(indices) == 1 and indices[0] in held:
+            at = held.index(indices[0])
+            return pixels[at:at + 1], inputs[at:at + 1]
+        pixels = read_images([self.paths[i] for i in indices], self.input_shape,
+                             max_pixels=self.max_pixels, resize=self.resize)
+        inputs = pixels if self.prepare is None else self.prepare(pixels)
+        self._held = (indices, pixels, inputs)
+        return pixels, inputs
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return self._chunk(self._indices([key]))[1][0]
+        return self._chunk(self._indices(key))[1]
+
+    def pixels(self, key):
+        """The files' own 8-bit pixels at `key` (what figures show)."""
+        if isinstance(key, (int, np.integer)):
+            return self._chunk(self._indices([key]))[0][0]
+        return self._chunk(self._indices(key))[0]
+
+    @property
+    def display(self) -> _Display | None:
+        """What figures draw when the model input is not the pixels themselves, else None."""
+        return None if self.prepare is None else _Display(self)
+
+    def __array__(self, dtype=None, copy=None):
+        inputs = self[:]
+        return inputs if dtype is None else inputs.astype(dtype)
+
+
+class _Display:
+    """`ImageFiles` pixels scaled to [0, 1], indexed like the images (lazily)."""
+
+    def __init__(self, files: ImageFiles):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key):
+        return self.files.pixels(key) / np.float32(255.0)
+
+
 @dataclass
 class Selection:
     """Images to explain, as model inputs, with what is known about them."""
 
-    images: np.ndarray  # (N, H, W, C) float32, preprocessed like the training data
-    labels: np.ndarray  # (N,) int32 true class, -1 where unknown (image files)
-    names: list[str]  # file-name stems: test_0007, or the image file's stem
+    # (N, H, W, C) float32 model inputs (8-bit pixel units for cnnviz models of images);
+    # `ImageFiles` when they come from files, read a chunk at a time.
+    images: np.ndarray | ImageFiles
+    labels: np.ndarray  # (N,) int32 true class, -1 where unknown
+    names: list[str]  # output file-name stems: test_0007, or the image file's stem
     class_names: list[str]
     # What the percentages in captions are: the model's own probabilities, or ours of its logits.
     probability_label: str = "probability"
     # What figures show: the image files' own pixels (scaled to [0, 1]) where the model input
     # is a preprocessed tensor (caffe's BGR, [-1, 1], ...); None: the images themselves.
-    display: np.ndarray | None = None
+    display: np.ndarray | _Display | None = None
+    files: list[str] | None = None  # the image file each one is, named in the captions
 
     def shown(self, index: int) -> np.ndarray:
         """The image figures draw for image `index`: never a preprocessed tensor."""
         return (self.display if self.display is not None else self.images)[index]
+
+    def head(self, count: int) -> Selection:
+        """The first `count` images."""
+        first = slice(0, count)
+        return replace(self, images=self.images[first], labels=self.labels[first],
+                       names=self.names[first],
+                       display=None if self.display is None else self.display[first],
+                       files=None if self.files is None else self.files[first])
 
 
 # ----------------------------------------------------------------------------- image choice
@@ -102,10 +205,6 @@ def parse_class_spec(spec: str, count: int) -> list[int]:
     return parse_indices(spec, count, option="--classes", domain="the model's classes")
 
 
-def _looks_like_files(spec: str) -> bool:
-    return any(part.strip().lower().endswith(IMAGE_SUFFIXES) for part in spec.split(","))
-
-
 def class_names_of(run: Run, num_outputs: int) -> list[str]:
     """The run's class names (from metrics.json or the config), else "0", "1", ..."""
     names = read_metrics(run.directory).get("class_names")
@@ -116,59 +215,37 @@ def class_names_of(run: Run, num_outputs: int) -> list[str]:
     return [str(index) for index in range(max(num_outputs, 2))]
 
 
-def _preprocessing(run: Run):
-    from cnnviz.data import Preprocessing
+def _file_names(paths: list[Path]) -> list[str]:
+    """Output names for image files: their stems, with parent folders added where stems clash."""
+    depth = 1
+    while True:
+        names = ["_".join(path.with_suffix("").parts[-depth:]) for path in paths]
+        if len(set(names)) == len(names) or depth > max(len(path.parts) for path in paths):
+            return names if len(set(names)) == len(names) else [
+                f"{index:04d}_{name}" for index, name in enumerate(names)]
+        depth += 1
 
-    saved = read_metrics(run.directory).get("preprocessing")
-    if saved:
-        return Preprocessing.from_dict(saved)
-    return Preprocessing(kind="scale", divisor=255.0)
 
+def _prepare(run: Run, preprocess: str):
+    """pixels -> model inputs for image files, or None when the model takes the pixels.
 
-def read_pixels(paths: Sequence[Path], input_shape: tuple[int, int, int], *,
-                resize: str = "stretch") -> np.ndarray:
-    """Image files as pixels (N, H, W, C) float32 in 0..255, in the model's channels and size.
-
-    `resize`: "stretch", "crop" or "pad" (`cnnviz.preprocess.resize_pixels`).
+    A cnnviz run's model begins with its preprocessing layers and takes 8-bit pixels (D1);
+    data in other units (npz, inline) gets the file's range mapped onto the model's input range.
+    A bare .keras file takes what `--preprocess` says ("auto" resolved, with a note).
     """
-    from PIL import Image, UnidentifiedImageError
-
-    from cnnviz.preprocess import resize_pixels
-
-    height, width, channels = input_shape
-    images = []
-    for path in paths:
-        if not path.is_file():
-            raise CnnvizError(f"--images: image file {path} does not exist")
-        try:
-            with Image.open(path) as image:
-                converted = image.convert("L" if channels == 1 else "RGB")
-                pixels = np.asarray(converted, dtype=np.float32)
-        except UnidentifiedImageError:
-            raise CnnvizError(f"--images: {path} is not an image file PIL can read") from None
-        pixels = pixels.reshape(*pixels.shape[:2], channels)
-        images.append(np.clip(resize_pixels(pixels, (height, width), resize), 0.0, 255.0))
-    return np.stack(images)
-
-
-def load_image_files(paths: Sequence[Path], input_shape: tuple[int, int, int], preprocessing,
-                     *, resize: str = "stretch"):
-    """Read image files, convert to the model's channels and size, preprocess like training."""
-    pixels = read_pixels(paths, input_shape, resize=resize)
-    # An 8-bit file's full range stands for the data's full range (0..16 for digits).
-    raw = pixels / np.float32(255.0) * np.float32(preprocessing.divisor)
-    return preprocessing.apply(raw)
-
-
-def _bare_model_inputs(run: Run, pixels: np.ndarray, preprocess: str) -> np.ndarray:
-    """Inputs for a bare .keras file: the `--preprocess` mode ("auto" resolved, noted)."""
     from cnnviz.errors import CnnvizNotice
+    from cnnviz.explain._common import input_range
     from cnnviz.preprocess import prepare, resolve_mode
 
+    if run.config is not None:
+        low, high = input_range(run.model)
+        if (low, high) == (0.0, 255.0):
+            return None
+        return lambda pixels: low + pixels * np.float32((high - low) / 255.0)
     mode, note = resolve_mode(run.model, preprocess)
     if note:
-        warnings.warn(note, CnnvizNotice, stacklevel=2)
-    return prepare(pixels, mode)
+        warnings.warn(note, CnnvizNotice, stacklevel=3)
+    return None if mode == "none" else (lambda pixels: prepare(pixels, mode))
 
 
 def probability_label(model, output=None) -> str:
@@ -192,10 +269,15 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
                   resize: str = "stretch") -> Selection:
     """The images `--images` names: test-split indices of the run, or image files.
 
-    Image files are resized as `resize` says; a run prepares them as it recorded, a bare
-    .keras file as `preprocess` says (`cnnviz.preprocess.MODES`; a run refuses any but "auto").
+    Files: comma-separated files, folders and globs (`cnnviz.images.expand_image_spec`), read
+    by `cnnviz.images` and resized as `resize` says; a file in a folder named like a class
+    (`cat/001.jpg`) gets that class as its true label. A run's model takes the pixels (D1); a
+    bare .keras file gets them as `preprocess` says (`cnnviz.preprocess.MODES`; a run refuses
+    any but "auto"). Indices into a folder-trained run's test split read only those files,
+    from the lists the run recorded. Files are read a chunk at a time, never all at once.
     """
     from cnnviz.explain._compiled import require_built
+    from cnnviz.images import expand_image_spec
 
     require_built(run.model)
     index = _output(run.model, output)
@@ -203,34 +285,38 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
     num_outputs = int(run.model.outputs[index].shape[-1])
     class_names = class_names_of(run, num_outputs)
     label = probability_label(run.model, index)
-    recorded = run.config is not None
-    if recorded and preprocess != "auto":
+    if run.config is not None and preprocess != "auto":
         raise CnnvizError(
             f"--preprocess {preprocess} is for bare .keras files; {run.directory or 'this run'} "
             "prepares images as it recorded when it was trained"
         )
-    if _looks_like_files(spec):
-        paths = [Path(part.strip()) for part in spec.split(",") if part.strip()]
-        pixels = read_pixels(paths, input_shape, resize=resize)
-        if recorded:
-            preprocessing = _preprocessing(run)
-            images = preprocessing.apply(pixels / np.float32(255.0)
-                                         * np.float32(preprocessing.divisor))
-        else:
-            images = _bare_model_inputs(run, pixels, preprocess)
-        return Selection(images, np.full(len(paths), -1, np.int32),
-                         [path.stem for path in paths], class_names, label,
-                         display=pixels / np.float32(255.0))
+    max_pixels = run.config.data.max_image_pixels if run.config is not None else None
+    paths = expand_image_spec(spec)
+    if paths is not None:
+        labels = np.asarray([class_names.index(path.parent.name)
+                             if path.parent.name in class_names else -1 for path in paths],
+                            np.int32)
+        images = ImageFiles(paths, input_shape, prepare=_prepare(run, preprocess),
+                            resize=resize, max_pixels=max_pixels)
+        return Selection(images, labels, _file_names(paths), class_names, label,
+                         display=images.display, files=[str(path) for path in paths])
     dataset = run.dataset()
-    indices = parse_indices(spec, len(dataset.x_test))
-    width = len(str(len(dataset.x_test) - 1))
-    return Selection(dataset.x_test[indices], dataset.y_test[indices],
-                     [f"test_{index:0{width}d}" for index in indices], dataset.class_names,
-                     label)
+    test = dataset.test
+    indices = parse_indices(spec, len(test))
+    width = len(str(len(test) - 1))
+    names = [f"test_{index:0{width}d}" for index in indices]
+    if test.files is None:
+        return Selection(test.images(indices), test.labels[indices], names, dataset.class_names,
+                         label)
+    images = ImageFiles(test.paths(indices), input_shape, prepare=_prepare(run, preprocess),
+                        max_pixels=max_pixels)
+    return Selection(images, test.labels[indices], names, dataset.class_names, label,
+                     display=images.display, files=[test.files[index] for index in indices])
 
 
 # -------------------------------------------------------------------------------- batching
-def chunks(count: int, size: int = CHUNK) -> Iterator[slice]:
+def chunks(count: int, size: int | None = None) -> Iterator[slice]:
+    size = size or CHUNK
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))
 
@@ -280,7 +366,8 @@ def write_per_image(
 
 
 def caption(selection: Selection, index: int, probabilities: np.ndarray) -> str:
-    """`true 3 · predicted 3 (97% softmax probability)` (no true class for an image file)."""
+    """`true 3 · predicted 3 (97% softmax probability)`, after the image's file when it has one
+    (`cat/01.jpg · ...`), without the true class when it is unknown."""
     names = selection.class_names
     predicted = int(np.argmax(probabilities))
     predicted_name = names[predicted] if predicted < len(names) else str(predicted)
@@ -290,6 +377,8 @@ def caption(selection: Selection, index: int, probabilities: np.ndarray) -> str:
     if label >= 0:
         true_name = names[label] if label < len(names) else str(label)
         text = f"true {true_name} · {text}"
+    if selection.files is not None:
+        text = f"{selection.files[index]} · {text}"
     return text
 
 
@@ -563,7 +652,7 @@ def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int =
             class_names=selection.class_names, target_label=int(explained),
             true_label=label if label >= 0 else None,
             predicted_label=int(np.argmax(probabilities)), unoccluded_probability=float(intact),
-            title=f"Occlusion, {patch}x{patch} patches of {fill:g} — "
+            title=f"Occlusion, {patch}x{patch} patches at {fill:g} of the input range — "
                   f"{caption(selection, index, probabilities)}")
         return [(f"{selection.names[index]}.png", figure)]
 
@@ -701,10 +790,7 @@ def all_figures(run: Run, selection: Selection, folder: Path, *, feature_map_ima
 
     model = run.model
     conv_layers = list(conv_layers or conv_layer_names(model))
-    first = slice(0, feature_map_images)
-    first_images = replace(selection, images=selection.images[first],
-                           labels=selection.labels[first], names=selection.names[first],
-                           display=None if selection.display is None else selection.display[first])
+    first_images = selection.head(feature_map_images)
     layer = gradcam_layer(model)
     return [
         ("Saliency: vanilla, guided backpropagation, rectified (deconvnet), SmoothGrad",

@@ -181,6 +181,13 @@ def _save_through_temporary(save, path: Path, suffix: str) -> Path:
         os.replace(temporary, path)
     except OSError as error:
         raise CnnvizError(write_problem(path, error)) from None
+    except RuntimeError as error:
+        # h5py reports a failed write (a full disk) as RuntimeError("... errno = 28 ...").
+        number = re.search(r"errno = (\d+)", str(error))
+        if number is None:
+            raise
+        code = int(number.group(1))
+        raise CnnvizError(write_problem(path, OSError(code, os.strerror(code)))) from None
     finally:
         temporary.unlink(missing_ok=True)
     kill_point(f"{path.name}:renamed")
@@ -334,7 +341,8 @@ class Run:
         if self._dataset is None:  # several commands of one `cnnviz run` ask for it
             from cnnviz.data import load_dataset
 
-            self._dataset = load_dataset(self.config)
+            # A folder-trained run reads its recorded file lists: the folder is not listed.
+            self._dataset = load_dataset(self.config, run_dir=self.directory)
         return self._dataset
 
 

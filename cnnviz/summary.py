@@ -35,7 +35,7 @@ def model_from_config(config: Config):
         from cnnviz.data import load_dataset
 
         dataset = load_dataset(config)
-        return build_model(config, dataset.input_shape, dataset.num_classes)
+        return build_model(config, dataset.input_shape, dataset.num_classes, dataset.preprocessing)
     num_classes = _num_classes(config)
     return build_model(config, input_shape, num_classes)
 

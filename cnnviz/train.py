@@ -11,6 +11,8 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -614,23 +616,87 @@ def _versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _pipeline(images: np.ndarray, labels: np.ndarray, config: Config, *, shuffle: bool):
-    """The tf.data pipeline batched by the GLOBAL batch size; Keras splits each batch per replica."""
-    import tensorflow as tf
+def _shard(strategy) -> tuple[int, int] | None:
+    """(workers, this worker's index) under MultiWorkerMirroredStrategy, else None."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return None
+    spec = resolver.cluster_spec()
+    tasks = [(job, index) for job in ("chief", "worker") if job in spec.jobs
+             for index in range(spec.num_tasks(job))]
+    return len(tasks), tasks.index((resolver.task_type, int(resolver.task_id)))
 
-    from cnnviz.data import training_pipeline
 
-    data = training_pipeline(images, labels, config.train.batch_size, shuffle=shuffle,
-                             seed=config.seed)
-    if config.train.distribute == "multi_worker":
-        # Every worker holds the same arrays in the same shuffled order (same config, same
-        # seed), so each takes its share of every global batch; AUTO would try to shard by
-        # file first, and in-memory arrays have no files.
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA)
-        data = data.with_options(options)
-    return data
+@dataclass
+class _Inputs:
+    """The three tf.data pipelines of a training run and what they were built from."""
+
+    train: object
+    validation: object | None
+    test: object
+
+
+def _inputs(config: Config, dataset, run_dir: Path, strategy) -> _Inputs:
+    """The pipelines, batched by the GLOBAL batch size (Keras splits each batch per replica).
+
+    Training batches are shuffled and augmented; every worker of a multi-worker run decodes
+    only its share of the files (`Split.pipeline(workers=...)`).
+    """
+    from cnnviz.data import augmentation_layers, disk_cache
+    from cnnviz.model import one_hot_labels
+
+    data, batch = config.data, config.train.batch_size
+    workers = _shard(strategy) if config.train.distribute == "multi_worker" else None
+    common = {"workers": workers,
+              "one_hot": dataset.num_classes if one_hot_labels(config) else None}
+
+    def cache(name):
+        if data.cache == "none" or dataset.folder is None:
+            return None
+        if data.cache == "memory":
+            return ""
+        return disk_cache(Path(data.cache_dir) if data.cache_dir else run_dir / "cache", name,
+                          dataset.splits[name])
+
+    augment = augmentation_layers(data.augment, seed=config.seed,
+                                  value_range=dataset.value_range)
+    train_data = dataset.train.pipeline(batch, shuffle=True, seed=config.seed, augment=augment,
+                                        cache=cache("train"), **common)
+    has_validation = len(dataset.val) > 0 and data.validation_split > 0
+    validation = (dataset.val.pipeline(batch, cache=cache("val"), **common)
+                  if has_validation else None)
+    return _Inputs(train_data, validation, dataset.test.pipeline(batch, **common))
+
+
+def class_weights(config: Config, dataset) -> dict[int, float] | None:
+    """`train.class_weight` as {class index: weight} (Keras's `class_weight`), or None.
+
+    balanced: n / (classes x count of the class) over the training split, as scikit-learn's
+    `compute_class_weight("balanced")`; a mapping names classes by name or index.
+    """
+    wanted = config.train.class_weight
+    if wanted is None:
+        return None
+    names = dataset.class_names
+    if wanted == "balanced":
+        counts = np.bincount(dataset.train.labels, minlength=len(names))
+        present = counts > 0
+        weights = np.where(present, len(dataset.train.labels) / (present.sum() * np.maximum(counts, 1)), 1.0)
+        return {index: float(weight) for index, weight in enumerate(weights)}
+    resolved = {}
+    for key, weight in wanted.items():
+        if isinstance(key, int) or (isinstance(key, str) and key.isdigit() and key not in names):
+            index = int(key)
+            if not 0 <= index < len(names):
+                raise CnnvizError(f"train.class_weight: class {index} is not a class of the data "
+                                  f"(0..{len(names) - 1})")
+        elif key in names:
+            index = names.index(key)
+        else:
+            raise CnnvizError(f"train.class_weight: no class named {key!r}; classes: "
+                              f"{', '.join(names)}")
+        resolved[index] = float(weight)
+    return {index: resolved.get(index, 1.0) for index in range(len(names))}
 
 
 def _callbacks(config: Config, run_dir: Path, *, monitor: str, resuming: bool, backup: bool,
@@ -638,7 +704,8 @@ def _callbacks(config: Config, run_dir: Path, *, monitor: str, resuming: bool, b
     """Training's Keras callbacks, in the order Keras calls them at each epoch's end.
 
     The order makes a kill at any instant harmless: 1. CSVLogger writes the epoch's history
-    row; 2. callbacks that remember past epochs (EarlyStopping; LR schedules belong here too)
+    row (the learning-rate logger before it adds the epoch's rate to it); 2. callbacks that
+    remember past epochs (ReduceLROnPlateau, EarlyStopping)
     update their state and may stop training; 3. the checkpoints write (at most every
     `train.checkpoint_interval` seconds, always at the last epoch); 4. EpochCommit writes the
     epoch's backup and then training_metadata.json, the commit. An epoch is done once it is
@@ -657,6 +724,12 @@ def _callbacks(config: Config, run_dir: Path, *, monitor: str, resuming: bool, b
     best = checkpoint(str(run_dir / "checkpoints" / "best.keras"), monitor=monitor,
                       save_best_only=True, interval=interval, same_file_as=last)
     stateful = []
+    schedule = config.train.optimizer.schedule
+    if schedule is not None and schedule.type == "plateau":
+        # After CSVLogger: the rate it lowers is the next epoch's, logged with that epoch.
+        stateful.append(keras.callbacks.ReduceLROnPlateau(
+            monitor=schedule.monitor, factor=schedule.factor, patience=schedule.patience,
+            min_lr=schedule.min_learning_rate, verbose=0))
     if config.train.early_stopping is not None:
         stopping = config.train.early_stopping
         stateful.append(keras.callbacks.EarlyStopping(
@@ -665,6 +738,8 @@ def _callbacks(config: Config, run_dir: Path, *, monitor: str, resuming: bool, b
     stateful += [last, best]
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
+        # Puts the epoch's learning rate into the logs: before CSVLogger, which writes them.
+        _learning_rate_logger(),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resuming),
         *stateful,
     ]
@@ -674,6 +749,45 @@ def _callbacks(config: Config, run_dir: Path, *, monitor: str, resuming: bool, b
         callbacks.append(_commit_class()(run_dir / BACKUP_DIR, stateful=stateful, resumed=resumed))
     callbacks.extend(extra_callbacks)
     return callbacks
+
+
+def _learning_rate_logger():
+    """A callback putting `learning_rate` (the rate at the epoch's start) into each epoch's logs,
+    so history.csv and curves.png show what a schedule did."""
+    import keras
+
+    class LearningRateLogger(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["learning_rate"] = self.rate
+
+    return LearningRateLogger()
+
+
+@contextmanager
+def _bad_files_named(dataset, splits: tuple[str, ...]):
+    """Turn TensorFlow's decode failure in the middle of an epoch into one line naming the file.
+
+    Every file's header was checked before training; a file damaged inside is found only when
+    decoded. Then the splits' files are decoded once more, alone, to find which one it was.
+    """
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.InvalidArgumentError:
+        if dataset.folder is None:
+            raise
+        from cnnviz.data.folders import bad_files_error
+
+        paths = [path for name in splits for path in dataset.splits[name].paths()]
+        error = bad_files_error(dataset.folder, paths)
+        if error is None:
+            raise
+        raise error from None
 
 
 def _distributed_fixes(model, strategy, element_spec) -> None:
@@ -755,7 +869,7 @@ def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(
     multi_worker = config.train.distribute == "multi_worker"
     keras.utils.set_random_seed(config.seed)
     if dataset is None:
-        dataset = load_dataset(config)
+        dataset = load_dataset(config, log=log)
     model = _build(config, dataset, strategy)
 
     if not chief:
@@ -775,6 +889,11 @@ def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(
                        multi_worker=multi_worker, log=log)
     run_dir = claim.run_dir
     try:
+        recorded = _recorded_dataset(config, dataset, run_dir, log)
+        if recorded is not dataset:  # the folder changed since the run started: keep its splits
+            dataset = recorded
+            model = _build(config, dataset, strategy)
+        dataset.record(run_dir)
         try:
             resumed = _restore(model, strategy, run_dir, log) if not claim.created else None
         except _StartAgain:
@@ -798,6 +917,24 @@ def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(
         claim.lock.release()
 
 
+def _recorded_dataset(config: Config, dataset, run_dir: Path, log):
+    """A resumed folder run trains on the files it recorded, whatever happened to the folder
+    since: the recorded splits when they differ from `dataset`'s, else `dataset` itself."""
+    from cnnviz.data import load_dataset
+    from cnnviz.data.folders import has_split_files
+
+    if dataset.folder is None or not has_split_files(run_dir):
+        return dataset
+    recorded = load_dataset(config, run_dir=run_dir, log=log)
+    same = all(recorded.splits[name].files == split.files
+               for name, split in dataset.splits.items())
+    return dataset if same else recorded
+
+
+def _steps_per_epoch(config: Config, dataset) -> int:
+    return -(-len(dataset.train) // config.train.batch_size)
+
+
 def _print_flushed(line: str) -> None:
     print(line, flush=True)  # CI logs and tests read progress as it happens
 
@@ -815,13 +952,16 @@ def _build(config: Config, dataset, strategy):
     import keras
     import tensorflow as tf
 
+    from cnnviz.data import measure_statistics
     from cnnviz.model import build_model, compile_model
 
+    measure_statistics(dataset)  # standardize/mean_subtract: one streaming pass, before building
     previous_policy = keras.mixed_precision.global_policy()
     with strategy.scope():
         try:
-            model = build_model(config, dataset.input_shape, dataset.num_classes)
-            compile_model(model, config)
+            model = build_model(config, dataset.input_shape, dataset.num_classes,
+                                dataset.preprocessing)
+            compile_model(model, config, steps_per_epoch=_steps_per_epoch(config, dataset))
         except (MemoryError, tf.errors.ResourceExhaustedError) as error:
             raise CnnvizError(_out_of_memory(error)) from None
         finally:
@@ -862,36 +1002,42 @@ def _fit(config: Config, run_dir: Path, model, dataset, strategy, device: str, *
     """Fit, evaluate and save into `run_dir` (train's body, the same on every worker)."""
     import tensorflow as tf
 
+    from cnnviz.explain._common import input_range
+
     resume_epoch = resumed.epoch if resumed else 0
-    has_validation = len(dataset.x_val) > 0 and config.data.validation_split > 0
+    inputs = _inputs(config, dataset, run_dir, strategy)
     history_file = run_dir / "history.csv"
-    callbacks = _callbacks(config, run_dir, monitor="val_loss" if has_validation else "loss",
+    callbacks = _callbacks(config, run_dir,
+                           monitor="val_loss" if inputs.validation is not None else "loss",
                            resuming=resume_epoch > 0, backup=backup,
                            extra_callbacks=extra_callbacks, resumed=resumed)
     commit = next((callback for callback in callbacks if type(callback).__name__ == "EpochCommit"),
                   None)
-    train_data = _pipeline(dataset.x_train, dataset.y_train, config, shuffle=True)
     if config.train.distribute != "none":
-        _distributed_fixes(model, strategy, train_data.element_spec)
-    _replay_data_order(train_data, strategy, resume_epoch)
-    val_data = (_pipeline(dataset.x_val, dataset.y_val, config, shuffle=False)
-                if has_validation else None)
+        _distributed_fixes(model, strategy, inputs.train.element_spec)
+    _replay_data_order(inputs.train, strategy, resume_epoch)
+    weights = class_weights(config, dataset)
     # An early-stopped run that was killed before its end does not train on.
     epochs = resume_epoch if resumed is not None and resumed.stopped else config.train.epochs
     started = time.perf_counter()
     try:
-        history = model.fit(train_data, validation_data=val_data, epochs=epochs,
-                            initial_epoch=resume_epoch, callbacks=callbacks,
-                            verbose=_keras_verbose(config.train.verbose),
-                            shuffle=False)  # the pipeline shuffles; Keras would warn it ignores True
+        with _bad_files_named(dataset, ("train", "val")), warnings.catch_warnings():
+            # A pipeline sharded by file has no length Keras can read (see Split.pipeline):
+            # Keras learns it when the first epoch's data ends, and warns that it ran out.
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            history = model.fit(inputs.train, validation_data=inputs.validation, epochs=epochs,
+                                initial_epoch=resume_epoch, callbacks=callbacks,
+                                verbose=_keras_verbose(config.train.verbose), class_weight=weights,
+                                shuffle=False)  # the pipeline shuffles; Keras would warn otherwise
     except tf.errors.ResourceExhaustedError as error:
         raise CnnvizError(_out_of_memory(error)) from None
     except OSError as error:  # Keras's own writers (CSVLogger, TensorBoard)
         raise CnnvizError(f"cannot write into {run_dir}: {error.strerror or error}") from None
     seconds = time.perf_counter() - started
 
-    test_data = _pipeline(dataset.x_test, dataset.y_test, config, shuffle=False)
-    evaluation = model.evaluate(test_data, verbose=0, return_dict=True)
+    with _bad_files_named(dataset, ("test",)), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        evaluation = model.evaluate(inputs.test, verbose=0, return_dict=True)
     full_history = read_history(history_file)
     epochs_done = len(full_history.get("epoch", [])) or len(history.history.get("loss", []))
     segments = (commit.all_segments(epochs_done, seconds) if commit is not None else
@@ -909,15 +1055,20 @@ def _fit(config: Config, run_dir: Path, model, dataset, strategy, device: str, *
         "seconds": round(total_seconds, 3),
         "segments": segments,
         "train_images_per_second": round(
-            len(dataset.x_train) * epochs_done / max(total_seconds, 1e-9), 1),
+            len(dataset.train) * epochs_done / max(total_seconds, 1e-9), 1),
         "device": device,
         "distribute": config.train.distribute,
         "replicas": int(strategy.num_replicas_in_sync),
         "batch_size": int(config.train.batch_size),
-        "train_images": len(dataset.x_train),
-        "test_images": len(dataset.x_test),
+        "train_images": len(dataset.train),
+        "validation_images": len(dataset.val) if inputs.validation is not None else 0,
+        "test_images": len(dataset.test),
         "class_names": dataset.class_names,
         "preprocessing": dataset.preprocessing.to_dict(),
+        "input_range": list(input_range(model)),
+        **({"class_weight": {dataset.class_names[index]: weight
+                             for index, weight in weights.items()}} if weights else {}),
+        **({"skipped_files": len(dataset.skipped)} if dataset.skipped else {}),
         "versions": _versions(),
     }
     save_model(model, run_dir / "model.keras")

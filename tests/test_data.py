@@ -1,5 +1,6 @@
-"""Every data source loads real files into the same split arrays; the downloading ones from the
-Keras cache (a planted file in a temporary KERAS_HOME), never from the network."""
+"""Every data source loads real files into the same three splits, in the model's input units
+(8-bit pixel units for image sources, DECISIONS D1); the downloading ones from the Keras cache
+(a planted file in a temporary KERAS_HOME), never from the network."""
 
 import gzip
 import pickle
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cnnviz.config import validate
-from cnnviz.data import load_dataset, training_pipeline
+from cnnviz.data import load_dataset, measure_statistics
 from cnnviz.errors import CnnvizError
 
 MODEL = {"layers": [{"type": "flatten"}]}
@@ -48,7 +49,8 @@ def test_digits_is_the_real_scikit_learn_set_resized_and_split():
     total = len(data.x_train) + len(data.x_val) + len(data.x_test)
     assert total == 1797
     assert data.x_train.shape[1:] == (28, 28, 1) and data.x_train.dtype == np.float32
-    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 255.0 + 1e-3
+    assert data.x_train.max() > 200, "8-bit pixel units, not [0, 1]"
     assert data.class_names == [str(digit) for digit in range(10)]
     assert abs(len(data.x_test) / 1797 - 0.2) < 0.01
     # stratified: every class in every split
@@ -56,15 +58,23 @@ def test_digits_is_the_real_scikit_learn_set_resized_and_split():
         assert set(np.unique(labels)) == set(range(10))
 
 
-def test_digits_native_size_scales_by_16():
+def test_digits_native_size_is_in_8_bit_units_and_the_model_divides_by_255():
     from sklearn.datasets import load_digits
 
-    data = load_dataset(_config({"source": "digits", "validation_split": 0.0}))
+    from cnnviz.model import build_model
+
+    config = _config({"source": "digits", "validation_split": 0.0})
+    data = load_dataset(config)
     assert data.x_train.shape[1:] == (8, 8, 1)
     raw = load_digits().images
-    # each training image equals some raw digit / 16
+    # each training image equals some raw digit * 255/16 (0..16 -> 8-bit units)
     first = data.x_train[0, :, :, 0]
-    assert np.min(np.abs(raw / 16.0 - first).reshape(len(raw), -1).max(axis=1)) < 1e-6
+    assert np.min(np.abs(raw * 255 / 16 - first).reshape(len(raw), -1).max(axis=1)) < 1e-4
+    # ... and the model's own first layer brings it back to raw / 16, the old training scale.
+    model = build_model(config, data.input_shape, data.num_classes, data.preprocessing)
+    assert type(model.layers[0]).__name__ == "Rescaling"
+    np.testing.assert_allclose(model.layers[0](data.x_train[:4]), data.x_train[:4] / 255,
+                               atol=1e-6)
 
 
 def test_splits_are_reproducible_and_seed_dependent():
@@ -82,7 +92,7 @@ def test_mnist_loads_from_the_keras_cache(keras_home):
              x_test=x_test, y_test=y_test)
     data = load_dataset(_config({"source": "mnist", "validation_split": 0.2}))
     assert len(data.x_train) == 40 and len(data.x_val) == 10
-    np.testing.assert_allclose(data.x_test[..., 0], x_test / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(data.x_test[..., 0], x_test)
     np.testing.assert_array_equal(data.y_test, y_test)
 
 
@@ -109,7 +119,7 @@ def test_fashion_mnist_loads_from_the_keras_cache(keras_home):
     _write_idx(folder / "t10k-labels-idx1-ubyte.gz", y_test, 8)
     _write_idx(folder / "t10k-images-idx3-ubyte.gz", x_test, 16)
     data = load_dataset(_config({"source": "fashion_mnist", "validation_split": 0.0}))
-    np.testing.assert_allclose(data.x_test[..., 0], x_test / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(data.x_test[..., 0], x_test)
     assert data.class_names[0] == "T-shirt/top" and data.class_names[9] == "Ankle boot"
 
 
@@ -132,7 +142,7 @@ def test_cifar10_loads_and_extracts_from_the_keras_cache(tmp_path, keras_home):
         archive.add(source, arcname="cifar-10-batches-py")
     data = load_dataset(_config({"source": "cifar10", "validation_split": 0.0}))
     assert data.x_train.shape == (20, 32, 32, 3)
-    np.testing.assert_allclose(data.x_test, test_images / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(data.x_test, test_images)
     assert data.class_names[:2] == ["airplane", "automobile"]
 
 
@@ -155,8 +165,8 @@ def test_directory_source_one_folder_per_class(tmp_path):
     assert data.class_names == ["cat", "dog"]
     assert data.x_train.shape[1:] == (12, 10, 3)
     for images, labels in ((data.x_train, data.y_train), (data.x_test, data.y_test)):
-        expected = np.where(labels == 0, 40 / 255, 190 / 255)
-        np.testing.assert_allclose(images.mean(axis=(1, 2, 3)), expected, atol=1e-4)
+        expected = np.where(labels == 0, 40, 190)
+        np.testing.assert_allclose(images.mean(axis=(1, 2, 3)), expected, atol=1e-3)
 
 
 def test_npz_source_with_class_names_and_standardize(tmp_path):
@@ -165,12 +175,22 @@ def test_npz_source_with_class_names_and_standardize(tmp_path):
     np.savez(path, x_train=rng.normal(5, 3, (40, 6, 6, 2)).astype(np.float32),
              y_train=np.arange(40) % 2, x_test=rng.normal(5, 3, (8, 6, 6, 2)).astype(np.float32),
              y_test=np.arange(8) % 2, class_names=np.array(["no", "yes"]))
-    data = load_dataset(_config({"source": "npz", "path": str(path),
-                                 "preprocessing": "standardize", "scale_divisor": 1,
-                                 "validation_split": 0.0}))
+    config = _config({"source": "npz", "path": str(path), "preprocessing": "standardize",
+                      "scale_divisor": 1, "validation_split": 0.0})
+    data = load_dataset(config)
     assert data.class_names == ["no", "yes"]
-    np.testing.assert_allclose(data.x_train.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
-    np.testing.assert_allclose(data.x_train.std(axis=(0, 1, 2)), 1.0, atol=1e-4)
+    measure_statistics(data)  # one streaming pass, batch by batch
+    np.testing.assert_allclose(data.preprocessing.mean, data.x_train.mean(axis=(0, 1, 2)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(data.preprocessing.std, data.x_train.std(axis=(0, 1, 2)),
+                               rtol=1e-4)
+    # The model standardizes its own input: the training images come out mean 0, std 1.
+    from cnnviz.model import build_model
+
+    model = build_model(config, data.input_shape, 2, data.preprocessing)
+    standardized = np.asarray(model.layers[1](model.layers[0](data.x_train)))
+    np.testing.assert_allclose(standardized.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(standardized.std(axis=(0, 1, 2)), 1.0, atol=1e-4)
 
 
 def test_mean_subtraction_uses_the_training_mean(tmp_path):
@@ -178,9 +198,15 @@ def test_mean_subtraction_uses_the_training_mean(tmp_path):
     x_train = np.full((4, 3, 3, 1), 10.0, dtype=np.float32)
     x_test = np.full((2, 3, 3, 1), 12.0, dtype=np.float32)
     np.savez(path, x_train=x_train, y_train=[0, 1, 0, 1], x_test=x_test, y_test=[0, 1])
-    data = load_dataset(_config({"source": "npz", "path": str(path), "scale_divisor": 2,
-                                 "preprocessing": "mean_subtract", "validation_split": 0.0}))
-    np.testing.assert_allclose(data.x_test, 1.0)  # 12/2 - 10/2
+    config = _config({"source": "npz", "path": str(path), "scale_divisor": 2,
+                      "preprocessing": "mean_subtract", "validation_split": 0.0})
+    data = load_dataset(config)
+    measure_statistics(data)
+    from cnnviz.model import build_model
+
+    model = build_model(config, data.input_shape, 2, data.preprocessing)
+    scaled = model.layers[1](model.layers[0](data.x_test))
+    np.testing.assert_allclose(scaled, 1.0)  # 12/2 - 10/2
 
 
 def test_npz_missing_arrays_named(tmp_path):
@@ -195,22 +221,90 @@ def test_missing_path_named(tmp_path):
         load_dataset(_config({"source": "directory", "path": str(tmp_path / "nowhere")}))
 
 
-def test_toy_inline_examples_are_divided_by_nine():
+def test_toy_inline_examples_keep_their_units_and_the_model_divides_by_nine():
     from cnnviz.config import load_config
+    from cnnviz.explain._common import input_range
+    from cnnviz.model import build_model
 
-    data = load_dataset(load_config("configs/toy4x4.yaml"))
-    expected = np.array([[1, 2, 3, 3], [2, 3, 4, 5], [4, 5, 6, 7], [1, 3, 4, 6]]) / 9
-    np.testing.assert_allclose(data.x_train[0, :, :, 0], expected, atol=1e-7)
+    config = load_config("configs/toy4x4.yaml")
+    data = load_dataset(config)
+    expected = np.array([[1, 2, 3, 3], [2, 3, 4, 5], [4, 5, 6, 7], [1, 3, 4, 6]])
+    np.testing.assert_allclose(data.x_train[0, :, :, 0], expected)
     np.testing.assert_array_equal(data.y_train, [0, 1])
+    model = build_model(config, data.input_shape, 2, data.preprocessing)
+    np.testing.assert_allclose(model.layers[0](data.x_train)[0, :, :, 0], expected / 9, atol=1e-7)
+    assert input_range(model) == (0.0, 9.0)
 
 
-def test_training_pipeline_batches_and_prefetches():
+def test_training_pipeline_batches_shuffles_and_prefetches():
     import tensorflow as tf
 
-    images = np.arange(10 * 2 * 2, dtype=np.float32).reshape(10, 2, 2, 1)
-    pipeline = training_pipeline(images, np.arange(10), 4, shuffle=True, seed=0)
+    data = load_dataset(_config({"source": "digits", "validation_split": 0.0}))
+    pipeline = data.train.pipeline(64, shuffle=True, seed=0)
     batches = list(pipeline.as_numpy_iterator())
-    assert [len(batch[0]) for batch in batches] == [4, 4, 2]
-    assert sorted(np.concatenate([labels for _, labels in batches]).tolist()) == list(range(10))
+    assert [len(batch[0]) for batch in batches[:-1]] == [64] * (len(batches) - 1)
+    assert sum(len(labels) for _, labels in batches) == len(data.train)
+    assert sorted(np.concatenate([labels for _, labels in batches]).tolist()) == sorted(
+        data.train.labels.tolist())
+    again = np.concatenate([labels for _, labels in pipeline.as_numpy_iterator()])
+    assert not np.array_equal(again, np.concatenate([labels for _, labels in batches])), (
+        "every epoch is reshuffled")
     assert isinstance(pipeline, tf.data.Dataset)
     assert "PrefetchDataset" in repr(pipeline._variant_tensor), "input must be prefetched"
+    # Batches are the split's own images, read through the pipeline.
+    first_images, first_labels = next(data.test.pipeline(8).as_numpy_iterator())
+    np.testing.assert_array_equal(first_images, data.test.images(range(8)))
+    np.testing.assert_array_equal(first_labels, data.test.labels[:8])
+
+
+def test_in_memory_sources_hold_the_raw_uint8_array_once(keras_home):
+    x_train = _fake_images(300, (28, 28), 0)
+    np.savez(keras_home / "datasets" / "mnist.npz", x_train=x_train, y_train=np.arange(300) % 10,
+             x_test=_fake_images(50, (28, 28), 1), y_test=np.arange(50) % 10)
+    data = load_dataset(_config({"source": "mnist", "validation_split": 0.2}))
+    # Train and validation are rows of one uint8 array, not copies of it.
+    assert data.train._pixels is data.val._pixels
+    assert data.train._pixels.array.dtype == np.uint8
+    assert data.train._pixels.array.shape == (300, 28, 28, 1), "one array for both splits"
+    assert len(np.intersect1d(data.train.rows, data.val.rows)) == 0
+    assert len(data.train) + len(data.val) == 300
+    list(data.train.pipeline(64).take(1))  # the TensorFlow copy replaces the numpy one
+    assert not data.train._pixels.array.flags.owndata
+
+
+def test_limit_takes_a_stratified_subset():
+    data = load_dataset(_config({"source": "digits", "limit": 200, "validation_split": 0.0}))
+    assert len(data.train) == 200
+    counts = np.bincount(data.train.labels, minlength=10)
+    assert counts.min() >= 18 and counts.max() <= 22, counts
+
+
+def test_a_stalled_download_times_out_with_a_one_line_way_out(tmp_path, monkeypatch):
+    """A server that accepts the connection and never answers: the read timeout ends it."""
+    import socket
+    import threading
+    import time
+
+    from cnnviz.data.sources import fetch
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    origin = f"http://127.0.0.1:{server.getsockname()[1]}/mnist.npz"
+    started = time.perf_counter()
+    try:
+        with pytest.raises(CnnvizError) as raised:
+            fetch("mnist.npz", origin, timeout=0.5)
+    finally:
+        server.close()
+    assert time.perf_counter() - started < 30
+    message = str(raised.value)
+    assert accepted, "it connected, then waited for an answer"
+    assert "\n" not in message
+    assert (f"could not download mnist.npz from {origin} (no answer within 0.5 s "
+            "(data.download_timeout))") in message
+    assert f"put the file in {tmp_path / 'datasets'} or set data.path" in message
+    assert not (tmp_path / "datasets" / "mnist.npz").exists(), "no partial file left"

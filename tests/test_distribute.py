@@ -212,6 +212,58 @@ def test_two_worker_processes_train_one_model_and_only_the_chief_writes(tmp_path
     assert not list(scratch[1].iterdir()), "the non-chief removes its temporary folder"
 
 
+@pytest.mark.slow
+def test_two_workers_sharding_an_image_folder_by_file_compute_what_one_process_does(tmp_path):
+    """Each worker decodes half the files (Split.pipeline shards the shuffled file list); the
+    two halves of every global batch are the batch one process would take, so the losses match.
+    """
+    from _folders import folder_config, make_folder
+
+    from cnnviz.config import dump_config
+    from cnnviz.train import train
+
+    root = make_folder(tmp_path / "data")
+    config = folder_config(root, validation_split=0.0)  # 36 training files: an even share each
+    config_file = tmp_path / "folder.yaml"
+    config_file.write_text(dump_config(config))
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+    processes = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "cnnviz.cli", "train", str(config_file), "--out",
+             str(tmp_path / f"out{index}"), "--set", "train.distribute=multi_worker"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=_environment(TF_CONFIG=tf_config)))
+    single = train(config, tmp_path / "single", log=lambda line: None)  # meanwhile, here
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=240)[0])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    run_dir = next((tmp_path / "out0" / "folder").iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["replicas"] == 2 and metrics["distribute"] == "multi_worker"
+
+    def losses(directory):
+        import csv
+
+        return [float(row["loss"]) for row in csv.DictReader((directory / "history.csv").open())]
+
+    # The first epoch sees the same batches from the same weights; rounding then drifts a little.
+    assert losses(run_dir)[0] == pytest.approx(losses(single.run_dir)[0], rel=1e-4)
+    assert losses(run_dir) == pytest.approx(losses(single.run_dir), rel=2e-2)
+    assert metrics["test_accuracy"] == single.metrics["test_accuracy"] == 1.0
+    assert metrics["test_loss"] == pytest.approx(single.metrics["test_loss"], abs=5e-3)
+    assert "Your input ran out of data" not in outputs[0] + outputs[1]
+
+
 # ----------------------------------------------------------------- in this pytest process
 def _config(*options):
     return load_config(DIGITS, ["train.epochs=1", *SMALL, "data.limit=200", *options])

@@ -164,3 +164,17 @@ def test_a_section_is_appended_to_an_index_written_without_index_json(tmp_path):
     add_index_section(tmp_path, "Evaluation", [_figure(tmp_path, "cm.png")])
     page = (tmp_path / "index.html").read_text()
     assert "curves.png" in page and "cm.png" in page and page.index("curves") < page.index("cm.png")
+
+
+def test_test_limit_keeps_a_stratified_seeded_subset_of_the_test_split():
+    from cnnviz.config import load_config
+    from cnnviz.data import load_dataset
+
+    digits = Path(__file__).parent.parent / "configs" / "digits.yaml"
+    full = load_dataset(load_config(digits)).test
+    limited = load_dataset(load_config(digits, ["data.test_limit=50"])).test
+    again = load_dataset(load_config(digits, ["data.test_limit=50"])).test
+    assert len(limited) == 50 and np.array_equal(limited.rows, again.rows)
+    assert set(limited.rows) <= set(full.rows), "a subset of the same test split"
+    counts = np.bincount(limited.labels, minlength=10)
+    assert counts.min() >= 4 and counts.max() <= 6, f"each class in its share: {counts}"

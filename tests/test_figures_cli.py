@@ -149,18 +149,19 @@ def test_default_folder_is_inside_the_run(digits_run):
 
 @pytest.mark.slow
 def test_image_files_are_preprocessed_like_the_training_data(digits_run, tmp_path):
-    """A test image saved as an 8-bit PNG and read back gets the run's prediction."""
+    """A test image saved as an 8-bit PNG and read back is the same model input (8-bit units,
+    DECISIONS D1): the model's own Rescaling layer does the rest."""
     from cnnviz.report import select_images
     from cnnviz.runs import load_run
 
     run = load_run(digits_run)
     test_images = run.dataset().x_test[:4]
     for index, image in enumerate(test_images):
-        Image.fromarray(np.round(image[..., 0] * 255).astype(np.uint8)).save(tmp_path / f"d{index}.png")
+        Image.fromarray(np.round(image[..., 0]).astype(np.uint8)).save(tmp_path / f"d{index}.png")
     spec = ",".join(str(tmp_path / f"d{index}.png") for index in range(4))
     from_files = select_images(run, spec)
     assert from_files.names == ["d0", "d1", "d2", "d3"]
-    np.testing.assert_allclose(from_files.images, test_images, atol=1 / 255)
+    np.testing.assert_allclose(np.asarray(from_files.images), test_images, atol=0.5)
     result, paths = _invoke("saliency", digits_run, "--images", spec, "--method", "guided",
                             "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output

@@ -16,12 +16,15 @@ def _built(name, num_classes=10):
 def test_mnist_is_the_classic_keras_cnn():
     model = _built("mnist")
     assert [layer.count_params() for layer in model.layers] == [
-        320, 18_496, 0, 0, 0, 1_179_776, 0, 1_290]
+        0, 320, 18_496, 0, 0, 0, 1_179_776, 0, 1_290]
     assert model.count_params() == 1_199_882
     assert model.layers[-1].name == "preds"
+    # The preprocessing is the model's first layer (DECISIONS D1): it takes 8-bit pixels.
     assert [type(layer).__name__ for layer in model.layers] == [
-        "Conv2D", "Conv2D", "MaxPooling2D", "Dropout", "Flatten", "Dense", "Dropout", "Dense"]
-    assert model.layers[3].rate == 0.25 and model.layers[6].rate == 0.5
+        "Rescaling", "Conv2D", "Conv2D", "MaxPooling2D", "Dropout", "Flatten", "Dense",
+        "Dropout", "Dense"]
+    assert model.layers[0].scale == pytest.approx(1 / 255)
+    assert model.layers[4].rate == 0.25 and model.layers[7].rate == 0.5
 
 
 def test_toy4x4_has_twelve_parameters_and_one_sigmoid_unit():
@@ -48,9 +51,9 @@ def test_layer_names_are_stable_and_options_are_applied():
         {"type": "dense", "units": 7, "activation": "sigmoid"}]}})
     model = build_model(config, (8, 8, 1), 4)
     assert [layer.name for layer in model.layers] == [
-        "conv2d_1", "conv2d_2", "avg_pool2d_1", "batch_norm_1", "global_avg_pool2d_1",
-        "dense_1", "preds"]
-    first = model.layers[0]
+        "input_rescaling", "conv2d_1", "conv2d_2", "avg_pool2d_1", "batch_norm_1",
+        "global_avg_pool2d_1", "dense_1", "preds"]
+    first = model.layers[1]
     assert first.kernel_size == (3, 2) and first.strides == (2, 2) and first.padding == "same"
     assert first.activation.__name__ == "leaky_relu"
     assert model.outputs[0].shape[-1] == 4

@@ -82,16 +82,29 @@ def test_show_image_grayscale_uses_gray_and_keeps_unit_range_values():
     np.testing.assert_allclose(drawn.get_array(), GRAY[..., 0])  # [0, 1] drawn as it is
 
 
-def test_show_image_rgb_of_any_range_is_scaled_for_display_only():
+def test_show_image_8_bit_pixels_keep_their_brightness():
+    """cnnviz models take 8-bit pixels (DECISIONS D1): a dim image stays dim, not stretched."""
     fig = Figure()
-    original = RGB_0_255.copy()
-    drawn = show_image(fig.add_subplot(), RGB_0_255)
+    dim = (RGB_0_255 * 0.5).astype(np.float32)  # 0..127
+    original = dim.copy()
+    drawn = show_image(fig.add_subplot(), dim)
+    shown = np.asarray(drawn.get_array())
+    assert shown.shape == (16, 16, 3)
+    np.testing.assert_allclose(shown, original / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(dim, original)  # caller's array untouched
+
+
+def test_show_image_rgb_of_any_other_range_is_scaled_for_display_only():
+    fig = Figure()
+    standardized = (RGB_0_255 - 100.0) / 50.0  # negative values: not pixels
+    original = standardized.copy()
+    drawn = show_image(fig.add_subplot(), standardized)
     shown = np.asarray(drawn.get_array())
     assert shown.shape == (16, 16, 3)
     np.testing.assert_allclose(shown.min(), 0.0, atol=1e-9)
     np.testing.assert_allclose(shown.max(), 1.0, atol=1e-9)
     np.testing.assert_allclose(shown, (original - original.min()) / np.ptp(original))
-    np.testing.assert_array_equal(RGB_0_255, original)  # caller's array untouched
+    np.testing.assert_array_equal(standardized, original)  # caller's array untouched
 
 
 def test_show_image_constant_and_nan_images_are_finite_and_labelled():

@@ -36,11 +36,13 @@ def shapes_dataset(spurious: str | None = "corner_mark", count: int = 240):
 
 
 def reader(pixel_weights: np.ndarray, *, bias: float):
-    """(24, 24, 3) -> Conv2D 1x1 (mean of channels + bias, relu) -> Flatten -> Dense(3, softmax)."""
+    """(24, 24, 3) 8-bit pixels -> Rescaling(1/255) -> Conv2D 1x1 (mean of channels + bias,
+    relu) -> Flatten -> Dense(3, softmax). The data set is in 8-bit units (DECISIONS D1)."""
     import keras
 
     model = keras.Sequential([
         keras.Input((SIZE, SIZE, 3)),
+        keras.layers.Rescaling(1 / 255),
         keras.layers.Conv2D(1, 1, activation="relu", name="detect"),
         keras.layers.Flatten(),
         keras.layers.Dense(3, activation="softmax", name="head"),
@@ -132,6 +134,7 @@ def test_a_briefly_trained_model_takes_the_shortcut_and_the_report_says_so():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((SIZE, SIZE, 3)),
+        keras.layers.Rescaling(1 / 255),
         keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
         keras.layers.MaxPooling2D(4),
         keras.layers.Flatten(),

@@ -53,7 +53,8 @@ ImagesOption = Annotated[
     str,
     typer.Option(
         "--images",
-        help="Test-split indices (`0,3,7`, `0:500`) or image files (comma-separated paths).",
+        help="Test-split indices (`0,3,7`, `0:500`), or image files: comma-separated paths, a "
+        "folder (every image in it) or a glob (`photos/*.jpg`; quote it).",
     ),
 ]
 

@@ -38,6 +38,7 @@ def evaluate_command(
                      "class sub-folders, instead of the run's own test split."),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="k of the top-k accuracy.")] = 5,
+    preprocess: PreprocessOption = Preprocess.auto,
     out: OutOption = None,
     expect: ExpectOption = None,
     junit: JunitOption = None,
@@ -58,7 +59,8 @@ def evaluate_command(
 
     loaded = load_run(run)
     folder = out or evaluation_folder(loaded, run, data)
-    evaluation, data_file, figures = evaluate_data(loaded, folder, data=data, top_k=top_k)
+    evaluation, data_file, figures = evaluate_data(
+        loaded, folder, data=data, top_k=top_k, prepare=_preparation(loaded, preprocess.value))
     typer.echo(evaluation.format_table())
     for path in [data_file, *(figure.path for figure in figures)]:
         typer.echo(f"wrote {path}")

@@ -221,7 +221,7 @@ def occlusion_command(
     images: ImagesOption = "0:8",
     patch: Annotated[int, typer.Option(min=1, help="Side of the square patch, in pixels.")] = 4,
     stride: Annotated[int | None, typer.Option(min=1, help="Step between patches (default: patch).")] = None,
-    fill: Annotated[float, typer.Option(help="Value the patch is filled with.")] = 0.5,
+    fill: Annotated[float, typer.Option(help="Patch value as a share of the model's input range: 0 black, 0.5 mid-grey, 1 white.")] = 0.5,
     target: TargetOption = None,
     output: OutputOption = None,
     preprocess: PreprocessOption = "auto",

@@ -1,4 +1,4 @@
-"""Commands that train: train, run, config show, summary."""
+"""Commands that train: train, run, augment, config show, summary."""
 
 from __future__ import annotations
 
@@ -123,6 +123,35 @@ def evaluation_values(evaluation: dict) -> dict:
     from cnnviz.gates import evaluation_values as values
 
     return values(evaluation)
+
+
+@command("augment")
+def augment_command(
+    config: ConfigArgument,
+    images: Annotated[int, typer.Option("--images", min=1, help="Training images shown (rows).")] = 6,
+    draws: Annotated[int, typer.Option("--draws", min=1, help="Augmented versions of each (columns).")] = 4,
+    out: OutOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Write augment.png: a few training images beside what data.augment makes of them.
+
+    Decodes only those images (a folder's files are checked from their headers); default folder:
+    outputs/<name>/.
+    """
+    resolved = load_config_file(config, set_)
+    import_tensorflow()
+    from cnnviz.data import augmentation_samples, load_dataset
+    from cnnviz.plot import augmentation_grid
+    from cnnviz.runs import save_figure
+
+    dataset = load_dataset(resolved, log=lambda line: typer.echo(line, err=True))
+    originals, augmented, names = augmentation_samples(resolved, dataset, images, draws)
+    kinds = ", ".join(spec.type for spec in resolved.data.augment)
+    figure = augmentation_grid(originals, augmented, names=names,
+                               title=f"{resolved.name}: data.augment = {kinds}")
+    path = save_figure(figure, (out or Path("outputs") / (resolved.name or config.stem))
+                       / "augment.png")
+    typer.echo(f"wrote {path}")
 
 
 @config_app.command("show")

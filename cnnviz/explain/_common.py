@@ -25,6 +25,8 @@ from cnnviz.explain._graph import (
 )
 
 _SQUASHING = ("softmax", "sigmoid")
+# Layers that only carry or preprocess the input: never a layer to explain.
+INPUT_LAYERS = ("InputLayer", "Rescaling", "Normalization")
 
 
 def as_image_batch(images) -> np.ndarray:
@@ -80,19 +82,28 @@ def first_layer(model):
 
 
 def input_range(model, *, preprocess: str | None = None) -> tuple[float, float]:
-    """The range of values the model's input takes, (low, high).
+    """The range of values the model's input takes, (low, high), in the units it is fed.
 
     (0, 255) when the model begins with a Rescaling or Normalization layer (also as the first
-    layer of a nested first model): it takes raw 8-bit pixels (D1). Else (0, 1), or, when the
-    caller knows how images were prepared (`--preprocess`), that mode's range: "scale" (0, 1),
+    layer of a nested first model): it takes raw 8-bit pixels (D1). A `Rescaling(scale)`
+    without offset says more: it maps (0, 1/scale) onto [0, 1] — (0, 255) for cnnviz's models
+    of images, (0, 9) for toy4x4's data in its own units. Else (0, 1), or, when the caller
+    knows how images were prepared (`--preprocess`), that mode's range: "scale" (0, 1),
     "unit" (-1, 1), "none" (0, 255), "caffe" and "torch" their per-channel extremes.
+    Explanations take every value in input units (occlusion fill, masking values, baselines,
+    activation-maximization start and clip range) from this one function.
     """
     if preprocess not in (None, "auto"):
         from cnnviz.preprocess import value_range
 
         return value_range(preprocess)
     first = first_layer(model)
-    if first is not None and type(first).__name__ in _PIXEL_LAYERS:
+    kind = type(first).__name__ if first is not None else ""
+    if kind == "Rescaling":
+        scale, offset = first.scale, first.offset
+        if np.ndim(scale) == 0 and np.ndim(offset) == 0 and float(offset) == 0.0 and scale > 0:
+            return (0.0, float(np.float32(1.0 / float(scale))))
+    if kind in _PIXEL_LAYERS:
         return (0.0, 255.0)
     return (0.0, 1.0)
 
@@ -276,9 +287,11 @@ def output_rank(layer) -> int | None:
 
 
 def four_d_paths(model) -> list[str]:
-    """Paths of every layer with a 4-D output (N, h, w, channels), nested models opened."""
+    """Paths of every layer with a 4-D output (N, h, w, channels), nested models opened;
+    input and preprocessing layers (`INPUT_LAYERS`) are not layers to explain."""
     return [entry.path for entry in layer_entries(model)
-            if output_rank(entry.layer) == 4 and not is_nested_model(entry.layer)]
+            if output_rank(entry.layer) == 4 and not is_nested_model(entry.layer)
+            and type(entry.layer).__name__ not in INPUT_LAYERS]
 
 
 def default_layer_path(model) -> str:

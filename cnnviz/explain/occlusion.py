@@ -14,7 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch, class_probabilities, resolve_targets
+from cnnviz.explain._common import (
+    as_image_batch,
+    class_probabilities,
+    input_range,
+    resolve_targets,
+)
 from cnnviz.explain._compiled import (
     batch_size_for,
     check_images,
@@ -130,7 +135,9 @@ def occlusion(
         targets: None (each image's class predicted on the intact image), an int, or N ints.
         patch: side of the square, in pixels; at most min(H, W).
         stride: step between windows; None means `patch` (windows tile the image).
-        fill: value written into every channel under the patch.
+        fill: what the patch holds, as a share of the model's input range
+            (`_common.input_range`): 0 its low end (black), 1 its high end, 0.5 mid-grey;
+            for a model taking [0, 1] this is the value itself.
         output: which output of a multi-output model (index or name); None for one output.
         batch_size: most occluded copies per compiled forward chunk; None sizes it to the
             model's activation memory (`_compiled.batch_size_for`).
@@ -143,6 +150,8 @@ def occlusion(
     stride = _check_window(patch, stride, height, width)
     probabilities_copy = model_copy(model, "probabilities", output=output)
     check_images(probabilities_copy.model, batch)
+    low, high = input_range(model)
+    fill_value = np.float32(low + fill * (high - low))
     check_target_count(targets, count)
     rows_at = _window_starts(height, patch, stride)
     cols_at = _window_starts(width, patch, stride)
@@ -158,7 +167,7 @@ def occlusion(
         top, left = tops[window][:, None], lefts[window][:, None]
         covered = (((rows >= top) & (rows < top + patch))[:, :, None]
                    & ((cols >= left) & (cols < left + patch))[:, None, :])
-        return [np.where(covered[..., None], np.float32(fill), batch[flat // copies])]
+        return [np.where(covered[..., None], fill_value, batch[flat // copies])]
 
     (outputs,) = run_batched(
         probabilities_copy, "forward", forward_body, count * copies, occluded,

@@ -3,6 +3,7 @@
 from cnnviz.plot.display import render_png, show_image
 from cnnviz.plot.figures import (
     activation_max_grid,
+    augmentation_grid,
     cam_row,
     feature_maps_grid,
     filters_grid,
@@ -15,6 +16,7 @@ from cnnviz.plot.figures import (
 
 __all__ = [
     "activation_max_grid",
+    "augmentation_grid",
     "cam_row",
     "feature_maps_grid",
     "filters_grid",

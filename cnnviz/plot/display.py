@@ -118,8 +118,9 @@ def as_display_image(image) -> tuple[np.ndarray, bool]:
 def show_image(ax, image, *, normalize: bool = False, title: str | None = None):
     """Draw an input image: gray colormap for one channel, RGB for three, any value range.
 
-    Values already in [0, 1] are drawn as they are (black is black); other ranges (0..255,
-    standardized, ...) are min-max scaled for display only. `normalize=True` always scales.
+    Values in [0, 1] are drawn as they are (black is black), and so are 8-bit pixels (0..255,
+    what cnnviz models take: divided by 255 for display); other ranges (standardized, ...) are
+    min-max scaled for display only. `normalize=True` always scales.
 
     Args:
         ax: the matplotlib axes to draw into.
@@ -132,7 +133,10 @@ def show_image(ax, image, *, normalize: bool = False, title: str | None = None):
     """
     values, grayscale = as_display_image(image)
     inside_unit_range = values.size > 0 and values.min() >= 0.0 and values.max() <= 1.0
-    if normalize or not inside_unit_range:
+    eight_bit = values.size > 0 and values.min() >= 0.0 and 1.0 < values.max() <= 255.0
+    if not normalize and eight_bit:
+        values = values / 255.0
+    elif normalize or not inside_unit_range:
         values = normalize01(values)
     if grayscale:
         drawn = ax.imshow(values, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")

@@ -65,7 +65,7 @@ def mistakes_grid(images, captions: Sequence[str], *, title: str = "Most confide
     """One tile per misclassified image, captioned (name, true and predicted class).
 
     Args:
-        images: M images, each (H, W, C) in any range (shown min-max scaled).
+        images: M images, each (H, W, C) in any range (drawn as `show_image` does).
         captions: M tile captions.
         title: figure title.
         max_columns: tiles per row at most.
