@@ -99,6 +99,25 @@ def best_time(function, repeats: int, *, warm: bool = True) -> float:
     return min(times)
 
 
+def timed_process(command: list[str], env: dict) -> dict:
+    """Run `command` under /usr/bin/time -v: wall seconds, CPU seconds (user + system), peak RSS
+    (MiB), and the fields of the last JSON line it printed."""
+    import re
+
+    started = time.perf_counter()
+    finished = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True,
+                              env=env, check=False)
+    wall = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", finished.stderr).group(1))
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", finished.stderr).group(1))
+              for kind in ("User", "System"))
+    last = [line for line in finished.stdout.splitlines() if line.startswith("{")]
+    return {"wall_s": wall, "cpu_s": cpu, "rss_mib": rss / 1024,
+            **(json.loads(last[-1]) if last else {})}
+
+
 # ------------------------------------------------------------------------------- settings
 def settings() -> dict:
     import keras

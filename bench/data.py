@@ -31,8 +31,6 @@ import argparse
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -40,6 +38,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import timed_process  # bench/bench.py: the shared helpers
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("circle", "square", "triangle", "cross")
@@ -144,30 +145,14 @@ def config_file(folder: Path, path: Path) -> Path:
     return path
 
 
-def timed(command: list[str], env: dict) -> dict:
-    """Run under /usr/bin/time -v: wall seconds, peak RSS (MiB), and the last JSON line."""
-    started = time.perf_counter()
-    finished = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True,
-                              env=env, check=False)
-    wall = time.perf_counter() - started
-    if finished.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", finished.stderr).group(1))
-    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", finished.stderr).group(1))
-              for kind in ("User", "System"))
-    last = [line for line in finished.stdout.splitlines() if line.startswith("{")]
-    return {"wall_s": wall, "cpu_s": cpu, "rss_mib": rss / 1024,
-            **(json.loads(last[-1]) if last else {})}
-
-
 def plain_keras(folder: Path, env: dict) -> dict:
     code = textwrap.dedent(PLAIN % {"size": SIZE, "batch": BATCH, "classes": len(CLASSES)})
-    return timed([sys.executable, "-c", code, str(folder)], env)
+    return timed_process([sys.executable, "-c", code, str(folder)], env)
 
 
 def cnnviz_train(config: Path, out: Path, env: dict) -> dict:
-    result = timed([sys.executable, "-m", "cnnviz.cli", "train", str(config), "--out", str(out)],
-                   env)
+    result = timed_process([sys.executable, "-m", "cnnviz.cli", "train", str(config),
+                            "--out", str(out)], env)
     metrics_file = max(out.glob("*/*/metrics.json"))
     metrics = json.loads(metrics_file.read_text())
     result.update(fit_seconds=metrics["seconds"], fit_images=metrics["train_images"]
