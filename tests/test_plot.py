@@ -141,21 +141,36 @@ def test_training_curves_without_validation_keys_or_history():
 
 
 # ------------------------------------------------------------------------------- filters
+def _mosaic_tile(fig: Figure, index: int, columns: int, side: int) -> np.ndarray:
+    """Tile `index` of a `labelled_mosaic` image of square `side`-pixel tiles."""
+    mosaic = np.asarray(fig.images[0].get_array())
+    top = (index // columns) * (13 + side + 6) + 13
+    left = (index % columns) * (side + 6)
+    return mosaic[top:top + side, left:left + side]
+
+
 def test_filters_grid_tiles_are_channel_means_on_a_symmetric_diverging_scale():
+    from matplotlib import colormaps
+
     kernels = RNG.normal(size=(3, 3, 4, 10)).astype(np.float32)
     fig = filters_grid(kernels, title="conv2")
     _decoded(fig)
-    tiles = _image_axes(fig)
-    assert len(tiles) == 10
     means = kernels.mean(axis=2)
     limit = np.abs(means).max()
-    for index, ax in enumerate(tiles):
-        image = ax.get_images()[0]
-        assert ax.get_title() == f"#{index}"
-        assert image.get_cmap().name == "RdBu_r"
-        np.testing.assert_allclose(image.get_clim(), (-limit, limit), rtol=1e-6)
-        np.testing.assert_allclose(image.get_array(), means[..., index], atol=1e-6)
-    assert [ax.get_ylabel() for ax in fig.axes].count("mean weight") == 1  # one shared bar
+    for index in range(10):  # 10 tiles: 4 columns; each 3 x 3 enlarged 24 times
+        expected = np.round(colormaps["RdBu_r"]((means[..., index] + limit) / (2 * limit))[..., :3]
+                            * 255)
+        tile = _mosaic_tile(fig, index, 4, 72)
+        np.testing.assert_allclose(tile[::24, ::24], expected, atol=1)
+    mosaic = np.asarray(fig.images[0].get_array())
+    assert mosaic.shape[:2] == (3 * (13 + 72 + 6), 4 * 78 - 6)
+    assert (mosaic[2 * 91:, 2 * 78:] == 255).all()  # no tiles past the 10th
+    for index in range(10):  # a label above every tile
+        row, column = divmod(index, 4)
+        assert mosaic[row * 91:row * 91 + 13, column * 78:column * 78 + 72].min() < 128
+    bars = [ax for ax in fig.axes if ax.get_ylabel() == "mean weight"]
+    assert len(bars) == 1  # one shared bar, on the tiles' scale
+    np.testing.assert_allclose(bars[0].get_ylim(), (-limit, limit), rtol=1e-6)
     assert "conv2" in fig.get_suptitle() and "mean over 4 input channels" in fig.get_suptitle()
 
 
@@ -163,23 +178,26 @@ def test_filters_grid_rgb_kernels_are_colour_tiles_with_zero_at_grey():
     kernels = RNG.normal(size=(5, 5, 3, 6))
     fig = filters_grid(kernels, title="conv1")
     _decoded(fig)
-    tiles = _image_axes(fig)
-    assert len(tiles) == 6
-    shown = np.asarray(tiles[0].get_images()[0].get_array())
     limit = np.abs(kernels).max()
-    np.testing.assert_allclose(shown, 0.5 + kernels[..., 0] / (2 * limit))
+    for index in range(6):  # 6 tiles: 3 columns; each 5 x 5 enlarged 14 times
+        expected = np.round(np.clip(0.5 + kernels[..., index] / (2 * limit), 0, 1) * 255)
+        np.testing.assert_allclose(_mosaic_tile(fig, index, 3, 70)[::14, ::14], expected, atol=1)
+    assert not [ax for ax in fig.axes if ax.get_ylabel()]  # colour tiles need no bar
 
 
 def test_filters_grid_caps_tiles_and_says_so():
     fig = filters_grid(RNG.normal(size=(3, 3, 1, 100)), max_filters=16)
-    assert len(_image_axes(fig)) == 16
+    assert np.asarray(fig.images[0].get_array()).shape[:2] == (4 * 91, 4 * 78 - 6)  # 16 tiles
     assert "first 16 of 100" in fig.get_suptitle()
 
 
 def test_filters_grid_all_zero_kernels_draw_without_nan():
     fig = filters_grid(np.zeros((3, 3, 1, 4)), title="dead layer")
     _decoded(fig)
-    assert fig.axes[0].get_images()[0].get_clim() == (-1.0, 1.0)
+    bar = next(ax for ax in fig.axes if ax.get_ylabel() == "weight")
+    assert tuple(bar.get_ylim()) == (-1.0, 1.0)
+    grey = np.asarray(fig.images[0].get_array())[13:13 + 72, :72]  # 0 is the middle colour
+    assert np.ptp(grey.reshape(-1, 3), axis=0).max() == 0
     assert "all weights shown are 0" in _all_text(fig)
 
 

@@ -127,7 +127,7 @@ def training_curves(
 
 # ------------------------------------------------------------------------------- filters
 def filters_grid(kernels, *, title: str = "Conv filters", max_filters: int = 64) -> Figure:
-    """One tile per conv filter.
+    """One tile per conv filter, drawn as one labelled mosaic placed pixel for pixel.
 
     RGB kernels (in_channels == 3) are drawn as colour images with 0 at mid-grey; other kernels
     as the mean over input channels with a diverging colormap centered at 0 and one shared
@@ -139,8 +139,11 @@ def filters_grid(kernels, *, title: str = "Conv filters", max_filters: int = 64)
         max_filters: draw at most this many (the first ones); the title says so.
 
     Returns:
-        A Figure with a grid of tiles titled `#index`.
+        A Figure whose one image (`fig.images[0]`) is the mosaic, each tile labelled `#index`.
     """
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
     weights = finite(kernels)
     if weights.ndim != 4:
         raise CnnvizError(
@@ -148,38 +151,43 @@ def filters_grid(kernels, *, title: str = "Conv filters", max_filters: int = 64)
         )
     kh, kw, in_channels, count = weights.shape
     shown = min(count, max_filters)
-    rows, columns = grid_shape(shown)
+    _, columns = grid_shape(shown)
     rgb = in_channels == 3
-    fig = new_figure(TILE_INCHES * columns + (0.4 if rgb else 1.2), TILE_INCHES * rows + 0.9)
-    axes = fig.subplots(rows, columns, squeeze=False)
     # What each tile shows: (kh, kw, 3) colour kernels, else (kh, kw) means over input channels.
-    tiles = weights[..., :shown] if rgb else weights[..., :shown].mean(axis=2)
+    tiles = np.moveaxis(weights[..., :shown] if rgb else weights[..., :shown].mean(axis=2), -1, 0)
     limit = symmetric_limit(tiles)  # shared by all tiles, so they compare; 0 sits mid-scale
     if rgb:
         how = "RGB, 0 = grey"
-    elif in_channels == 1:
-        how = "single input channel"
+        colored = np.clip(0.5 + tiles / (2 * limit), 0, 1)
     else:
-        how = f"mean over {in_channels} input channels"
-    drawn = None
-    for index, ax in enumerate(axes.flat):
-        plain_axes(ax)
-        if index >= shown:
-            ax.set_visible(False)
-            continue
-        tile = tiles[..., index]
-        if rgb:
-            ax.imshow(np.clip(0.5 + tile / (2 * limit), 0, 1), interpolation="nearest")
-        else:
-            drawn = ax.imshow(tile, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
-        ax.set_title(f"#{index}", fontsize=7, pad=2)
-    if drawn is not None:
+        how = ("single input channel" if in_channels == 1
+               else f"mean over {in_channels} input channels")
+        norm = Normalize(-limit, limit)
+        colored = colormaps["RdBu_r"](norm(tiles))[..., :3]
+    canvas, _, _ = labelled_mosaic(np.round(colored * 255).astype(np.uint8),
+                                   [f"#{index}" for index in range(shown)], columns)
+
+    # Laid out by hand like `feature_maps_grid`: one axes per tile made a 128-filter layer take
+    # seconds to draw.
+    dpi = FIGURE_DPI
+    map_width, map_height = canvas.shape[1] / dpi, canvas.shape[0] / dpi
+    bar = 0.0 if rgb else 1.1
+    top_band, bottom_band = 0.75, 0.25
+    width, height = max(map_width + 0.4 + bar, 3.0), map_height + top_band + bottom_band
+    fig = Figure(figsize=(width, height), facecolor="white", dpi=dpi)
+    fig.figimage(canvas, xo=round(0.2 * dpi), yo=round(bottom_band * dpi), origin="upper")
+    if not rgb:
         label = "weight" if in_channels == 1 else "mean weight"
-        fig.colorbar(drawn, ax=axes, shrink=min(0.8, 0.3 + 0.15 * rows), label=label)
+        bar_height = min(map_height, 3.0)  # beside the top rows of tiles
+        bar_ax = fig.add_axes(((map_width + 0.35) / width,
+                               (bottom_band + map_height - bar_height) / height,
+                               0.15 / width, bar_height / height))
+        fig.colorbar(ScalarMappable(norm=norm, cmap="RdBu_r"), cax=bar_ax, label=label)
     if not np.abs(tiles).max(initial=0.0) > 0:
-        fig.text(0.5, 0.0, "all weights shown are 0", ha="center", va="top", fontsize=9)
+        fig.text(0.5, 0.02, "all weights shown are 0", ha="center", va="bottom", fontsize=9)
     subset = f"first {shown} of {count}" if shown < count else f"{count}"
-    fig.suptitle(f"{title}\n{subset} filters, {kh}x{kw}, {how}", fontsize=10)
+    fig.suptitle(f"{title}\n{subset} filters, {kh}x{kw}, {how}", y=1 - 0.05 / height, va="top",
+                 fontsize=10)
     return fig
 
 
