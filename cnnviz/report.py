@@ -34,6 +34,10 @@ class FigureFile:
 def save_captioned(figure, path: Path) -> FigureFile:
     """Save a figure; its title (suptitle, else the first panel's) becomes its caption."""
     title = figure.get_suptitle() or (figure.axes[0].get_title() if figure.axes else "")
+    lines = title.splitlines()
+    # A title's lines as one caption: "Filters of conv1; 16 filters, 3x3, ...".
+    title = " ".join([line if line.endswith((";", ":", ",", ".")) else f"{line};"
+                      for line in lines[:-1]] + lines[-1:])
     written = FigureFile(save_figure(figure, path), title)
     figure.clear()  # drop the artists now; memory must not grow with the count
     return written
@@ -716,9 +720,7 @@ def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[Figure
         task = progress.add_task("filters", total=len(layers))
         for layer in layers:
             kernels = filters(model, layer)
-            title = (f"Filters of {layer}: {kernels.shape[3]} kernels of "
-                     f"{kernels.shape[0]}x{kernels.shape[1]}x{kernels.shape[2]}")
-            written.append(save_captioned(filters_grid(kernels, title=title),
+            written.append(save_captioned(filters_grid(kernels, title=f"Filters of {layer}"),
                                           folder / f"{file_stem(layer)}.png"))
             progress.advance(task)
     return written

@@ -437,3 +437,17 @@ def test_occlusion_scale_is_stretched_and_labelled_when_the_map_barely_moves():
     figure = occlusion_figure(image, varied, np.zeros((8, 8), int), class_names=["a", "b"],
                               target_label=0)
     assert figure.axes[1].images[0].get_clim() == (0, 1)
+
+
+def test_feature_maps_grid_subtitle_fits_a_narrow_mosaic():
+    maps = np.maximum(RNG.normal(size=(28, 28, 16)), 0)  # tiles of 56 pixels, 4 columns
+    maps[..., [3, 5, 9]] = 0.0  # 3 flat channels: a longer subtitle
+    fig = feature_maps_grid(GRAY, maps, layer_name="conv1")
+    _decoded(fig)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    subtitle = next(text for text in fig.texts if "each scaled" in text.get_text())
+    box = subtitle.get_window_extent(renderer)
+    assert "3 flat" in subtitle.get_text()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, "the subtitle runs off the figure"

@@ -242,29 +242,33 @@ def feature_maps_grid(
              for label, constant, tile in zip(labels, flat, tiles)]
     canvas, _, _ = labelled_mosaic(colored, names, columns)
 
-    # Laid out by hand, the mosaic placed pixel for pixel (`figimage`: no axes, no resampling;
-    # no constrained layout, no tight box): those passes were most of the drawing time.
-    dpi = FIGURE_DPI
-    map_width, map_height = canvas.shape[1] / dpi, canvas.shape[0] / dpi
-    input_side = max(1.8, min(3.0, 0.35 * map_width))
-    top_band, bottom_band = 1.0, 0.15
-    width = input_side + map_width + 0.45
-    height = max(input_side + 0.4, map_height) + top_band + bottom_band
-    fig = Figure(figsize=(width, height), facecolor="white", dpi=dpi)
-    input_ax = fig.add_axes((0.1 / width, (height - top_band - input_side) / height,
-                             (input_side - 0.1) / width, input_side / height))
-    show_image(input_ax, image, title="input")
-    fig.figimage(canvas, xo=round((input_side + 0.3) * dpi),
-                 yo=round((height - top_band - map_height) * dpi), origin="upper")
     if shown < total:
         chosen = "most active" if channels is not None else "first"
         subset = f"{shown} {chosen} of {total}"
     else:
         subset = f"{total}"
     flat_count = f", {sum(flat)} flat" if any(flat) else ""
-    fig.text((input_side + 0.3 + map_width / 2) / width, (height - top_band + 0.05) / height,
-             f"{subset} channels{flat_count}; each scaled to its own range", fontsize=9,
-             ha="center", va="bottom")
+    subtitle = f"{subset} channels{flat_count}; each scaled to its own range"
+
+    # Laid out by hand, the mosaic placed pixel for pixel (`figimage`: no axes, no resampling;
+    # no constrained layout, no tight box): those passes were most of the drawing time.
+    dpi = FIGURE_DPI
+    map_width, map_height = canvas.shape[1] / dpi, canvas.shape[0] / dpi
+    # The subtitle above the mosaic: ~0.075 in a character at 9 pt, so a narrow mosaic of few
+    # columns does not cut it off at the figure's edge.
+    area_width = max(map_width, 0.075 * len(subtitle))
+    input_side = max(1.8, min(3.0, 0.35 * map_width))
+    top_band, bottom_band = 1.0, 0.15
+    width = input_side + area_width + 0.45
+    height = max(input_side + 0.4, map_height) + top_band + bottom_band
+    fig = Figure(figsize=(width, height), facecolor="white", dpi=dpi)
+    input_ax = fig.add_axes((0.1 / width, (height - top_band - input_side) / height,
+                             (input_side - 0.1) / width, input_side / height))
+    show_image(input_ax, image, title="input")
+    fig.figimage(canvas, xo=round((input_side + 0.3 + (area_width - map_width) / 2) * dpi),
+                 yo=round((height - top_band - map_height) * dpi), origin="upper")
+    fig.text((input_side + 0.3 + area_width / 2) / width, (height - top_band + 0.05) / height,
+             subtitle, fontsize=9, ha="center", va="bottom")
     fig.suptitle(title or f"Feature maps of layer {layer_name!r}", y=1 - 0.08 / height,
                  va="top", wrap=True, fontsize=10)
     return fig
