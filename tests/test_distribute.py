@@ -171,22 +171,22 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_worker_processes_train_one_model_and_only_the_chief_writes(tmp_path):
+def _start_workers(arguments, environment=lambda index: {}) -> list[subprocess.Popen]:
+    """Two `cnnviz train` processes on one local cluster: worker `index` runs
+    `cnnviz train *arguments(index)` with the extra variables `environment(index)`."""
     cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
-    settings = ["train.distribute=multi_worker", "train.epochs=2", *SMALL]
-    scratch = [tmp_path / f"tmp{index}" for index in range(2)]
     processes = []
     for index in range(2):
-        scratch[index].mkdir()
-        command = [sys.executable, "-m", "cnnviz.cli", "train", str(DIGITS),
-                   "--out", str(tmp_path / f"out{index}")]
-        for setting in settings:
-            command += ["--set", setting]
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         processes.append(subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=_environment(TF_CONFIG=tf_config, TMPDIR=str(scratch[index]))))
+            [sys.executable, "-m", "cnnviz.cli", "train", *arguments(index)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=_environment(TF_CONFIG=tf_config, **environment(index))))
+    return processes
+
+
+def _outputs_of_successful(processes: list[subprocess.Popen]) -> list[str]:
+    """Each worker's output, once every worker has exited 0."""
     outputs = []
     try:
         for process in processes:
@@ -198,6 +198,20 @@ def test_two_worker_processes_train_one_model_and_only_the_chief_writes(tmp_path
                 process.wait()
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-3000:]
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_worker_processes_train_one_model_and_only_the_chief_writes(tmp_path):
+    settings = ["train.distribute=multi_worker", "train.epochs=2", *SMALL]
+    scratch = [tmp_path / f"tmp{index}" for index in range(2)]
+    for folder in scratch:
+        folder.mkdir()
+    processes = _start_workers(
+        lambda index: [str(DIGITS), "--out", str(tmp_path / f"out{index}"),
+                       *[part for setting in settings for part in ("--set", setting)]],
+        lambda index: {"TMPDIR": str(scratch[index])})
+    outputs = _outputs_of_successful(processes)
 
     runs = list((tmp_path / "out0" / "digits").iterdir())
     assert len(runs) == 1
@@ -226,27 +240,11 @@ def test_two_workers_sharding_an_image_folder_by_file_compute_what_one_process_d
     config = folder_config(root, validation_split=0.0)  # 36 training files: an even share each
     config_file = tmp_path / "folder.yaml"
     config_file.write_text(dump_config(config))
-    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
-    processes = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "cnnviz.cli", "train", str(config_file), "--out",
-             str(tmp_path / f"out{index}"), "--set", "train.distribute=multi_worker"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=_environment(TF_CONFIG=tf_config)))
+    processes = _start_workers(
+        lambda index: [str(config_file), "--out", str(tmp_path / f"out{index}"),
+                       "--set", "train.distribute=multi_worker"])
     single = train(config, tmp_path / "single", log=lambda line: None)  # meanwhile, here
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=240)[0])
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-3000:]
+    outputs = _outputs_of_successful(processes)
     run_dir = next((tmp_path / "out0" / "folder").iterdir())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["replicas"] == 2 and metrics["distribute"] == "multi_worker"
