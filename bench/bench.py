@@ -166,7 +166,7 @@ def begin(title: str, quick: bool) -> dict:
 
 def save_report(folder: Path, prefix: str, report: dict) -> Path:
     """Write `report` as JSON to FOLDER/<prefix><timestamp>.json and FOLDER/<prefix>latest.json."""
-    from cnnviz.runs import atomic_write_json
+    from cnnviz.runs.layout import atomic_write_json
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     payload = json.loads(json.dumps({"timestamp": stamp, **report}, default=str))
@@ -195,8 +195,8 @@ def bench_training(config, dataset, sizes: Sizes, workdir: Path) -> tuple[list[R
     import keras
     import tensorflow as tf
 
-    from cnnviz.model import build_model, compile_model
-    from cnnviz.train import train
+    from cnnviz.model.build import build_model, compile_model
+    from cnnviz.train.fit import train
 
     batch = config.train.batch_size
 
@@ -220,7 +220,7 @@ def bench_training(config, dataset, sizes: Sizes, workdir: Path) -> tuple[list[R
 
     # Time cnnviz's own checkpoint callback inside its fit (a load-independent share of the
     # overhead, where whole-fit timings on a busy machine vary by more than the 5% target).
-    import cnnviz.train
+    import cnnviz.train.fit
 
     checkpoint_seconds = []
     original_callbacks = cnnviz.train._callbacks
@@ -429,8 +429,8 @@ def bench_cli(sizes: Sizes, workdir: Path) -> tuple[list[Row], dict]:
         return [Row("batch CLI", f"cnnviz saliency --images 0:{count}", None, "", note=note)
                 for count in sizes.cli_counts], {"available": False, "reason": note}
 
-    from cnnviz.config import load_config
-    from cnnviz.train import train
+    from cnnviz.config.loading import load_config
+    from cnnviz.train.fit import train
 
     # The digits test split has 359 images; this run holds out 60% (1078) to have 1000.
     config = load_config(DIGITS, ["train.epochs=1", "train.verbose=0", "data.test_split=0.6"])
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     values = begin("cnnviz bench", arguments.quick)
     import keras
 
-    from cnnviz.config import load_config
+    from cnnviz.config.loading import load_config
     from cnnviz.data import load_dataset
 
     started = time.perf_counter()

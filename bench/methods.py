@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     values = begin("cnnviz methods bench", arguments.quick)
     import keras
 
-    from cnnviz.config import load_config
+    from cnnviz.config.loading import load_config
     from cnnviz.data import load_dataset
-    from cnnviz.summary import model_from_config
+    from cnnviz.model.summary import model_from_config
 
     started = time.perf_counter()
     config = load_config(DIGITS, [])

@@ -138,7 +138,7 @@ def bench_model(label: str, model, images: np.ndarray, *, patch: int, stride: in
     import tensorflow as tf
 
     from cnnviz.explain import gradcam, occlusion, saliency
-    from cnnviz.explain._compiled import batch_size_for, chunk_size, model_copy
+    from cnnviz.model.compiled import batch_size_for, chunk_size, model_copy
 
     count, shape = len(images), images.shape[1:]
     batch = tf.constant(images)
@@ -216,8 +216,8 @@ def resnet50_rows(repeats: int) -> tuple[list[Row], dict]:
 def digits_rows(repeats: int) -> tuple[list[Row], dict]:
     import keras
 
-    from cnnviz.config import load_config
-    from cnnviz.summary import model_from_config
+    from cnnviz.config.loading import load_config
+    from cnnviz.model.summary import model_from_config
 
     keras.utils.set_random_seed(0)
     model = model_from_config(load_config(ROOT / "configs" / "digits.yaml", []))

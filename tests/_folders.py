@@ -27,7 +27,7 @@ def make_folder(root: Path, per_class: int = 24, *, seed: int = 0) -> Path:
 
 
 def folder_config(root: Path, **data):
-    from cnnviz.config import validate
+    from cnnviz.config.loading import validate
 
     return validate({
         "name": "folder",

@@ -10,8 +10,8 @@ ROOT = Path(__file__).parent.parent
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     """A real trained run: digits at its native 8x8, three epochs (a few seconds)."""
-    from cnnviz.config import load_config
-    from cnnviz.train import train
+    from cnnviz.config.loading import load_config
+    from cnnviz.train.fit import train
 
     config = load_config(ROOT / "configs" / "digits.yaml",
                          ["data.image_size=null", "train.epochs=3", "train.verbose=0"])

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnviz.config import apply_overrides, dump_config, load_config, validate
+from cnnviz.config.loading import apply_overrides, dump_config, load_config, validate
 from cnnviz.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -172,7 +172,7 @@ def _field_paths(model, prefix=""):
 
 
 def test_readme_documents_every_config_key():
-    from cnnviz.config import Config
+    from cnnviz.config.loading import Config
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [path for path in _field_paths(Config) if f"`{path}`" not in readme]

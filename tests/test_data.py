@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnviz.config import validate
+from cnnviz.config.loading import validate
 from cnnviz.data import load_dataset, measure_statistics
 from cnnviz.errors import CnnvizError
 
@@ -61,7 +61,7 @@ def test_digits_is_the_real_scikit_learn_set_resized_and_split():
 def test_digits_native_size_is_in_8_bit_units_and_the_model_divides_by_255():
     from sklearn.datasets import load_digits
 
-    from cnnviz.model import build_model
+    from cnnviz.model.build import build_model
 
     config = _config({"source": "digits", "validation_split": 0.0})
     data = load_dataset(config)
@@ -185,7 +185,7 @@ def test_npz_source_with_class_names_and_standardize(tmp_path):
     np.testing.assert_allclose(data.preprocessing.std, data.x_train.std(axis=(0, 1, 2)),
                                rtol=1e-4)
     # The model standardizes its own input: the training images come out mean 0, std 1.
-    from cnnviz.model import build_model
+    from cnnviz.model.build import build_model
 
     model = build_model(config, data.input_shape, 2, data.preprocessing)
     standardized = np.asarray(model.layers[1](model.layers[0](data.x_train)))
@@ -202,7 +202,7 @@ def test_mean_subtraction_uses_the_training_mean(tmp_path):
                       "preprocessing": "mean_subtract", "validation_split": 0.0})
     data = load_dataset(config)
     measure_statistics(data)
-    from cnnviz.model import build_model
+    from cnnviz.model.build import build_model
 
     model = build_model(config, data.input_shape, 2, data.preprocessing)
     scaled = model.layers[1](model.layers[0](data.x_test))
@@ -222,9 +222,9 @@ def test_missing_path_named(tmp_path):
 
 
 def test_toy_inline_examples_keep_their_units_and_the_model_divides_by_nine():
-    from cnnviz.config import load_config
-    from cnnviz.explain._common import input_range
-    from cnnviz.model import build_model
+    from cnnviz.config.loading import load_config
+    from cnnviz.model.outputs import input_range
+    from cnnviz.model.build import build_model
 
     config = load_config("configs/toy4x4.yaml")
     data = load_dataset(config)

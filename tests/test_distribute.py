@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnviz.config import load_config
+from cnnviz.config.loading import load_config
 from cnnviz.errors import CnnvizError, ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -233,8 +233,8 @@ def test_two_workers_sharding_an_image_folder_by_file_compute_what_one_process_d
     """
     from _folders import folder_config, make_folder
 
-    from cnnviz.config import dump_config
-    from cnnviz.train import train
+    from cnnviz.config.loading import dump_config
+    from cnnviz.train.fit import train
 
     root = make_folder(tmp_path / "data")
     config = folder_config(root, validation_split=0.0)  # 36 training files: an even share each
@@ -272,7 +272,7 @@ def test_mixed_precision_trains_on_the_cpu_with_a_float32_output(tmp_path):
     import keras
 
     from cnnviz.data import load_dataset
-    from cnnviz.train import train
+    from cnnviz.train.fit import train
 
     result = train(_config("train.mixed_precision=true"), tmp_path, log=lambda line: None)
     assert keras.mixed_precision.global_policy().name == "float32", (
@@ -291,7 +291,7 @@ def test_mixed_precision_trains_on_the_cpu_with_a_float32_output(tmp_path):
 def test_jit_compile_trains_with_xla(tmp_path):
     import keras
 
-    from cnnviz.train import train
+    from cnnviz.train.fit import train
 
     class RecordJit(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -315,7 +315,7 @@ def test_cpu_replicas_need_the_mirrored_strategy():
 def test_cpu_replicas_after_tensorflow_started_fail_with_advice(tmp_path):
     import tensorflow as tf
 
-    from cnnviz.train import train
+    from cnnviz.train.fit import train
 
     available = len(tf.config.list_logical_devices("CPU"))  # starts TensorFlow, if not yet
     config = _config("train.distribute=mirrored", f"train.cpu_replicas={available + 1}")
@@ -329,7 +329,7 @@ def test_throttled_checkpoints_keep_keras_choice_of_epoch(tmp_path):
     """ModelCheckpoint decides which epoch is best; the subclass only defers the write."""
     import keras
 
-    from cnnviz.train import _checkpoint_class
+    from cnnviz.train.fit import _checkpoint_class
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
@@ -367,7 +367,7 @@ def test_throttled_checkpoints_keep_keras_choice_of_epoch(tmp_path):
 def test_best_is_copied_from_last_when_the_last_epoch_is_the_best(tmp_path):
     import keras
 
-    from cnnviz.train import _checkpoint_class
+    from cnnviz.train.fit import _checkpoint_class
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     checkpoint = _checkpoint_class()

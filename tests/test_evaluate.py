@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from cnnviz.errors import CnnvizError
-from cnnviz.evaluate import array_batches, evaluate, write_evaluation
-from cnnviz.report import FigureFile, add_index_section, write_index
+from cnnviz.deploy.evaluate import array_batches, evaluate, write_evaluation
+from cnnviz.report.figures import FigureFile, add_index_section, write_index
 
 
 def _softmax_of_input(classes: int):
@@ -167,7 +167,7 @@ def test_a_section_is_appended_to_an_index_written_without_index_json(tmp_path):
 
 
 def test_test_limit_keeps_a_stratified_seeded_subset_of_the_test_split():
-    from cnnviz.config import load_config
+    from cnnviz.config.loading import load_config
     from cnnviz.data import load_dataset
 
     digits = Path(__file__).parent.parent / "configs" / "digits.yaml"

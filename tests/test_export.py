@@ -23,7 +23,7 @@ def exported(digits_run):
 
 def _assert_matches_keras(run_dir, payload, format_name, run_exported):
     """`run_exported(images)` (the runtime's own call) against model.keras on the test split."""
-    from cnnviz.runs import load_run
+    from cnnviz.runs.layout import load_run
 
     run = load_run(run_dir)
     images = run.dataset().x_test.astype(np.float32)
@@ -106,7 +106,7 @@ def test_a_bare_keras_file_is_checked_on_noise(digits_run, tmp_path):
 
 
 def test_a_missing_extra_is_named_in_one_line(digits_run, monkeypatch, tmp_path):
-    from cnnviz import export
+    from cnnviz.deploy import export
 
     monkeypatch.setitem(export.FORMATS, "onnx", export.ExportFormat(
         "onnx", "model.onnx", (("onnx", "onnx"), ("no_such_module_cnnviz", "tf2onnx"))))

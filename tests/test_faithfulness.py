@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from cnnviz.errors import CnnvizError
 from cnnviz.plot.trust import faithfulness_figure
-from cnnviz.trust.attribution import METHODS, attribute, occlusion_window, resolve_methods
+from cnnviz.explain.registry import METHODS, attribute, occlusion_window, resolve_methods
 from cnnviz.trust.faithfulness import baseline_images, deletion_insertion, pixel_ranks
 
 SIZE, HALF = 12, 6

@@ -26,8 +26,8 @@ import pytest
 import yaml
 from _models import tiny_digits_config
 
-from cnnviz.config import validate
-from cnnviz.train import train
+from cnnviz.config.loading import validate
+from cnnviz.train.fit import train
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cnnviz.cli import app
 from cnnviz.errors import CnnvizError
-from cnnviz.report import parse_indices
+from cnnviz.report.figures import parse_indices
 
 ROOT = Path(__file__).parent.parent
 runner = CliRunner()
@@ -113,7 +113,7 @@ def test_signed_maps_use_a_diverging_map_centred_on_zero(digits_run, tmp_path):
     """The IG panel's colour bar runs from -m to +m: white is exactly 0."""
     from cnnviz.explain import integrated_gradients
     from cnnviz.plot import signed_row
-    from cnnviz.runs import load_run
+    from cnnviz.runs.layout import load_run
 
     run = load_run(digits_run)
     image = run.dataset().x_test[:1]
@@ -151,8 +151,8 @@ def test_default_folder_is_inside_the_run(digits_run):
 def test_image_files_are_preprocessed_like_the_training_data(digits_run, tmp_path):
     """A test image saved as an 8-bit PNG and read back is the same model input (8-bit units,
     DECISIONS D1): the model's own Rescaling layer does the rest."""
-    from cnnviz.report import select_images
-    from cnnviz.runs import load_run
+    from cnnviz.report.figures import select_images
+    from cnnviz.runs.layout import load_run
 
     run = load_run(digits_run)
     test_images = run.dataset().x_test[:4]

@@ -30,7 +30,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
     """A run trained on its own copy of a folder (tests may take files away from it)."""
-    from cnnviz.train import train
+    from cnnviz.train.fit import train
 
     root = make_folder(tmp_path_factory.mktemp("own") / "data")
     result = train(folder_config(root), tmp_path_factory.mktemp("runs"), log=lambda line: None)
@@ -111,7 +111,7 @@ def _damaged_copy(folder: Path, tmp_path: Path) -> Path:
 
 
 def test_a_bad_file_is_one_line_exit_2_and_nothing_is_written(folder, tmp_path):
-    from cnnviz.config import dump_config
+    from cnnviz.config.loading import dump_config
 
     copy = _damaged_copy(folder, tmp_path)
     config = tmp_path / "folder.yaml"
@@ -128,7 +128,7 @@ def test_a_bad_file_is_one_line_exit_2_and_nothing_is_written(folder, tmp_path):
 
 @pytest.mark.slow
 def test_skip_bad_files_trains_without_them_and_says_which(folder, tmp_path):
-    from cnnviz.train import train
+    from cnnviz.train.fit import train
 
     copy = _damaged_copy(folder, tmp_path)
     good = copy / "bright" / "001.png"
@@ -155,7 +155,7 @@ def test_damage_found_mid_epoch_is_one_line_naming_the_file(folder, tmp_path):
     payload = bytearray(target.read_bytes())
     payload[60:100] = bytes(40)  # header and end chunk intact: passes the cheap check
     target.write_bytes(bytes(payload))
-    from cnnviz.config import dump_config
+    from cnnviz.config.loading import dump_config
 
     config = tmp_path / "folder.yaml"
     config.write_text(dump_config(folder_config(copy)))
@@ -249,8 +249,8 @@ def test_explaining_test_images_reads_only_those_files(folder_run, tmp_path):
 @pytest.mark.slow
 def test_a_bare_model_explains_a_file_as_its_run_directory_does(folder_run, folder):
     from cnnviz.explain import gradcam
-    from cnnviz.report import select_images
-    from cnnviz.runs import load_run
+    from cnnviz.report.figures import select_images
+    from cnnviz.runs.layout import load_run
 
     run_dir, _ = folder_run
     spec = f"{folder}/bright/001.png,{folder}/dark/002.png"
@@ -266,9 +266,9 @@ def test_a_bare_model_explains_a_file_as_its_run_directory_does(folder_run, fold
 @pytest.mark.slow
 def test_images_from_a_folder_or_a_glob_are_named_and_labelled_in_chunks(folder_run, folder,
                                                                           tmp_path, monkeypatch):
-    import cnnviz.images
-    from cnnviz.report import select_images
-    from cnnviz.runs import load_run
+    import cnnviz.data.images
+    from cnnviz.report.figures import select_images
+    from cnnviz.runs.layout import load_run
 
     run = load_run(folder_run[0])
     selection = select_images(run, str(folder))
@@ -297,7 +297,7 @@ def test_images_from_a_folder_or_a_glob_are_named_and_labelled_in_chunks(folder_
 def test_a_resumed_folder_run_keeps_the_files_it_recorded(tmp_path):
     import keras
 
-    from cnnviz.train import train
+    from cnnviz.train.fit import train
 
     root = make_folder(tmp_path / "data")
 

@@ -6,9 +6,9 @@ from xml.etree import ElementTree
 
 import pytest
 
-from cnnviz.config import load_config
+from cnnviz.config.loading import load_config
 from cnnviz.errors import CnnvizError, ConfigError
-from cnnviz.gates import (
+from cnnviz.ci.gates import (
     Check,
     Expectation,
     check_expectations,
@@ -20,7 +20,7 @@ from cnnviz.gates import (
     trust_checks,
     trust_values,
 )
-from cnnviz.junit import junit_xml
+from cnnviz.ci.junit import junit_xml
 
 ROOT = Path(__file__).parent.parent
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cnnviz.errors import CnnvizError
-from cnnviz.images import (
+from cnnviz.data.images import (
     check_image_file,
     expand_image_spec,
     image_problem,

@@ -18,7 +18,7 @@ from cnnviz.explain import (
     rise,
     saliency,
 )
-from cnnviz.explain._common import input_range
+from cnnviz.model.outputs import input_range
 
 
 def _with_rescaling(model):

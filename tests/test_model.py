@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from cnnviz.config import load_config, native_input_shape, validate
+from cnnviz.config.loading import load_config, native_input_shape, validate
 from cnnviz.errors import CnnvizError
-from cnnviz.model import backbone_layer_names, build_model, make_optimizer
+from cnnviz.model.build import backbone_layer_names, build_model, make_optimizer
 
 
 def _built(name, num_classes=10):

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from cnnviz.errors import CnnvizError
-from cnnviz.trust.reference import (
+from cnnviz.trust.reference.forward import (
     _conv2d_linear,
     _pool,
     explain_steps,
@@ -429,7 +429,7 @@ def test_verify_a_saved_and_reloaded_sequential_model(tmp_path):
     """Keras rebuilds a loaded Sequential with extra inbound nodes; it is still a chain."""
     import keras
 
-    from cnnviz.trust.reference import verify
+    from cnnviz.trust.reference.forward import verify
 
     model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3, activation="relu"),
                               keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])

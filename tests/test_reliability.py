@@ -18,9 +18,9 @@ from _models import tiny_digits_config
 from typer.testing import CliRunner
 
 from cnnviz.cli import app
-from cnnviz.config import MAX_YAML_ALIASES, load_config, run_slug, validate
+from cnnviz.config.loading import MAX_YAML_ALIASES, load_config, run_slug, validate
 from cnnviz.errors import ConfigError
-from cnnviz.runs import (
+from cnnviz.runs.layout import (
     RunLock,
     atomic_write_bytes,
     create_run_dir,
@@ -167,7 +167,7 @@ def test_a_few_aliases_still_work(tmp_path):
 
 
 def test_set_values_are_bounded_too():
-    from cnnviz.config import parse_override
+    from cnnviz.config.loading import parse_override
 
     with pytest.raises(ConfigError, match="101 YAML aliases"):
         parse_override("data.labels=[&x 1, " + ", ".join(["*x"] * 101) + "]")
@@ -202,7 +202,7 @@ def test_every_slug_is_a_name_tensorflow_accepts(name):
 
 @pytest.mark.slow
 def test_a_run_named_with_any_text_trains_into_its_slug(tmp_path):
-    from cnnviz.train import train
+    from cnnviz.train.fit import train
 
     previous = os.umask(0o027)
     try:
@@ -236,7 +236,7 @@ def test_a_model_keras_cannot_build_leaves_nothing(tmp_path):
 
 
 def test_progress_is_one_line_per_epoch_unless_on_a_terminal(monkeypatch):
-    from cnnviz.train import _keras_verbose
+    from cnnviz.train.fit import _keras_verbose
 
     leader, follower = os.openpty()
     with open(follower, "w") as terminal, open(os.devnull, "w") as log_file:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cnnviz.errors import CnnvizError
-from cnnviz.shapes import (
+from cnnviz.data.shapes import (
     SHAPE_CLASSES,
     cue_area_share,
     cue_share,

@@ -15,11 +15,11 @@ import pytest
 from _models import assert_unchanged, snapshot
 from matplotlib.figure import Figure
 
-from cnnviz.config import validate
+from cnnviz.config.loading import validate
 from cnnviz.data import load_dataset
 from cnnviz.errors import CnnvizError
 from cnnviz.plot.trust import shortcut_figure
-from cnnviz.shapes import mark_origins, mark_size
+from cnnviz.data.shapes import mark_origins, mark_size
 from cnnviz.trust.shortcut import shortcut_report
 
 SIZE = 24

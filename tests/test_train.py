@@ -14,8 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from cnnviz.config import load_config, validate
-from cnnviz.train import train
+from cnnviz.config.loading import load_config, validate
+from cnnviz.train.fit import train
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def test_same_config_gives_the_same_metrics(tmp_path):
 
 
 def test_optional_callbacks_early_stopping_and_tensorboard(tmp_path):
-    from cnnviz.config import EarlyStoppingConfig
+    from cnnviz.config.loading import EarlyStoppingConfig
 
     config = _digits(epochs=30, tensorboard=True,
                      early_stopping=EarlyStoppingConfig(monitor="loss", patience=1))

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnviz.cli import app
-from cnnviz.config import load_config
+from cnnviz.config.loading import load_config
 from cnnviz.data import augmentation_layers, load_dataset
 from cnnviz.errors import CnnvizError
 
@@ -45,7 +45,7 @@ def _rates(run_dir: Path) -> list[float]:
 ])
 def test_schedules_set_the_rate_of_each_epoch_and_history_records_it(tmp_path, schedule,
                                                                       expected):
-    from cnnviz.train import train
+    from cnnviz.train.fit import train
 
     config = _config("train.epochs=4", "train.optimizer.learning_rate=0.01",
                      f"train.optimizer.schedule={schedule}")
@@ -57,7 +57,7 @@ def test_schedules_set_the_rate_of_each_epoch_and_history_records_it(tmp_path, s
 
 @pytest.mark.slow
 def test_plateau_lowers_the_rate_when_the_monitor_stops_improving(tmp_path):
-    from cnnviz.train import train
+    from cnnviz.train.fit import train
 
     # A rate too small to move the weights: the validation loss stays flat (no improvement
     # beyond ReduceLROnPlateau's min_delta), so after the first epoch every epoch lowers it.
@@ -92,7 +92,7 @@ def test_curves_show_a_changing_learning_rate_on_its_own_panel():
 def test_balanced_class_weights_are_scikit_learns():
     from sklearn.utils.class_weight import compute_class_weight
 
-    from cnnviz.train import class_weights
+    from cnnviz.train.fit import class_weights
 
     config = _config("train.class_weight=balanced")
     dataset = load_dataset(config)
@@ -105,7 +105,7 @@ def test_balanced_class_weights_are_scikit_learns():
 
 
 def test_class_weights_by_name_or_index():
-    from cnnviz.train import class_weights
+    from cnnviz.train.fit import class_weights
 
     dataset = load_dataset(_config())
     config = _config("train.class_weight={'3': 2.5, 7: 0.5}")
@@ -119,7 +119,7 @@ def test_class_weights_by_name_or_index():
 
 @pytest.mark.slow
 def test_class_weights_reach_the_loss(tmp_path):
-    from cnnviz.train import train
+    from cnnviz.train.fit import train
 
     # A rate too small to move the weights: the only difference is the loss's weighting.
     still = ["train.epochs=1", "train.optimizer.learning_rate=1.0e-12", "model.layers.5.rate=0"]
@@ -139,7 +139,7 @@ def test_class_weights_reach_the_loss(tmp_path):
 def test_label_smoothing_is_the_smoothed_cross_entropy(tmp_path):
     import keras
 
-    from cnnviz.train import train
+    from cnnviz.train.fit import train
 
     result = train(_config("train.epochs=1", "train.label_smoothing=0.2"), tmp_path,
                    log=lambda line: None)
@@ -173,7 +173,7 @@ def test_augmentation_changes_training_batches_only_and_is_seeded():
     assert np.all(same | flipped), "a horizontal flip, or nothing"
     assert flipped.any() and same.any()
     np.testing.assert_array_equal(train_batch(), augmented), "same seed, same augmentation"
-    from cnnviz.train import _inputs
+    from cnnviz.train.fit import _inputs
 
     inputs = _inputs(config, dataset, Path("unused"), strategy=None)
     validation = next(inputs.validation.as_numpy_iterator())[0]

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnviz.cli import app
-from cnnviz.trust.attribution import METHODS
+from cnnviz.explain.registry import METHODS
 
 ROOT = Path(__file__).parent.parent
 runner = CliRunner()

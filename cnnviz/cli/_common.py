@@ -190,7 +190,7 @@ def import_tensorflow() -> None:
 
 def load_config_file(path: Path, overrides: list[str] | None, *, smoke: bool = False):
     """Load and validate a config with its --set overrides (after the --smoke preset's)."""
-    from cnnviz.config import load_config
+    from cnnviz.config.loading import load_config
 
     config = load_config(path, overrides or [])
     if not smoke:
@@ -229,7 +229,7 @@ def smoke_figure_options(model) -> dict:
     """`all_figures` options under --smoke: fewer activation-maximization steps, and filters and
     feature maps of the first and last conv layers only (drawing a grid per layer of a deep
     net costs more than the rest of a smoke run)."""
-    from cnnviz.report import conv_layer_names
+    from cnnviz.report.figures import conv_layer_names
 
     layers = conv_layer_names(model)
     return {"activation_max_steps": SMOKE_ACTIVATION_MAX_STEPS,
@@ -293,7 +293,7 @@ ModelSourceArgument = Annotated[
 
 def run_and_folder(source: Path, out: Path | None, command_name: str):
     import_tensorflow()
-    from cnnviz.runs import load_run
+    from cnnviz.runs.layout import load_run
 
     run = load_run(source)
     if out is not None:
@@ -317,7 +317,7 @@ def print_report(report) -> None:
 
 def expectations_for(config, expect: list[str] | None, command_name: str):
     """The config's `expect:` plus `--expect`, every metric name checked before any work."""
-    from cnnviz.gates import check_names, parse_expectations
+    from cnnviz.ci.gates import check_names, parse_expectations
 
     expectations = parse_expectations(expect, config.expect if config is not None else ())
     check_names(expectations, command=command_name, config=config)
@@ -332,7 +332,7 @@ def judge(expectations, values: dict, *, checks=(), junit: Path | None = None,
         The JSON fields: "expectations" (one entry each), "checks" (every check with its
         verdict), "exit_code" (1 when an expectation failed) and "junit" (the file, if any).
     """
-    from cnnviz.gates import check_expectations, format_outcomes
+    from cnnviz.ci.gates import check_expectations, format_outcomes
 
     outcomes = check_expectations(expectations, values)
     if outcomes:
@@ -345,7 +345,7 @@ def judge(expectations, values: dict, *, checks=(), junit: Path | None = None,
         "exit_code": GATE_FAILED if any(not outcome.passed for outcome in outcomes) else 0,
     }
     if junit is not None:
-        from cnnviz.junit import write_junit
+        from cnnviz.ci.junit import write_junit
 
         write_junit(junit, every_check, properties=properties)
         failed = sum(not check.passed for check in every_check)

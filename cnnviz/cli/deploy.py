@@ -53,9 +53,9 @@ def evaluate_command(
     started = time.perf_counter()
     expectations = expectations_for(None, expect, "evaluate")
     import_tensorflow()
-    from cnnviz.evaluate import evaluate_data, evaluation_folder
-    from cnnviz.report import add_index_section
-    from cnnviz.runs import load_run
+    from cnnviz.deploy.evaluate import evaluate_data, evaluation_folder
+    from cnnviz.report.figures import add_index_section
+    from cnnviz.runs.layout import load_run
 
     loaded = load_run(run)
     folder = out or evaluation_folder(loaded, run, data)
@@ -71,7 +71,7 @@ def evaluate_command(
         index = add_index_section(loaded.directory, heading, figures)
         typer.echo(f"wrote {index}")
         files.append(str(index))
-    from cnnviz.gates import evaluation_values
+    from cnnviz.ci.gates import evaluation_values
 
     verdicts = judge(expectations, evaluation_values(results), junit=junit,
                      properties={"command": "evaluate", "run": str(run),
@@ -102,10 +102,10 @@ def predict_command(
     top-k, streamed in batches (memory does not grow with the number of files)."""
     started = time.perf_counter()
     import_tensorflow()
-    from cnnviz.images import expand_image_spec
-    from cnnviz.predict import csv_header, csv_line, predict_files
-    from cnnviz.report import class_names_of, progress_bar
-    from cnnviz.runs import load_run
+    from cnnviz.data.images import expand_image_spec
+    from cnnviz.deploy.predict import csv_header, csv_line, predict_files
+    from cnnviz.report.figures import class_names_of, progress_bar
+    from cnnviz.runs.layout import load_run
 
     paths = expand_image_spec(images)
     if paths is None:
@@ -160,7 +160,7 @@ def _preparation(run, preprocess: str):
     """Pixels (8-bit units) -> model inputs: None for a cnnviz run (its model preprocesses, D1);
     for a bare .keras file, `--preprocess` (auto: raw pixels when it begins with a Rescaling or
     Normalization layer, else x / 255, said in one line)."""
-    from cnnviz.preprocess import prepare, resolve_mode
+    from cnnviz.model.inputs import prepare, resolve_mode
 
     if run.config is not None:
         if preprocess != "auto":
@@ -206,14 +206,14 @@ def export_command(
     Exit codes: 0 exported and matching, 1 an export differs by more than --tolerance, 2 bad
     input or a missing optional package (pip install 'cnnviz[export]').
     """
-    from cnnviz.export import FORMATS, require_packages
+    from cnnviz.deploy.export import FORMATS, require_packages
 
     started = time.perf_counter()
     formats = list(dict.fromkeys(choice.value for choice in format_))
     for name in formats:  # before loading anything: a missing package is a one-line exit 2
         require_packages(name)
     import_tensorflow()
-    from cnnviz.export import (
+    from cnnviz.deploy.export import (
         check_images_for,
         describe_input,
         export_model,
@@ -222,7 +222,7 @@ def export_command(
         load_exported,
         round_trip_difference,
     )
-    from cnnviz.runs import load_run
+    from cnnviz.runs.layout import load_run
 
     loaded = load_run(run)
     paths = export_paths(run, loaded.directory, formats, out)
@@ -259,7 +259,7 @@ def export_command(
 
 def _write_record(record: dict, folders: set[Path]) -> Path | None:
     """export.json beside the exported files (formats exported earlier stay listed)."""
-    from cnnviz.runs import atomic_write_json
+    from cnnviz.runs.layout import atomic_write_json
 
     if len(folders) != 1:
         return None
@@ -275,6 +275,6 @@ def _write_record(record: dict, folders: set[Path]) -> Path | None:
 
 def _recorded_preprocessing(directory: Path | None) -> dict | None:
     """The preprocessing metrics.json recorded for the run (None for a bare .keras file)."""
-    from cnnviz.runs import read_metrics
+    from cnnviz.runs.layout import read_metrics
 
     return read_metrics(directory).get("preprocessing")

@@ -53,7 +53,7 @@ def saliency_command(
 ) -> None:
     """Saliency maps: |d score / d pixel|, vanilla, guided, rectified (deconvnet) or SmoothGrad."""
     from cnnviz.explain import SALIENCY_METHODS
-    from cnnviz.report import saliency_figures, select_images
+    from cnnviz.report.figures import saliency_figures, select_images
 
     loaded, folder = run_and_folder(run, out, "saliency")
     methods = SALIENCY_METHODS if method is SaliencyMethod.all else (method.value,)
@@ -78,7 +78,7 @@ def gradcam_command(
     """Grad-CAM heatmaps over the input (default layer: the last one with a spatial output,
     inside a nested backbone too)."""
     from cnnviz.explain import gradcam_layer
-    from cnnviz.report import gradcam_figures, select_images
+    from cnnviz.report.figures import gradcam_figures, select_images
 
     loaded, folder = run_and_folder(run, out, "gradcam")
     chosen = gradcam_layer(loaded.model, layer)
@@ -119,7 +119,7 @@ def cam_command(
     per channel of the layer); eigencam (first principal component, class-agnostic).
     """
     from cnnviz.explain import CAM_METHODS, gradcam_layer
-    from cnnviz.report import cam_figures, select_images
+    from cnnviz.report.figures import cam_figures, select_images
 
     loaded, folder = run_and_folder(run, out, "cam")
     chosen = gradcam_layer(loaded.model, layer)
@@ -160,7 +160,7 @@ def integrated_gradients_command(
     Each figure states the completeness check: the attributions' sum beside
     score(image) - score(baseline), which it must equal up to the integration error.
     """
-    from cnnviz.report import select_images, signed_figures
+    from cnnviz.report.figures import select_images, signed_figures
 
     start = _baseline(baseline)
     loaded, folder = run_and_folder(run, out, "integrated-gradients")
@@ -182,7 +182,7 @@ def gradient_x_input_command(
     out: OutOption = None,
 ) -> None:
     """Gradient x input (signed; red for the class, blue against)."""
-    from cnnviz.report import select_images, signed_figures
+    from cnnviz.report.figures import select_images, signed_figures
 
     loaded, folder = run_and_folder(run, out, "gradient-x-input")
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
@@ -206,7 +206,7 @@ def rise_command(
     out: OutOption = None,
 ) -> None:
     """RISE (Petsiuk et al. 2018): the class probability over random masks, a black-box map."""
-    from cnnviz.report import rise_figures, select_images
+    from cnnviz.report.figures import rise_figures, select_images
 
     loaded, folder = run_and_folder(run, out, "rise")
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
@@ -229,7 +229,7 @@ def occlusion_command(
     out: OutOption = None,
 ) -> None:
     """Occlusion sensitivity: the class probability as a patch covers each place."""
-    from cnnviz.report import occlusion_figures, select_images
+    from cnnviz.report.figures import occlusion_figures, select_images
 
     loaded, folder = run_and_folder(run, out, "occlusion")
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
@@ -250,7 +250,7 @@ def feature_maps_command(
     out: OutOption = None,
 ) -> None:
     """The feature maps (activations) of conv layers for chosen images."""
-    from cnnviz.report import conv_layer_names, feature_map_figures, select_images
+    from cnnviz.report.figures import conv_layer_names, feature_map_figures, select_images
 
     loaded, folder = run_and_folder(run, out, "feature-maps")
     layers = layer or conv_layer_names(loaded.model)
@@ -267,7 +267,7 @@ def filters_command(
     out: OutOption = None,
 ) -> None:
     """The learned convolution kernels of each conv layer (depthwise ones too)."""
-    from cnnviz.report import filter_figures, kernel_layer_names
+    from cnnviz.report.figures import filter_figures, kernel_layer_names
 
     loaded, folder = run_and_folder(run, out, "filters")
     report_written(filter_figures(loaded.model, folder,
@@ -289,8 +289,8 @@ def activation_max_command(
     out: OutOption = None,
 ) -> None:
     """Activation maximization: synthesize the input each class (or filter) responds to most."""
-    from cnnviz.explain._common import get_layer, output_index
-    from cnnviz.report import (
+    from cnnviz.model.outputs import get_layer, output_index
+    from cnnviz.report.figures import (
         activation_max_figure,
         class_names_of,
         parse_class_spec,
@@ -320,7 +320,7 @@ def activation_max_command(
         indices = None
     mode = None
     if loaded.config is None:  # a bare .keras file: optimize in the range --preprocess gives
-        from cnnviz.preprocess import resolve_mode
+        from cnnviz.model.inputs import resolve_mode
 
         mode, _ = resolve_mode(loaded.model, preprocess.value)
     report_written([activation_max_figure(loaded.model, folder, class_names=class_names,
@@ -347,10 +347,10 @@ def _model_of(source: Path, overrides: list[str] | None):
     if source.suffix in (".yaml", ".yml"):
         resolved = load_config_file(source, overrides)
         import_tensorflow()
-        from cnnviz.summary import model_from_config
+        from cnnviz.model.summary import model_from_config
 
         return model_from_config(resolved)
     import_tensorflow()
-    from cnnviz.runs import load_run
+    from cnnviz.runs.layout import load_run
 
     return load_run(source).model

@@ -60,12 +60,12 @@ def train_command(
     resolved = load_config_file(config, set_, smoke=smoke)
     expectations = expectations_for(resolved, expect, "train")
     out_root = writable_out(out, Path("outputs"))
-    from cnnviz.train import check_resume, train
+    from cnnviz.train.fit import check_resume, train
 
     if resume is not None:
         check_resume(resume, resolved)  # before TensorFlow's import: a live run fails at once
     import_tensorflow()
-    from cnnviz.gates import needs_evaluation, training_values
+    from cnnviz.ci.gates import needs_evaluation, training_values
 
     result = train(resolved, out_root, resume=resume)
     files = print_training(result)
@@ -108,8 +108,8 @@ def evaluate_run_directory(run_dir: Path) -> tuple[dict, list, list[Path]]:
     Returns:
         (evaluation.json's dict, the figures as FigureFiles, every file written).
     """
-    from cnnviz.evaluate import evaluate_data
-    from cnnviz.runs import load_run
+    from cnnviz.deploy.evaluate import evaluate_data
+    from cnnviz.runs.layout import load_run
 
     evaluation, data_file, figures = evaluate_data(load_run(run_dir), run_dir / "evaluation")
     typer.echo("\n" + evaluation.format_table())
@@ -120,7 +120,7 @@ def evaluate_run_directory(run_dir: Path) -> tuple[dict, list, list[Path]]:
 
 
 def evaluation_values(evaluation: dict) -> dict:
-    from cnnviz.gates import evaluation_values as values
+    from cnnviz.ci.gates import evaluation_values as values
 
     return values(evaluation)
 
@@ -142,7 +142,7 @@ def augment_command(
     import_tensorflow()
     from cnnviz.data import augmentation_samples, load_dataset
     from cnnviz.plot import augmentation_grid
-    from cnnviz.runs import save_figure
+    from cnnviz.runs.layout import save_figure
 
     dataset = load_dataset(resolved, log=lambda line: typer.echo(line, err=True))
     originals, augmented, names = augmentation_samples(resolved, dataset, images, draws)
@@ -158,7 +158,7 @@ def augment_command(
 def config_show(config: ConfigArgument, set_: SetOption = None) -> None:
     """Print the full config with every default filled in."""
     try:
-        from cnnviz.config import dump_config
+        from cnnviz.config.loading import dump_config
 
         typer.echo(dump_config(load_config_file(config, set_)), nl=False)
     except CnnvizError as error:
@@ -176,20 +176,20 @@ def summary_command(
     On a config it builds the untrained model and downloads nothing. Default folder: the run
     directory, or outputs/<name>/summary for a config.
     """
-    from cnnviz.summary import write_summary
+    from cnnviz.model.summary import write_summary
 
     if target.suffix in (".yaml", ".yml"):
         resolved = load_config_file(target, set_)
         import_tensorflow()
-        from cnnviz.summary import model_from_config
+        from cnnviz.model.summary import model_from_config
 
         model = model_from_config(resolved)
-        from cnnviz.config import run_slug
+        from cnnviz.config.loading import run_slug
 
         folder = out or Path("outputs") / run_slug(resolved.name or target.stem) / "summary"
     else:
         import_tensorflow()
-        from cnnviz.runs import load_run
+        from cnnviz.runs.layout import load_run
 
         run = load_run(target)
         model = run.model
@@ -222,17 +222,23 @@ def run_command(
 
     Exit codes: 0 done, 1 an expectation failed, 2 bad input (nothing trained).
     """
-    from cnnviz.report import FigureFile, all_figures, one_per_class, select_images, write_index
-    from cnnviz.runs import load_run
-    from cnnviz.summary import write_summary
+    from cnnviz.report.figures import (
+        FigureFile,
+        all_figures,
+        one_per_class,
+        select_images,
+        write_index,
+    )
+    from cnnviz.runs.layout import load_run
+    from cnnviz.model.summary import write_summary
 
     started = time.perf_counter()
     resolved = load_config_file(config, set_, smoke=smoke)
     expectations = expectations_for(resolved, expect, "run")
     out_root = writable_out(out, Path("outputs"))
     import_tensorflow()
-    from cnnviz.gates import training_values, trust_checks, trust_values
-    from cnnviz.train import train
+    from cnnviz.ci.gates import training_values, trust_checks, trust_values
+    from cnnviz.train.fit import train
 
     result = train(resolved, out_root)
     files = print_training(result)

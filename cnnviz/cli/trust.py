@@ -37,15 +37,15 @@ def model_and_images(source: Path, images: str, overrides: list[str] | None):
     """
     import numpy as np
 
-    from cnnviz.report import select_images
-    from cnnviz.runs import Run, load_run
+    from cnnviz.report.figures import select_images
+    from cnnviz.runs.layout import Run, load_run
 
     if source.suffix in (".yaml", ".yml"):
         resolved = load_config_file(source, overrides)
         import_tensorflow()
         import keras
 
-        from cnnviz.summary import model_from_config
+        from cnnviz.model.summary import model_from_config
 
         keras.utils.set_random_seed(resolved.seed)
         model = model_from_config(resolved)
@@ -80,8 +80,8 @@ def verify_command(
 
     Exits 1 when a layer differs by more than --tolerance or cannot be recomputed.
     """
-    from cnnviz.gates import verify_checks
-    from cnnviz.trust.reference import explain_steps, format_table, verify
+    from cnnviz.ci.gates import verify_checks
+    from cnnviz.trust.reference.forward import explain_steps, format_table, verify
 
     started = time.perf_counter()
     model, batch, described = model_and_images(source, images, set_)
@@ -122,7 +122,7 @@ def sanity_command(
     Flags a method whose maps barely change when the weights are destroyed, or when a different
     class is explained.
     """
-    from cnnviz.report import sanity_report, select_images
+    from cnnviz.report.figures import sanity_report, select_images
 
     started = time.perf_counter()
     loaded, folder = run_and_folder(run, out, "sanity")
@@ -143,7 +143,7 @@ def faithfulness_command(
     json_output: JsonOption = False,
 ) -> dict:
     """Deletion and insertion scores per method against a random pixel order."""
-    from cnnviz.report import faithfulness_report, select_images
+    from cnnviz.report.figures import faithfulness_report, select_images
 
     started = time.perf_counter()
     loaded, folder = run_and_folder(run, out, "faithfulness")
@@ -156,7 +156,7 @@ def faithfulness_command(
 
 def trust_result(name: str, report, junit: Path | None, source: Path, seconds: float) -> dict:
     """The JSON result of a trust command: its numbers, its checks (and JUnit file), its files."""
-    from cnnviz.gates import trust_checks, trust_values
+    from cnnviz.ci.gates import trust_checks, trust_values
 
     numbers = json.loads(report.data_file.read_text())
     verdicts = judge([], {}, checks=trust_checks(**{name: numbers}, seconds={name: seconds}),
@@ -174,7 +174,7 @@ def shortcut_command(
     out: OutOption = None,
 ) -> None:
     """Does the model use the spurious cue? Attribution on the cue vs its area (shapes data)."""
-    from cnnviz.report import shortcut_files
+    from cnnviz.report.figures import shortcut_files
 
     loaded, folder = run_and_folder(run, out, "shortcut")
     print_report(shortcut_files(loaded, folder, count=count))
@@ -187,7 +187,12 @@ def trust_reports(run, folder: Path, *, images: str = "0:32", methods=None):
     Returns:
         ({"sanity" | "faithfulness" | "shortcut": (heading, Report)}, {same keys: seconds}).
     """
-    from cnnviz.report import faithfulness_report, sanity_report, select_images, shortcut_files
+    from cnnviz.report.figures import (
+        faithfulness_report,
+        sanity_report,
+        select_images,
+        shortcut_files,
+    )
 
     checks = select_images(run, images)
     jobs = {"sanity": ("Sanity checks: model randomization (Adebayo et al. 2018)",

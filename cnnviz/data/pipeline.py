@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnviz.images import MAX_IMAGE_PIXELS, load_image, read_images, resize
+from cnnviz.data.images import MAX_IMAGE_PIXELS, load_image, read_images, resize
 
 # Cached images are shuffled in a window of this many (the first pass is fully shuffled).
 CACHE_SHUFFLE_BUFFER = 2048

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnviz.config import Config, DataConfig
+from cnnviz.config.loading import Config, DataConfig
 from cnnviz.errors import CnnvizError
 
 _KERAS_DATASETS = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
@@ -221,7 +221,7 @@ def _load_inline(data: DataConfig, config: Config) -> ArraySource:
 
 def _load_shapes(data: DataConfig, config: Config) -> ArraySource:
     """The generated shapes set: train (with the spurious cue, if any) and test (without)."""
-    from cnnviz.shapes import make_shapes
+    from cnnviz.data.shapes import make_shapes
 
     options = data.shapes
     size = tuple(data.image_size or (32, 32))

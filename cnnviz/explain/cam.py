@@ -28,13 +28,8 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import (
-    as_image_batch,
-    features_and_logits,
-    input_range,
-    target_scores,
-)
-from cnnviz.explain._compiled import (
+from cnnviz.model.outputs import as_image_batch, features_and_logits, input_range, target_scores
+from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
     choose_targets,

@@ -12,14 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import (
-    as_image_batch,
-    default_layer_path,
-    four_d_paths,
-    output_rank,
-)
-from cnnviz.explain._compiled import require_built
-from cnnviz.explain._graph import find_layer, list_paths
+from cnnviz.model.outputs import as_image_batch, default_layer_path, four_d_paths, output_rank
+from cnnviz.model.compiled import require_built
+from cnnviz.model.graph import find_layer, list_paths
 from cnnviz.explain.saliency import _gradient_maps, _predicted_targets
 
 # Added to a map's max before dividing: an all-zero map stays 0 instead of becoming NaN.

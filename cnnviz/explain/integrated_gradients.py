@@ -13,8 +13,8 @@ import numbers
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch, blurred, target_scores
-from cnnviz.explain._compiled import batch_size_for, check_images, model_copy, run_batched
+from cnnviz.model.outputs import as_image_batch, blurred, target_scores
+from cnnviz.model.compiled import batch_size_for, check_images, model_copy, run_batched
 from cnnviz.explain.saliency import _gradient_body, _predicted_targets, input_gradients
 
 

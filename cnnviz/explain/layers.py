@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch, four_d_paths, output_rank
-from cnnviz.explain._compiled import (
+from cnnviz.model.outputs import as_image_batch, four_d_paths, output_rank
+from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
     layer_outputs,
@@ -23,7 +23,7 @@ from cnnviz.explain._compiled import (
     require_built,
     run_batched,
 )
-from cnnviz.explain._graph import (
+from cnnviz.model.graph import (
     LayerEntry,
     find_layer,
     is_nested_model,

@@ -14,13 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import (
-    as_image_batch,
-    class_probabilities,
-    input_range,
-    resolve_targets,
-)
-from cnnviz.explain._compiled import (
+from cnnviz.model.outputs import as_image_batch, class_probabilities, input_range, resolve_targets
+from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
     check_target_count,

@@ -12,13 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import (
-    as_image_batch,
-    class_probabilities,
-    input_range,
-    resolve_targets,
-)
-from cnnviz.explain._compiled import (
+from cnnviz.model.outputs import as_image_batch, class_probabilities, input_range, resolve_targets
+from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
     check_target_count,

@@ -17,11 +17,8 @@ from collections.abc import Callable
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import (
-    as_image_batch,
-    target_scores,
-)
-from cnnviz.explain._compiled import (
+from cnnviz.model.outputs import as_image_batch, target_scores
+from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
     choose_targets,

@@ -1,7 +1,7 @@
 """Arrays -> matplotlib Figures (no pyplot, no files); `render_png` turns one into PNG bytes."""
 
 from cnnviz.plot.display import render_png, show_image
-from cnnviz.plot.figures import (
+from cnnviz.plot.attribution import (
     activation_max_grid,
     augmentation_grid,
     cam_row,

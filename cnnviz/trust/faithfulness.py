@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch, blurred, resolve_targets
-from cnnviz.trust.attribution import (
+from cnnviz.model.outputs import as_image_batch, blurred, resolve_targets
+from cnnviz.explain.registry import (
     METHODS,
     MethodsArgument,
     predict_probabilities,

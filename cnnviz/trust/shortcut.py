@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.shapes import cue_area_share, cue_share
-from cnnviz.trust.attribution import (
+from cnnviz.data.shapes import cue_area_share, cue_share
+from cnnviz.explain.registry import (
     METHODS,
     MethodsArgument,
     predict_probabilities,
     resolve_methods,
 )
-from cnnviz.trust.attribution import run_methods as _run_methods
+from cnnviz.explain.registry import run_methods as _run_methods
 
 CUE_NAMES = {"corner_mark": "the corner mark", "background": "the background"}
 

@@ -14,7 +14,7 @@ import functools
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._graph import (
+from cnnviz.model.graph import (
     IDENTITY,
     find_layer,
     is_nested_model,
@@ -94,7 +94,7 @@ def input_range(model, *, preprocess: str | None = None) -> tuple[float, float]:
     activation-maximization start and clip range) from this one function.
     """
     if preprocess not in (None, "auto"):
-        from cnnviz.preprocess import value_range
+        from cnnviz.model.inputs import value_range
 
         return value_range(preprocess)
     first = first_layer(model)

@@ -141,7 +141,7 @@ def needs_evaluation(expectations: Iterable[Expectation]) -> bool:
 
 
 def _name_problem(metric: str, command: str, config) -> str | None:
-    from cnnviz.trust.attribution import METHODS
+    from cnnviz.explain.registry import METHODS
 
     family, _, rest = metric.partition(".")
     if not rest:

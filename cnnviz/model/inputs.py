@@ -99,7 +99,7 @@ def resolve_mode(model, mode: str) -> tuple[str, str | None]:
     auto: raw 0..255 ("none") when the model begins with a Rescaling or Normalization layer
     (also as the first layer of a nested first model), else "scale" (x / 255).
     """
-    from cnnviz.explain._common import first_layer
+    from cnnviz.model.outputs import first_layer
 
     _check_mode(mode)
     if mode != "auto":

@@ -565,7 +565,7 @@ class Config(_Strict):
     @field_validator("expect")
     @classmethod
     def _expectations_parse(cls, value: list[str]) -> list[str]:
-        from cnnviz.gates import parse_expectation
+        from cnnviz.ci.gates import parse_expectation
 
         for index, text in enumerate(value):
             try:

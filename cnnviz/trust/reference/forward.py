@@ -37,7 +37,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch
+from cnnviz.model.outputs import as_image_batch
 
 __all__ = [
     "LayerTrace",
@@ -657,7 +657,7 @@ def _keras_outputs(model, batch: np.ndarray, batch_size: int = 256,
     import keras
     import tensorflow as tf
 
-    from cnnviz.explain._graph import is_nested_model, layer_entries, rebuild
+    from cnnviz.model.graph import is_nested_model, layer_entries, rebuild
 
     rebuilt = rebuild(model, output=None)
     if paths is None:
@@ -681,7 +681,7 @@ def _keras_outputs(model, batch: np.ndarray, batch_size: int = 256,
 def _walk_numpy(model, batch: np.ndarray, keras_outputs: Callable[[], dict]) -> list[LayerTrace]:
     """Run the model's graph in numpy, nested models opened, merges (Add, Concatenate, ...)
     fed their inputs; an unsupported layer continues from Keras's own output of it."""
-    from cnnviz.explain._graph import walk
+    from cnnviz.model.graph import walk
 
     traces: list[LayerTrace] = []
 

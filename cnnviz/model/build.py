@@ -6,7 +6,7 @@ Layers get stable names from the config (`conv2d_1`, `conv2d_2`, ...) unless nam
 
 from __future__ import annotations
 
-from cnnviz.config import (
+from cnnviz.config.loading import (
     BackboneConfig,
     BatchNormLayer,
     Config,
@@ -77,7 +77,7 @@ def build_model(config: Config, input_shape: tuple[int, int, int], num_classes: 
     """
     import keras
 
-    from cnnviz.config import check_layer_shapes
+    from cnnviz.config.loading import check_layer_shapes
     from cnnviz.data import config_preprocessing
 
     if preprocessing is None:

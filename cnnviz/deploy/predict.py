@@ -49,7 +49,7 @@ def predict_files(model, paths: Sequence[str | Path], class_names: Sequence[str]
         bad file named in a CnnvizError) before this returns, so nothing is written for a
         request that cannot finish.
     """
-    from cnnviz.images import image_problem
+    from cnnviz.data.images import image_problem
 
     paths = [str(path) for path in paths]
     if not paths:
@@ -71,7 +71,7 @@ def _rows(model, paths: list[str], class_names: Sequence[str], shape: tuple[int,
     import tensorflow as tf
 
     from cnnviz.data import Split
-    from cnnviz.trust.attribution import predict_probabilities
+    from cnnviz.explain.registry import predict_probabilities
 
     height, width, channels = shape
     # The files as an unlabelled split: the same tf.data input (decode, resize, batch,
@@ -105,7 +105,7 @@ def _rows(model, paths: list[str], class_names: Sequence[str], shape: tuple[int,
 
 def _decoding_error(remaining: Sequence[str]) -> CnnvizError:
     """The first file among `remaining` TensorFlow cannot decode, named in one line."""
-    from cnnviz.images import undecodable_files
+    from cnnviz.data.images import undecodable_files
 
     bad = undecodable_files(remaining)
     if not bad:

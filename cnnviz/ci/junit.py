@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from xml.etree import ElementTree
 
-from cnnviz.gates import Check
-from cnnviz.runs import atomic_write_bytes
+from cnnviz.ci.gates import Check
+from cnnviz.runs.layout import atomic_write_bytes
 
 FAILURE_TYPES = {"expectations": "ExpectationFailed"}
 

@@ -185,7 +185,7 @@ def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str
     Returns:
         An `Evaluation`.
     """
-    from cnnviz.trust.attribution import predict_probabilities
+    from cnnviz.explain.registry import predict_probabilities
 
     count = len(class_names)
     if count < 2:
@@ -257,8 +257,8 @@ def write_evaluation(evaluation: Evaluation, folder: Path) -> tuple[Path, list]:
         (the JSON file, the figures as `report.FigureFile`s).
     """
     from cnnviz.plot.evaluation import confusion_matrix_figure, mistakes_grid
-    from cnnviz.report import save_captioned
-    from cnnviz.runs import atomic_write_text
+    from cnnviz.report.figures import save_captioned
+    from cnnviz.runs.layout import atomic_write_text
 
     folder = Path(folder)
     data_file = atomic_write_text(folder / "evaluation.json",
@@ -299,7 +299,7 @@ def evaluate_data(run, folder: Path, *, data: Path | None = None, top_k: int = 5
     Returns:
         (the `Evaluation`, evaluation.json's path, the figures as `report.FigureFile`s).
     """
-    from cnnviz.report import class_names_of, progress_bar
+    from cnnviz.report.figures import class_names_of, progress_bar
 
     outputs = int(run.model.outputs[0].shape[-1])
     class_names = class_names_of(run, outputs)
@@ -327,7 +327,7 @@ def _evaluation_split(run, data: Path | None):
         return dataset.test, dataset.class_names, "the test split"
     data = Path(data)
     if data.suffix in (".yaml", ".yml"):
-        from cnnviz.config import load_config
+        from cnnviz.config.loading import load_config
         from cnnviz.data import load_dataset
 
         dataset = load_dataset(load_config(data))
@@ -337,7 +337,7 @@ def _evaluation_split(run, data: Path | None):
                           "sub-folders")
     from cnnviz.data import Split
     from cnnviz.data.folders import check_listing, list_class_folder
-    from cnnviz.images import MAX_IMAGE_PIXELS
+    from cnnviz.data.images import MAX_IMAGE_PIXELS
 
     max_pixels = run.config.data.max_image_pixels if run.config is not None else MAX_IMAGE_PIXELS
     # Every file's header is checked first: a bad file is one line, not an error mid-stream.

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.runs import Run, atomic_write_text, read_metrics, save_figure
-from cnnviz.trust.attribution import predict_probabilities
+from cnnviz.runs.layout import Run, atomic_write_text, read_metrics, save_figure
+from cnnviz.explain.registry import predict_probabilities
 
 CHUNK = 64  # images explained per batch: big enough to amortize, small enough to stay flat
 
@@ -64,7 +64,7 @@ class ImageFiles:
     def __init__(self, paths: Sequence[str | Path], input_shape: tuple[int, int, int], *,
                  prepare: Callable[[np.ndarray], np.ndarray] | None = None,
                  resize: str = "stretch", max_pixels: int | None = None):
-        from cnnviz.images import MAX_IMAGE_PIXELS
+        from cnnviz.data.images import MAX_IMAGE_PIXELS
 
         self.paths = [str(path) for path in paths]
         self.input_shape = tuple(int(side) for side in input_shape)
@@ -88,7 +88,7 @@ class ImageFiles:
 
     def _chunk(self, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(pixels, inputs) of `indices`, read unless they are the chunk held."""
-        from cnnviz.images import read_images
+        from cnnviz.data.images import read_images
 
         held, pixels, inputs = self._held
         if indices == held:
@@ -238,8 +238,8 @@ def _prepare(run: Run, preprocess: str):
     A bare .keras file takes what `--preprocess` says ("auto" resolved, with a note).
     """
     from cnnviz.errors import CnnvizNotice
-    from cnnviz.explain._common import input_range
-    from cnnviz.preprocess import prepare, resolve_mode
+    from cnnviz.model.outputs import input_range
+    from cnnviz.model.inputs import prepare, resolve_mode
 
     if run.config is not None:
         low, high = input_range(run.model)
@@ -254,7 +254,7 @@ def _prepare(run: Run, preprocess: str):
 
 def probability_label(model, output=None) -> str:
     """How captions name the percentages `predict_probabilities` gives for this output."""
-    from cnnviz.explain._common import output_activation
+    from cnnviz.model.outputs import output_activation
 
     activation = output_activation(model, output)
     if activation == "linear":
@@ -264,7 +264,7 @@ def probability_label(model, output=None) -> str:
 
 
 def _output(model, output) -> int:
-    from cnnviz.explain._common import output_index
+    from cnnviz.model.outputs import output_index
 
     return output_index(model, output)
 
@@ -280,8 +280,8 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
     any but "auto"). Indices into a folder-trained run's test split read only those files,
     from the lists the run recorded. Files are read a chunk at a time, never all at once.
     """
-    from cnnviz.explain._compiled import require_built
-    from cnnviz.images import expand_image_spec
+    from cnnviz.model.compiled import require_built
+    from cnnviz.data.images import expand_image_spec
 
     require_built(run.model)
     index = _output(run.model, output)
@@ -739,7 +739,7 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
     """
     from cnnviz.explain import activation_maximization_batch
     from cnnviz.plot import activation_max_grid
-    from cnnviz.preprocess import to_pixels, value_range
+    from cnnviz.model.inputs import to_pixels, value_range
 
     if layer is None:
         indices = list(indices if indices is not None else range(min(len(class_names), 10)))
@@ -747,7 +747,7 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
                   for index in indices]
         title, name = "Activation maximization: the input each class wants most", "classes.png"
     else:
-        from cnnviz.explain._common import get_layer
+        from cnnviz.model.outputs import get_layer
 
         channels = int(get_layer(model, layer).output.shape[-1])
         indices = list(indices if indices is not None else range(min(channels, 16)))
@@ -835,8 +835,8 @@ def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0,
     `methods`: registry names (default: every method of `cnnviz.trust.attribution.METHODS`).
     """
     from cnnviz.plot.trust import sanity_curves_figure, sanity_maps_figure
-    from cnnviz.runs import atomic_write_json
-    from cnnviz.trust.attribution import METHODS
+    from cnnviz.runs.layout import atomic_write_json
+    from cnnviz.explain.registry import METHODS
     from cnnviz.trust.sanity import class_sensitivity, format_class_sensitivity, model_randomization
 
     methods = tuple(methods or METHODS)
@@ -862,8 +862,8 @@ def faithfulness_report(model, selection: Selection, folder: Path, *, steps: int
     `methods`: registry names (default: every method of `cnnviz.trust.attribution.METHODS`).
     """
     from cnnviz.plot.trust import faithfulness_figure
-    from cnnviz.runs import atomic_write_json
-    from cnnviz.trust.attribution import METHODS
+    from cnnviz.runs.layout import atomic_write_json
+    from cnnviz.explain.registry import METHODS
     from cnnviz.trust.faithfulness import deletion_insertion
 
     result = deletion_insertion(model, selection.images, steps=steps, baseline=baseline,
@@ -881,11 +881,11 @@ def shortcut_files(run: Run, folder: Path, *, count: int = 64,
     """The shortcut report of a run trained on data with a spurious cue (`methods`: registry
     names, default every method)."""
     from cnnviz.plot.trust import shortcut_figure
-    from cnnviz.runs import atomic_write_json
+    from cnnviz.runs.layout import atomic_write_json
     from cnnviz.trust.shortcut import shortcut_report
 
     cue = run.config.data.shapes.spurious if run.config is not None else None
-    from cnnviz.trust.attribution import METHODS
+    from cnnviz.explain.registry import METHODS
 
     result = shortcut_report(run.model, run.dataset(), count=count, cue=cue,
                              methods=tuple(methods or METHODS))

@@ -7,8 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnviz.config import Config
-from cnnviz.runs import atomic_write_text
+from cnnviz.config.loading import Config
+from cnnviz.runs.layout import atomic_write_text
 
 GRAPHVIZ_HINT = (
     "Graphviz's `dot` program was not found, so architecture.png was not drawn; install it "
@@ -27,8 +27,8 @@ class SummaryFiles:
 
 def model_from_config(config: Config):
     """The untrained model of a config, built without loading (or downloading) its data."""
-    from cnnviz.config import native_input_shape
-    from cnnviz.model import build_model
+    from cnnviz.config.loading import native_input_shape
+    from cnnviz.model.build import build_model
 
     input_shape = native_input_shape(config.data)
     if input_shape is None:  # npz: only the file knows the image size

@@ -229,7 +229,7 @@ def read_images(paths: Sequence[str | Path], input_shape: Sequence[int], *,
     """
     import tensorflow as tf
 
-    from cnnviz.preprocess import RESIZE_MODES, resize_pixels
+    from cnnviz.model.inputs import RESIZE_MODES, resize_pixels
 
     if resize not in RESIZE_MODES:
         raise CnnvizError(f"--resize {resize!r} is not a mode; choose one of "

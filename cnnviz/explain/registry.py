@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain._common import as_image_batch, class_probabilities
+from cnnviz.model.outputs import as_image_batch, class_probabilities
 
 AttributionFunction = Callable[..., np.ndarray]
 
@@ -215,7 +215,7 @@ def predict_probabilities(model, images, *, output=None,
     its logits when it is linear. A single sigmoid unit p becomes the two columns [1 - p, p].
     `output` chooses the output of a multi-output model (index or name).
     """
-    from cnnviz.explain._compiled import check_images, model_copy
+    from cnnviz.model.compiled import check_images, model_copy
 
     batch = as_image_batch(images)
     check_images(model_copy(model, "probabilities", output=output).model, batch)
@@ -232,7 +232,7 @@ def probabilities_of(
     For many perturbed copies of a few images: they are built chunk by chunk (never all in
     memory) and go through one compiled forward pass per fixed-size chunk.
     """
-    from cnnviz.explain._compiled import batch_size_for, forward_body, model_copy, run_batched
+    from cnnviz.model.compiled import batch_size_for, forward_body, model_copy, run_batched
 
     copy = model_copy(model, "probabilities", output=output)
     (outputs,) = run_batched(

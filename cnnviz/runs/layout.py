@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnviz.config import Config, read_yaml, validate
+from cnnviz.config.loading import Config, read_yaml, validate
 from cnnviz.errors import CnnvizError
 
 BACKUP_DIR = "backup"
@@ -351,7 +351,7 @@ def load_keras_model(path: str | Path):
 
     import keras
 
-    import cnnviz.model  # noqa: F401 - registers the layerwise optimizers for deserialization
+    import cnnviz.model.build  # noqa: F401 - registers the layerwise optimizers for deserialization
 
     if not zipfile.is_zipfile(path):  # Keras would say "File not found" of a truncated file
         raise CnnvizError(

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnviz.config import Config, dump_config, read_yaml, run_slug, validate
+from cnnviz.config.loading import Config, dump_config, read_yaml, run_slug, validate
 from cnnviz.errors import CnnvizError
-from cnnviz.runs import (
+from cnnviz.runs.layout import (
     BACKUP_DIR,
     RunLock,
     atomic_write_bytes,
@@ -643,7 +643,7 @@ def _inputs(config: Config, dataset, run_dir: Path, strategy) -> _Inputs:
     only its share of the files (`Split.pipeline(workers=...)`).
     """
     from cnnviz.data import augmentation_layers, disk_cache
-    from cnnviz.model import one_hot_labels
+    from cnnviz.model.build import one_hot_labels
 
     data, batch = config.data, config.train.batch_size
     workers = _shard(strategy) if config.train.distribute == "multi_worker" else None
@@ -953,7 +953,7 @@ def _build(config: Config, dataset, strategy):
     import tensorflow as tf
 
     from cnnviz.data import measure_statistics
-    from cnnviz.model import build_model, compile_model
+    from cnnviz.model.build import build_model, compile_model
 
     measure_statistics(dataset)  # standardize/mean_subtract: one streaming pass, before building
     previous_policy = keras.mixed_precision.global_policy()
@@ -1002,7 +1002,7 @@ def _fit(config: Config, run_dir: Path, model, dataset, strategy, device: str, *
     """Fit, evaluate and save into `run_dir` (train's body, the same on every worker)."""
     import tensorflow as tf
 
-    from cnnviz.explain._common import input_range
+    from cnnviz.model.outputs import input_range
 
     resume_epoch = resumed.epoch if resumed else 0
     inputs = _inputs(config, dataset, run_dir, strategy)

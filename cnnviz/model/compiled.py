@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cnnviz.errors import CnnvizError, CnnvizWarning
-from cnnviz.explain._common import (
+from cnnviz.model.outputs import (
     linear_output_substitute,
     logits_model,
     output_index,
@@ -28,7 +28,7 @@ from cnnviz.explain._common import (
     resolve_targets,
     swapped_activation,
 )
-from cnnviz.explain._graph import layer_tensor, layer_tensors, rebuild
+from cnnviz.model.graph import layer_tensor, layer_tensors, rebuild
 
 
 @dataclass
