@@ -166,7 +166,7 @@ def begin(title: str, quick: bool) -> dict:
 
 def save_report(folder: Path, prefix: str, report: dict) -> Path:
     """Write `report` as JSON to FOLDER/<prefix><timestamp>.json and FOLDER/<prefix>latest.json."""
-    from cnnviz.runs.layout import atomic_write_json
+    from cnnviz.io.atomic import atomic_write_json
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     payload = json.loads(json.dumps({"timestamp": stamp, **report}, default=str))
@@ -195,7 +195,8 @@ def bench_training(config, dataset, sizes: Sizes, workdir: Path) -> tuple[list[R
     import keras
     import tensorflow as tf
 
-    from cnnviz.model.build import build_model, compile_model
+    from cnnviz.model.build import build_model
+    from cnnviz.model.optimizers import compile_model
     from cnnviz.train.fit import train
 
     batch = config.train.batch_size
@@ -223,7 +224,7 @@ def bench_training(config, dataset, sizes: Sizes, workdir: Path) -> tuple[list[R
     import cnnviz.train.fit
 
     checkpoint_seconds = []
-    original_callbacks = cnnviz.train._callbacks
+    original_callbacks = cnnviz.train.fit._callbacks
     timed_kinds = ("EpochCommit", "ThrottledModelCheckpoint")
 
     def timed_callbacks(*args, **kwargs):
@@ -243,14 +244,14 @@ def bench_training(config, dataset, sizes: Sizes, workdir: Path) -> tuple[list[R
         arrays_seconds.append(plain_fit(sizes.epochs, False))
         pipeline_seconds.append(plain_fit(sizes.epochs, True))
         checkpoint_seconds.append(0.0)
-        cnnviz.train._callbacks = timed_callbacks
+        cnnviz.train.fit._callbacks = timed_callbacks
         try:
             started = time.perf_counter()
             result = train(config, workdir / f"train{repeat}", dataset=dataset,
                            log=lambda line: None)
             total_seconds.append(time.perf_counter() - started)
         finally:
-            cnnviz.train._callbacks = original_callbacks
+            cnnviz.train.fit._callbacks = original_callbacks
         fit_seconds.append(result.metrics["seconds"])
         run_dir = result.run_dir
 

@@ -193,7 +193,7 @@ def test_the_workflow_smoke_step_passes_and_reports_every_check(tmp_path):
     assert metrics["test_images"] == 256
     assert Path(payload["run_dir"]).parts[0] == "cnnviz-outputs"
     run_dir = tmp_path / payload["run_dir"]  # relative to the checkout, as --out was
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     dataset = load_run(run_dir).dataset()  # the subset the run recorded in its config.yaml
     assert len(dataset.y_train) + len(dataset.y_val) == 512 and len(dataset.y_test) == 256

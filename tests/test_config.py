@@ -172,7 +172,7 @@ def _field_paths(model, prefix=""):
 
 
 def test_readme_documents_every_config_key():
-    from cnnviz.config.loading import Config
+    from cnnviz.config.root import Config
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [path for path in _field_paths(Config) if f"`{path}`" not in readme]

@@ -329,7 +329,7 @@ def test_throttled_checkpoints_keep_keras_choice_of_epoch(tmp_path):
     """ModelCheckpoint decides which epoch is best; the subclass only defers the write."""
     import keras
 
-    from cnnviz.train.fit import _checkpoint_class
+    from cnnviz.train.callbacks import _checkpoint_class
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
@@ -367,7 +367,7 @@ def test_throttled_checkpoints_keep_keras_choice_of_epoch(tmp_path):
 def test_best_is_copied_from_last_when_the_last_epoch_is_the_best(tmp_path):
     import keras
 
-    from cnnviz.train.fit import _checkpoint_class
+    from cnnviz.train.callbacks import _checkpoint_class
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     checkpoint = _checkpoint_class()

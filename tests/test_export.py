@@ -23,7 +23,7 @@ def exported(digits_run):
 
 def _assert_matches_keras(run_dir, payload, format_name, run_exported):
     """`run_exported(images)` (the runtime's own call) against model.keras on the test split."""
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     run = load_run(run_dir)
     images = run.dataset().x_test.astype(np.float32)

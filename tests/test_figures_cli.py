@@ -113,7 +113,7 @@ def test_signed_maps_use_a_diverging_map_centred_on_zero(digits_run, tmp_path):
     """The IG panel's colour bar runs from -m to +m: white is exactly 0."""
     from cnnviz.explain import integrated_gradients
     from cnnviz.plot import signed_row
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     run = load_run(digits_run)
     image = run.dataset().x_test[:1]
@@ -152,7 +152,7 @@ def test_image_files_are_preprocessed_like_the_training_data(digits_run, tmp_pat
     """A test image saved as an 8-bit PNG and read back is the same model input (8-bit units,
     DECISIONS D1): the model's own Rescaling layer does the rest."""
     from cnnviz.report.figures import select_images
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     run = load_run(digits_run)
     test_images = run.dataset().x_test[:4]

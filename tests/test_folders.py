@@ -250,7 +250,7 @@ def test_explaining_test_images_reads_only_those_files(folder_run, tmp_path):
 def test_a_bare_model_explains_a_file_as_its_run_directory_does(folder_run, folder):
     from cnnviz.explain import gradcam
     from cnnviz.report.figures import select_images
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     run_dir, _ = folder_run
     spec = f"{folder}/bright/001.png,{folder}/dark/002.png"
@@ -268,7 +268,7 @@ def test_images_from_a_folder_or_a_glob_are_named_and_labelled_in_chunks(folder_
                                                                           tmp_path, monkeypatch):
     import cnnviz.data.images
     from cnnviz.report.figures import select_images
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     run = load_run(folder_run[0])
     selection = select_images(run, str(folder))
@@ -280,11 +280,11 @@ def test_images_from_a_folder_or_a_glob_are_named_and_labelled_in_chunks(folder_
     assert globbed.names == ["000", "001", "002"] and list(globbed.labels) == [1, 1, 1]
 
     read_sizes = []
-    real = cnnviz.images.read_images
-    monkeypatch.setattr(cnnviz.images, "read_images",
+    real = cnnviz.data.images.read_images
+    monkeypatch.setattr(cnnviz.data.images, "read_images",
                         lambda paths, *args, **kwargs: read_sizes.append(len(paths))
                         or real(paths, *args, **kwargs))
-    monkeypatch.setattr("cnnviz.report.CHUNK", 16)
+    monkeypatch.setattr("cnnviz.report.figures.CHUNK", 16)
     result = runner.invoke(app, ["saliency", str(folder_run[0]), "--images", str(folder),
                                  "--method", "vanilla", "--out", str(tmp_path)],
                            catch_exceptions=False)

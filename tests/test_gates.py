@@ -10,16 +10,14 @@ from cnnviz.config.loading import load_config
 from cnnviz.errors import CnnvizError, ConfigError
 from cnnviz.ci.gates import (
     Check,
-    Expectation,
     check_expectations,
     check_names,
     evaluation_values,
     format_outcomes,
-    parse_expectation,
-    parse_expectations,
     trust_checks,
     trust_values,
 )
+from cnnviz.config.expect import Expectation, parse_expectation, parse_expectations
 from cnnviz.ci.junit import junit_xml
 
 ROOT = Path(__file__).parent.parent

@@ -18,7 +18,7 @@ from cnnviz.explain import (
     rise,
     saliency,
 )
-from cnnviz.model.outputs import input_range
+from cnnviz.model.inputs import input_range
 
 
 def _with_rescaling(model):

@@ -8,7 +8,7 @@ from _models import assert_unchanged, images, relu_net, snapshot, tanh_convnet
 
 from cnnviz.errors import CnnvizError
 from cnnviz.explain import gradient_x_input, integrated_gradients
-from cnnviz.model.outputs import blurred
+from cnnviz.explain.baselines import blurred
 from cnnviz.explain.integrated_gradients import score_difference
 
 
@@ -88,7 +88,7 @@ def test_completeness_within_one_percent_at_64_steps(baseline):
 @pytest.mark.parametrize("baseline", (0.0, "blur"))
 def test_completeness_within_one_percent_at_64_steps_on_a_trained_relu_cnn(digits_run,
                                                                           baseline):
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     run = load_run(digits_run)
     batch = run.dataset().x_test[:32]

@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
-from cnnviz.config.loading import load_config, native_input_shape, validate
+from cnnviz.config.loading import load_config, validate
+from cnnviz.config.shapes import native_input_shape
 from cnnviz.errors import CnnvizError
-from cnnviz.model.build import backbone_layer_names, build_model, make_optimizer
+from cnnviz.model.build import backbone_layer_names, build_model
+from cnnviz.model.optimizers import make_optimizer
 
 
 def _built(name, num_classes=10):

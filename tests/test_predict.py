@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def image_folder(digits_run, tmp_path_factory):
     """The run's first 40 test images as 8x8 PNGs in class folders (0/, 1/, ...)."""
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     run = load_run(digits_run)
     test = run.dataset().test
@@ -45,7 +45,7 @@ def _by_hand(model, paths):
 
 
 def test_predict_csv_matches_the_model_on_the_same_files(digits_run, image_folder):
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     result = runner.invoke(app, ["predict", str(digits_run), "--images", str(image_folder),
                                  "--top-k", "3", "--batch-size", "16"], catch_exceptions=False)
@@ -106,7 +106,7 @@ def test_predict_a_bare_keras_file_scales_unless_it_has_a_rescaling_layer(tmp_pa
 
 
 def test_evaluate_a_folder_streams_it_and_matches_by_hand(digits_run, image_folder):
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     result = runner.invoke(app, ["evaluate", str(digits_run), "--data", str(image_folder),
                                  "--json"], catch_exceptions=False)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.inputs import prepare, resize_pixels, resolve_mode, to_pixels, value_range
+from cnnviz.model.inputs import prepare, resolve_mode, to_pixels, value_range
+from cnnviz.data.images import resize_pixels
 
 PIXELS = np.random.default_rng(0).integers(0, 256, (2, 5, 6, 3)).astype(np.float32)
 

@@ -116,7 +116,7 @@ def test_multi_output_needs_output_and_multi_input_is_refused(files, tmp_path):
 
 def test_captions_say_what_the_percentages_are(files, tmp_path):
     from cnnviz.report.figures import saliency_figures, select_images
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     folder, pictures = files
     run = load_run(folder / "nested.keras")

@@ -8,14 +8,9 @@ import pytest
 import tensorflow as tf
 
 from cnnviz.errors import CnnvizError
-from cnnviz.trust.reference.forward import (
-    _conv2d_linear,
-    _pool,
-    explain_steps,
-    format_table,
-    reference_forward,
-    verify,
-)
+from cnnviz.trust.reference.layers import _conv2d_linear, _pool
+from cnnviz.trust.reference.steps import explain_steps, format_table
+from cnnviz.trust.reference.forward import reference_forward, verify
 
 L = keras.layers
 

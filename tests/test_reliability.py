@@ -18,16 +18,12 @@ from _models import tiny_digits_config
 from typer.testing import CliRunner
 
 from cnnviz.cli import app
-from cnnviz.config.loading import MAX_YAML_ALIASES, load_config, run_slug, validate
+from cnnviz.config.loading import MAX_YAML_ALIASES, load_config, validate
+from cnnviz.config.root import run_slug
 from cnnviz.errors import ConfigError
-from cnnviz.runs.layout import (
-    RunLock,
-    atomic_write_bytes,
-    create_run_dir,
-    lock_holder,
-    remove_stale_temporaries,
-    try_lock_run,
-)
+from cnnviz.io.locks import RunLock, lock_holder, try_lock_run
+from cnnviz.io.atomic import atomic_write_bytes, remove_stale_temporaries
+from cnnviz.runs.layout import create_run_dir
 
 ROOT = Path(__file__).parent.parent
 runner = CliRunner()

@@ -16,7 +16,8 @@ from _models import (
 )
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain.saliency import _gradient_maps, _smoothgrad, input_gradients, saliency
+from cnnviz.explain.gradients import _gradient_maps
+from cnnviz.explain.saliency import _smoothgrad, input_gradients, saliency
 
 METHODS = ("vanilla", "guided", "rectified", "smoothgrad")
 

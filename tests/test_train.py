@@ -86,7 +86,7 @@ def test_same_config_gives_the_same_metrics(tmp_path):
 
 
 def test_optional_callbacks_early_stopping_and_tensorboard(tmp_path):
-    from cnnviz.config.loading import EarlyStoppingConfig
+    from cnnviz.config.train import EarlyStoppingConfig
 
     config = _digits(epochs=30, tensorboard=True,
                      early_stopping=EarlyStoppingConfig(monitor="loss", patience=1))

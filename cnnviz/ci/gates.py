@@ -30,16 +30,11 @@ check, written with the expectations into JUnit XML (`cnnviz.junit`).
 from __future__ import annotations
 
 import math
-import operator
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from cnnviz.config.expect import Expectation
 from cnnviz.errors import CnnvizError
-
-OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
-             "==": operator.eq, "!=": operator.ne}
-_EXPECTATION = re.compile(r"^\s*(?P<metric>[^<>=!]+?)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>\S+)\s*$")
 
 # metrics.json keys that are numbers (test_<metric> keys depend on train.metrics).
 TRAINING_METRICS = ("test_accuracy", "test_loss", "epochs", "seconds", "train_images_per_second",
@@ -51,23 +46,6 @@ SANITY_METRICS = ("rank_correlation", "ssim", "class_correlation")
 FAITHFULNESS_METRICS = ("deletion_auc", "insertion_auc")
 SHORTCUT_METRICS = ("cue_reliance", "train_accuracy", "test_accuracy")
 SHORTCUT_METHOD_METRICS = ("cue_share", "lift", "concentration")
-
-
-@dataclass(frozen=True)
-class Expectation:
-    """`metric operator threshold`, e.g. test_accuracy >= 0.95."""
-
-    metric: str
-    operator: str
-    threshold: float
-
-    @property
-    def text(self) -> str:
-        return f"{self.metric}{self.operator}{self.threshold:g}"
-
-    def holds(self, value: float) -> bool:
-        """False for NaN: a metric that could not be computed never passes a gate."""
-        return not math.isnan(value) and bool(OPERATORS[self.operator](value, self.threshold))
 
 
 @dataclass(frozen=True)
@@ -87,36 +65,6 @@ class Check:
     passed: bool
     message: str
     seconds: float = 0.0
-
-
-def parse_expectation(text: str, *, source: str | None = "--expect") -> Expectation:
-    """`"test_accuracy>=0.95"` -> Expectation; CnnvizError naming the text when malformed.
-
-    Args:
-        text: the expectation.
-        source: where it was given, to start the error message with ("--expect"); None for a
-            message without it (the config's validation adds the key path and the value).
-    """
-    prefix = f"{source} {text!r}: " if source else ""
-    match = _EXPECTATION.match(str(text))
-    if match is None:
-        raise CnnvizError(
-            f"{prefix}expected METRIC OP NUMBER with OP one of {', '.join(OPERATORS)} "
-            "(e.g. test_accuracy>=0.95)")
-    try:
-        threshold = float(match["value"])
-    except ValueError:
-        raise CnnvizError(f"{prefix}{match['value']!r} is not a number") from None
-    if math.isnan(threshold):
-        raise CnnvizError(f"{prefix}the threshold must be a number, not NaN")
-    return Expectation(match["metric"], match["op"], threshold)
-
-
-def parse_expectations(cli: Sequence[str] | None, config_expect: Sequence[str] = ()) -> list[Expectation]:
-    """The config's `expect:` list followed by `--expect` options, duplicates removed."""
-    parsed = [parse_expectation(text, source="expect") for text in config_expect]
-    parsed += [parse_expectation(text) for text in cli or ()]
-    return list(dict.fromkeys(parsed))
 
 
 # ---------------------------------------------------------------------------------- names

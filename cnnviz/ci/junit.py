@@ -16,7 +16,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from cnnviz.ci.gates import Check
-from cnnviz.runs.layout import atomic_write_bytes
+from cnnviz.io.atomic import atomic_write_bytes
 
 FAILURE_TYPES = {"expectations": "ExpectationFailed"}
 

@@ -293,7 +293,7 @@ ModelSourceArgument = Annotated[
 
 def run_and_folder(source: Path, out: Path | None, command_name: str):
     import_tensorflow()
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     run = load_run(source)
     if out is not None:
@@ -317,7 +317,8 @@ def print_report(report) -> None:
 
 def expectations_for(config, expect: list[str] | None, command_name: str):
     """The config's `expect:` plus `--expect`, every metric name checked before any work."""
-    from cnnviz.ci.gates import check_names, parse_expectations
+    from cnnviz.ci.gates import check_names
+    from cnnviz.config.expect import parse_expectations
 
     expectations = parse_expectations(expect, config.expect if config is not None else ())
     check_names(expectations, command=command_name, config=config)

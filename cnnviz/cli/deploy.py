@@ -55,7 +55,7 @@ def evaluate_command(
     import_tensorflow()
     from cnnviz.deploy.evaluate import evaluate_data, evaluation_folder
     from cnnviz.report.figures import add_index_section
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     loaded = load_run(run)
     folder = out or evaluation_folder(loaded, run, data)
@@ -105,7 +105,7 @@ def predict_command(
     from cnnviz.data.images import expand_image_spec
     from cnnviz.deploy.predict import csv_header, csv_line, predict_files
     from cnnviz.report.figures import class_names_of, progress_bar
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     paths = expand_image_spec(images)
     if paths is None:
@@ -222,7 +222,7 @@ def export_command(
         load_exported,
         round_trip_difference,
     )
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     loaded = load_run(run)
     paths = export_paths(run, loaded.directory, formats, out)
@@ -259,7 +259,7 @@ def export_command(
 
 def _write_record(record: dict, folders: set[Path]) -> Path | None:
     """export.json beside the exported files (formats exported earlier stay listed)."""
-    from cnnviz.runs.layout import atomic_write_json
+    from cnnviz.io.atomic import atomic_write_json
 
     if len(folders) != 1:
         return None
@@ -275,6 +275,6 @@ def _write_record(record: dict, folders: set[Path]) -> Path | None:
 
 def _recorded_preprocessing(directory: Path | None) -> dict | None:
     """The preprocessing metrics.json recorded for the run (None for a bare .keras file)."""
-    from cnnviz.runs.layout import read_metrics
+    from cnnviz.runs.load import read_metrics
 
     return read_metrics(directory).get("preprocessing")

@@ -351,6 +351,6 @@ def _model_of(source: Path, overrides: list[str] | None):
 
         return model_from_config(resolved)
     import_tensorflow()
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     return load_run(source).model

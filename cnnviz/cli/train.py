@@ -60,7 +60,8 @@ def train_command(
     resolved = load_config_file(config, set_, smoke=smoke)
     expectations = expectations_for(resolved, expect, "train")
     out_root = writable_out(out, Path("outputs"))
-    from cnnviz.train.fit import check_resume, train
+    from cnnviz.train.resume import check_resume
+    from cnnviz.train.fit import train
 
     if resume is not None:
         check_resume(resume, resolved)  # before TensorFlow's import: a live run fails at once
@@ -109,7 +110,7 @@ def evaluate_run_directory(run_dir: Path) -> tuple[dict, list, list[Path]]:
         (evaluation.json's dict, the figures as FigureFiles, every file written).
     """
     from cnnviz.deploy.evaluate import evaluate_data
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
 
     evaluation, data_file, figures = evaluate_data(load_run(run_dir), run_dir / "evaluation")
     typer.echo("\n" + evaluation.format_table())
@@ -142,7 +143,7 @@ def augment_command(
     import_tensorflow()
     from cnnviz.data import augmentation_samples, load_dataset
     from cnnviz.plot import augmentation_grid
-    from cnnviz.runs.layout import save_figure
+    from cnnviz.io.atomic import save_figure
 
     dataset = load_dataset(resolved, log=lambda line: typer.echo(line, err=True))
     originals, augmented, names = augmentation_samples(resolved, dataset, images, draws)
@@ -184,12 +185,12 @@ def summary_command(
         from cnnviz.model.summary import model_from_config
 
         model = model_from_config(resolved)
-        from cnnviz.config.loading import run_slug
+        from cnnviz.config.root import run_slug
 
         folder = out or Path("outputs") / run_slug(resolved.name or target.stem) / "summary"
     else:
         import_tensorflow()
-        from cnnviz.runs.layout import load_run
+        from cnnviz.runs.load import load_run
 
         run = load_run(target)
         model = run.model
@@ -229,7 +230,7 @@ def run_command(
         select_images,
         write_index,
     )
-    from cnnviz.runs.layout import load_run
+    from cnnviz.runs.load import load_run
     from cnnviz.model.summary import write_summary
 
     started = time.perf_counter()

@@ -38,7 +38,7 @@ def model_and_images(source: Path, images: str, overrides: list[str] | None):
     import numpy as np
 
     from cnnviz.report.figures import select_images
-    from cnnviz.runs.layout import Run, load_run
+    from cnnviz.runs.load import Run, load_run
 
     if source.suffix in (".yaml", ".yml"):
         resolved = load_config_file(source, overrides)
@@ -81,7 +81,8 @@ def verify_command(
     Exits 1 when a layer differs by more than --tolerance or cannot be recomputed.
     """
     from cnnviz.ci.gates import verify_checks
-    from cnnviz.trust.reference.forward import explain_steps, format_table, verify
+    from cnnviz.trust.reference.steps import explain_steps, format_table
+    from cnnviz.trust.reference.forward import verify
 
     started = time.perf_counter()
     model, batch, described = model_and_images(source, images, set_)

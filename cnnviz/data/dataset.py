@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnviz.config.loading import Config
+from cnnviz.config.root import Config
 from cnnviz.data.folders import (
     check_listing,
     has_split_files,

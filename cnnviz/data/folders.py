@@ -145,7 +145,7 @@ def bad_files_error(root: Path, paths: list[str]) -> CnnvizError | None:
 def write_split_files(run_dir: Path, root: Path, splits: dict, class_names: list[str]) -> None:
     """`<run>/files/{train,val,test}.csv` (file relative to data.path, label, class) and
     classes.txt, written atomically."""
-    from cnnviz.runs.layout import atomic_write_text
+    from cnnviz.io.atomic import atomic_write_text
 
     folder = Path(run_dir) / FILES_DIR
     for name, (files, labels) in splits.items():
@@ -159,7 +159,7 @@ def write_split_files(run_dir: Path, root: Path, splits: dict, class_names: list
 
 
 def write_skipped_files(run_dir: Path, skipped: list[tuple[str, str]]) -> None:
-    from cnnviz.runs.layout import atomic_write_text
+    from cnnviz.io.atomic import atomic_write_text
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

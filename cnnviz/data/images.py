@@ -229,7 +229,6 @@ def read_images(paths: Sequence[str | Path], input_shape: Sequence[int], *,
     """
     import tensorflow as tf
 
-    from cnnviz.model.inputs import RESIZE_MODES, resize_pixels
 
     if resize not in RESIZE_MODES:
         raise CnnvizError(f"--resize {resize!r} is not a mode; choose one of "
@@ -301,3 +300,26 @@ def expand_image_spec(spec: str) -> list[Path] | None:
 def _names_files(part: str) -> bool:
     return (is_image_file(part) or any(char in part for char in "*?[") or "/" in part
             or Path(part).is_dir())
+RESIZE_MODES = ("stretch", "crop", "pad")
+
+
+def resize_pixels(pixels, size: tuple[int, int], how: str = "stretch") -> np.ndarray:
+    """One image (H, W, C) resized to `size` = (height, width), bilinear, as float32.
+
+    stretch: to the size whatever the aspect ratio (image_dataset_from_directory's default);
+    crop: the largest centred window of the target aspect ratio, then resized (Keras's
+    `smart_resize`, `crop_to_aspect_ratio=True`); pad: black borders to the target aspect ratio,
+    centred, then resized (Keras's `pad_to_aspect_ratio=True`).
+    """
+    import keras
+
+    if how not in RESIZE_MODES:
+        raise CnnvizError(f"--resize {how!r} is not a mode; choose one of {', '.join(RESIZE_MODES)}")
+    image = np.asarray(pixels, dtype=np.float32)
+    height, width = (int(side) for side in size)
+    if image.shape[:2] == (height, width):
+        return image
+    resizing = keras.layers.Resizing(height, width, interpolation="bilinear",
+                                     crop_to_aspect_ratio=how == "crop",
+                                     pad_to_aspect_ratio=how == "pad", fill_value=0.0)
+    return np.asarray(resizing(image), dtype=np.float32)

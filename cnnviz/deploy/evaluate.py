@@ -185,7 +185,7 @@ def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str
     Returns:
         An `Evaluation`.
     """
-    from cnnviz.explain.registry import predict_probabilities
+    from cnnviz.model.compiled import predict_probabilities
 
     count = len(class_names)
     if count < 2:
@@ -258,7 +258,7 @@ def write_evaluation(evaluation: Evaluation, folder: Path) -> tuple[Path, list]:
     """
     from cnnviz.plot.evaluation import confusion_matrix_figure, mistakes_grid
     from cnnviz.report.figures import save_captioned
-    from cnnviz.runs.layout import atomic_write_text
+    from cnnviz.io.atomic import atomic_write_text
 
     folder = Path(folder)
     data_file = atomic_write_text(folder / "evaluation.json",

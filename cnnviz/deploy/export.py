@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnviz._keras import all_layers
 from cnnviz.errors import CnnvizError
 
 
@@ -109,7 +110,7 @@ def _statistics_as_variables(model, active: bool):
     if active:
         import tensorflow as tf
 
-        for layer in model._flatten_layers(include_self=False, recursive=True):
+        for layer in all_layers(model):
             if type(layer).__name__ == "Normalization" and getattr(layer, "input_mean", None) \
                     is not None and getattr(layer, "mean", None) is not None:
                 swapped.append((layer, layer.mean, layer.variance))
@@ -255,7 +256,7 @@ def check_images_for(run, count: int) -> tuple[np.ndarray, str]:
 
 def input_range_of(model) -> tuple[float, float]:
     """The model's input range (D1: (0, 255) for models that start with preprocessing layers)."""
-    from cnnviz.model.outputs import input_range
+    from cnnviz.model.inputs import input_range
 
     return tuple(float(value) for value in input_range(model))
 

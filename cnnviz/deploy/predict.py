@@ -71,7 +71,7 @@ def _rows(model, paths: list[str], class_names: Sequence[str], shape: tuple[int,
     import tensorflow as tf
 
     from cnnviz.data import Split
-    from cnnviz.explain.registry import predict_probabilities
+    from cnnviz.model.compiled import predict_probabilities
 
     height, width, channels = shape
     # The files as an unlabelled split: the same tf.data input (decode, resize, batch,

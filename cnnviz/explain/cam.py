@@ -28,14 +28,23 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.outputs import as_image_batch, features_and_logits, input_range, target_scores
 from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
     choose_targets,
     model_copy,
+    require_built,
     run_batched,
     target_array,
+)
+from cnnviz.model.graph import find_layer, list_paths
+from cnnviz.model.inputs import as_image_batch, input_range
+from cnnviz.model.outputs import (
+    default_layer_path,
+    features_and_logits,
+    four_d_paths,
+    output_rank,
+    target_scores,
 )
 
 CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam")
@@ -243,7 +252,6 @@ def cam(
         min-max scaled, then resized bilinearly (tf.image.resize) to the input's (H, W). A map
         with no positive evidence, or a constant one, is all 0.
     """
-    from cnnviz.explain.gradcam import gradcam_layer
 
     if method not in CAM_METHODS:
         raise CnnvizError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
@@ -265,3 +273,31 @@ def cam(
         batch_size,
     )
     return maps.astype(np.float32)
+
+
+def gradcam_layer(model, layer=None) -> str:
+    """The path of the layer Grad-CAM explains.
+
+    Args:
+        model: a built Keras model.
+        layer: None (the last layer with a 4-D output, inside nested models too:
+            `_common.default_layer_path`), a path through nested models (`base/conv`), a name
+            (top-level, or unique in the model), or a layer object of `model`.
+
+    Returns:
+        The layer's path (its name for a top-level layer).
+
+    Raises:
+        CnnvizError: no such layer in `model`, or its output is not (N, h, w, K).
+    """
+    require_built(model)
+    if layer is None:
+        return default_layer_path(model)
+    entry = find_layer(model, layer)
+    if output_rank(entry.layer) != 4:
+        shape = tuple(entry.layer.output.shape)
+        raise CnnvizError(
+            f"Grad-CAM needs a layer with a 4-D output (N, h, w, K); layer {entry.path!r} "
+            f"outputs {shape}. 4-D layers: {list_paths(four_d_paths(model))}"
+        )
+    return entry.path

@@ -11,42 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from cnnviz.errors import CnnvizError
-from cnnviz.model.outputs import as_image_batch, default_layer_path, four_d_paths, output_rank
-from cnnviz.model.compiled import require_built
-from cnnviz.model.graph import find_layer, list_paths
-from cnnviz.explain.saliency import _gradient_maps, _predicted_targets
+from cnnviz.explain.gradients import _gradient_maps, _predicted_targets
+from cnnviz.model.inputs import as_image_batch
 
 # Added to a map's max before dividing: an all-zero map stays 0 instead of becoming NaN.
 _EPSILON = 1e-12
-
-
-def gradcam_layer(model, layer=None) -> str:
-    """The path of the layer Grad-CAM explains.
-
-    Args:
-        model: a built Keras model.
-        layer: None (the last layer with a 4-D output, inside nested models too:
-            `_common.default_layer_path`), a path through nested models (`base/conv`), a name
-            (top-level, or unique in the model), or a layer object of `model`.
-
-    Returns:
-        The layer's path (its name for a top-level layer).
-
-    Raises:
-        CnnvizError: no such layer in `model`, or its output is not (N, h, w, K).
-    """
-    require_built(model)
-    if layer is None:
-        return default_layer_path(model)
-    entry = find_layer(model, layer)
-    if output_rank(entry.layer) != 4:
-        shape = tuple(entry.layer.output.shape)
-        raise CnnvizError(
-            f"Grad-CAM needs a layer with a 4-D output (N, h, w, K); layer {entry.path!r} "
-            f"outputs {shape}. 4-D layers: {list_paths(four_d_paths(model))}"
-        )
-    return entry.path
 
 
 def _normalized(maps: np.ndarray) -> np.ndarray:

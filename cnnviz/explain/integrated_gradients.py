@@ -13,9 +13,12 @@ import numbers
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.outputs import as_image_batch, blurred, target_scores
+from cnnviz.model.inputs import as_image_batch
+from cnnviz.explain.baselines import blurred
+from cnnviz.model.outputs import target_scores
 from cnnviz.model.compiled import batch_size_for, check_images, model_copy, run_batched
-from cnnviz.explain.saliency import _gradient_body, _predicted_targets, input_gradients
+from cnnviz.explain.gradients import _gradient_body, _predicted_targets
+from cnnviz.explain.saliency import input_gradients
 
 
 def baseline_batch(images: np.ndarray, baseline) -> np.ndarray:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.outputs import as_image_batch, four_d_paths, output_rank
+from cnnviz.model.inputs import as_image_batch
+from cnnviz.model.outputs import four_d_paths, output_rank
 from cnnviz.model.compiled import (
     batch_size_for,
     check_images,

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.outputs import as_image_batch, class_probabilities, input_range, resolve_targets
+from cnnviz.model.inputs import as_image_batch, input_range
+from cnnviz.model.outputs import class_probabilities, resolve_targets
 from cnnviz.model.compiled import (
     batch_size_for,
     check_images,

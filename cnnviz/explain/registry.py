@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.outputs import as_image_batch, class_probabilities
+from cnnviz.model.inputs import as_image_batch
 
 AttributionFunction = Callable[..., np.ndarray]
 
@@ -205,38 +205,3 @@ def run_methods(
         name: _checked_maps(name, function(model, images, targets), images)
         for name, function in methods.items()
     }
-
-
-def predict_probabilities(model, images, *, output=None,
-                          batch_size: int | None = None) -> np.ndarray:
-    """Class probabilities (N, K), one compiled pass over fixed chunks.
-
-    The model's own output when it is a softmax/sigmoid; softmax (sigmoid for one unit) of
-    its logits when it is linear. A single sigmoid unit p becomes the two columns [1 - p, p].
-    `output` chooses the output of a multi-output model (index or name).
-    """
-    from cnnviz.model.compiled import check_images, model_copy
-
-    batch = as_image_batch(images)
-    check_images(model_copy(model, "probabilities", output=output).model, batch)
-    return probabilities_of(model, len(batch), lambda a, b: batch[a:b], output=output,
-                            batch_size=batch_size)
-
-
-def probabilities_of(
-    model, count: int, fetch: Callable[[int, int], np.ndarray], *, output=None,
-    batch_size: int | None = None,
-) -> np.ndarray:
-    """Class probabilities (count, K) of images made on demand by `fetch(start, stop)`.
-
-    For many perturbed copies of a few images: they are built chunk by chunk (never all in
-    memory) and go through one compiled forward pass per fixed-size chunk.
-    """
-    from cnnviz.model.compiled import batch_size_for, forward_body, model_copy, run_batched
-
-    copy = model_copy(model, "probabilities", output=output)
-    (outputs,) = run_batched(
-        copy, "forward", forward_body, count, lambda a, b: [fetch(a, b)],
-        batch_size_for(copy, batch_size),
-    )
-    return class_probabilities(outputs)

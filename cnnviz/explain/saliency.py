@@ -17,68 +17,15 @@ from collections.abc import Callable
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.outputs import as_image_batch, target_scores
+from cnnviz.explain.gradients import _gradient_maps, _gradients, _predicted_targets
 from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
-    choose_targets,
     model_copy,
-    run_batched,
-    target_array,
 )
+from cnnviz.model.inputs import as_image_batch
 
 METHODS = ("vanilla", "guided", "rectified", "smoothgrad")
-GRADIENT_METHODS = ("vanilla", "guided", "rectified")
-
-
-# --------------------------------------------------------------------------------------------
-# Gradients and maps.
-# --------------------------------------------------------------------------------------------
-
-
-def _gradient_body(clone):
-    import tensorflow as tf
-
-    def body(images, targets):
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(images)
-            logits = clone(images, training=False)
-            chosen = choose_targets(logits, targets)
-            # Images are independent (inference mode), so d(sum of scores)/d(image i) is
-            # image i's own gradient: one backward pass for the whole chunk.
-            scores = target_scores(logits, chosen)
-        return tape.gradient(scores, images), chosen
-
-    return body
-
-
-def _gradients(model, images, targets, method: str, batch_size: int | None, *, output=None):
-    """Signed input gradients (N, H, W, C) of each target score, and the targets used (N,)."""
-    if method not in GRADIENT_METHODS:
-        raise CnnvizError(
-            f"unknown gradient method {method!r}; choose one of {', '.join(GRADIENT_METHODS)}"
-        )
-    batch = as_image_batch(images)
-    logits = model_copy(model, "logits", output=output)
-    check_images(logits.model, batch)
-    wanted = target_array(logits.model, targets, len(batch))
-    copy = logits if method == "vanilla" else model_copy(model, method, output=output)
-    gradients, chosen = run_batched(
-        copy,
-        "gradients",
-        _gradient_body,
-        len(batch),
-        lambda start, stop: [batch[start:stop], wanted[start:stop]],
-        batch_size_for(copy, batch_size),
-    )
-    return gradients.astype(np.float32), chosen.astype(np.int32)
-
-
-def _gradient_maps(model, images, targets, method: str, batch_size: int | None, *,
-                   output=None):
-    """|gradient| maxed over channels (N, H, W), and the targets used (N,)."""
-    gradients, chosen = _gradients(model, images, targets, method, batch_size, output=output)
-    return np.abs(gradients).max(axis=-1), chosen
 
 
 def _smoothgrad(
@@ -127,31 +74,6 @@ def _smoothgrad(
         )
         means.append(maps.reshape((len(clean), samples) + maps.shape[1:]).mean(axis=1))
     return np.concatenate(means).astype(np.float32)
-
-
-def _predicted_targets(model, images: np.ndarray, targets, batch_size: int | None, *,
-                       output=None) -> np.ndarray:
-    """Targets (N,) int32: validated `targets`, or each image's predicted class."""
-    logits = model_copy(model, "logits", output=output)
-    wanted = target_array(logits.model, targets, len(images))
-    if targets is not None:
-        return wanted
-
-    def make_body(clone):
-        def body(batch, requested):
-            return (choose_targets(clone(batch, training=False), requested),)
-
-        return body
-
-    (chosen,) = run_batched(
-        logits,
-        "targets",
-        make_body,
-        len(images),
-        lambda start, stop: [images[start:stop], wanted[start:stop]],
-        batch_size_for(logits, batch_size),
-    )
-    return chosen.astype(np.int32)
 
 
 def input_gradients(

@@ -9,10 +9,8 @@ tensor, whose variables are the user's own (never copied, so never stale), and i
 layers can be swapped for others (a linear output layer, guided ReLUs) without touching the
 user's model.
 
-Keras 3 has no public graph API; three private names are used, all here: the replay runs
-`Function._run_through_graph` (the loop Keras itself runs a functional graph with),
-`_nodes_by_depth` tells a functional model from a subclassed one, and `KerasTensor.
-_keras_history` names the layer that produced an output.
+Keras 3 has no public graph API: the replay, telling a functional model from a subclassed one
+and naming the layer behind an output go through cnnviz._keras (the one home of Keras internals).
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cnnviz._keras import is_functional, producer, run_through_graph
 from cnnviz.errors import CnnvizError
 
 SEPARATOR = "/"
@@ -36,7 +35,7 @@ def is_nested_model(layer) -> bool:
 
     if not isinstance(layer, keras.Model):
         return False
-    return isinstance(layer, keras.Sequential) or hasattr(layer, "_nodes_by_depth")
+    return isinstance(layer, keras.Sequential) or is_functional(layer)
 
 
 def check_graph(model) -> None:
@@ -136,7 +135,7 @@ def output_producer(model, index: int) -> LayerEntry:
     tensor = model.outputs[index]
     prefix = ""
     while True:
-        operation, _, tensor_index = tensor._keras_history
+        operation, _, tensor_index = producer(tensor)
         path = prefix + operation.name
         if not is_nested_model(operation):
             return LayerEntry(path, operation)
@@ -188,10 +187,8 @@ def walk(model, inputs: list, call_leaf: Callable, *, record: dict | None = None
             if type(layer).__name__ != "InputLayer":
                 current = call(layer, (current,), {})
         return current
-    return model._run_through_graph(
-        inputs, operation_fn=lambda operation: operation,
-        call_fn=lambda operation, *args, **kwargs: call(operation, args, kwargs),
-    )
+    return run_through_graph(
+        model, inputs, lambda operation, *args, **kwargs: call(operation, args, kwargs))
 
 
 def rebuild(model, *, output: int | None = 0, substitute: Substitute | None = None,

@@ -12,9 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
+from cnnviz.model.graph import (
+    is_nested_model,
+)
 
 MODES = ("auto", "scale", "unit", "caffe", "torch", "none")
-RESIZE_MODES = ("stretch", "crop", "pad")
 
 # keras.applications.imagenet_utils: "caffe" subtracts these from BGR pixels; "torch" scales to
 # [0, 1] and standardizes RGB with these.
@@ -99,7 +101,6 @@ def resolve_mode(model, mode: str) -> tuple[str, str | None]:
     auto: raw 0..255 ("none") when the model begins with a Rescaling or Normalization layer
     (also as the first layer of a nested first model), else "scale" (x / 255).
     """
-    from cnnviz.model.outputs import first_layer
 
     _check_mode(mode)
     if mode != "auto":
@@ -115,23 +116,54 @@ def resolve_mode(model, mode: str) -> tuple[str, str | None]:
     )
 
 
-def resize_pixels(pixels, size: tuple[int, int], how: str = "stretch") -> np.ndarray:
-    """One image (H, W, C) resized to `size` = (height, width), bilinear, as float32.
+def as_image_batch(images) -> np.ndarray:
+    """Return `images` as a float32 array of shape (N, H, W, C); a single (H, W, C) image gets N=1."""
+    batch = np.asarray(images, dtype=np.float32)
+    if batch.ndim == 3:
+        batch = batch[None]
+    if batch.ndim != 4:
+        raise CnnvizError(
+            f"images must have shape (N, H, W, C) or (H, W, C); received shape {batch.shape}"
+        )
+    return batch
 
-    stretch: to the size whatever the aspect ratio (image_dataset_from_directory's default);
-    crop: the largest centred window of the target aspect ratio, then resized (Keras's
-    `smart_resize`, `crop_to_aspect_ratio=True`); pad: black borders to the target aspect ratio,
-    centred, then resized (Keras's `pad_to_aspect_ratio=True`).
+
+# ---------------------------------------------------------------------------- input range
+_PIXEL_LAYERS = ("Rescaling", "Normalization")
+
+
+def first_layer(model):
+    """The first layer applied to the input (inside a nested first model too), or None."""
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    if not layers:
+        return None
+    if is_nested_model(layers[0]):
+        return first_layer(layers[0])
+    return layers[0]
+
+
+def input_range(model, *, preprocess: str | None = None) -> tuple[float, float]:
+    """The range of values the model's input takes, (low, high), in the units it is fed.
+
+    (0, 255) when the model begins with a Rescaling or Normalization layer (also as the first
+    layer of a nested first model): it takes raw 8-bit pixels (D1). A `Rescaling(scale)`
+    without offset says more: it maps (0, 1/scale) onto [0, 1] — (0, 255) for cnnviz's models
+    of images, (0, 9) for toy4x4's data in its own units. Else (0, 1), or, when the caller
+    knows how images were prepared (`--preprocess`), that mode's range: "scale" (0, 1),
+    "unit" (-1, 1), "none" (0, 255), "caffe" and "torch" their per-channel extremes.
+    Explanations take every value in input units (occlusion fill, masking values, baselines,
+    activation-maximization start and clip range) from this one function.
     """
-    import keras
+    if preprocess not in (None, "auto"):
+        from cnnviz.model.inputs import value_range
 
-    if how not in RESIZE_MODES:
-        raise CnnvizError(f"--resize {how!r} is not a mode; choose one of {', '.join(RESIZE_MODES)}")
-    image = np.asarray(pixels, dtype=np.float32)
-    height, width = (int(side) for side in size)
-    if image.shape[:2] == (height, width):
-        return image
-    resizing = keras.layers.Resizing(height, width, interpolation="bilinear",
-                                     crop_to_aspect_ratio=how == "crop",
-                                     pad_to_aspect_ratio=how == "pad", fill_value=0.0)
-    return np.asarray(resizing(image), dtype=np.float32)
+        return value_range(preprocess)
+    first = first_layer(model)
+    kind = type(first).__name__ if first is not None else ""
+    if kind == "Rescaling":
+        scale, offset = first.scale, first.offset
+        if np.ndim(scale) == 0 and np.ndim(offset) == 0 and float(offset) == 0.0 and scale > 0:
+            return (0.0, float(np.float32(1.0 / float(scale))))
+    if kind in _PIXEL_LAYERS:
+        return (0.0, 255.0)
+    return (0.0, 1.0)

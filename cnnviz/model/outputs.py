@@ -13,6 +13,7 @@ import functools
 
 import numpy as np
 
+from cnnviz._keras import producer
 from cnnviz.errors import CnnvizError
 from cnnviz.model.graph import (
     IDENTITY,
@@ -29,37 +30,6 @@ _SQUASHING = ("softmax", "sigmoid")
 INPUT_LAYERS = ("InputLayer", "Rescaling", "Normalization")
 
 
-def as_image_batch(images) -> np.ndarray:
-    """Return `images` as a float32 array of shape (N, H, W, C); a single (H, W, C) image gets N=1."""
-    batch = np.asarray(images, dtype=np.float32)
-    if batch.ndim == 3:
-        batch = batch[None]
-    if batch.ndim != 4:
-        raise CnnvizError(
-            f"images must have shape (N, H, W, C) or (H, W, C); received shape {batch.shape}"
-        )
-    return batch
-
-
-def blurred(images, sigma: float | None = None) -> np.ndarray:
-    """A Gaussian blur of each image, per channel: (N, H, W, C) float32.
-
-    The "blur" baseline of integrated gradients and of deletion/insertion: it removes detail but
-    keeps the overall intensity, so the model does not see an out-of-distribution blank.
-
-    Args:
-        images: (N, H, W, C).
-        sigma: standard deviation in pixels; None means min(H, W) / 5.
-    """
-    from scipy.ndimage import gaussian_filter
-
-    batch = as_image_batch(images)
-    sigma = min(batch.shape[1:3]) / 5 if sigma is None else float(sigma)
-    if not sigma > 0:
-        raise CnnvizError(f"blur sigma must be > 0; received {sigma!r}")
-    return gaussian_filter(batch, sigma=(0, sigma, sigma, 0), mode="nearest").astype(np.float32)
-
-
 def _activation_name(layer) -> str | None:
     activation = getattr(layer, "activation", None)
     if activation is None:
@@ -67,51 +37,10 @@ def _activation_name(layer) -> str | None:
     return getattr(activation, "__name__", str(activation))
 
 
-# ---------------------------------------------------------------------------- input range
-_PIXEL_LAYERS = ("Rescaling", "Normalization")
-
-
-def first_layer(model):
-    """The first layer applied to the input (inside a nested first model too), or None."""
-    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
-    if not layers:
-        return None
-    if is_nested_model(layers[0]):
-        return first_layer(layers[0])
-    return layers[0]
-
-
-def input_range(model, *, preprocess: str | None = None) -> tuple[float, float]:
-    """The range of values the model's input takes, (low, high), in the units it is fed.
-
-    (0, 255) when the model begins with a Rescaling or Normalization layer (also as the first
-    layer of a nested first model): it takes raw 8-bit pixels (D1). A `Rescaling(scale)`
-    without offset says more: it maps (0, 1/scale) onto [0, 1] — (0, 255) for cnnviz's models
-    of images, (0, 9) for toy4x4's data in its own units. Else (0, 1), or, when the caller
-    knows how images were prepared (`--preprocess`), that mode's range: "scale" (0, 1),
-    "unit" (-1, 1), "none" (0, 255), "caffe" and "torch" their per-channel extremes.
-    Explanations take every value in input units (occlusion fill, masking values, baselines,
-    activation-maximization start and clip range) from this one function.
-    """
-    if preprocess not in (None, "auto"):
-        from cnnviz.model.inputs import value_range
-
-        return value_range(preprocess)
-    first = first_layer(model)
-    kind = type(first).__name__ if first is not None else ""
-    if kind == "Rescaling":
-        scale, offset = first.scale, first.offset
-        if np.ndim(scale) == 0 and np.ndim(offset) == 0 and float(offset) == 0.0 and scale > 0:
-            return (0.0, float(np.float32(1.0 / float(scale))))
-    if kind in _PIXEL_LAYERS:
-        return (0.0, 255.0)
-    return (0.0, 1.0)
-
-
 # ----------------------------------------------------------------------------------- outputs
 def output_names(model) -> list[str]:
     """One name per output: the name of the layer that produces it."""
-    return [tensor._keras_history.operation.name for tensor in model.outputs]
+    return [producer(tensor)[0].name for tensor in model.outputs]
 
 
 def output_index(model, output=None) -> int:

@@ -7,8 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnviz.config.loading import Config
-from cnnviz.runs.layout import atomic_write_text
+from cnnviz.config.root import Config
+from cnnviz.io.atomic import atomic_write_text
 
 GRAPHVIZ_HINT = (
     "Graphviz's `dot` program was not found, so architecture.png was not drawn; install it "
@@ -27,7 +27,7 @@ class SummaryFiles:
 
 def model_from_config(config: Config):
     """The untrained model of a config, built without loading (or downloading) its data."""
-    from cnnviz.config.loading import native_input_shape
+    from cnnviz.config.shapes import native_input_shape
     from cnnviz.model.build import build_model
 
     input_shape = native_input_shape(config.data)

@@ -1,17 +1,14 @@
 """Arrays -> matplotlib Figures (no pyplot, no files); `render_png` turns one into PNG bytes."""
 
 from cnnviz.plot.display import render_png, show_image
+from cnnviz.plot.inspect import activation_max_grid, feature_maps_grid, filters_grid
+from cnnviz.plot.training import augmentation_grid, training_curves
 from cnnviz.plot.attribution import (
-    activation_max_grid,
-    augmentation_grid,
     cam_row,
-    feature_maps_grid,
-    filters_grid,
     gradcam_figure,
     occlusion_figure,
     saliency_row,
     signed_row,
-    training_curves,
 )
 
 __all__ = [

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.runs.layout import Run, atomic_write_text, read_metrics, save_figure
-from cnnviz.explain.registry import predict_probabilities
+from cnnviz.runs.load import Run, read_metrics
+from cnnviz.io.atomic import atomic_write_text, save_figure
+from cnnviz.model.compiled import predict_probabilities
 
 CHUNK = 64  # images explained per batch: big enough to amortize, small enough to stay flat
 
@@ -238,7 +239,7 @@ def _prepare(run: Run, preprocess: str):
     A bare .keras file takes what `--preprocess` says ("auto" resolved, with a note).
     """
     from cnnviz.errors import CnnvizNotice
-    from cnnviz.model.outputs import input_range
+    from cnnviz.model.inputs import input_range
     from cnnviz.model.inputs import prepare, resolve_mode
 
     if run.config is not None:
@@ -835,7 +836,7 @@ def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0,
     `methods`: registry names (default: every method of `cnnviz.trust.attribution.METHODS`).
     """
     from cnnviz.plot.trust import sanity_curves_figure, sanity_maps_figure
-    from cnnviz.runs.layout import atomic_write_json
+    from cnnviz.io.atomic import atomic_write_json
     from cnnviz.explain.registry import METHODS
     from cnnviz.trust.sanity import class_sensitivity, format_class_sensitivity, model_randomization
 
@@ -862,7 +863,7 @@ def faithfulness_report(model, selection: Selection, folder: Path, *, steps: int
     `methods`: registry names (default: every method of `cnnviz.trust.attribution.METHODS`).
     """
     from cnnviz.plot.trust import faithfulness_figure
-    from cnnviz.runs.layout import atomic_write_json
+    from cnnviz.io.atomic import atomic_write_json
     from cnnviz.explain.registry import METHODS
     from cnnviz.trust.faithfulness import deletion_insertion
 
@@ -881,7 +882,7 @@ def shortcut_files(run: Run, folder: Path, *, count: int = 64,
     """The shortcut report of a run trained on data with a spurious cue (`methods`: registry
     names, default every method)."""
     from cnnviz.plot.trust import shortcut_figure
-    from cnnviz.runs.layout import atomic_write_json
+    from cnnviz.io.atomic import atomic_write_json
     from cnnviz.trust.shortcut import shortcut_report
 
     cue = run.config.data.shapes.spurious if run.config is not None else None

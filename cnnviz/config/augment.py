@@ -1,0 +1,68 @@
+"""The `data.augment:` list: Keras preprocessing layers applied to training batches."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    Field,
+)
+
+from cnnviz.config.base import _Strict
+
+# ------------------------------------------------------------------------------- augmentation
+# Each entry becomes the Keras preprocessing layer of the same name (keras.layers.RandomFlip,
+# ...), applied to training batches only, inside the tf.data pipeline on the CPU.
+Factor = Annotated[float, Field(ge=0.0, le=1.0)]
+FactorOrRange = Factor | Annotated[list[Annotated[float, Field(ge=-1.0, le=1.0)]],
+                                   Field(min_length=2, max_length=2)]
+FillMode = Literal["reflect", "wrap", "constant", "nearest"]
+
+
+class RandomFlip(_Strict):
+    type: Literal["random_flip"]
+    mode: Literal["horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
+
+
+class RandomRotation(_Strict):
+    type: Literal["random_rotation"]
+    factor: FactorOrRange = Field(
+        0.1, description="Fraction of a full turn: 0.1 rotates by up to +-36 degrees.")
+    fill_mode: FillMode = "reflect"
+
+
+class RandomZoom(_Strict):
+    type: Literal["random_zoom"]
+    height_factor: FactorOrRange = Field(
+        0.1, description="Zoom by up to this share of the height (negative: in, positive: out).")
+    width_factor: FactorOrRange | None = Field(
+        None, description="Default: the same zoom as the height (aspect ratio kept).")
+    fill_mode: FillMode = "reflect"
+
+
+class RandomTranslation(_Strict):
+    type: Literal["random_translation"]
+    height_factor: FactorOrRange = Field(0.1, description="Shift by up to this share of the height.")
+    width_factor: FactorOrRange = Field(0.1, description="Shift by up to this share of the width.")
+    fill_mode: FillMode = "reflect"
+
+
+class RandomContrast(_Strict):
+    type: Literal["random_contrast"]
+    factor: FactorOrRange = Field(
+        0.2, description="Scale the contrast around the mean by a factor in [1 - f, 1 + f].")
+
+
+class RandomBrightness(_Strict):
+    type: Literal["random_brightness"]
+    factor: FactorOrRange = Field(
+        0.2, description="Add up to this share of the value range (0..255) to every pixel.")
+
+
+AugmentConfig = Annotated[
+    RandomFlip | RandomRotation | RandomZoom | RandomTranslation | RandomContrast
+    | RandomBrightness,
+    Field(discriminator="type"),
+]
+AUGMENT_TYPES = ("random_flip", "random_rotation", "random_zoom", "random_translation",
+                 "random_contrast", "random_brightness")

@@ -1,0 +1,149 @@
+"""The `train:` section: epochs, batch size, optimizer and schedule, callbacks, devices."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from cnnviz.config.base import PositiveInt, _Strict
+
+
+# ---------------------------------------------------------------------------------------- train
+class CosineSchedule(_Strict):
+    """keras.optimizers.schedules.CosineDecay over the whole training, after a linear warm-up."""
+
+    type: Literal["cosine"]
+    warmup_epochs: float = Field(
+        0.0, ge=0.0, description="Epochs of linear warm-up from 0 to train.optimizer.learning_rate.")
+    min_learning_rate: float = Field(0.0, ge=0.0, description="The rate the cosine ends at.")
+
+
+class ExponentialSchedule(_Strict):
+    """keras.optimizers.schedules.ExponentialDecay: lr * decay_rate ** (epoch / decay_epochs)."""
+
+    type: Literal["exponential"]
+    decay_rate: float = Field(0.9, gt=0.0, lt=1.0)
+    decay_epochs: float = Field(1.0, gt=0.0)
+    staircase: bool = Field(False, description="Decay in whole steps of decay_epochs.")
+
+
+class StepSchedule(_Strict):
+    """keras.optimizers.schedules.PiecewiseConstantDecay: lr * factor every `every_epochs`."""
+
+    type: Literal["step"]
+    factor: float = Field(0.1, gt=0.0, lt=1.0)
+    every_epochs: PositiveInt = 10
+
+
+class PlateauSchedule(_Strict):
+    """keras.callbacks.ReduceLROnPlateau: lr * factor when `monitor` stops improving."""
+
+    type: Literal["plateau"]
+    monitor: str = "val_loss"
+    factor: float = Field(0.1, gt=0.0, lt=1.0)
+    patience: PositiveInt = 2
+    min_learning_rate: float = Field(0.0, ge=0.0)
+
+
+ScheduleConfig = Annotated[
+    CosineSchedule | ExponentialSchedule | StepSchedule | PlateauSchedule,
+    Field(discriminator="type"),
+]
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "sgd", "rmsprop"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd and rmsprop only.")
+    schedule: ScheduleConfig | None = Field(
+        None,
+        description="Learning-rate schedule: cosine (warmup_epochs, min_learning_rate), "
+        "exponential (decay_rate, decay_epochs, staircase), step (factor, every_epochs) or "
+        "plateau (monitor, factor, patience, min_learning_rate). The rate of each epoch goes "
+        "into history.csv and curves.png.",
+    )
+
+    @model_validator(mode="after")
+    def _momentum_applies(self) -> OptimizerConfig:
+        if self.name == "adam" and self.momentum:
+            raise ValueError(
+                f"train.optimizer.momentum={self.momentum} has no meaning for adam; "
+                "use sgd or rmsprop, or remove it"
+            )
+        return self
+
+
+class EarlyStoppingConfig(_Strict):
+    monitor: str = "val_loss"
+    patience: PositiveInt = 3
+    restore_best_weights: bool = True
+
+
+class TrainConfig(_Strict):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    loss: Literal["auto", "categorical_crossentropy", "binary_crossentropy"] = Field(
+        "auto", description="auto: categorical for softmax, binary for a sigmoid output."
+    )
+    metrics: list[Literal["accuracy", "auc", "precision", "recall"]] = Field(
+        default_factory=lambda: ["accuracy"]
+    )
+    early_stopping: EarlyStoppingConfig | None = None
+    class_weight: Literal["balanced"] | dict[int | str, Annotated[float, Field(gt=0.0)]] | None = Field(
+        None,
+        description="Weight of each class in the loss: balanced (n / (classes x count), from the "
+        "training split) or a mapping of class name or index to weight (others: 1).",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Keras label smoothing of the cross-entropy targets."
+    )
+    tensorboard: bool = Field(False, description="Write TensorBoard logs to <run>/tensorboard.")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto: a GPU when TensorFlow sees one, else the CPU."
+    )
+    distribute: Literal["none", "mirrored", "multi_worker"] = Field(
+        "none",
+        description="mirrored: all local GPUs (or logical CPUs); multi_worker: several machines "
+        "configured by TF_CONFIG.",
+    )
+    cpu_replicas: PositiveInt = Field(
+        1,
+        description="distribute: mirrored without a GPU (or with device: cpu): split the CPU into "
+        "this many logical devices, one replica each (train.batch_size is split across them).",
+    )
+    mixed_precision: bool = Field(False, description="float16 compute (for GPUs).")
+    jit_compile: bool = Field(False, description="XLA-compile the train step.")
+    verbose: Literal["auto", 0, 1, 2] = Field(
+        "auto",
+        description="Keras progress: 0 silent, 1 bar, 2 one line per epoch; auto: 1 on a "
+        "terminal, 2 when output goes to a file or CI log.",
+    )
+    checkpoint_interval: float = Field(
+        30.0,
+        ge=0.0,
+        description="Seconds between writes of checkpoints/last.keras and best.keras (0: every "
+        "epoch); both are always written when training ends.",
+    )
+
+    @field_validator("verbose", mode="before")
+    @classmethod
+    def _verbose_is_not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # True == 1 would pass the Literal
+            # ValueError, not TypeError: pydantic reports it with the config location.
+            raise ValueError("must be auto, 0, 1 or 2, not a true/false value")  # noqa: TRY004
+        return value
+
+    @model_validator(mode="after")
+    def _cpu_replicas_need_mirrored(self) -> TrainConfig:
+        if self.cpu_replicas > 1 and self.distribute != "mirrored":
+            raise ValueError(
+                f"train.cpu_replicas={self.cpu_replicas} needs train.distribute 'mirrored' "
+                f"(received {self.distribute!r}); set distribute: mirrored or cpu_replicas: 1"
+            )
+        return self

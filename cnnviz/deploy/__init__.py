@@ -1,0 +1,1 @@
+"""After training: evaluate on a labelled split, predict image files, export to SavedModel/TFLite/ONNX."""

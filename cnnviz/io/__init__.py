@@ -1,0 +1,1 @@
+"""How files are written, whatever they are: atomic writes (temporary name, then rename) and run locks."""
