@@ -224,7 +224,7 @@ def bench_training(config, dataset, sizes: Sizes, workdir: Path) -> tuple[list[R
     import cnnviz.train.fit
 
     checkpoint_seconds = []
-    original_callbacks = cnnviz.train.fit._callbacks
+    original_callbacks = cnnviz.train.fit.training_callbacks
     timed_kinds = ("EpochCommit", "ThrottledModelCheckpoint")
 
     def timed_callbacks(*args, **kwargs):
@@ -244,14 +244,14 @@ def bench_training(config, dataset, sizes: Sizes, workdir: Path) -> tuple[list[R
         arrays_seconds.append(plain_fit(sizes.epochs, False))
         pipeline_seconds.append(plain_fit(sizes.epochs, True))
         checkpoint_seconds.append(0.0)
-        cnnviz.train.fit._callbacks = timed_callbacks
+        cnnviz.train.fit.training_callbacks = timed_callbacks
         try:
             started = time.perf_counter()
             result = train(config, workdir / f"train{repeat}", dataset=dataset,
                            log=lambda line: None)
             total_seconds.append(time.perf_counter() - started)
         finally:
-            cnnviz.train.fit._callbacks = original_callbacks
+            cnnviz.train.fit.training_callbacks = original_callbacks
         fit_seconds.append(result.metrics["seconds"])
         run_dir = result.run_dir
 

@@ -18,3 +18,10 @@ class CnnvizWarning(UserWarning):
 
 class CnnvizNotice(CnnvizWarning):
     """A choice cnnviz made for the user that they should know about (printed as `note:`)."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first non-blank line of an exception's message (at most `limit` characters), or its
+    type's name when the message is empty: how a library's long error becomes one line."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(error).__name__

@@ -223,8 +223,8 @@ def test_missing_path_named(tmp_path):
 
 def test_toy_inline_examples_keep_their_units_and_the_model_divides_by_nine():
     from cnnviz.config.loading import load_config
-    from cnnviz.model.inputs import input_range
     from cnnviz.model.build import build_model
+    from cnnviz.model.inputs import input_range
 
     config = load_config("configs/toy4x4.yaml")
     data = load_dataset(config)

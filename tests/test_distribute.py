@@ -329,11 +329,11 @@ def test_throttled_checkpoints_keep_keras_choice_of_epoch(tmp_path):
     """ModelCheckpoint decides which epoch is best; the subclass only defers the write."""
     import keras
 
-    from cnnviz.train.callbacks import _checkpoint_class
+    from cnnviz.train.callbacks import ThrottledModelCheckpoint
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
-    checkpoint = _checkpoint_class()
+    checkpoint = ThrottledModelCheckpoint
     best = checkpoint(str(tmp_path / "best.keras"), monitor="val_loss", save_best_only=True,
                       interval=3600.0)
     last = checkpoint(str(tmp_path / "last.keras"), interval=3600.0)
@@ -367,10 +367,10 @@ def test_throttled_checkpoints_keep_keras_choice_of_epoch(tmp_path):
 def test_best_is_copied_from_last_when_the_last_epoch_is_the_best(tmp_path):
     import keras
 
-    from cnnviz.train.callbacks import _checkpoint_class
+    from cnnviz.train.callbacks import ThrottledModelCheckpoint
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    checkpoint = _checkpoint_class()
+    checkpoint = ThrottledModelCheckpoint
     last = checkpoint(str(tmp_path / "last.keras"), interval=3600.0)
     best = checkpoint(str(tmp_path / "best.keras"), monitor="loss", save_best_only=True,
                       interval=3600.0, same_file_as=last)

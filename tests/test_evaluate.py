@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnviz.errors import CnnvizError
 from cnnviz.deploy.evaluate import array_batches, evaluate, write_evaluation
+from cnnviz.errors import CnnvizError
 from cnnviz.report.figures import FigureFile, add_index_section, write_index
 
 

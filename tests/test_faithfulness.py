@@ -14,8 +14,8 @@ from _models import assert_unchanged, snapshot
 from matplotlib.figure import Figure
 
 from cnnviz.errors import CnnvizError
-from cnnviz.plot.trust import faithfulness_figure
 from cnnviz.explain.registry import METHODS, attribute, occlusion_window, resolve_methods
+from cnnviz.plot.trust import faithfulness_figure
 from cnnviz.trust.faithfulness import baseline_images, deletion_insertion, pixel_ranks
 
 SIZE, HALF = 12, 6

@@ -6,8 +6,6 @@ from xml.etree import ElementTree
 
 import pytest
 
-from cnnviz.config.loading import load_config
-from cnnviz.errors import CnnvizError, ConfigError
 from cnnviz.ci.gates import (
     Check,
     check_expectations,
@@ -17,8 +15,10 @@ from cnnviz.ci.gates import (
     trust_checks,
     trust_values,
 )
-from cnnviz.config.expect import Expectation, parse_expectation, parse_expectations
 from cnnviz.ci.junit import junit_xml
+from cnnviz.config.expect import Expectation, parse_expectation, parse_expectations
+from cnnviz.config.loading import load_config
+from cnnviz.errors import CnnvizError, ConfigError
 
 ROOT = Path(__file__).parent.parent
 

@@ -14,8 +14,8 @@ from _models import (
 )
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain.gradcam import gradcam
 from cnnviz.explain.cam import gradcam_layer
+from cnnviz.explain.gradcam import gradcam
 from cnnviz.explain.saliency import saliency
 
 

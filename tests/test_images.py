@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnviz.errors import CnnvizError
 from cnnviz.data.images import (
     check_image_file,
     expand_image_spec,
@@ -15,6 +14,7 @@ from cnnviz.data.images import (
     read_images,
     undecodable_files,
 )
+from cnnviz.errors import CnnvizError
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (6, 7, 3), dtype=np.uint8)

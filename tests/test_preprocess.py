@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
+from cnnviz.data.images import resize_pixels
 from cnnviz.errors import CnnvizError
 from cnnviz.model.inputs import prepare, resolve_mode, to_pixels, value_range
-from cnnviz.data.images import resize_pixels
 
 PIXELS = np.random.default_rng(0).integers(0, 256, (2, 5, 6, 3)).astype(np.float32)
 

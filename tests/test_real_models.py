@@ -14,12 +14,11 @@ from _models import images, randomize
 
 from cnnviz.errors import CnnvizError, CnnvizWarning
 from cnnviz.explain import gradcam, gradcam_layer, input_gradients, occlusion, saliency
+from cnnviz.explain.layers import filters, layer_activations, layer_table
+from cnnviz.model.compiled import batch_size_for, chunk_size, model_copy, predict_probabilities
+from cnnviz.model.graph import find_layer
 from cnnviz.model.inputs import input_range
 from cnnviz.model.outputs import output_activation
-from cnnviz.model.compiled import batch_size_for, chunk_size, model_copy
-from cnnviz.model.graph import find_layer
-from cnnviz.explain.layers import filters, layer_activations, layer_table
-from cnnviz.model.compiled import predict_probabilities
 
 BATCH = images(5, (8, 8, 1), seed=3)
 

@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 
 from cnnviz.errors import CnnvizError
-from cnnviz.trust.reference.layers import _conv2d_linear, _pool
-from cnnviz.trust.reference.steps import explain_steps, format_table
 from cnnviz.trust.reference.forward import reference_forward, verify
+from cnnviz.trust.reference.layers import conv2d_linear, pool_windows
+from cnnviz.trust.reference.steps import explain_steps, format_table
 
 L = keras.layers
 
@@ -156,11 +156,11 @@ def test_windows_follow_tensorflow_padding(padding):
             kernel = rng.normal(size=(window, window, 3, 2))
             for stride in (1, 2, 3):
                 expected = tf.nn.conv2d(x, kernel, stride, padding).numpy()
-                ours = _conv2d_linear(x, kernel, None, (stride, stride), padding.lower())
+                ours = conv2d_linear(x, kernel, None, (stride, stride), padding.lower())
                 np.testing.assert_allclose(ours, expected, atol=1e-10)
                 for kind, tf_pool in (("max", tf.nn.max_pool2d), ("average", tf.nn.avg_pool2d)):
                     expected = tf_pool(x, window, stride, padding).numpy()
-                    ours = _pool(x, kind, (window, window), (stride, stride), padding.lower())
+                    ours = pool_windows(x, kind, (window, window), (stride, stride), padding.lower())
                     np.testing.assert_allclose(ours, expected, atol=1e-10, err_msg=kind)
 
 
@@ -170,7 +170,7 @@ def test_dilated_conv_follows_tensorflow():
     kernel = rng.normal(size=(3, 2, 2, 3))
     for padding in ("SAME", "VALID"):
         expected = tf.nn.conv2d(x, kernel, 1, padding, dilations=(2, 3)).numpy()
-        ours = _conv2d_linear(x, kernel, None, (1, 1), padding.lower(), dilation=(2, 3))
+        ours = conv2d_linear(x, kernel, None, (1, 1), padding.lower(), dilation=(2, 3))
         np.testing.assert_allclose(ours, expected, atol=1e-10)
 
 

@@ -21,8 +21,8 @@ from cnnviz.cli import app
 from cnnviz.config.loading import MAX_YAML_ALIASES, load_config, validate
 from cnnviz.config.root import run_slug
 from cnnviz.errors import ConfigError
-from cnnviz.io.locks import RunLock, lock_holder, try_lock_run
 from cnnviz.io.atomic import atomic_write_bytes, remove_stale_temporaries
+from cnnviz.io.locks import RunLock, lock_holder, try_lock_run
 from cnnviz.runs.layout import create_run_dir
 
 ROOT = Path(__file__).parent.parent

@@ -16,7 +16,7 @@ from _models import (
 )
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain.gradients import _gradient_maps
+from cnnviz.explain.gradients import gradient_maps
 from cnnviz.explain.saliency import _smoothgrad, input_gradients, saliency
 
 METHODS = ("vanilla", "guided", "rectified", "smoothgrad")
@@ -210,7 +210,7 @@ def test_smoothgrad_wraps_guided_backprop_too():
     batch = images(3, (5, 5, 1), seed=10)
     targets = np.array([0, 1, 2], np.int32)
     smoothed = _smoothgrad(
-        lambda noisy, wanted: _gradient_maps(model, noisy, wanted, "guided", 64),
+        lambda noisy, wanted: gradient_maps(model, noisy, wanted, "guided", 64),
         batch,
         targets,
         samples=3,

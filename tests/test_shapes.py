@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from cnnviz.errors import CnnvizError
 from cnnviz.data.shapes import (
     SHAPE_CLASSES,
     cue_area_share,
@@ -12,6 +11,7 @@ from cnnviz.data.shapes import (
     mark_origins,
     mark_size,
 )
+from cnnviz.errors import CnnvizError
 
 
 def test_same_seed_same_data_other_seed_other_data():

@@ -17,9 +17,9 @@ from matplotlib.figure import Figure
 
 from cnnviz.config.loading import validate
 from cnnviz.data import load_dataset
+from cnnviz.data.shapes import mark_origins, mark_size
 from cnnviz.errors import CnnvizError
 from cnnviz.plot.trust import shortcut_figure
-from cnnviz.data.shapes import mark_origins, mark_size
 from cnnviz.trust.shortcut import shortcut_report
 
 SIZE = 24

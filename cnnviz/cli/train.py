@@ -60,8 +60,8 @@ def train_command(
     resolved = load_config_file(config, set_, smoke=smoke)
     expectations = expectations_for(resolved, expect, "train")
     out_root = writable_out(out, Path("outputs"))
-    from cnnviz.train.resume import check_resume
     from cnnviz.train.fit import train
+    from cnnviz.train.resume import check_resume
 
     if resume is not None:
         check_resume(resume, resolved)  # before TensorFlow's import: a live run fails at once
@@ -142,8 +142,8 @@ def augment_command(
     resolved = load_config_file(config, set_)
     import_tensorflow()
     from cnnviz.data import augmentation_samples, load_dataset
-    from cnnviz.plot import augmentation_grid
     from cnnviz.io.atomic import save_figure
+    from cnnviz.plot import augmentation_grid
 
     dataset = load_dataset(resolved, log=lambda line: typer.echo(line, err=True))
     originals, augmented, names = augmentation_samples(resolved, dataset, images, draws)
@@ -223,6 +223,7 @@ def run_command(
 
     Exit codes: 0 done, 1 an expectation failed, 2 bad input (nothing trained).
     """
+    from cnnviz.model.summary import write_summary
     from cnnviz.report.figures import (
         FigureFile,
         all_figures,
@@ -231,7 +232,6 @@ def run_command(
         write_index,
     )
     from cnnviz.runs.load import load_run
-    from cnnviz.model.summary import write_summary
 
     started = time.perf_counter()
     resolved = load_config_file(config, set_, smoke=smoke)

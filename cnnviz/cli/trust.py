@@ -81,8 +81,8 @@ def verify_command(
     Exits 1 when a layer differs by more than --tolerance or cannot be recomputed.
     """
     from cnnviz.ci.gates import verify_checks
-    from cnnviz.trust.reference.steps import explain_steps, format_table
     from cnnviz.trust.reference.forward import verify
+    from cnnviz.trust.reference.steps import explain_steps, format_table
 
     started = time.perf_counter()
     model, batch, described = model_and_images(source, images, set_)

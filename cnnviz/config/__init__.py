@@ -1,22 +1,22 @@
 """Config: the YAML schema (one module per section), loading with bounds, `--set` overrides and
 `--expect` gates as written. The lowest floor above errors and io: it imports no other cnnviz package."""
 
-from cnnviz.config.root import Config, run_slug
+from cnnviz.config.data import DataConfig
+from cnnviz.config.expect import Expectation, parse_expectation, parse_expectations
 from cnnviz.config.loading import (
+    MAX_YAML_ALIASES,
+    MAX_YAML_BYTES,
     apply_overrides,
     dump_config,
     load_config,
     parse_override,
     read_yaml,
     validate,
-    MAX_YAML_ALIASES,
-    MAX_YAML_BYTES,
 )
-from cnnviz.config.shapes import native_input_shape, check_layer_shapes
-from cnnviz.config.data import DataConfig
-from cnnviz.config.train import EarlyStoppingConfig, TrainConfig
 from cnnviz.config.model import ModelConfig, layer_names
-from cnnviz.config.expect import Expectation, parse_expectation, parse_expectations
+from cnnviz.config.root import Config, run_slug
+from cnnviz.config.shapes import check_layer_shapes, native_input_shape
+from cnnviz.config.train import EarlyStoppingConfig, TrainConfig
 
 __all__ = [
     "Config",

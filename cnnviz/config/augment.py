@@ -8,7 +8,7 @@ from pydantic import (
     Field,
 )
 
-from cnnviz.config.base import _Strict
+from cnnviz.config.base import StrictModel
 
 # ------------------------------------------------------------------------------- augmentation
 # Each entry becomes the Keras preprocessing layer of the same name (keras.layers.RandomFlip,
@@ -19,19 +19,19 @@ FactorOrRange = Factor | Annotated[list[Annotated[float, Field(ge=-1.0, le=1.0)]
 FillMode = Literal["reflect", "wrap", "constant", "nearest"]
 
 
-class RandomFlip(_Strict):
+class RandomFlip(StrictModel):
     type: Literal["random_flip"]
     mode: Literal["horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
 
 
-class RandomRotation(_Strict):
+class RandomRotation(StrictModel):
     type: Literal["random_rotation"]
     factor: FactorOrRange = Field(
         0.1, description="Fraction of a full turn: 0.1 rotates by up to +-36 degrees.")
     fill_mode: FillMode = "reflect"
 
 
-class RandomZoom(_Strict):
+class RandomZoom(StrictModel):
     type: Literal["random_zoom"]
     height_factor: FactorOrRange = Field(
         0.1, description="Zoom by up to this share of the height (negative: in, positive: out).")
@@ -40,20 +40,20 @@ class RandomZoom(_Strict):
     fill_mode: FillMode = "reflect"
 
 
-class RandomTranslation(_Strict):
+class RandomTranslation(StrictModel):
     type: Literal["random_translation"]
     height_factor: FactorOrRange = Field(0.1, description="Shift by up to this share of the height.")
     width_factor: FactorOrRange = Field(0.1, description="Shift by up to this share of the width.")
     fill_mode: FillMode = "reflect"
 
 
-class RandomContrast(_Strict):
+class RandomContrast(StrictModel):
     type: Literal["random_contrast"]
     factor: FactorOrRange = Field(
         0.2, description="Scale the contrast around the mean by a factor in [1 - f, 1 + f].")
 
 
-class RandomBrightness(_Strict):
+class RandomBrightness(StrictModel):
     type: Literal["random_brightness"]
     factor: FactorOrRange = Field(
         0.2, description="Add up to this share of the value range (0..255) to every pixel.")

@@ -26,12 +26,12 @@ MAX_WINDOW = 4_096  # kernel, pool and stride sides
 MAX_IMAGE_SIDE = 16_384
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     # strict: `filters: true` is not 1 and `epochs: 2.0` is not 2 (pydantic's lax mode coerces both).
     model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
 
 
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     return (int(value[0]), int(value[1]))

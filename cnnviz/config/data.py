@@ -10,11 +10,11 @@ from pydantic import (
 )
 
 from cnnviz.config.augment import AugmentConfig
-from cnnviz.config.base import PositiveInt, _Strict
+from cnnviz.config.base import PositiveInt, StrictModel
 
 
 # ----------------------------------------------------------------------------------------- data
-class ShapesOptions(_Strict):
+class ShapesOptions(StrictModel):
     """Options of the generated `shapes` data set."""
 
     count: PositiveInt = Field(3000, description="Images generated in all (train+val+test).")
@@ -33,7 +33,7 @@ class ShapesOptions(_Strict):
     )
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Where images come from and how they are prepared."""
 
     source: Literal[

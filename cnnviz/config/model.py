@@ -10,11 +10,11 @@ from pydantic import (
     model_validator,
 )
 
-from cnnviz.config.base import MAX_FILTERS, MAX_UNITS, Activation, IntOrPair, Padding, _Strict
+from cnnviz.config.base import MAX_FILTERS, MAX_UNITS, Activation, IntOrPair, Padding, StrictModel
 
 
 # ---------------------------------------------------------------------------------------- model
-class Conv2DLayer(_Strict):
+class Conv2DLayer(StrictModel):
     type: Literal["conv2d"]
     filters: Annotated[int, Field(gt=0, le=MAX_FILTERS)]
     kernel: IntOrPair = 3
@@ -24,7 +24,7 @@ class Conv2DLayer(_Strict):
     name: str | None = None
 
 
-class PoolLayer(_Strict):
+class PoolLayer(StrictModel):
     type: Literal["max_pool2d", "avg_pool2d"]
     pool: IntOrPair = 2
     stride: IntOrPair | None = Field(None, description="Default: the pool size.")
@@ -32,23 +32,23 @@ class PoolLayer(_Strict):
     name: str | None = None
 
 
-class DropoutLayer(_Strict):
+class DropoutLayer(StrictModel):
     type: Literal["dropout"]
     rate: float = Field(0.5, ge=0.0, lt=1.0)
     name: str | None = None
 
 
-class BatchNormLayer(_Strict):
+class BatchNormLayer(StrictModel):
     type: Literal["batch_norm"]
     name: str | None = None
 
 
-class FlattenLayer(_Strict):
+class FlattenLayer(StrictModel):
     type: Literal["flatten", "global_avg_pool2d"]
     name: str | None = None
 
 
-class DenseLayer(_Strict):
+class DenseLayer(StrictModel):
     type: Literal["dense"]
     units: Annotated[int, Field(gt=0, le=MAX_UNITS)]
     activation: Activation = "relu"
@@ -61,7 +61,7 @@ LayerConfig = Annotated[
 ]
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictModel):
     """The classification head, sized from the data's classes."""
 
     activation: Literal["softmax", "sigmoid"] = Field(
@@ -71,7 +71,7 @@ class OutputConfig(_Strict):
     name: str = Field("preds", description="Name of the output layer.")
 
 
-class BackboneConfig(_Strict):
+class BackboneConfig(StrictModel):
     """A keras.applications model reused as the feature extractor (fine-tuning)."""
 
     name: Literal[
@@ -91,7 +91,7 @@ class BackboneConfig(_Strict):
     )
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     layers: list[LayerConfig] = Field(default_factory=list)
     backbone: BackboneConfig | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)

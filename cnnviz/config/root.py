@@ -12,7 +12,7 @@ from pydantic import (
     model_validator,
 )
 
-from cnnviz.config.base import _Strict
+from cnnviz.config.base import StrictModel
 from cnnviz.config.data import DataConfig
 from cnnviz.config.model import ModelConfig
 from cnnviz.config.shapes import check_layer_shapes, native_input_shape
@@ -21,7 +21,7 @@ from cnnviz.errors import CnnvizError
 
 
 # --------------------------------------------------------------------------------------- config
-class Config(_Strict):
+class Config(StrictModel):
     """A whole cnnviz config."""
 
     name: str | None = Field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from cnnviz.config.base import MAX_PARAMETERS, _pair
+from cnnviz.config.base import MAX_PARAMETERS, as_pair
 from cnnviz.config.data import DataConfig
 from cnnviz.config.model import (
     BatchNormLayer,
@@ -87,8 +87,8 @@ def check_layer_shapes(model: ModelConfig, input_shape: tuple[int, ...]) -> None
         if isinstance(layer, (Conv2DLayer, PoolLayer)):
             if flat:
                 raise ValueError(f"{where} ({layer.type}) comes after the feature map was flattened")
-            window = _pair(layer.kernel if isinstance(layer, Conv2DLayer) else layer.pool)
-            stride = _pair(layer.stride if layer.stride is not None else window)
+            window = as_pair(layer.kernel if isinstance(layer, Conv2DLayer) else layer.pool)
+            stride = as_pair(layer.stride if layer.stride is not None else window)
             field = "kernel" if isinstance(layer, Conv2DLayer) else "pool"
             if layer.padding == "valid" and (window[0] > height or window[1] > width):
                 raise ValueError(

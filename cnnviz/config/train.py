@@ -10,11 +10,11 @@ from pydantic import (
     model_validator,
 )
 
-from cnnviz.config.base import PositiveInt, _Strict
+from cnnviz.config.base import PositiveInt, StrictModel
 
 
 # ---------------------------------------------------------------------------------------- train
-class CosineSchedule(_Strict):
+class CosineSchedule(StrictModel):
     """keras.optimizers.schedules.CosineDecay over the whole training, after a linear warm-up."""
 
     type: Literal["cosine"]
@@ -23,7 +23,7 @@ class CosineSchedule(_Strict):
     min_learning_rate: float = Field(0.0, ge=0.0, description="The rate the cosine ends at.")
 
 
-class ExponentialSchedule(_Strict):
+class ExponentialSchedule(StrictModel):
     """keras.optimizers.schedules.ExponentialDecay: lr * decay_rate ** (epoch / decay_epochs)."""
 
     type: Literal["exponential"]
@@ -32,7 +32,7 @@ class ExponentialSchedule(_Strict):
     staircase: bool = Field(False, description="Decay in whole steps of decay_epochs.")
 
 
-class StepSchedule(_Strict):
+class StepSchedule(StrictModel):
     """keras.optimizers.schedules.PiecewiseConstantDecay: lr * factor every `every_epochs`."""
 
     type: Literal["step"]
@@ -40,7 +40,7 @@ class StepSchedule(_Strict):
     every_epochs: PositiveInt = 10
 
 
-class PlateauSchedule(_Strict):
+class PlateauSchedule(StrictModel):
     """keras.callbacks.ReduceLROnPlateau: lr * factor when `monitor` stops improving."""
 
     type: Literal["plateau"]
@@ -56,7 +56,7 @@ ScheduleConfig = Annotated[
 ]
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictModel):
     name: Literal["adam", "sgd", "rmsprop"] = "adam"
     learning_rate: float = Field(1e-3, gt=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd and rmsprop only.")
@@ -78,13 +78,13 @@ class OptimizerConfig(_Strict):
         return self
 
 
-class EarlyStoppingConfig(_Strict):
+class EarlyStoppingConfig(StrictModel):
     monitor: str = "val_loss"
     patience: PositiveInt = 3
     restore_best_weights: bool = True
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 64
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnviz.errors import CnnvizError
 from cnnviz.data.images import IMAGE_SUFFIXES, image_files_in, image_problem, undecodable_files
+from cnnviz.errors import CnnvizError
 
 FILES_DIR = "files"
 SPLITS = ("train", "val", "test")

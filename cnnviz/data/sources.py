@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnviz.config.root import Config
 from cnnviz.config.data import DataConfig
+from cnnviz.config.root import Config
 from cnnviz.errors import CnnvizError
 
 _KERAS_DATASETS = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"

@@ -256,9 +256,9 @@ def write_evaluation(evaluation: Evaluation, folder: Path) -> tuple[Path, list]:
     Returns:
         (the JSON file, the figures as `report.FigureFile`s).
     """
+    from cnnviz.io.atomic import atomic_write_text
     from cnnviz.plot.evaluation import confusion_matrix_figure, mistakes_grid
     from cnnviz.report.figures import save_captioned
-    from cnnviz.io.atomic import atomic_write_text
 
     folder = Path(folder)
     data_file = atomic_write_text(folder / "evaluation.json",

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnviz._keras import all_layers
-from cnnviz.errors import CnnvizError
+from cnnviz.errors import CnnvizError, first_line
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def export_model(model, path: str | Path, format_name: str) -> Path:
         raise
     except Exception as error:  # noqa: BLE001 - converters raise anything; say which format
         raise CnnvizError(f"exporting {model.name!r} as {format_name} failed: "
-                          f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                          f"{type(error).__name__}: {first_line(error, limit=1000)}"
                           ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -6,9 +6,8 @@ The forward-only methods read probabilities, as their papers define them: occlus
 """
 
 from cnnviz.explain.activation_max import activation_maximization, activation_maximization_batch
-from cnnviz.explain.cam import CAM_METHODS, cam
+from cnnviz.explain.cam import CAM_METHODS, cam, gradcam_layer
 from cnnviz.explain.gradcam import gradcam
-from cnnviz.explain.cam import gradcam_layer
 from cnnviz.explain.integrated_gradients import gradient_x_input, integrated_gradients
 from cnnviz.explain.layers import feature_maps, filters
 from cnnviz.explain.occlusion import OcclusionResult, occlusion

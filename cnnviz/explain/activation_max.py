@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.inputs import input_range as model_input_range
-from cnnviz.model.outputs import output_index, target_scores
 from cnnviz.model.compiled import batch_size_for, layer_outputs_model, model_copy, num_classes
 from cnnviz.model.graph import find_layer, output_producer
+from cnnviz.model.inputs import input_range as model_input_range
+from cnnviz.model.outputs import output_index, target_scores
 
 Penalty = Callable[..., object]  # images (N, H, W, C) tf.Tensor -> (N,) tf.Tensor
 Regularizers = tuple[tuple[float, Penalty], ...]

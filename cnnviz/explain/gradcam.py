@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cnnviz.explain.gradients import _gradient_maps, _predicted_targets
+from cnnviz.explain.gradients import gradient_maps, predicted_targets
 from cnnviz.model.inputs import as_image_batch
 
 # Added to a map's max before dividing: an all-zero map stays 0 instead of becoming NaN.
@@ -59,7 +59,7 @@ def gradcam(
                batch_size=batch_size)
     if guided:
         # Same targets as the CAM, so both halves explain the same class.
-        chosen = _predicted_targets(model, batch, targets, batch_size, output=output)
-        maps, _ = _gradient_maps(model, batch, chosen, "guided", batch_size, output=output)
+        chosen = predicted_targets(model, batch, targets, batch_size, output=output)
+        maps, _ = gradient_maps(model, batch, chosen, "guided", batch_size, output=output)
         cams = _normalized(cams * _normalized(maps))
     return cams.astype(np.float32)

@@ -24,7 +24,7 @@ GRADIENT_METHODS = ("vanilla", "guided", "rectified")
 # --------------------------------------------------------------------------------------------
 
 
-def _gradient_body(clone):
+def gradient_body(clone):
     import tensorflow as tf
 
     def body(images, targets):
@@ -40,7 +40,7 @@ def _gradient_body(clone):
     return body
 
 
-def _gradients(model, images, targets, method: str, batch_size: int | None, *, output=None):
+def rule_gradients(model, images, targets, method: str, batch_size: int | None, *, output=None):
     """Signed input gradients (N, H, W, C) of each target score, and the targets used (N,)."""
     if method not in GRADIENT_METHODS:
         raise CnnvizError(
@@ -54,7 +54,7 @@ def _gradients(model, images, targets, method: str, batch_size: int | None, *, o
     gradients, chosen = run_batched(
         copy,
         "gradients",
-        _gradient_body,
+        gradient_body,
         len(batch),
         lambda start, stop: [batch[start:stop], wanted[start:stop]],
         batch_size_for(copy, batch_size),
@@ -62,14 +62,14 @@ def _gradients(model, images, targets, method: str, batch_size: int | None, *, o
     return gradients.astype(np.float32), chosen.astype(np.int32)
 
 
-def _gradient_maps(model, images, targets, method: str, batch_size: int | None, *,
+def gradient_maps(model, images, targets, method: str, batch_size: int | None, *,
                    output=None):
     """|gradient| maxed over channels (N, H, W), and the targets used (N,)."""
-    gradients, chosen = _gradients(model, images, targets, method, batch_size, output=output)
+    gradients, chosen = rule_gradients(model, images, targets, method, batch_size, output=output)
     return np.abs(gradients).max(axis=-1), chosen
 
 
-def _predicted_targets(model, images: np.ndarray, targets, batch_size: int | None, *,
+def predicted_targets(model, images: np.ndarray, targets, batch_size: int | None, *,
                        output=None) -> np.ndarray:
     """Targets (N,) int32: validated `targets`, or each image's predicted class."""
     logits = model_copy(model, "logits", output=output)

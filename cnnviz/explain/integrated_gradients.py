@@ -13,12 +13,12 @@ import numbers
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.inputs import as_image_batch
 from cnnviz.explain.baselines import blurred
-from cnnviz.model.outputs import target_scores
-from cnnviz.model.compiled import batch_size_for, check_images, model_copy, run_batched
-from cnnviz.explain.gradients import _gradient_body, _predicted_targets
+from cnnviz.explain.gradients import gradient_body, predicted_targets
 from cnnviz.explain.saliency import input_gradients
+from cnnviz.model.compiled import batch_size_for, check_images, model_copy, run_batched
+from cnnviz.model.inputs import as_image_batch
+from cnnviz.model.outputs import target_scores
 
 
 def baseline_batch(images: np.ndarray, baseline) -> np.ndarray:
@@ -92,7 +92,7 @@ def integrated_gradients(
     check_images(logits.model, batch)
     batch_size = batch_size_for(logits, batch_size)
     start = baseline_batch(batch, baseline)
-    chosen = _predicted_targets(model, batch, targets, batch_size, output=output)
+    chosen = predicted_targets(model, batch, targets, batch_size, output=output)
     difference = batch - start
     points = len(alphas)
     summed = np.zeros(batch.shape, np.float64)
@@ -114,7 +114,7 @@ def integrated_gradients(
         summed[image[firsts]] += np.add.reduceat(gradients, firsts, axis=0)
 
     run_batched(
-        logits, "gradients", _gradient_body, len(batch) * points, path_points, batch_size,
+        logits, "gradients", gradient_body, len(batch) * points, path_points, batch_size,
         consume=accumulate,
     )
     return (difference * summed).astype(np.float32)
@@ -155,7 +155,7 @@ def score_difference(model, images, targets, *, baseline=0.0, output=None,
     logits = model_copy(model, "logits", output=output)
     check_images(logits.model, batch)
     batch_size = batch_size_for(logits, batch_size)
-    chosen = _predicted_targets(model, batch, targets, batch_size, output=output)
+    chosen = predicted_targets(model, batch, targets, batch_size, output=output)
     both = np.concatenate([batch, baseline_batch(batch, baseline)])
     twice = np.concatenate([chosen, chosen])
 

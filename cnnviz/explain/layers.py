@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.inputs import as_image_batch
-from cnnviz.model.outputs import four_d_paths, output_rank
 from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
@@ -33,6 +31,8 @@ from cnnviz.model.graph import (
     list_paths,
     rebuild,
 )
+from cnnviz.model.inputs import as_image_batch
+from cnnviz.model.outputs import four_d_paths, output_rank
 
 # Layer types whose kernels `filters` draws, and the weight that holds the spatial kernels.
 _KERNELS = {"Conv2D": "kernel", "DepthwiseConv2D": "kernel",

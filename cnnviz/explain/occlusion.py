@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.inputs import as_image_batch, input_range
-from cnnviz.model.outputs import class_probabilities, resolve_targets
 from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
@@ -24,6 +22,8 @@ from cnnviz.model.compiled import (
     model_copy,
     run_batched,
 )
+from cnnviz.model.inputs import as_image_batch, input_range
+from cnnviz.model.outputs import class_probabilities, resolve_targets
 
 
 @dataclass(frozen=True)

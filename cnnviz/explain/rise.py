@@ -12,8 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.inputs import as_image_batch, input_range
-from cnnviz.model.outputs import class_probabilities, resolve_targets
 from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
@@ -22,6 +20,8 @@ from cnnviz.model.compiled import (
     model_copy,
     run_batched,
 )
+from cnnviz.model.inputs import as_image_batch, input_range
+from cnnviz.model.outputs import class_probabilities, resolve_targets
 
 
 def _interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain.gradients import _gradient_maps, _gradients, _predicted_targets
+from cnnviz.explain.gradients import gradient_maps, predicted_targets, rule_gradients
 from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
@@ -100,7 +100,7 @@ def input_gradients(
     Returns:
         (N, H, W, C) float32 gradients.
     """
-    gradients, _ = _gradients(model, images, targets, method, batch_size, output=output)
+    gradients, _ = rule_gradients(model, images, targets, method, batch_size, output=output)
     return gradients
 
 
@@ -141,15 +141,15 @@ def saliency(
     if method not in METHODS:
         raise CnnvizError(f"unknown saliency method {method!r}; choose one of {', '.join(METHODS)}")
     if method != "smoothgrad":
-        maps, _ = _gradient_maps(model, images, targets, method, batch_size, output=output)
+        maps, _ = gradient_maps(model, images, targets, method, batch_size, output=output)
         return maps
     batch = as_image_batch(images)
     logits = model_copy(model, "logits", output=output)
     check_images(logits.model, batch)
     batch_size = batch_size_for(logits, batch_size)
-    chosen = _predicted_targets(model, batch, targets, batch_size, output=output)
+    chosen = predicted_targets(model, batch, targets, batch_size, output=output)
     return _smoothgrad(
-        lambda noisy, wanted: _gradient_maps(model, noisy, wanted, "vanilla", batch_size,
+        lambda noisy, wanted: gradient_maps(model, noisy, wanted, "vanilla", batch_size,
                                              output=output),
         batch,
         chosen,

@@ -1,8 +1,5 @@
 """Arrays -> matplotlib Figures (no pyplot, no files); `render_png` turns one into PNG bytes."""
 
-from cnnviz.plot.display import render_png, show_image
-from cnnviz.plot.inspect import activation_max_grid, feature_maps_grid, filters_grid
-from cnnviz.plot.training import augmentation_grid, training_curves
 from cnnviz.plot.attribution import (
     cam_row,
     gradcam_figure,
@@ -10,6 +7,9 @@ from cnnviz.plot.attribution import (
     saliency_row,
     signed_row,
 )
+from cnnviz.plot.display import render_png, show_image
+from cnnviz.plot.inspect import activation_max_grid, feature_maps_grid, filters_grid
+from cnnviz.plot.training import augmentation_grid, training_curves
 
 __all__ = [
     "activation_max_grid",

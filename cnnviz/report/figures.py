@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.runs.load import Run, read_metrics
 from cnnviz.io.atomic import atomic_write_text, save_figure
 from cnnviz.model.compiled import predict_probabilities
+from cnnviz.runs.load import Run, read_metrics
 
 CHUNK = 64  # images explained per batch: big enough to amortize, small enough to stay flat
 
@@ -239,8 +239,7 @@ def _prepare(run: Run, preprocess: str):
     A bare .keras file takes what `--preprocess` says ("auto" resolved, with a note).
     """
     from cnnviz.errors import CnnvizNotice
-    from cnnviz.model.inputs import input_range
-    from cnnviz.model.inputs import prepare, resolve_mode
+    from cnnviz.model.inputs import input_range, prepare, resolve_mode
 
     if run.config is not None:
         low, high = input_range(run.model)
@@ -281,8 +280,8 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
     any but "auto"). Indices into a folder-trained run's test split read only those files,
     from the lists the run recorded. Files are read a chunk at a time, never all at once.
     """
-    from cnnviz.model.compiled import require_built
     from cnnviz.data.images import expand_image_spec
+    from cnnviz.model.compiled import require_built
 
     require_built(run.model)
     index = _output(run.model, output)
@@ -739,8 +738,8 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
     pixels (that mode undone: caffe's BGR becomes RGB).
     """
     from cnnviz.explain import activation_maximization_batch
-    from cnnviz.plot import activation_max_grid
     from cnnviz.model.inputs import to_pixels, value_range
+    from cnnviz.plot import activation_max_grid
 
     if layer is None:
         indices = list(indices if indices is not None else range(min(len(class_names), 10)))
@@ -835,9 +834,9 @@ def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0,
 
     `methods`: registry names (default: every method of `cnnviz.trust.attribution.METHODS`).
     """
-    from cnnviz.plot.trust import sanity_curves_figure, sanity_maps_figure
-    from cnnviz.io.atomic import atomic_write_json
     from cnnviz.explain.registry import METHODS
+    from cnnviz.io.atomic import atomic_write_json
+    from cnnviz.plot.trust import sanity_curves_figure, sanity_maps_figure
     from cnnviz.trust.sanity import class_sensitivity, format_class_sensitivity, model_randomization
 
     methods = tuple(methods or METHODS)
@@ -862,9 +861,9 @@ def faithfulness_report(model, selection: Selection, folder: Path, *, steps: int
 
     `methods`: registry names (default: every method of `cnnviz.trust.attribution.METHODS`).
     """
-    from cnnviz.plot.trust import faithfulness_figure
-    from cnnviz.io.atomic import atomic_write_json
     from cnnviz.explain.registry import METHODS
+    from cnnviz.io.atomic import atomic_write_json
+    from cnnviz.plot.trust import faithfulness_figure
     from cnnviz.trust.faithfulness import deletion_insertion
 
     result = deletion_insertion(model, selection.images, steps=steps, baseline=baseline,
@@ -881,8 +880,8 @@ def shortcut_files(run: Run, folder: Path, *, count: int = 64,
                    methods: Sequence[str] | None = None) -> Report:
     """The shortcut report of a run trained on data with a spurious cue (`methods`: registry
     names, default every method)."""
-    from cnnviz.plot.trust import shortcut_figure
     from cnnviz.io.atomic import atomic_write_json
+    from cnnviz.plot.trust import shortcut_figure
     from cnnviz.trust.shortcut import shortcut_report
 
     cue = run.config.data.shapes.spurious if run.config is not None else None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cnnviz.config.loading import read_yaml, validate
 from cnnviz.config.root import Config
-from cnnviz.errors import CnnvizError
+from cnnviz.errors import CnnvizError, first_line
 from cnnviz.runs.layout import BACKUP_DIR
 
 
@@ -51,8 +51,7 @@ def load_keras_model(path: str | Path):
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as error:  # noqa: BLE001 - Keras raises many types for a bad file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CnnvizError(f"cannot load Keras model {path}: {first_line}") from None
+        raise CnnvizError(f"cannot load Keras model {path}: {first_line(error)}") from None
 
 
 def read_metrics(run_dir: Path | None) -> dict:

@@ -87,7 +87,7 @@ def distribution_strategy(config: Config):
     return tf.distribute.get_strategy()
 
 
-def _worker(strategy) -> tuple[bool, str]:
+def worker_role(strategy) -> tuple[bool, str]:
     """(is this process the chief, its name): only the chief writes the run directory."""
     resolver = getattr(strategy, "cluster_resolver", None)
     task = (f"{resolver.task_type} {resolver.task_id}"
@@ -96,7 +96,7 @@ def _worker(strategy) -> tuple[bool, str]:
     return bool(strategy.extended.should_checkpoint), task
 
 
-def _replicas_line(strategy, config: Config) -> str:
+def replicas_line(strategy, config: Config) -> str:
     replicas = int(strategy.num_replicas_in_sync)
     batch = config.train.batch_size
     if replicas == 1:
@@ -105,7 +105,7 @@ def _replicas_line(strategy, config: Config) -> str:
             f"{batch / replicas:g} per replica")
 
 
-def _shard(strategy) -> tuple[int, int] | None:
+def worker_shard(strategy) -> tuple[int, int] | None:
     """(workers, this worker's index) under MultiWorkerMirroredStrategy, else None."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or resolver.task_type is None:
@@ -116,7 +116,7 @@ def _shard(strategy) -> tuple[int, int] | None:
     return len(tasks), tasks.index((resolver.task_type, int(resolver.task_id)))
 
 
-def _distributed_fixes(model, strategy, element_spec) -> None:
+def distributed_fixes(model, strategy, element_spec) -> None:
     """Make this model instance's `fit`/`evaluate` under a tf.distribute strategy behave as
     without one.
 
@@ -150,7 +150,7 @@ def _distributed_fixes(model, strategy, element_spec) -> None:
     model.test_step = vector_logs(model.test_step)
 
 
-def _replay_data_order(train_data, strategy, epochs: int) -> None:
+def replay_data_order(train_data, strategy, epochs: int) -> None:
     """Advance the shuffled pipeline by `epochs` epochs without reading a batch.
 
     Each iterator made from the pipeline draws the next reshuffle seed. Keras's epoch iterator

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnviz.config.root import Config
-from cnnviz.errors import CnnvizError
+from cnnviz.errors import CnnvizError, first_line
 from cnnviz.io.atomic import (
     atomic_write_json,
     remove_tree,
@@ -23,23 +23,23 @@ from cnnviz.io.atomic import (
     save_model,
 )
 from cnnviz.runs.layout import BACKUP_DIR
-from cnnviz.train.callbacks import _callbacks
+from cnnviz.train.callbacks import EpochCommit, training_callbacks
 from cnnviz.train.devices import (
-    _distributed_fixes,
-    _replay_data_order,
-    _replicas_line,
-    _shard,
-    _worker,
+    distributed_fixes,
     distribution_strategy,
+    replay_data_order,
+    replicas_line,
     select_device,
+    worker_role,
+    worker_shard,
 )
-from cnnviz.train.history import _trim_history, read_history
+from cnnviz.train.history import read_history, trim_history
 from cnnviz.train.resume import (
     METADATA_FILE,
+    StartAgain,
     TrainingState,
-    _claim_run,
-    _restore,
-    _StartAgain,
+    claim_run,
+    restore_training,
 )
 
 
@@ -83,7 +83,7 @@ def _inputs(config: Config, dataset, run_dir: Path, strategy) -> _Inputs:
     from cnnviz.model.optimizers import one_hot_labels
 
     data, batch = config.data, config.train.batch_size
-    workers = _shard(strategy) if config.train.distribute == "multi_worker" else None
+    workers = worker_shard(strategy) if config.train.distribute == "multi_worker" else None
     common = {"workers": workers,
               "one_hot": dataset.num_classes if one_hot_labels(config) else None}
 
@@ -196,7 +196,7 @@ def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(
     # Before any TensorFlow op runs: MultiWorkerMirroredStrategy configures collective ops,
     # which TensorFlow allows only before its runtime starts.
     strategy = distribution_strategy(config)
-    chief, task = _worker(strategy)
+    chief, task = worker_role(strategy)
     multi_worker = config.train.distribute == "multi_worker"
     keras.utils.set_random_seed(config.seed)
     if dataset is None:
@@ -207,7 +207,7 @@ def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(
         # Same work as the chief (saving and evaluating read all-reduced variables, so every
         # worker must run them), written where nobody looks: the standard multi-worker pattern.
         run_dir = Path(tempfile.mkdtemp(prefix=f"cnnviz-{task.replace(' ', '')}-"))
-        log(f"{task} of a multi-worker run on {device}, {_replicas_line(strategy, config)}; "
+        log(f"{task} of a multi-worker run on {device}, {replicas_line(strategy, config)}; "
             f"its files go to {run_dir} (removed at the end)")
         try:
             result = _fit(config, run_dir, model, dataset, strategy, device, resumed=None,
@@ -216,7 +216,7 @@ def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(
             shutil.rmtree(run_dir, ignore_errors=True)
         return TrainResult(run_dir, result.metrics, 0, chief=False)
 
-    claim = _claim_run(out_root, config, resume=Path(resume) if resume else None,
+    claim = claim_run(out_root, config, resume=Path(resume) if resume else None,
                        multi_worker=multi_worker, log=log)
     run_dir = claim.run_dir
     try:
@@ -226,15 +226,15 @@ def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(
             model = _build(config, dataset, strategy)
         dataset.record(run_dir)
         try:
-            resumed = _restore(model, strategy, run_dir, log) if not claim.created else None
-        except _StartAgain:
+            resumed = restore_training(model, strategy, run_dir, log) if not claim.created else None
+        except StartAgain:
             keras.utils.set_random_seed(config.seed)
             model, resumed = _build(config, dataset, strategy), None
         resume_epoch = resumed.epoch if resumed else 0
-        _trim_history(run_dir / "history.csv", resume_epoch)
+        trim_history(run_dir / "history.csv", resume_epoch)
         where = f"{device}, {task}" if multi_worker else device
         log(f"{'Resuming' if not claim.created else 'Run'} {run_dir} on {where}, "
-            f"{_replicas_line(strategy, config)}"
+            f"{replicas_line(strategy, config)}"
             + (f", from epoch {resume_epoch + 1}" if not claim.created else ""))
         return _fit(config, run_dir, model, dataset, strategy, device, resumed=resumed,
                     backup=not multi_worker, extra_callbacks=extra_callbacks)
@@ -304,7 +304,7 @@ def _build(config: Config, dataset, strategy):
 
 
 def _out_of_memory(error: BaseException) -> str:
-    detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    detail = first_line(error)
     return (f"the model does not fit in memory ({detail}); use fewer filters or units, a "
             "smaller data.image_size or a smaller train.batch_size")
 
@@ -319,15 +319,15 @@ def _fit(config: Config, run_dir: Path, model, dataset, strategy, device: str, *
     resume_epoch = resumed.epoch if resumed else 0
     inputs = _inputs(config, dataset, run_dir, strategy)
     history_file = run_dir / "history.csv"
-    callbacks = _callbacks(config, run_dir,
+    callbacks = training_callbacks(config, run_dir,
                            monitor="val_loss" if inputs.validation is not None else "loss",
                            resuming=resume_epoch > 0, backup=backup,
                            extra_callbacks=extra_callbacks, resumed=resumed)
-    commit = next((callback for callback in callbacks if type(callback).__name__ == "EpochCommit"),
+    commit = next((callback for callback in callbacks if isinstance(callback, EpochCommit)),
                   None)
     if config.train.distribute != "none":
-        _distributed_fixes(model, strategy, inputs.train.element_spec)
-    _replay_data_order(inputs.train, strategy, resume_epoch)
+        distributed_fixes(model, strategy, inputs.train.element_spec)
+    replay_data_order(inputs.train, strategy, resume_epoch)
     weights = class_weights(config, dataset)
     # An early-stopped run that was killed before its end does not train on.
     epochs = resume_epoch if resumed is not None and resumed.stopped else config.train.epochs

@@ -13,7 +13,7 @@ from cnnviz.io.atomic import (
 )
 
 
-def _trim_history(history_file: Path, resume_epoch: int) -> None:
+def trim_history(history_file: Path, resume_epoch: int) -> None:
     """Keep only the history rows of the epochs before `resume_epoch`, byte for byte.
 
     The history row is written before the epoch is committed: an epoch whose commit a kill

@@ -11,7 +11,7 @@ import numpy as np
 
 from cnnviz.config.loading import dump_config, read_yaml, validate
 from cnnviz.config.root import Config, run_slug
-from cnnviz.errors import CnnvizError
+from cnnviz.errors import CnnvizError, first_line
 from cnnviz.io.atomic import (
     remove_stale_temporaries,
     set_aside,
@@ -32,7 +32,7 @@ def _trains_like(run_dir: Path, config: Config) -> str | None:
     try:
         saved = validate(read_yaml(config_file), source=str(config_file))
     except CnnvizError as error:  # a config from an older cnnviz, or damaged
-        return str(error).splitlines()[0]
+        return first_line(error, limit=1000)
     execution = {key: getattr(config.train, key) for key in _EXECUTION_SETTINGS}
     saved = saved.model_copy(update={"train": saved.train.model_copy(update=execution)})
     wanted, found = dump_config(config).splitlines(), dump_config(saved).splitlines()
@@ -134,7 +134,7 @@ class _Claim:
     created: bool  # made by this process: removed again if it fails before any epoch is done
 
 
-def _claim_run(out_root: str | Path, config: Config, *, resume: Path | None, multi_worker: bool,
+def claim_run(out_root: str | Path, config: Config, *, resume: Path | None, multi_worker: bool,
                log) -> _Claim:
     _remove_stale_files(Path(out_root) / run_slug(config.name))
     if resume is not None:
@@ -210,17 +210,17 @@ def _load_weights(model, strategy, weights: Path) -> None:
         try:
             model.load_weights(weights)
         except Exception as error:  # noqa: BLE001 - h5py and Keras raise many types
-            raise _Damaged(f"{weights.name}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
+            raise _Damaged(f"{weights.name}: {first_line(error)}") from None
 
 
-def _seed_generator_states(model) -> list:
+def seed_generator_states(model) -> list:
     # Dropout (and any random layer) draws from a SeedGenerator whose state save_weights leaves
     # out; saving it makes a resumed epoch draw the same masks as an uninterrupted one.
     return [variable for variable in model.variables
             if variable.path.endswith("seed_generator_state")]
 
 
-def _restore(model, strategy, run_dir: Path, log) -> TrainingState | None:
+def restore_training(model, strategy, run_dir: Path, log) -> TrainingState | None:
     """Load the run's backup into `model`; a damaged backup is set aside and replaced by its
     newest loadable epoch file, or by nothing (the caller then starts again from scratch).
 
@@ -248,13 +248,13 @@ def _restore(model, strategy, run_dir: Path, log) -> TrainingState | None:
             return TrainingState(epoch=epoch, weights=weights)
         log(f"{backup} was damaged ({damage}); set aside as {aside.name}; no usable checkpoint "
             "in it, so training starts again from epoch 1")
-        raise _StartAgain from None
-    variables = _seed_generator_states(model)
+        raise StartAgain from None
+    variables = seed_generator_states(model)
     if len(variables) == len(state.seed_generators):
         for variable, value in zip(variables, state.seed_generators):
             variable.assign(np.asarray(value, dtype=variable.dtype))
     return state
 
 
-class _StartAgain(Exception):
+class StartAgain(Exception):
     """The backup was unusable and the model may hold part of it: rebuild, start at epoch 0."""

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.inputs import as_image_batch
 from cnnviz.explain.baselines import blurred
-from cnnviz.model.outputs import resolve_targets
 from cnnviz.explain.registry import METHODS, MethodsArgument, resolve_methods, run_methods
 from cnnviz.model.compiled import predict_probabilities, probabilities_of
+from cnnviz.model.inputs import as_image_batch
+from cnnviz.model.outputs import resolve_targets
 
 BASELINES = ("blur", "zero", "mean")
 RANDOM = "random"

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.inputs import as_image_batch
-from cnnviz.model.outputs import resolve_targets
 from cnnviz.explain.registry import METHODS, MethodsArgument, resolve_methods, run_methods
 from cnnviz.model.compiled import predict_probabilities
+from cnnviz.model.inputs import as_image_batch
+from cnnviz.model.outputs import resolve_targets
 
 # Added to a map's range before dividing (SSIM's [0, 1] scaling): an all-zero map stays 0.
 _EPSILON = 1e-12

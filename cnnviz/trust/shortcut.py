@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnviz.errors import CnnvizError
 from cnnviz.data.shapes import cue_area_share, cue_share
+from cnnviz.errors import CnnvizError
 from cnnviz.explain.registry import METHODS, MethodsArgument, resolve_methods
-from cnnviz.model.compiled import predict_probabilities
 from cnnviz.explain.registry import run_methods as _run_methods
+from cnnviz.model.compiled import predict_probabilities
 
 CUE_NAMES = {"corner_mark": "the corner mark", "background": "the background"}
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 
 
-class _Unsupported(Exception):
+class Unsupported(Exception):
     """A layer (or option of one) the numpy pass does not recompute; the message says why."""
 
 
 # ------------------------------------------------------------------------------- activations
 @dataclass(frozen=True)
-class _Activation:
+class NumpyActivation:
     """An elementwise (or softmax) function with the formula a person would write down."""
 
     name: str
@@ -80,40 +80,40 @@ def _relu6(x: np.ndarray) -> np.ndarray:
     return np.clip(x, 0.0, 6.0)
 
 
-_STRING_ACTIVATIONS: dict[str, _Activation] = {
+_STRING_ACTIVATIONS: dict[str, NumpyActivation] = {
     activation.name: activation
     for activation in (
-        _Activation("linear", "x", lambda x: x),
-        _Activation("relu", "max(0, x)", lambda x: np.maximum(x, 0.0)),
-        _Activation(
+        NumpyActivation("linear", "x", lambda x: x),
+        NumpyActivation("relu", "max(0, x)", lambda x: np.maximum(x, 0.0)),
+        NumpyActivation(
             "leaky_relu", "x if x >= 0 else 0.2*x", lambda x: np.where(x >= 0, x, 0.2 * x)
         ),
-        _Activation("relu6", "min(max(0, x), 6)", _relu6),
-        _Activation("tanh", "tanh(x)", np.tanh),
-        _Activation("sigmoid", "1 / (1 + exp(-x))", _sigmoid),
-        _Activation("softmax", "exp(z_k) / sum_j exp(z_j)", _softmax, elementwise=False),
-        _Activation("log_softmax", "z_k - log(sum_j exp(z_j))",
+        NumpyActivation("relu6", "min(max(0, x), 6)", _relu6),
+        NumpyActivation("tanh", "tanh(x)", np.tanh),
+        NumpyActivation("sigmoid", "1 / (1 + exp(-x))", _sigmoid),
+        NumpyActivation("softmax", "exp(z_k) / sum_j exp(z_j)", _softmax, elementwise=False),
+        NumpyActivation("log_softmax", "z_k - log(sum_j exp(z_j))",
                     lambda x: np.log(_softmax(x)), elementwise=False),
-        _Activation("elu", "x if x > 0 else exp(x) - 1", _elu),
-        _Activation(
+        NumpyActivation("elu", "x if x > 0 else exp(x) - 1", _elu),
+        NumpyActivation(
             "selu", f"{_SELU_SCALE:.4f} * (x if x > 0 else {_SELU_ALPHA:.4f}*(exp(x) - 1))",
             lambda x: _SELU_SCALE * _elu(x, _SELU_ALPHA),
         ),
-        _Activation("silu", "x * sigmoid(x)", lambda x: x * _sigmoid(x)),
-        _Activation("swish", "x * sigmoid(x)", lambda x: x * _sigmoid(x)),
-        _Activation("gelu", "x * Phi(x) (normal CDF)", _gelu),
-        _Activation("softplus", "log(1 + exp(x))", _softplus),
-        _Activation("softsign", "x / (1 + |x|)", lambda x: x / (1.0 + np.abs(x))),
-        _Activation("mish", "x * tanh(softplus(x))", lambda x: x * np.tanh(_softplus(x))),
-        _Activation("exponential", "exp(x)", np.exp),
-        _Activation("hard_sigmoid", "relu6(x + 3) / 6", lambda x: _relu6(x + 3.0) / 6.0),
-        _Activation("hard_silu", "x * relu6(x + 3) / 6", lambda x: x * _relu6(x + 3.0) / 6.0),
-        _Activation("hard_swish", "x * relu6(x + 3) / 6", lambda x: x * _relu6(x + 3.0) / 6.0),
+        NumpyActivation("silu", "x * sigmoid(x)", lambda x: x * _sigmoid(x)),
+        NumpyActivation("swish", "x * sigmoid(x)", lambda x: x * _sigmoid(x)),
+        NumpyActivation("gelu", "x * Phi(x) (normal CDF)", _gelu),
+        NumpyActivation("softplus", "log(1 + exp(x))", _softplus),
+        NumpyActivation("softsign", "x / (1 + |x|)", lambda x: x / (1.0 + np.abs(x))),
+        NumpyActivation("mish", "x * tanh(softplus(x))", lambda x: x * np.tanh(_softplus(x))),
+        NumpyActivation("exponential", "exp(x)", np.exp),
+        NumpyActivation("hard_sigmoid", "relu6(x + 3) / 6", lambda x: _relu6(x + 3.0) / 6.0),
+        NumpyActivation("hard_silu", "x * relu6(x + 3) / 6", lambda x: x * _relu6(x + 3.0) / 6.0),
+        NumpyActivation("hard_swish", "x * relu6(x + 3) / 6", lambda x: x * _relu6(x + 3.0) / 6.0),
     )
 }
 
 
-def _layer_activation(class_name: str, config: dict) -> _Activation:
+def layer_activation(class_name: str, config: dict) -> NumpyActivation:
     """The activation an activation *layer* (ReLU, LeakyReLU, ...) computes, from its config."""
     if class_name == "ReLU":
         slope, top, threshold = (
@@ -125,38 +125,38 @@ def _layer_activation(class_name: str, config: dict) -> _Activation:
         formula = "max(0, x)" if (slope, top, threshold) == (0.0, None, 0.0) else (
             f"relu(x, negative_slope={slope:g}, max_value={top}, threshold={threshold:g})"
         )
-        return _Activation(
+        return NumpyActivation(
             "relu", formula, lambda x: _keras_relu(x, slope, top, threshold)
         )
     if class_name == "LeakyReLU":
         slope = float(config["negative_slope"])
-        return _Activation(
+        return NumpyActivation(
             "leaky_relu", f"x if x >= 0 else {slope:g}*x", lambda x: np.where(x >= 0, x, slope * x)
         )
     if class_name == "ELU":
         alpha = float(config.get("alpha", 1.0))
-        return _Activation("elu", f"x if x > 0 else {alpha:g}*(exp(x) - 1)",
+        return NumpyActivation("elu", f"x if x > 0 else {alpha:g}*(exp(x) - 1)",
                            lambda x: _elu(x, alpha))
     if class_name == "Softmax":
         axis = config.get("axis", -1)
         axis = tuple(axis) if isinstance(axis, (list, tuple)) else int(axis)
-        return _Activation("softmax", "exp(z_k) / sum_j exp(z_j)",
+        return NumpyActivation("softmax", "exp(z_k) / sum_j exp(z_j)",
                            lambda x: _softmax(x, axis), elementwise=False)
-    raise _Unsupported(f"activation layer {class_name}")
+    raise Unsupported(f"activation layer {class_name}")
 
 
-def _resolve_activation(spec) -> _Activation:
+def resolve_activation(spec) -> NumpyActivation:
     """An activation from a layer config's `activation` entry (a name or a serialized layer)."""
     if spec is None:
         return _STRING_ACTIVATIONS["linear"]
     if isinstance(spec, str):
         if spec not in _STRING_ACTIVATIONS:
-            raise _Unsupported(f"activation {spec!r}")
+            raise Unsupported(f"activation {spec!r}")
         return _STRING_ACTIVATIONS[spec]
     if isinstance(spec, dict):
         class_name, inner = spec.get("class_name"), spec.get("config")
         if spec.get("module") == "keras.layers" and isinstance(inner, dict):
-            return _layer_activation(class_name, inner)
+            return layer_activation(class_name, inner)
         if class_name == "function" and isinstance(inner, str):
-            return _resolve_activation(inner)
-    raise _Unsupported(f"activation {spec!r}")
+            return resolve_activation(inner)
+    raise Unsupported(f"activation {spec!r}")

@@ -36,8 +36,8 @@ import numpy as np
 
 from cnnviz.errors import CnnvizError
 from cnnviz.model.inputs import as_image_batch
-from cnnviz.trust.reference.activations import _Unsupported
-from cnnviz.trust.reference.layers import _compute_layer
+from cnnviz.trust.reference.activations import Unsupported
+from cnnviz.trust.reference.layers import compute_layer
 
 __all__ = [
     "LayerTrace",
@@ -47,8 +47,8 @@ __all__ = [
     "verify",
 ]
 # explain_steps prints matrices up to this side and vectors up to this length, else a summary.
-_PRINTED_SIDE = 12
-_PRINTED_LENGTH = 64
+PRINTED_SIDE = 12
+PRINTED_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class VerifyReport:
 
 
 # ---------------------------------------------------------------------------- model plumbing
-def _linear_layers(model) -> list:
+def linear_layers(model) -> list:
     """The model's layers in order (InputLayer left out); a CnnvizError unless it is a chain
     (what `explain_steps` can write out step by step)."""
     if not getattr(model, "built", False) or not getattr(model, "inputs", None):
@@ -155,7 +155,7 @@ def _linear_layers(model) -> list:
     return layers
 
 
-def _model_batch(model, images) -> np.ndarray:
+def model_batch(model, images) -> np.ndarray:
     """`images` as float32 (N, H, W, C), checked against the model's input shape."""
     batch = as_image_batch(images)
     expected = tuple(model.inputs[0].shape[1:])
@@ -181,7 +181,7 @@ def _single_input(model) -> None:
         )
 
 
-def _keras_outputs(model, batch: np.ndarray, batch_size: int = 256,
+def keras_layer_outputs(model, batch: np.ndarray, batch_size: int = 256,
                    paths: list[str] | None = None) -> dict:
     """Keras's own output of every leaf layer path (or of `paths`), float64, from one compiled
     batched call per chunk of a flat copy of the model (nested models opened; the user's
@@ -221,10 +221,10 @@ def _walk_numpy(model, batch: np.ndarray, keras_outputs: Callable[[], dict]) -> 
         class_name = type(layer).__name__
         x = args[0] if args else None
         try:
-            out = _compute_layer(layer, x)
+            out = compute_layer(layer, x)
             traces.append(LayerTrace(path, class_name, out))
             return out
-        except _Unsupported as unsupported:
+        except Unsupported as unsupported:
             reason = str(unsupported)
         # A config this pass does not understand is reported like a missing layer type.
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
@@ -254,12 +254,12 @@ def reference_forward(model, images) -> list[LayerTrace]:
         CnnvizError: the model has several inputs, or the images do not fit its input.
     """
     _single_input(model)
-    batch = _model_batch(model, images)
+    batch = model_batch(model, images)
     cache: list = []
 
     def keras_outputs() -> dict:
         if not cache:
-            cache.append(_keras_outputs(model, batch))
+            cache.append(keras_layer_outputs(model, batch))
         return cache[0]
 
     return _walk_numpy(model, batch, keras_outputs)
@@ -287,8 +287,8 @@ def verify(model, images, *, tolerance: float = 1e-4, batch_size: int = 256) -> 
     if not tolerance >= 0:
         raise CnnvizError(f"tolerance must be >= 0; received tolerance={tolerance!r}")
     _single_input(model)
-    batch = _model_batch(model, images)
-    expected = _keras_outputs(model, batch, batch_size)
+    batch = model_batch(model, images)
+    expected = keras_layer_outputs(model, batch, batch_size)
     traces = _walk_numpy(model, batch, lambda: expected)
     rows = []
     for trace in traces:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from cnnviz.trust.reference.activations import _layer_activation, _resolve_activation, _Unsupported
+from cnnviz.trust.reference.activations import Unsupported, layer_activation, resolve_activation
 
 # Patches of one conv chunk are materialised; keep a chunk under ~64 MB of float64.
 _PATCH_BYTES = 64 * 2**20
@@ -23,7 +23,7 @@ def _same_padding(size: int, window: int, stride: int, dilation: int = 1) -> tup
     return total // 2, total - total // 2
 
 
-def _window_origins(
+def window_origins(
     size: int, window: int, stride: int, padding: str, dilation: int = 1
 ) -> list[int]:
     """Where each output's window starts in the *unpadded* input (negative = in the padding)."""
@@ -48,14 +48,14 @@ def _windows(
                 _same_padding(x.shape[2], kw, sw, dw), (0, 0)]
         x = np.pad(x, pads, constant_values=fill)
     elif padding != "valid":
-        raise _Unsupported(f"padding {padding!r}")
+        raise Unsupported(f"padding {padding!r}")
     if x.shape[1] < eh or x.shape[2] < ew:
-        raise _Unsupported(f"window {eh}x{ew} larger than the input {x.shape[1]}x{x.shape[2]}")
+        raise Unsupported(f"window {eh}x{ew} larger than the input {x.shape[1]}x{x.shape[2]}")
     views = sliding_window_view(x, (eh, ew), axis=(1, 2))
     return views[:, ::sh, ::sw, :, ::dh, ::dw]
 
 
-def _conv2d_linear(
+def conv2d_linear(
     x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, strides: tuple[int, int],
     padding: str, dilation: tuple[int, int] = (1, 1), groups: int = 1,
 ) -> np.ndarray:
@@ -82,7 +82,7 @@ def _conv2d_linear(
     return out if bias is None else out + bias
 
 
-def _pool(x: np.ndarray, kind: str, window, strides, padding: str) -> np.ndarray:
+def pool_windows(x: np.ndarray, kind: str, window, strides, padding: str) -> np.ndarray:
     """Max or average pooling of (N, H, W, C); 'same' average counts only cells in the image."""
     if kind == "max":
         return _windows(x, window, strides, padding, fill=-np.inf).max(axis=(-2, -1))
@@ -92,7 +92,7 @@ def _pool(x: np.ndarray, kind: str, window, strides, padding: str) -> np.ndarray
     return sums / counts
 
 
-def _pair(value) -> tuple[int, int]:
+def as_pair(value) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     return (int(value[0]), int(value[1]))
@@ -100,10 +100,10 @@ def _pair(value) -> tuple[int, int]:
 
 def _channels_last(config: dict) -> None:
     if config.get("data_format", "channels_last") != "channels_last":
-        raise _Unsupported(f"data_format {config['data_format']!r} (only channels_last)")
+        raise Unsupported(f"data_format {config['data_format']!r} (only channels_last)")
 
 
-def _named_weights(layer) -> dict[str, np.ndarray]:
+def named_weights(layer) -> dict[str, np.ndarray]:
     """get_weights() keyed by variable name (gamma, beta, moving_mean, kernel, ...), float64."""
     names = [variable.name.split("/")[-1].split(":")[0] for variable in layer.weights]
     return {name: np.asarray(value, np.float64) for name, value in zip(names, layer.get_weights())}
@@ -114,29 +114,29 @@ def _conv2d(layer, config: dict, x: np.ndarray) -> np.ndarray:
     weights = layer.get_weights()
     kernel = np.asarray(weights[0], np.float64)
     bias = np.asarray(weights[1], np.float64) if config.get("use_bias", True) else None
-    linear = _conv2d_linear(
-        x, kernel, bias, _pair(config["strides"]), config["padding"],
-        _pair(config.get("dilation_rate", 1)), int(config.get("groups", 1)),
+    linear = conv2d_linear(
+        x, kernel, bias, as_pair(config["strides"]), config["padding"],
+        as_pair(config.get("dilation_rate", 1)), int(config.get("groups", 1)),
     )
-    return _resolve_activation(config.get("activation")).function(linear)
+    return resolve_activation(config.get("activation")).function(linear)
 
 
 def _dense(layer, config: dict, x: np.ndarray) -> np.ndarray:
     weights = layer.get_weights()
     if len(weights) not in (1, 2) or config.get("quantization_config"):
-        raise _Unsupported("quantized or LoRA Dense (extra weights)")
+        raise Unsupported("quantized or LoRA Dense (extra weights)")
     out = x @ np.asarray(weights[0], np.float64)
     if config.get("use_bias", True):
         out = out + np.asarray(weights[1], np.float64)
-    return _resolve_activation(config.get("activation")).function(out)
+    return resolve_activation(config.get("activation")).function(out)
 
 
 def _pooling(kind: str):
     def compute(layer, config: dict, x: np.ndarray) -> np.ndarray:
         _channels_last(config)
-        window = _pair(config["pool_size"])
-        strides = _pair(config["strides"] if config.get("strides") is not None else window)
-        return _pool(x, kind, window, strides, config["padding"])
+        window = as_pair(config["pool_size"])
+        strides = as_pair(config["strides"] if config.get("strides") is not None else window)
+        return pool_windows(x, kind, window, strides, config["padding"])
 
     return compute
 
@@ -155,15 +155,15 @@ def _flatten(layer, config: dict, x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1)
 
 
-def _batch_norm_terms(layer, config: dict, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def batch_norm_terms(layer, config: dict, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """BN at inference as x * multiplier + offset, per channel (last axis only)."""
     axis = config.get("axis", -1)
     axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
     if axes not in ([-1], [len(layer.input.shape) - 1]):
-        raise _Unsupported(f"BatchNormalization over axis {axis!r} (only the channel axis)")
+        raise Unsupported(f"BatchNormalization over axis {axis!r} (only the channel axis)")
     if config.get("renorm"):
-        raise _Unsupported("BatchNormalization with renorm=True")
-    weights = _named_weights(layer)
+        raise Unsupported("BatchNormalization with renorm=True")
+    weights = named_weights(layer)
     gamma = weights["gamma"] if config.get("scale", True) else np.ones(channels)
     beta = weights["beta"] if config.get("center", True) else np.zeros(channels)
     multiplier = gamma / np.sqrt(weights["moving_variance"] + float(config["epsilon"]))
@@ -171,7 +171,7 @@ def _batch_norm_terms(layer, config: dict, channels: int) -> tuple[np.ndarray, n
 
 
 def _batch_norm(layer, config: dict, x: np.ndarray) -> np.ndarray:
-    multiplier, offset = _batch_norm_terms(layer, config, x.shape[-1])
+    multiplier, offset = batch_norm_terms(layer, config, x.shape[-1])
     return x * multiplier + offset
 
 
@@ -181,11 +181,11 @@ def _rescaling(layer, config: dict, x: np.ndarray) -> np.ndarray:
     return x * scale + offset
 
 
-def _activation_layer(layer, config: dict, x: np.ndarray) -> np.ndarray:
+def activation_layer(layer, config: dict, x: np.ndarray) -> np.ndarray:
     class_name = type(layer).__name__
     if class_name == "Activation":
-        return _resolve_activation(config["activation"]).function(x)
-    return _layer_activation(class_name, config).function(x)
+        return resolve_activation(config["activation"]).function(x)
+    return layer_activation(class_name, config).function(x)
 
 
 def _prelu(layer, config: dict, x: np.ndarray) -> np.ndarray:
@@ -193,7 +193,7 @@ def _prelu(layer, config: dict, x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0.0) - alpha * np.maximum(-x, 0.0)
 
 
-def _identity(layer, config: dict, x: np.ndarray) -> np.ndarray:
+def identity_layer(layer, config: dict, x: np.ndarray) -> np.ndarray:
     return x
 
 
@@ -203,13 +203,13 @@ def _reshape(layer, config: dict, x: np.ndarray) -> np.ndarray:
 
 def _zero_padding(layer, config: dict, x: np.ndarray) -> np.ndarray:
     _channels_last(config)
-    (top, bottom), (left, right) = (_pair(side) for side in config["padding"])
+    (top, bottom), (left, right) = (as_pair(side) for side in config["padding"])
     return np.pad(x, [(0, 0), (top, bottom), (left, right), (0, 0)])
 
 
 def _cropping(layer, config: dict, x: np.ndarray) -> np.ndarray:
     _channels_last(config)
-    (top, bottom), (left, right) = (_pair(side) for side in config["cropping"])
+    (top, bottom), (left, right) = (as_pair(side) for side in config["cropping"])
     return x[:, top:x.shape[1] - bottom, left:x.shape[2] - right, :]
 
 
@@ -217,29 +217,29 @@ def _depthwise_linear(layer, config: dict, x: np.ndarray, kernel: np.ndarray) ->
     """Depthwise conv as a grouped conv with one group per input channel: output channel
     c * multiplier + m filters input channel c with kernel[..., c, m] (TensorFlow's order)."""
     kh, kw, channels, multiplier = kernel.shape
-    return _conv2d_linear(
-        x, kernel.reshape(kh, kw, 1, channels * multiplier), None, _pair(config["strides"]),
-        config["padding"], _pair(config.get("dilation_rate", 1)), groups=channels,
+    return conv2d_linear(
+        x, kernel.reshape(kh, kw, 1, channels * multiplier), None, as_pair(config["strides"]),
+        config["padding"], as_pair(config.get("dilation_rate", 1)), groups=channels,
     )
 
 
 def _depthwise_conv2d(layer, config: dict, x: np.ndarray) -> np.ndarray:
     _channels_last(config)
-    weights = _named_weights(layer)
+    weights = named_weights(layer)
     out = _depthwise_linear(layer, config, x, weights["kernel"])
     if config.get("use_bias", True):
         out = out + weights["bias"]
-    return _resolve_activation(config.get("activation")).function(out)
+    return resolve_activation(config.get("activation")).function(out)
 
 
 def _separable_conv2d(layer, config: dict, x: np.ndarray) -> np.ndarray:
     _channels_last(config)
-    weights = _named_weights(layer)
+    weights = named_weights(layer)
     depthwise = _depthwise_linear(layer, config, x, weights["depthwise_kernel"])
     out = np.tensordot(depthwise, weights["pointwise_kernel"][0, 0], axes=1)
     if config.get("use_bias", True):
         out = out + weights["bias"]
-    return _resolve_activation(config.get("activation")).function(out)
+    return resolve_activation(config.get("activation")).function(out)
 
 
 def _normalization(layer, config: dict, x: np.ndarray) -> np.ndarray:
@@ -254,7 +254,7 @@ def _normalization(layer, config: dict, x: np.ndarray) -> np.ndarray:
 def _merge(combine: Callable[[list[np.ndarray]], np.ndarray]):
     def compute(layer, config: dict, x) -> np.ndarray:
         if not isinstance(x, (list, tuple)):
-            raise _Unsupported(f"{type(layer).__name__} called on one tensor")
+            raise Unsupported(f"{type(layer).__name__} called on one tensor")
         return combine([np.asarray(part, np.float64) for part in x])
 
     return compute
@@ -265,7 +265,7 @@ def _concatenate(layer, config: dict, x) -> np.ndarray:
         layer, config, x)
 
 
-_LAYERS: dict[str, Callable[[object, dict, np.ndarray], np.ndarray]] = {
+LAYERS: dict[str, Callable[[object, dict, np.ndarray], np.ndarray]] = {
     "Conv2D": _conv2d,
     "DepthwiseConv2D": _depthwise_conv2d,
     "SeparableConv2D": _separable_conv2d,
@@ -286,39 +286,39 @@ _LAYERS: dict[str, Callable[[object, dict, np.ndarray], np.ndarray]] = {
     "Flatten": _flatten,
     "BatchNormalization": _batch_norm,
     "Rescaling": _rescaling,
-    "Activation": _activation_layer,
-    "ReLU": _activation_layer,
-    "LeakyReLU": _activation_layer,
-    "ELU": _activation_layer,
-    "Softmax": _activation_layer,
+    "Activation": activation_layer,
+    "ReLU": activation_layer,
+    "LeakyReLU": activation_layer,
+    "ELU": activation_layer,
+    "Softmax": activation_layer,
     "PReLU": _prelu,
     "Reshape": _reshape,
     "ZeroPadding2D": _zero_padding,
     "Cropping2D": _cropping,
     # Identity at inference: the randomness of these layers exists only while training.
-    "Dropout": _identity,
-    "SpatialDropout2D": _identity,
-    "GaussianNoise": _identity,
-    "GaussianDropout": _identity,
-    "AlphaDropout": _identity,
-    "ActivityRegularization": _identity,
-    "Identity": _identity,
+    "Dropout": identity_layer,
+    "SpatialDropout2D": identity_layer,
+    "GaussianNoise": identity_layer,
+    "GaussianDropout": identity_layer,
+    "AlphaDropout": identity_layer,
+    "ActivityRegularization": identity_layer,
+    "Identity": identity_layer,
 }
 
 
-def _layer_config(layer) -> dict:
+def layer_config(layer) -> dict:
     try:
         return layer.get_config()
     # e.g. a Lambda or a custom activation whose source cannot be serialized, or a custom
     # layer without get_config (Keras raises a RuntimeError subclass for that)
     except (AttributeError, OSError, RuntimeError, TypeError, ValueError) as error:
-        raise _Unsupported(f"get_config() failed: {error}") from None
+        raise Unsupported(f"get_config() failed: {error}") from None
 
 
-def _compute_layer(layer, x: np.ndarray) -> np.ndarray:
-    """The numpy output of one layer, or _Unsupported with the reason."""
+def compute_layer(layer, x: np.ndarray) -> np.ndarray:
+    """The numpy output of one layer, or Unsupported with the reason."""
     class_name = type(layer).__name__
-    compute = _LAYERS.get(class_name)
+    compute = LAYERS.get(class_name)
     if compute is None:
-        raise _Unsupported(f"no numpy implementation of {class_name}")
-    return compute(layer, _layer_config(layer), x)
+        raise Unsupported(f"no numpy implementation of {class_name}")
+    return compute(layer, layer_config(layer), x)

@@ -6,31 +6,31 @@ import numpy as np
 
 from cnnviz.errors import CnnvizError
 from cnnviz.trust.reference.activations import (
-    _Activation,
-    _layer_activation,
-    _resolve_activation,
-    _Unsupported,
+    NumpyActivation,
+    Unsupported,
+    layer_activation,
+    resolve_activation,
 )
 from cnnviz.trust.reference.forward import (
-    _PRINTED_LENGTH,
-    _PRINTED_SIDE,
+    PRINTED_LENGTH,
+    PRINTED_SIDE,
     VerifyReport,
-    _keras_outputs,
-    _linear_layers,
-    _model_batch,
+    keras_layer_outputs,
+    linear_layers,
+    model_batch,
 )
 from cnnviz.trust.reference.layers import (
-    _LAYERS,
-    _activation_layer,
-    _batch_norm_terms,
-    _compute_layer,
-    _conv2d_linear,
-    _identity,
-    _layer_config,
-    _named_weights,
-    _pair,
-    _pool,
-    _window_origins,
+    LAYERS,
+    activation_layer,
+    as_pair,
+    batch_norm_terms,
+    compute_layer,
+    conv2d_linear,
+    identity_layer,
+    layer_config,
+    named_weights,
+    pool_windows,
+    window_origins,
 )
 
 
@@ -123,15 +123,15 @@ def _summary(values: np.ndarray) -> str:
 def _feature_maps(x: np.ndarray, title: str, indent: str) -> list[str]:
     """Each channel of one (H, W, C) map as a matrix, or the vector of a 1-D output.
 
-    Maps wider or taller than _PRINTED_SIDE (vectors longer than _PRINTED_LENGTH) are
+    Maps wider or taller than PRINTED_SIDE (vectors longer than PRINTED_LENGTH) are
     summarised; a 28x28 matrix does not fit on a line.
     """
     if x.ndim == 1:
-        shown = _vector(x) if x.size <= _PRINTED_LENGTH else _summary(x)
+        shown = _vector(x) if x.size <= PRINTED_LENGTH else _summary(x)
         return [f"{indent}{title}: {shown}"]
     lines = []
     for channel in range(x.shape[-1]):
-        if max(x.shape[:-1]) > _PRINTED_SIDE:
+        if max(x.shape[:-1]) > PRINTED_SIDE:
             lines.append(f"{indent}{title}, channel {channel}: {_summary(x[..., channel])}")
             continue
         lines.append(f"{indent}{title}, channel {channel}:")
@@ -139,7 +139,7 @@ def _feature_maps(x: np.ndarray, title: str, indent: str) -> list[str]:
     return lines
 
 
-def _activation_lines(activation: _Activation, before: np.ndarray, after: np.ndarray,
+def _activation_lines(activation: NumpyActivation, before: np.ndarray, after: np.ndarray,
                       indent: str, max_positions: int) -> list[str]:
     if activation.name == "linear":
         return []
@@ -156,10 +156,10 @@ def _explain_conv(layer, config, x, indent, max_positions) -> tuple[list[str], n
     kernel = np.asarray(weights[0], np.float64)
     use_bias = config.get("use_bias", True)
     bias = np.asarray(weights[1], np.float64) if use_bias else np.zeros(kernel.shape[-1])
-    strides, padding = _pair(config["strides"]), config["padding"]
-    dilation, groups = _pair(config.get("dilation_rate", 1)), int(config.get("groups", 1))
-    activation = _resolve_activation(config.get("activation"))
-    linear = _conv2d_linear(x[None], kernel, bias, strides, padding, dilation, groups)[0]
+    strides, padding = as_pair(config["strides"]), config["padding"]
+    dilation, groups = as_pair(config.get("dilation_rate", 1)), int(config.get("groups", 1))
+    activation = resolve_activation(config.get("activation"))
+    linear = conv2d_linear(x[None], kernel, bias, strides, padding, dilation, groups)[0]
     out = activation.function(linear)
     kh, kw, group_in, filters = kernel.shape
     lines = [f"{indent}{filters} filter(s) of {kh}x{kw}x{group_in}, strides "
@@ -169,8 +169,8 @@ def _explain_conv(layer, config, x, indent, max_positions) -> tuple[list[str], n
     detail = linear.size <= max_positions
     if padding == "same":
         lines.append(f"{indent}'same' padding: cells outside the image count as 0")
-    rows = _window_origins(x.shape[0], kh, strides[0], padding, dilation[0])
-    cols = _window_origins(x.shape[1], kw, strides[1], padding, dilation[1])
+    rows = window_origins(x.shape[0], kh, strides[0], padding, dilation[0])
+    cols = window_origins(x.shape[1], kw, strides[1], padding, dilation[1])
     padded = np.pad(x, [(kh * dilation[0],) * 2, (kw * dilation[1],) * 2, (0, 0)])
     for f in range(filters):
         first_channel = (f // (filters // groups)) * group_in
@@ -214,17 +214,17 @@ def _explain_conv(layer, config, x, indent, max_positions) -> tuple[list[str], n
 
 def _explain_pool(layer, config, x, indent, max_positions) -> tuple[list[str], np.ndarray]:
     kind = "max" if type(layer).__name__ == "MaxPooling2D" else "mean"
-    window = _pair(config["pool_size"])
-    strides = _pair(config["strides"] if config.get("strides") is not None else window)
+    window = as_pair(config["pool_size"])
+    strides = as_pair(config["strides"] if config.get("strides") is not None else window)
     padding = config["padding"]
-    out = _pool(x[None], "max" if kind == "max" else "average", window, strides, padding)[0]
+    out = pool_windows(x[None], "max" if kind == "max" else "average", window, strides, padding)[0]
     lines = [(f"{indent}{_shape_text(window)} windows, strides {_shape_text(strides)}, "
               f"padding {padding!r}: each output is the {kind} of its window")]
     if padding == "same":
         lines.append(f"{indent}'same' padding: cells outside the image are left out")
     if out.size <= max_positions:
-        rows = _window_origins(x.shape[0], window[0], strides[0], padding)
-        cols = _window_origins(x.shape[1], window[1], strides[1], padding)
+        rows = window_origins(x.shape[0], window[0], strides[0], padding)
+        cols = window_origins(x.shape[1], window[1], strides[1], padding)
         for c in range(x.shape[-1]):
             for i, top in enumerate(rows):
                 for j, left in enumerate(cols):
@@ -245,7 +245,7 @@ def _explain_dense(layer, config, x, indent, max_positions) -> tuple[list[str], 
     kernel = np.asarray(weights[0], np.float64)
     bias = (np.asarray(weights[1], np.float64) if config.get("use_bias", True)
             else np.zeros(kernel.shape[1]))
-    activation = _resolve_activation(config.get("activation"))
+    activation = resolve_activation(config.get("activation"))
     z = x @ kernel + bias
     out = activation.function(z)
     lines = [(f"{indent}{kernel.shape[1]} unit(s), each z = x . w + b, activation "
@@ -265,8 +265,8 @@ def _explain_dense(layer, config, x, indent, max_positions) -> tuple[list[str], 
 
 
 def _explain_batch_norm(layer, config, x, indent, max_positions) -> tuple[list[str], np.ndarray]:
-    multiplier, offset = _batch_norm_terms(layer, config, x.shape[-1])
-    weights = _named_weights(layer)
+    multiplier, offset = batch_norm_terms(layer, config, x.shape[-1])
+    weights = named_weights(layer)
     epsilon = float(config["epsilon"])
     lines = [(f"{indent}inference: (x - moving_mean) / sqrt(moving_variance + {epsilon:g}) "
               f"* gamma + beta = x * a + b, per channel")]
@@ -284,7 +284,7 @@ def _explain_batch_norm(layer, config, x, indent, max_positions) -> tuple[list[s
 
 def _explain_generic(layer, config, x, indent, max_positions) -> tuple[list[str], np.ndarray]:
     class_name = type(layer).__name__
-    out = _compute_layer(layer, x[None])[0]
+    out = compute_layer(layer, x[None])[0]
     lines = []
     if class_name == "Flatten":
         lines.append(f"{indent}{_shape_text(x.shape)} read row by row, channels last "
@@ -292,13 +292,13 @@ def _explain_generic(layer, config, x, indent, max_positions) -> tuple[list[str]
     elif class_name in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
         kind = "mean" if class_name == "GlobalAveragePooling2D" else "max"
         lines.append(f"{indent}{kind} of each channel over all {x.shape[0]}x{x.shape[1]} cells")
-    elif _LAYERS[class_name] is _identity:
+    elif LAYERS[class_name] is identity_layer:
         lines.append(f"{indent}identity at inference (active only while training)")
     elif class_name == "Rescaling":
         lines.append(f"{indent}x * {config['scale']} + {config['offset']}")
-    elif _LAYERS[class_name] is _activation_layer:
-        activation = (_resolve_activation(config["activation"]) if class_name == "Activation"
-                      else _layer_activation(class_name, config))
+    elif LAYERS[class_name] is activation_layer:
+        activation = (resolve_activation(config["activation"]) if class_name == "Activation"
+                      else layer_activation(class_name, config))
         lines.extend(_activation_lines(activation, x, out, indent, max_positions))
     lines.extend(_feature_maps(out, "output", indent))
     return lines, out
@@ -346,28 +346,28 @@ def explain_steps(model, image, *, max_params: int = 1000, max_positions: int = 
             f"(e.g. one 3x3 Conv2D filter, a 2x2 max pool, Flatten, Dense(1)), or `verify` for "
             f"big models"
         )
-    layers = _linear_layers(model)
-    batch = _model_batch(model, image)
+    layers = linear_layers(model)
+    batch = model_batch(model, image)
     if len(batch) != 1:
         raise CnnvizError(f"explain_steps takes one image; received a batch of {len(batch)}")
     missing = [f"{layer.name} ({type(layer).__name__})" for layer in layers
-               if type(layer).__name__ not in _LAYERS]
+               if type(layer).__name__ not in LAYERS]
     if missing:
         raise CnnvizError(
             f"explain_steps cannot write out {', '.join(missing)}; supported layer types: "
-            f"{', '.join(sorted(_LAYERS))}"
+            f"{', '.join(sorted(LAYERS))}"
         )
     x = batch[0].astype(np.float64)
     lines = [f"Input image {_shape_text(x.shape)} (rows x columns x channels):"]
     lines.extend(_feature_maps(x, "input", "  "))
     for number, layer in enumerate(layers, start=1):
         class_name = type(layer).__name__
-        config = _layer_config(layer)
+        config = layer_config(layer)
         lines.append("")
         explainer = _EXPLAINERS.get(class_name, _explain_generic)
         try:
             body, out = explainer(layer, config, x, "  ", max_positions)
-        except _Unsupported as reason:
+        except Unsupported as reason:
             raise CnnvizError(f"explain_steps cannot write out layer {layer.name!r}: "
                               f"{reason}") from None
         lines.append(f"Step {number}: {layer.name} ({class_name}) "
@@ -375,7 +375,7 @@ def explain_steps(model, image, *, max_params: int = 1000, max_positions: int = 
         lines.extend(body)
         x = out
     last = layers[-1].name
-    keras_output = _keras_outputs(model, batch, paths=[last])[last][0]
+    keras_output = keras_layer_outputs(model, batch, paths=[last])[last][0]
     difference = float(np.max(np.abs(keras_output - x), initial=0.0))
     lines.extend([
         "",
