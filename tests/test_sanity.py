@@ -156,11 +156,10 @@ def test_every_step_is_judged_and_the_layers_a_map_ignores_are_named():
     result = model_randomization(
         model, images(6), methods={"saliency": "saliency", "edges": edge_detector}
     )
-    for name in result.methods:
-        np.testing.assert_array_equal(
-            result.similar[name],
-            (result.rank_correlation[name] > 0.5) | (result.ssim[name] > 0.5),
-        )
+    # By construction: the edge map never changes; saliency stays inside the quadrant until the
+    # hidden layer is random, then reaches every pixel.
+    assert result.similar["saliency"].tolist() == [True, False, False]
+    assert result.similar["edges"].tolist() == [True, True, True]
     saliency = result.rank_correlation["saliency"]
     assert saliency[0] > 0.9 and saliency[1] < 0.1
     assert result.insensitive_to == {"saliency": ("head",), "edges": ("head", "hidden", "conv")}
