@@ -131,6 +131,7 @@ def test_evaluate_json_files_and_index_section(digits_run, tmp_path):
     assert "Evaluation on the test split" in page and "evaluation/confusion_matrix.png" in page
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_config_of_another_image_size_exits_2(digits_run, tmp_path):
     result = runner.invoke(app, ["evaluate", str(digits_run), "--data",
                                  str(ROOT / "configs" / "digits.yaml"), "--out", str(tmp_path),
@@ -139,6 +140,7 @@ def test_evaluate_on_a_config_of_another_image_size_exits_2(digits_run, tmp_path
     assert "images have shape" in json.loads(result.stdout)["error"]
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_folder_maps_its_classes_by_name(digits_run, tmp_path):
     """A folder with only the classes "3" and "7": its sub-folders are labelled 0 and 1 when
     listed, and must be scored as the model's classes 3 and 7."""
