@@ -105,6 +105,42 @@ def sequential_without_input(seed: int = 4):
     return randomize(model, seed)
 
 
+QUADRANT_SIZE, QUADRANT_HALF = 12, 6  # quadrant_reader's image side and quadrant side
+
+
+def quadrant_reader(quadrants: tuple[tuple[int, int], ...] = ((0, 0), (0, 0)), seed: int = 0):
+    """(12, 12, 1) -> Conv2D 1x1 (relu) -> Flatten -> Dense(8, relu) -> Dense(2, softmax).
+
+    Hidden units 4k .. 4k + 3 sum relu(x) over quadrant quadrants[k] (positive weights, 0
+    elsewhere) and logit k is their mean. With both classes on the top-left quadrant the model
+    sees nothing else. Eight hidden units: once they are randomized some stay active, so the
+    randomized gradient is not zero.
+    """
+    import keras
+
+    model = keras.Sequential([
+        keras.Input((QUADRANT_SIZE, QUADRANT_SIZE, 1)),
+        keras.layers.Conv2D(1, 1, activation="relu", name="conv"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(8, activation="relu", name="hidden"),
+        keras.layers.Dense(2, activation="softmax", name="head"),
+    ])
+    size, half = QUADRANT_SIZE, QUADRANT_HALF
+    rng = np.random.default_rng(seed)
+    hidden = np.zeros((size, size, 8))
+    head = np.zeros((8, 2))
+    for k, (row, col) in enumerate(quadrants):
+        rows, cols = slice(row * half, (row + 1) * half), slice(col * half, (col + 1) * half)
+        hidden[rows, cols, 4 * k : 4 * k + 4] = rng.uniform(0.5, 1.5, (half, half, 4))
+        head[4 * k : 4 * k + 4, k] = 0.3 / 4
+    model.set_weights([
+        np.ones((1, 1, 1, 1)), np.zeros(1),
+        hidden.reshape(size * size, 8), np.zeros(8),
+        head, np.zeros(2),
+    ])
+    return model
+
+
 def images(count: int, shape: tuple, seed: int = 0) -> np.ndarray:
     """Uniform [0, 1) float32 images (count, *shape)."""
     return np.random.default_rng(seed).random((count, *shape), dtype=np.float32)

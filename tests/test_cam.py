@@ -195,10 +195,23 @@ def test_eigencam_is_the_first_principal_component_and_ignores_the_class(build, 
 
 
 # ------------------------------------------------------------------------- shared behaviour
-def test_gradcam_is_cam_with_method_gradcam():
+@pytest.mark.parametrize("layer", (None, "conv_a"))
+def test_gradcam_is_grad_cam_computed_by_hand_on_tape_gradients(layer):
+    """gradcam(): ReLU(sum_k mean(dy/dA_k) A_k), scaled and resized, on the last conv layer
+    (conv_b) by default and for the predicted class unless targets are given."""
     model = two_conv_functional()
     batch = images(3, (8, 8, 1), seed=6)
-    np.testing.assert_array_equal(gradcam(model, batch), cam(model, batch, method="gradcam"))
+    predicted = np.asarray(model(batch)).argmax(axis=-1)
+    targets = predicted if layer is None else np.array([2, 0, 1])
+    raw = []
+    for x, target in zip(batch, targets):
+        features, gradients = tape_activations_and_gradients(model, layer or "conv_b", x, target)
+        raw.append(np.einsum("hwk,k->hw", features, gradients.mean(axis=(0, 1))))
+    expected = finish(np.stack(raw), (8, 8))
+    assert (expected.max(axis=(1, 2)) > 0.5).sum() >= 2  # non-trivial maps
+    result = gradcam(model, batch, None if layer is None else targets, layer=layer)
+    np.testing.assert_allclose(result, expected, atol=1e-5)
+    assert result.shape == (3, 8, 8) and result.dtype == np.float32
 
 
 @pytest.mark.parametrize("method", CAM_METHODS)

@@ -131,12 +131,45 @@ def test_evaluate_json_files_and_index_section(digits_run, tmp_path):
     assert "Evaluation on the test split" in page and "evaluation/confusion_matrix.png" in page
 
 
-def test_evaluate_on_a_config_maps_its_classes_by_name(digits_run, tmp_path):
+@pytest.mark.slow
+def test_evaluate_on_a_config_of_another_image_size_exits_2(digits_run, tmp_path):
     result = runner.invoke(app, ["evaluate", str(digits_run), "--data",
                                  str(ROOT / "configs" / "digits.yaml"), "--out", str(tmp_path),
                                  "--json"], catch_exceptions=False)
     assert result.exit_code == 2, "digits.yaml is 28x28; the run was trained at 8x8"
     assert "images have shape" in json.loads(result.stdout)["error"]
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_folder_maps_its_classes_by_name(digits_run, tmp_path):
+    """A folder with only the classes "3" and "7": its sub-folders are labelled 0 and 1 when
+    listed, and must be scored as the model's classes 3 and 7."""
+    from PIL import Image
+
+    from cnnviz.runs import load_run
+
+    run = load_run(digits_run)
+    dataset = run.dataset()
+    chosen = {name: np.flatnonzero(dataset.y_test == int(name))[:6] for name in ("3", "7")}
+    pixels, truth = [], []
+    for name, indices in chosen.items():
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for index in indices:
+            image = np.round(dataset.x_test[index][..., 0]).astype(np.uint8)
+            Image.fromarray(image).save(tmp_path / "data" / name / f"{index}.png")
+            pixels.append(image[..., None].astype(np.float32))
+            truth.append(int(name))
+    predicted = run.model.predict(np.stack(pixels), verbose=0).argmax(axis=1)
+    result = runner.invoke(app, ["evaluate", str(digits_run), "--data", str(tmp_path / "data"),
+                                 "--out", str(tmp_path / "e"), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads(result.stdout)["evaluation"]
+    support = {name: entry["support"] for name, entry in evaluation["per_class"].items()}
+    assert support == {str(digit): 6 if digit in (3, 7) else 0 for digit in range(10)}
+    assert evaluation["accuracy"] == pytest.approx(np.mean(predicted == np.array(truth)))
+    expected = np.zeros((10, 10), int)
+    np.add.at(expected, (np.array(truth), predicted), 1)
+    assert evaluation["confusion_matrix"] == expected.tolist()
 
 
 def test_verify_json_and_junit_one_case_per_layer(digits_run, tmp_path):
@@ -221,18 +254,42 @@ def test_the_workflow_smoke_step_passes_and_reports_every_check(tmp_path):
     assert str(Path(payload["run_dir"]) / "index.html") in payload["files"]
 
 
-def test_sanity_json_and_junit_follow_its_report(digits_run, tmp_path):
-    result = runner.invoke(app, ["sanity", str(digits_run), "--images", "0:4", "--out",
-                                 str(tmp_path / "s"), "--json", "--junit", str(tmp_path / "s.xml")],
-                           catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+def test_sanity_junit_verdicts_on_a_model_built_to_pass_and_fail_them(tmp_path):
+    """A hand-set model whose verdicts are known in advance (`_models.quadrant_reader`): class 0
+    reads only the top-left quadrant, class 1 only the bottom-right one, through a 1x1 conv.
+
+    Saliency and guided backprop of the two classes live on disjoint quadrants: they pass the
+    class-sensitivity test. Eigen-CAM (of the conv layer, the last 4-D one) ignores the class
+    and every layer above the conv: it fails both the class test and model randomization, whose
+    first two steps (head, hidden) cannot change it.
+    """
+    from _models import QUADRANT_SIZE, quadrant_reader
+    from PIL import Image
+
+    model = quadrant_reader(((0, 0), (1, 1)))
+    model.save(tmp_path / "quadrants.keras")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        pixels = rng.integers(20, 256, (QUADRANT_SIZE, QUADRANT_SIZE), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    result = runner.invoke(app, ["sanity", str(tmp_path / "quadrants.keras"), "--images",
+                                 str(folder), "--out", str(tmp_path / "s"), "--json", "--junit",
+                                 str(tmp_path / "s.xml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output  # a sanity verdict is not a gate
     payload = json.loads(result.stdout)
+    cases = _junit(tmp_path / "s.xml")["cnnviz.sanity"]
+    assert cases["class sensitivity: saliency"] is True
+    assert cases["class sensitivity: guided"] is True
+    assert cases["class sensitivity: eigencam"] is False
+    assert cases["model randomization: eigencam"] is False
+    assert payload["flagged"] is True
     saved = json.loads((tmp_path / "s" / "sanity.json").read_text())
     assert payload["results"] == saved
-    methods = saved["model_randomization"]["methods"]
-    assert payload["values"]["sanity.saliency.rank_correlation"] == pytest.approx(
-        methods["saliency"]["rank_correlation"][-1])
-    cases = _junit(tmp_path / "s.xml")["cnnviz.sanity"]
-    assert len(cases) == len(methods) + len(saved["class_sensitivity"]["methods"])
-    assert cases["model randomization: saliency"] is not bool(methods["saliency"]["insensitive_to"])
-    assert payload["flagged"] == (not all(cases.values()))
+    eigencam = saved["model_randomization"]["methods"]["eigencam"]
+    assert saved["model_randomization"]["steps"] == ["head", "hidden", "conv"]
+    assert eigencam["insensitive_to"][:2] == ["head", "hidden"]
+    assert eigencam["rank_correlation"][:2] == pytest.approx([1.0, 1.0])
+    assert saved["class_sensitivity"]["methods"]["eigencam"]["rank_correlation"] == pytest.approx(1.0)
+    assert saved["class_sensitivity"]["methods"]["saliency"]["rank_correlation"] < 0

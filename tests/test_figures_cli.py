@@ -93,19 +93,148 @@ def test_cam_all_draws_every_variant_in_one_row(digits_run, tmp_path):
     assert 1.5 * height < width < 2.5 * height  # input + seven panels in two rows of four
 
 
+def _saved(paths) -> list[dict]:
+    """The --save-arrays file beside each figure, loaded."""
+    saved = []
+    for path in paths:
+        with np.load(path.with_suffix(".npz")) as arrays:
+            saved.append({name: arrays[name] for name in arrays.files})
+    return saved
+
+
+def _explain(digits_run, tmp_path, command, *args, images="0,1"):
+    """Run a figure command with --save-arrays: (its arrays per image, the run, those images)."""
+    from cnnviz.runs import load_run
+
+    out = tmp_path / "_".join([command, *(arg.strip("-") for arg in args)])
+    result, paths = _invoke(command, digits_run, "--images", images, *args, "--save-arrays",
+                            "--out", out)
+    assert result.exit_code == 0, result.output
+    indices = parse_indices(images, 10_000)
+    _assert_pngs(paths, len(indices))
+    run = load_run(digits_run)
+    return _saved(paths), run, run.dataset().x_test[indices]
+
+
+def _stack(saved, name):
+    return np.stack([arrays[name] for arrays in saved])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command,args,name", [
-    ("cam", ["--method", "scorecam", "--layer", "conv1"], "test_000_scorecam.png"),
-    ("integrated-gradients", ["--steps", "16", "--baseline", "blur"],
-     "test_000_integrated_gradients.png"),
-    ("gradient-x-input", [], "test_000_gradient_x_input.png"),
-    ("rise", ["--masks", "200", "--cell", "4"], "test_000.png"),
-])
-def test_each_new_method_command_writes_its_figure(digits_run, tmp_path, command, args, name):
-    result, paths = _invoke(command, digits_run, "--images", "0", *args, "--out", tmp_path)
+def test_gradcam_layer_option_gives_that_layers_gradcam(digits_run, tmp_path):
+    from cnnviz.explain import gradcam
+
+    default, run, x = _explain(digits_run, tmp_path, "gradcam")
+    conv1, _, _ = _explain(digits_run, tmp_path, "gradcam", "--layer", "conv1", "--guided")
+    predicted = run.model.predict(x, verbose=0)
+    np.testing.assert_array_equal(_stack(default, "target"), predicted.argmax(axis=1))
+    np.testing.assert_allclose(_stack(default, "probabilities"), predicted, atol=1e-6)
+    np.testing.assert_allclose(_stack(default, "gradcam"), gradcam(run.model, x, layer="pool2"),
+                               atol=1e-6)
+    np.testing.assert_allclose(_stack(conv1, "gradcam"), gradcam(run.model, x, layer="conv1"),
+                               atol=1e-6)
+    np.testing.assert_allclose(_stack(conv1, "guided_gradcam"),
+                               gradcam(run.model, x, layer="conv1", guided=True), atol=1e-6)
+    assert "guided_gradcam" not in default[0]
+    assert np.abs(_stack(conv1, "gradcam") - _stack(default, "gradcam")).max() > 0.1
+
+
+@pytest.mark.slow
+def test_cam_method_layer_and_target_options_reach_the_maps(digits_run, tmp_path):
+    from cnnviz.explain import cam
+
+    saved, run, x = _explain(digits_run, tmp_path, "cam", "--method", "scorecam", "--layer",
+                             "conv1", "--target", "3")
+    assert set(saved[0]) == {"scorecam", "target", "probabilities"}
+    np.testing.assert_array_equal(_stack(saved, "target"), [3, 3])
+    np.testing.assert_allclose(_stack(saved, "scorecam"),
+                               cam(run.model, x, 3, method="scorecam", layer="conv1"), atol=1e-5)
+    everything, _, _ = _explain(digits_run, tmp_path, "cam", images="0")
+    from cnnviz.explain import CAM_METHODS
+
+    for method in CAM_METHODS:
+        np.testing.assert_allclose(everything[0][method],
+                                   cam(run.model, x[:1], method=method, layer="pool2")[0],
+                                   atol=1e-5, err_msg=method)
+
+
+@pytest.mark.slow
+def test_integrated_gradients_steps_and_baseline_options(digits_run, tmp_path):
+    from cnnviz.explain import integrated_gradients
+
+    runs = {(steps, baseline): _explain(digits_run, tmp_path, "integrated-gradients", "--steps",
+                                        str(steps), "--baseline", baseline)
+            for steps, baseline in ((4, "0"), (64, "0"), (16, "blur"), (16, "40"))}
+    model, x = runs[4, "0"][1].model, runs[4, "0"][2]
+    maps = {key: _stack(saved, "integrated_gradients") for key, (saved, _, _) in runs.items()}
+    for (steps, baseline), attributions in maps.items():
+        start = baseline if baseline == "blur" else float(baseline)
+        assert attributions.shape == x.shape
+        np.testing.assert_allclose(
+            attributions, integrated_gradients(model, x, baseline=start, steps=steps),
+            rtol=1e-4, atol=1e-6, err_msg=f"{steps} steps from {baseline}")
+    scale = np.abs(maps[64, "0"]).max()
+    assert np.abs(maps[4, "0"] - maps[64, "0"]).max() > 1e-3 * scale, "--steps is used"
+    assert np.abs(maps[16, "blur"] - maps[16, "40"]).max() > 1e-2 * scale, "--baseline is used"
+
+
+@pytest.mark.slow
+def test_gradient_x_input_saves_the_gradient_times_the_input(digits_run, tmp_path):
+    from cnnviz.explain import gradient_x_input
+
+    saved, run, x = _explain(digits_run, tmp_path, "gradient-x-input", "--target", "5")
+    np.testing.assert_allclose(_stack(saved, "gradient_x_input"),
+                               gradient_x_input(run.model, x, 5), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_saliency_options_reach_the_maps(digits_run, tmp_path):
+    from cnnviz.explain import saliency
+
+    saved, run, x = _explain(digits_run, tmp_path, "saliency", "--method", "smoothgrad",
+                             "--samples", "5", "--noise", "0.4", "--seed", "3")
+    np.testing.assert_allclose(
+        _stack(saved, "smoothgrad"),
+        saliency(run.model, x, method="smoothgrad", samples=5, noise=0.4, seed=3), atol=1e-6)
+    other = saliency(run.model, x, method="smoothgrad", samples=5, noise=0.4, seed=4)
+    assert np.abs(_stack(saved, "smoothgrad") - other).max() > 1e-4, "--seed is used"
+
+
+@pytest.mark.slow
+def test_rise_options_reach_the_map(digits_run, tmp_path):
+    from cnnviz.explain import rise
+
+    saved, run, x = _explain(digits_run, tmp_path, "rise", "--masks", "200", "--cell", "4",
+                             "--keep", "0.3", "--seed", "2")
+    np.testing.assert_allclose(_stack(saved, "rise"),
+                               rise(run.model, x, masks=200, cell=4, keep=0.3, seed=2),
+                               atol=1e-6)
+    assert np.abs(_stack(saved, "rise") - rise(run.model, x, masks=200, cell=4, keep=0.3,
+                                                seed=3)).max() > 1e-4, "--seed is used"
+
+
+@pytest.mark.slow
+def test_occlusion_patch_stride_and_fill_options(digits_run, tmp_path):
+    from cnnviz.explain import occlusion
+
+    saved, run, x = _explain(digits_run, tmp_path, "occlusion", "--patch", "3", "--stride", "2",
+                             "--fill", "1")
+    expected = occlusion(run.model, x, patch=3, stride=2, fill=1.0)
+    np.testing.assert_allclose(_stack(saved, "probability"), expected.probability, atol=1e-6)
+    np.testing.assert_array_equal(_stack(saved, "predicted_class"), expected.predicted_class)
+    np.testing.assert_allclose(_stack(saved, "unoccluded_probability"),
+                               expected.unoccluded_probability, atol=1e-6)
+    black = occlusion(run.model, x, patch=3, stride=2, fill=0.0).probability
+    assert np.abs(_stack(saved, "probability") - black).max() > 1e-3, "--fill is used"
+
+
+@pytest.mark.slow
+def test_without_save_arrays_no_arrays_are_written(digits_run, tmp_path):
+    result, paths = _invoke("gradient-x-input", digits_run, "--images", "0", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     _assert_pngs(paths, 1)
-    assert paths[0].name == name
+    assert paths[0].name == "test_000_gradient_x_input.png"
+    assert not list(tmp_path.glob("*.npz"))
 
 
 @pytest.mark.slow
@@ -128,7 +257,6 @@ def test_signed_maps_use_a_diverging_map_centred_on_zero(digits_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command,args,count", [
-    ("occlusion", ["--images", "0,1", "--patch", "2"], 2),
     ("feature-maps", ["--images", "0"], 2),  # conv1 and conv2
     ("filters", [], 2),
     ("activation-max", ["--steps", "32"], 1),

@@ -21,12 +21,12 @@ from cnnviz.explain import (
 from cnnviz.model.inputs import input_range
 
 
-def _with_rescaling(model):
-    """The same network behind a Rescaling(1/255) input layer: it takes 8-bit pixels."""
+def _with_rescaling(model, scale: float = 1 / 255):
+    """The same network behind a Rescaling(scale) input layer: 1/255 takes 8-bit pixels."""
     import keras
 
     pixels = keras.Sequential([keras.Input(model.inputs[0].shape[1:]),
-                               keras.layers.Rescaling(1 / 255),
+                               keras.layers.Rescaling(scale),
                                *[layer.__class__.from_config(layer.get_config())
                                  for layer in model.layers]])
     pixels.set_weights(model.get_weights())
@@ -79,6 +79,31 @@ def test_every_method_explains_8_bit_pixels_as_it_explains_unit_images():
             integrated_gradients(pixel_model, pixels, baseline=baseline, steps=16),
             integrated_gradients(unit_model, unit, baseline=baseline, steps=16),
             rtol=1e-3, atol=1e-6)
+
+
+def test_occlusion_fills_the_patch_with_its_share_of_the_input_range():
+    """A model taking 0..9: fill 0 hides a window with 0, 0.5 with 4.5, 1 with 9. Each window's
+    probability is the model's on the image with that window set to that value, computed here."""
+    model = _with_rescaling(cam_net(channels=1), 1 / 9)
+    assert input_range(model) == (0.0, 9.0)
+    batch = images(3, (8, 8, 1), seed=3) * 9.0
+    predicted = model.predict(batch, verbose=0).argmax(axis=1)
+    found = {}
+    for fill, value in ((0.0, 0.0), (0.5, 4.5), (1.0, 9.0)):
+        result = occlusion(model, batch, patch=4, fill=fill)  # windows at 0 and 4: a 2 x 2 grid
+        np.testing.assert_array_equal(result.targets, predicted)
+        expected = np.empty((3, 2, 2))
+        for i, top in enumerate((0, 4)):
+            for j, left in enumerate((0, 4)):
+                hidden = batch.copy()
+                hidden[:, top:top + 4, left:left + 4] = value
+                expected[:, i, j] = model.predict(hidden, verbose=0)[np.arange(3), predicted]
+        np.testing.assert_allclose(result.window_probability, expected, atol=1e-6,
+                                   err_msg=f"fill {fill}")
+        found[fill] = expected
+    # The three fills are told apart: a patch of 0 (or of the fill itself, 0.5) would not pass.
+    assert np.abs(found[0.5] - found[0.0]).min() > 1e-4
+    assert np.abs(found[0.5] - found[1.0]).min() > 1e-4
 
 
 def test_activation_maximization_climbs_the_same_way_in_8_bit_units():

@@ -47,11 +47,17 @@ def test_sanity_writes_table_json_and_figures(digits_run, tmp_path):
     numbers = json.loads((tmp_path / "sanity.json").read_text())
     methods = numbers["model_randomization"]["methods"]
     assert list(methods) == list(METHODS) and "class_sensitivity" in numbers
+    steps = numbers["model_randomization"]["steps"]
+    assert steps == ["preds", "dense", "conv2", "conv1"]  # the layers with weights, top down
     for name, entry in methods.items():  # every method judged at every step
-        assert len(entry["similar_per_step"]) == len(numbers["model_randomization"]["steps"])
-        assert entry["insensitive_to"] == [
-            step for step, similar in zip(numbers["model_randomization"]["steps"],
-                                          entry["similar_per_step"]) if similar], name
+        assert len(entry["similar_per_step"]) == len(steps), name
+    # Known by construction: Eigen-CAM of pool2 is computed below dense, so randomizing preds
+    # and dense cannot change it, and it never looks at the class.
+    eigencam = methods["eigencam"]
+    assert eigencam["rank_correlation"][:2] == pytest.approx([1.0, 1.0])
+    assert eigencam["similar_per_step"][:2] == [True, True]
+    assert eigencam["insensitive_to"][:2] == ["preds", "dense"]
+    assert numbers["class_sensitivity"]["methods"]["eigencam"]["class_insensitive"] is True
     assert "eigencam" in result.output and "INSENSITIVE to preds" in result.output
     for name in ("sanity_maps.png", "sanity_curves.png", "sanity.txt"):
         assert (tmp_path / name).is_file()

@@ -251,6 +251,12 @@ LayerOption = Annotated[
     typer.Option("--layer", help="Layer: a path through nested models (base/conv1) or a name "
                                  "unique in the model; `cnnviz layers` lists them."),
 ]
+SaveArraysOption = Annotated[
+    bool,
+    typer.Option("--save-arrays", help="Also write each figure's numbers beside it, as "
+                 "<figure>.npz: its maps by method name, `target` (the class explained) and "
+                 "`probabilities` (README, \"Figure arrays\")."),
+]
 OutputOption = Annotated[
     str | None,
     typer.Option("--output", help="Which output of a multi-output model: its name or index "

@@ -18,6 +18,7 @@ from cnnviz.cli._common import (
     PreprocessOption,
     ResizeOption,
     RunArgument,
+    SaveArraysOption,
     SetOption,
     TargetOption,
     command,
@@ -49,6 +50,7 @@ def saliency_command(
     output: OutputOption = None,
     preprocess: PreprocessOption = "auto",
     resize: ResizeOption = "stretch",
+    save_arrays: SaveArraysOption = False,
     out: OutOption = None,
 ) -> None:
     """Saliency maps: |d score / d pixel|, vanilla, guided, rectified (deconvnet) or SmoothGrad."""
@@ -60,7 +62,8 @@ def saliency_command(
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
                               resize=resize.value)
     report_written(saliency_figures(loaded.model, selection, folder, methods=methods, target=target,
-                                    samples=samples, noise=noise, seed=seed, output=output))
+                                    samples=samples, noise=noise, seed=seed, output=output,
+                                    save_arrays=save_arrays))
 
 
 @command("gradcam")
@@ -73,6 +76,7 @@ def gradcam_command(
     output: OutputOption = None,
     preprocess: PreprocessOption = "auto",
     resize: ResizeOption = "stretch",
+    save_arrays: SaveArraysOption = False,
     out: OutOption = None,
 ) -> None:
     """Grad-CAM heatmaps over the input (default layer: the last one with a spatial output,
@@ -87,7 +91,8 @@ def gradcam_command(
     if layer is None:
         typer.echo(f"Grad-CAM on layer {chosen} (the last layer with a spatial output)")
     report_written(gradcam_figures(loaded.model, selection, folder, layer=chosen, guided=guided,
-                                   target=target, output=output))
+                                   target=target, output=output,
+                                   save_arrays=save_arrays))
 
 
 class CamMethod(str, Enum):
@@ -111,6 +116,7 @@ def cam_command(
     output: OutputOption = None,
     preprocess: PreprocessOption = "auto",
     resize: ResizeOption = "stretch",
+    save_arrays: SaveArraysOption = False,
     out: OutOption = None,
 ) -> None:
     """The CAM family over the input (default: every variant in one row per image).
@@ -129,7 +135,8 @@ def cam_command(
         typer.echo(f"CAM on layer {chosen} (the last layer with a spatial output)")
     methods = CAM_METHODS if method is CamMethod.all else (method.value,)
     report_written(cam_figures(loaded.model, selection, folder, methods=methods, layer=chosen,
-                               target=target, output=output))
+                               target=target, output=output,
+                               save_arrays=save_arrays))
 
 
 def _baseline(value: str) -> float | str:
@@ -153,6 +160,7 @@ def integrated_gradients_command(
     output: OutputOption = None,
     preprocess: PreprocessOption = "auto",
     resize: ResizeOption = "stretch",
+    save_arrays: SaveArraysOption = False,
     out: OutOption = None,
 ) -> None:
     """Integrated gradients: signed, red for the class, blue against.
@@ -168,7 +176,8 @@ def integrated_gradients_command(
                               resize=resize.value)
     report_written(signed_figures(loaded.model, selection, folder,
                                   methods=("integrated_gradients",), steps=steps,
-                                  baseline=start, target=target, output=output))
+                                  baseline=start, target=target, output=output,
+                                  save_arrays=save_arrays))
 
 
 @command("gradient-x-input")
@@ -179,6 +188,7 @@ def gradient_x_input_command(
     output: OutputOption = None,
     preprocess: PreprocessOption = "auto",
     resize: ResizeOption = "stretch",
+    save_arrays: SaveArraysOption = False,
     out: OutOption = None,
 ) -> None:
     """Gradient x input (signed; red for the class, blue against)."""
@@ -188,7 +198,8 @@ def gradient_x_input_command(
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
                               resize=resize.value)
     report_written(signed_figures(loaded.model, selection, folder, methods=("gradient_x_input",),
-                                  target=target, output=output))
+                                  target=target, output=output,
+                                  save_arrays=save_arrays))
 
 
 @command("rise")
@@ -203,6 +214,7 @@ def rise_command(
     output: OutputOption = None,
     preprocess: PreprocessOption = "auto",
     resize: ResizeOption = "stretch",
+    save_arrays: SaveArraysOption = False,
     out: OutOption = None,
 ) -> None:
     """RISE (Petsiuk et al. 2018): the class probability over random masks, a black-box map."""
@@ -212,7 +224,8 @@ def rise_command(
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
                               resize=resize.value)
     report_written(rise_figures(loaded.model, selection, folder, masks=masks, cell=cell,
-                                keep=keep, seed=seed, target=target, output=output))
+                                keep=keep, seed=seed, target=target, output=output,
+                                save_arrays=save_arrays))
 
 
 @command("occlusion")
@@ -226,6 +239,7 @@ def occlusion_command(
     output: OutputOption = None,
     preprocess: PreprocessOption = "auto",
     resize: ResizeOption = "stretch",
+    save_arrays: SaveArraysOption = False,
     out: OutOption = None,
 ) -> None:
     """Occlusion sensitivity: the class probability as a patch covers each place."""
@@ -235,7 +249,8 @@ def occlusion_command(
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
                               resize=resize.value)
     report_written(occlusion_figures(loaded.model, selection, folder, patch=patch, stride=stride,
-                                     fill=fill, target=target, output=output))
+                                     fill=fill, target=target, output=output,
+                                     save_arrays=save_arrays))
 
 
 @command("feature-maps")

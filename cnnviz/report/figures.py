@@ -343,6 +343,7 @@ def write_per_image(
     description: str,
     explain_chunk: Callable[[np.ndarray, np.ndarray], list],
     draw: Callable[[int, object], list[tuple[str, object]]],
+    arrays: Callable[[object], dict[str, np.ndarray]] | None = None,
 ) -> list[FigureFile]:
     """Explain `selection` chunk by chunk and save each image's figures.
 
@@ -352,6 +353,8 @@ def write_per_image(
         description: the progress bar's label.
         explain_chunk: (images, labels) -> one payload per image (arrays only).
         draw: (index into the selection, payload) -> [(file name, Figure), ...].
+        arrays: payload -> {name: array}, saved beside the image's first figure as
+            `<figure stem>.npz` (`--save-arrays`); None saves none.
 
     Returns:
         The files written, in order.
@@ -363,10 +366,30 @@ def write_per_image(
         for part in chunks(total):
             payloads = explain_chunk(selection.images[part], selection.labels[part])
             for offset, payload in enumerate(payloads):
-                for name, figure in draw(part.start + offset, payload):
+                figures = draw(part.start + offset, payload)
+                for name, figure in figures:
                     written.append(save_captioned(figure, folder / name))
+                if arrays is not None and figures:
+                    save_arrays(folder / Path(figures[0][0]).with_suffix(".npz"),
+                                arrays(payload))
             progress.advance(task, len(payloads))
     return written
+
+
+def save_arrays(path: Path, values: dict[str, np.ndarray]) -> Path:
+    """The numbers behind a figure as one .npz file (written atomically)."""
+    import io
+
+    from cnnviz.runs import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(value) for name, value in values.items()})
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _explained_arrays(probabilities, target, maps: dict) -> dict[str, np.ndarray]:
+    """What every figure's .npz holds: its maps, the class explained, the probabilities."""
+    return {**maps, "target": np.int32(target), "probabilities": probabilities}
 
 
 def caption(selection: Selection, index: int, probabilities: np.ndarray) -> str:
@@ -464,7 +487,7 @@ def _chunk_targets(target: int | None, probabilities: np.ndarray) -> np.ndarray:
 
 def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequence[str],
                      target: int | None = None, samples: int = 20, noise: float = 0.15,
-                     seed: int = 0, output=None) -> list[FigureFile]:
+                     seed: int = 0, output=None, save_arrays: bool = False) -> list[FigureFile]:
     """One figure per image: the input next to each saliency method's map."""
     from cnnviz.explain import saliency
     from cnnviz.plot import saliency_row
@@ -485,12 +508,13 @@ def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequ
         figure = saliency_row(selection.shown(index), maps, title=title)
         return [(f"{selection.names[index]}_{suffix}.png", figure)]
 
-    return write_per_image(selection, folder, f"saliency ({suffix})", explain_chunk, draw)
+    return write_per_image(selection, folder, f"saliency ({suffix})", explain_chunk, draw,
+                           (lambda p: _explained_arrays(p[0], p[1], p[2])) if save_arrays else None)
 
 
 def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | None = None,
                     guided: bool = False, target: int | None = None,
-                    output=None) -> list[FigureFile]:
+                    output=None, save_arrays: bool = False) -> list[FigureFile]:
     """One figure per image: the Grad-CAM heatmap over the input (and Guided Grad-CAM)."""
     from cnnviz.explain import gradcam, gradcam_layer
     from cnnviz.plot import gradcam_figure
@@ -514,7 +538,13 @@ def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | N
                                 guided_map=guided_map)
         return [(f"{selection.names[index]}.png", figure)]
 
-    return write_per_image(selection, folder, f"grad-cam ({layer_name})", explain_chunk, draw)
+    def arrays(payload):
+        probabilities, explained, heatmap, guided_map = payload
+        maps = {"gradcam": heatmap, **({} if guided_map is None else {"guided_gradcam": guided_map})}
+        return _explained_arrays(probabilities, explained, maps)
+
+    return write_per_image(selection, folder, f"grad-cam ({layer_name})", explain_chunk, draw,
+                           arrays if save_arrays else None)
 
 
 def file_stem(layer_path: str) -> str:
@@ -524,7 +554,7 @@ def file_stem(layer_path: str) -> str:
 
 def cam_figures(model, selection: Selection, folder: Path, *, methods: Sequence[str],
                 layer: str | None = None, target: int | None = None,
-                output=None) -> list[FigureFile]:
+                output=None, save_arrays: bool = False) -> list[FigureFile]:
     """One figure per image: the input next to each CAM method's heatmap over it."""
     from cnnviz.explain import cam, gradcam_layer
     from cnnviz.plot import cam_row
@@ -549,7 +579,7 @@ def cam_figures(model, selection: Selection, folder: Path, *, methods: Sequence[
                  cam_row(selection.shown(index), maps, title=title))]
 
     return write_per_image(selection, folder, f"cam ({suffix}, {layer_name})", explain_chunk,
-                           draw)
+                           draw, (lambda p: _explained_arrays(*p)) if save_arrays else None)
 
 
 CAM_FAMILY = "Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Score-CAM, Eigen-CAM"
@@ -562,7 +592,8 @@ _SIGNED_TITLES = {"integrated_gradients": "integrated gradients",
 
 def signed_figures(model, selection: Selection, folder: Path, *, methods: Sequence[str],
                    steps: int = 64, baseline: float | str = 0.0,
-                   target: int | None = None, output=None) -> list[FigureFile]:
+                   target: int | None = None, output=None,
+                   save_arrays: bool = False) -> list[FigureFile]:
     """One figure per image: signed attribution maps (red for the class, blue against).
 
     Under integrated gradients, the completeness check: the attributions' sum beside
@@ -603,12 +634,18 @@ def signed_figures(model, selection: Selection, folder: Path, *, methods: Sequen
         return [(f"{selection.names[index]}_{suffix}.png",
                  signed_row(selection.shown(index), maps, title=title, notes=notes))]
 
-    return write_per_image(selection, folder, f"signed ({suffix})", explain_chunk, draw)
+    def arrays(payload):  # the maps under their method names, (H, W, C) as computed
+        probabilities, explained, maps, _ = payload
+        return _explained_arrays(probabilities, explained,
+                                 {m: maps[_SIGNED_TITLES[m]] for m in methods})
+
+    return write_per_image(selection, folder, f"signed ({suffix})", explain_chunk, draw,
+                           arrays if save_arrays else None)
 
 
 def rise_figures(model, selection: Selection, folder: Path, *, masks: int = 2000, cell: int = 7,
-                 keep: float = 0.5, seed: int = 0,
-                 target: int | None = None, output=None) -> list[FigureFile]:
+                 keep: float = 0.5, seed: int = 0, target: int | None = None, output=None,
+                 save_arrays: bool = False) -> list[FigureFile]:
     """One figure per image: the RISE map over the input, scaled per image."""
     from cnnviz.explain import rise
     from cnnviz.plot import cam_row
@@ -630,12 +667,15 @@ def rise_figures(model, selection: Selection, folder: Path, *, masks: int = 2000
                          label="scaled to its own range")
         return [(f"{selection.names[index]}.png", figure)]
 
-    return write_per_image(selection, folder, f"rise ({masks} masks)", explain_chunk, draw)
+    return write_per_image(selection, folder, f"rise ({masks} masks)", explain_chunk, draw,
+                           (lambda p: _explained_arrays(p[0], p[1], {"rise": p[2]}))
+                           if save_arrays else None)
 
 
 def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int = 4,
                       stride: int | None = None, fill: float = 0.5,
-                      target: int | None = None, output=None) -> list[FigureFile]:
+                      target: int | None = None, output=None,
+                      save_arrays: bool = False) -> list[FigureFile]:
     """One figure per image: input, P(target) under occlusion, and the predicted-class map."""
     from cnnviz.explain import occlusion
     from cnnviz.plot import occlusion_figure
@@ -660,7 +700,14 @@ def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int =
                   f"{caption(selection, index, probabilities)}")
         return [(f"{selection.names[index]}.png", figure)]
 
-    return write_per_image(selection, folder, "occlusion", explain_chunk, draw)
+    def arrays(payload):
+        probabilities, explained, probability_map, class_map, intact = payload
+        return _explained_arrays(probabilities, explained, {
+            "probability": probability_map, "predicted_class": class_map,
+            "unoccluded_probability": intact})
+
+    return write_per_image(selection, folder, "occlusion", explain_chunk, draw,
+                           arrays if save_arrays else None)
 
 
 def feature_map_figures(model, selection: Selection, folder: Path, *, layers: Sequence[str],
