@@ -146,7 +146,7 @@ def test_evaluate_on_a_folder_maps_its_classes_by_name(digits_run, tmp_path):
     listed, and must be scored as the model's classes 3 and 7."""
     from PIL import Image
 
-    from cnnviz.runs import load_run
+    from cnnviz.runs.load import load_run
 
     run = load_run(digits_run)
     dataset = run.dataset()

@@ -104,7 +104,7 @@ def _saved(paths) -> list[dict]:
 
 def _explain(digits_run, tmp_path, command, *args, images="0,1"):
     """Run a figure command with --save-arrays: (its arrays per image, the run, those images)."""
-    from cnnviz.runs import load_run
+    from cnnviz.runs.load import load_run
 
     out = tmp_path / "_".join([command, *(arg.strip("-") for arg in args)])
     result, paths = _invoke(command, digits_run, "--images", images, *args, "--save-arrays",

@@ -380,7 +380,7 @@ def save_arrays(path: Path, values: dict[str, np.ndarray]) -> Path:
     """The numbers behind a figure as one .npz file (written atomically)."""
     import io
 
-    from cnnviz.runs import atomic_write_bytes
+    from cnnviz.io.atomic import atomic_write_bytes
 
     buffer = io.BytesIO()
     np.savez(buffer, **{name: np.asarray(value) for name, value in values.items()})
