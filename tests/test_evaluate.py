@@ -10,7 +10,8 @@ from PIL import Image
 
 from cnnviz.deploy.evaluate import array_batches, evaluate, write_evaluation
 from cnnviz.errors import CnnvizError
-from cnnviz.report.figures import FigureFile, add_index_section, write_index
+from cnnviz.report.batching import FigureFile
+from cnnviz.report.index_page import add_index_section, write_index
 
 
 def _softmax_of_input(classes: int):

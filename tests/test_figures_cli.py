@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cnnviz.cli import app
 from cnnviz.errors import CnnvizError
-from cnnviz.report.figures import parse_indices
+from cnnviz.report.selection import parse_indices
 
 ROOT = Path(__file__).parent.parent
 runner = CliRunner()
@@ -279,7 +279,7 @@ def test_default_folder_is_inside_the_run(digits_run):
 def test_image_files_are_preprocessed_like_the_training_data(digits_run, tmp_path):
     """A test image saved as an 8-bit PNG and read back is the same model input (8-bit units,
     DECISIONS D1): the model's own Rescaling layer does the rest."""
-    from cnnviz.report.figures import select_images
+    from cnnviz.report.selection import select_images
     from cnnviz.runs.load import load_run
 
     run = load_run(digits_run)

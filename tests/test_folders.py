@@ -249,7 +249,7 @@ def test_explaining_test_images_reads_only_those_files(folder_run, tmp_path):
 @pytest.mark.slow
 def test_a_bare_model_explains_a_file_as_its_run_directory_does(folder_run, folder):
     from cnnviz.explain import gradcam
-    from cnnviz.report.figures import select_images
+    from cnnviz.report.selection import select_images
     from cnnviz.runs.load import load_run
 
     run_dir, _ = folder_run
@@ -267,7 +267,7 @@ def test_a_bare_model_explains_a_file_as_its_run_directory_does(folder_run, fold
 def test_images_from_a_folder_or_a_glob_are_named_and_labelled_in_chunks(folder_run, folder,
                                                                           tmp_path, monkeypatch):
     import cnnviz.data.images
-    from cnnviz.report.figures import select_images
+    from cnnviz.report.selection import select_images
     from cnnviz.runs.load import load_run
 
     run = load_run(folder_run[0])
@@ -284,7 +284,7 @@ def test_images_from_a_folder_or_a_glob_are_named_and_labelled_in_chunks(folder_
     monkeypatch.setattr(cnnviz.data.images, "read_images",
                         lambda paths, *args, **kwargs: read_sizes.append(len(paths))
                         or real(paths, *args, **kwargs))
-    monkeypatch.setattr("cnnviz.report.figures.CHUNK", 16)
+    monkeypatch.setattr("cnnviz.report.batching.CHUNK", 16)
     result = runner.invoke(app, ["saliency", str(folder_run[0]), "--images", str(folder),
                                  "--method", "vanilla", "--out", str(tmp_path)],
                            catch_exceptions=False)

@@ -115,7 +115,8 @@ def test_multi_output_needs_output_and_multi_input_is_refused(files, tmp_path):
 
 
 def test_captions_say_what_the_percentages_are(files, tmp_path):
-    from cnnviz.report.figures import saliency_figures, select_images
+    from cnnviz.report.figures import saliency_figures
+    from cnnviz.report.selection import select_images
     from cnnviz.runs.load import load_run
 
     folder, pictures = files

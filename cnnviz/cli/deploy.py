@@ -54,7 +54,7 @@ def evaluate_command(
     expectations = expectations_for(None, expect, "evaluate")
     import_tensorflow()
     from cnnviz.deploy.evaluate import evaluate_data, evaluation_folder
-    from cnnviz.report.figures import add_index_section
+    from cnnviz.report.index_page import add_index_section
     from cnnviz.runs.load import load_run
 
     loaded = load_run(run)
@@ -104,7 +104,8 @@ def predict_command(
     import_tensorflow()
     from cnnviz.data.images import expand_image_spec
     from cnnviz.deploy.predict import csv_header, csv_line, predict_files
-    from cnnviz.report.figures import class_names_of, progress_bar
+    from cnnviz.report.selection import class_names_of
+    from cnnviz.report.batching import progress_bar
     from cnnviz.runs.load import load_run
 
     paths = expand_image_spec(images)

@@ -55,7 +55,8 @@ def saliency_command(
 ) -> None:
     """Saliency maps: |d score / d pixel|, vanilla, guided, rectified (deconvnet) or SmoothGrad."""
     from cnnviz.explain import SALIENCY_METHODS
-    from cnnviz.report.figures import saliency_figures, select_images
+    from cnnviz.report.figures import saliency_figures
+    from cnnviz.report.selection import select_images
 
     loaded, folder = run_and_folder(run, out, "saliency")
     methods = SALIENCY_METHODS if method is SaliencyMethod.all else (method.value,)
@@ -82,7 +83,8 @@ def gradcam_command(
     """Grad-CAM heatmaps over the input (default layer: the last one with a spatial output,
     inside a nested backbone too)."""
     from cnnviz.explain import gradcam_layer
-    from cnnviz.report.figures import gradcam_figures, select_images
+    from cnnviz.report.figures import gradcam_figures
+    from cnnviz.report.selection import select_images
 
     loaded, folder = run_and_folder(run, out, "gradcam")
     chosen = gradcam_layer(loaded.model, layer)
@@ -125,7 +127,8 @@ def cam_command(
     per channel of the layer); eigencam (first principal component, class-agnostic).
     """
     from cnnviz.explain import CAM_METHODS, gradcam_layer
-    from cnnviz.report.figures import cam_figures, select_images
+    from cnnviz.report.figures import cam_figures
+    from cnnviz.report.selection import select_images
 
     loaded, folder = run_and_folder(run, out, "cam")
     chosen = gradcam_layer(loaded.model, layer)
@@ -168,7 +171,8 @@ def integrated_gradients_command(
     Each figure states the completeness check: the attributions' sum beside
     score(image) - score(baseline), which it must equal up to the integration error.
     """
-    from cnnviz.report.figures import select_images, signed_figures
+    from cnnviz.report.selection import select_images
+    from cnnviz.report.figures import signed_figures
 
     start = _baseline(baseline)
     loaded, folder = run_and_folder(run, out, "integrated-gradients")
@@ -192,7 +196,8 @@ def gradient_x_input_command(
     out: OutOption = None,
 ) -> None:
     """Gradient x input (signed; red for the class, blue against)."""
-    from cnnviz.report.figures import select_images, signed_figures
+    from cnnviz.report.selection import select_images
+    from cnnviz.report.figures import signed_figures
 
     loaded, folder = run_and_folder(run, out, "gradient-x-input")
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
@@ -218,7 +223,8 @@ def rise_command(
     out: OutOption = None,
 ) -> None:
     """RISE (Petsiuk et al. 2018): the class probability over random masks, a black-box map."""
-    from cnnviz.report.figures import rise_figures, select_images
+    from cnnviz.report.figures import rise_figures
+    from cnnviz.report.selection import select_images
 
     loaded, folder = run_and_folder(run, out, "rise")
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
@@ -243,7 +249,8 @@ def occlusion_command(
     out: OutOption = None,
 ) -> None:
     """Occlusion sensitivity: the class probability as a patch covers each place."""
-    from cnnviz.report.figures import occlusion_figures, select_images
+    from cnnviz.report.figures import occlusion_figures
+    from cnnviz.report.selection import select_images
 
     loaded, folder = run_and_folder(run, out, "occlusion")
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
@@ -265,7 +272,8 @@ def feature_maps_command(
     out: OutOption = None,
 ) -> None:
     """The feature maps (activations) of conv layers for chosen images."""
-    from cnnviz.report.figures import conv_layer_names, feature_map_figures, select_images
+    from cnnviz.report.figures import conv_layer_names, feature_map_figures
+    from cnnviz.report.selection import select_images
 
     loaded, folder = run_and_folder(run, out, "feature-maps")
     layers = layer or conv_layer_names(loaded.model)
@@ -305,12 +313,11 @@ def activation_max_command(
 ) -> None:
     """Activation maximization: synthesize the input each class (or filter) responds to most."""
     from cnnviz.model.outputs import get_layer, output_index
-    from cnnviz.report.figures import (
-        activation_max_figure,
+    from cnnviz.report.figures import activation_max_figure, predicted_classes
+    from cnnviz.report.selection import (
         class_names_of,
         parse_class_spec,
         parse_indices,
-        predicted_classes,
         select_images,
     )
 

@@ -224,13 +224,10 @@ def run_command(
     Exit codes: 0 done, 1 an expectation failed, 2 bad input (nothing trained).
     """
     from cnnviz.model.summary import write_summary
-    from cnnviz.report.figures import (
-        FigureFile,
-        all_figures,
-        one_per_class,
-        select_images,
-        write_index,
-    )
+    from cnnviz.report.batching import FigureFile
+    from cnnviz.report.figures import all_figures, one_per_class
+    from cnnviz.report.selection import select_images
+    from cnnviz.report.index_page import write_index
     from cnnviz.runs.load import load_run
 
     started = time.perf_counter()

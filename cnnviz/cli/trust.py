@@ -37,7 +37,7 @@ def model_and_images(source: Path, images: str, overrides: list[str] | None):
     """
     import numpy as np
 
-    from cnnviz.report.figures import select_images
+    from cnnviz.report.selection import select_images
     from cnnviz.runs.load import Run, load_run
 
     if source.suffix in (".yaml", ".yml"):
@@ -123,7 +123,8 @@ def sanity_command(
     Flags a method whose maps barely change when the weights are destroyed, or when a different
     class is explained.
     """
-    from cnnviz.report.figures import sanity_report, select_images
+    from cnnviz.report.trust import sanity_report
+    from cnnviz.report.selection import select_images
 
     started = time.perf_counter()
     loaded, folder = run_and_folder(run, out, "sanity")
@@ -144,7 +145,8 @@ def faithfulness_command(
     json_output: JsonOption = False,
 ) -> dict:
     """Deletion and insertion scores per method against a random pixel order."""
-    from cnnviz.report.figures import faithfulness_report, select_images
+    from cnnviz.report.trust import faithfulness_report
+    from cnnviz.report.selection import select_images
 
     started = time.perf_counter()
     loaded, folder = run_and_folder(run, out, "faithfulness")
@@ -175,7 +177,7 @@ def shortcut_command(
     out: OutOption = None,
 ) -> None:
     """Does the model use the spurious cue? Attribution on the cue vs its area (shapes data)."""
-    from cnnviz.report.figures import shortcut_files
+    from cnnviz.report.trust import shortcut_files
 
     loaded, folder = run_and_folder(run, out, "shortcut")
     print_report(shortcut_files(loaded, folder, count=count))
@@ -188,12 +190,8 @@ def trust_reports(run, folder: Path, *, images: str = "0:32", methods=None):
     Returns:
         ({"sanity" | "faithfulness" | "shortcut": (heading, Report)}, {same keys: seconds}).
     """
-    from cnnviz.report.figures import (
-        faithfulness_report,
-        sanity_report,
-        select_images,
-        shortcut_files,
-    )
+    from cnnviz.report.trust import faithfulness_report, sanity_report, shortcut_files
+    from cnnviz.report.selection import select_images
 
     checks = select_images(run, images)
     jobs = {"sanity": ("Sanity checks: model randomization (Adebayo et al. 2018)",

@@ -258,7 +258,7 @@ def write_evaluation(evaluation: Evaluation, folder: Path) -> tuple[Path, list]:
     """
     from cnnviz.io.atomic import atomic_write_text
     from cnnviz.plot.evaluation import confusion_matrix_figure, mistakes_grid
-    from cnnviz.report.figures import save_captioned
+    from cnnviz.report.batching import save_captioned
 
     folder = Path(folder)
     data_file = atomic_write_text(folder / "evaluation.json",
@@ -299,7 +299,8 @@ def evaluate_data(run, folder: Path, *, data: Path | None = None, top_k: int = 5
     Returns:
         (the `Evaluation`, evaluation.json's path, the figures as `report.FigureFile`s).
     """
-    from cnnviz.report.figures import class_names_of, progress_bar
+    from cnnviz.report.selection import class_names_of
+    from cnnviz.report.batching import progress_bar
 
     outputs = int(run.model.outputs[0].shape[-1])
     class_names = class_names_of(run, outputs)
