@@ -25,8 +25,8 @@ from cnnviz.cli._common import (
     import_tensorflow,
     judge,
 )
-from cnnviz.cli.train import EVALUATION_HEADING
 from cnnviz.errors import CnnvizError
+from cnnviz.pipeline import EVALUATION_HEADING
 
 
 @command("evaluate")
@@ -104,8 +104,8 @@ def predict_command(
     import_tensorflow()
     from cnnviz.data.images import expand_image_spec
     from cnnviz.deploy.predict import csv_header, csv_line, predict_files
-    from cnnviz.report.selection import class_names_of
     from cnnviz.report.batching import progress_bar
+    from cnnviz.report.selection import class_names_of
     from cnnviz.runs.load import load_run
 
     paths = expand_image_spec(images)

@@ -171,8 +171,8 @@ def integrated_gradients_command(
     Each figure states the completeness check: the attributions' sum beside
     score(image) - score(baseline), which it must equal up to the integration error.
     """
-    from cnnviz.report.selection import select_images
     from cnnviz.report.figures import signed_figures
+    from cnnviz.report.selection import select_images
 
     start = _baseline(baseline)
     loaded, folder = run_and_folder(run, out, "integrated-gradients")
@@ -196,8 +196,8 @@ def gradient_x_input_command(
     out: OutOption = None,
 ) -> None:
     """Gradient x input (signed; red for the class, blue against)."""
-    from cnnviz.report.selection import select_images
     from cnnviz.report.figures import signed_figures
+    from cnnviz.report.selection import select_images
 
     loaded, folder = run_and_folder(run, out, "gradient-x-input")
     selection = select_images(loaded, images, output=output, preprocess=preprocess.value,

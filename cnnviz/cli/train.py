@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -69,7 +68,9 @@ def train_command(
     from cnnviz.ci.gates import needs_evaluation, training_values
 
     result = train(resolved, out_root, resume=resume)
-    files = print_training(result)
+    from cnnviz.pipeline import training_files
+
+    files = training_files(result, log=typer.echo)
     payload = {"run_dir": str(result.run_dir), "smoke": smoke, "metrics": result.metrics}
     values = training_values(result.metrics)
     timings = {"train_s": round(time.perf_counter() - started, 3)}
@@ -86,38 +87,10 @@ def train_command(
     return {**payload, **verdicts, "files": [str(path) for path in files], "timings": timings}
 
 
-def print_training(result) -> list[Path]:
-    """Print the training line and the files written; return those files."""
-    metrics = result.metrics
-    typer.echo(
-        f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "
-        f"{metrics['epochs']} epochs in {metrics['seconds']:.1f} s on {metrics['device']}"
-    )
-    if not result.chief:  # a multi-worker run's other workers write only a temporary folder
-        return []
-    files = [result.run_dir / name for name in
-             ("config.yaml", "model.keras", "history.csv", "metrics.json", "curves.png")
-             if (result.run_dir / name).is_file()]
-    for path in files:
-        typer.echo(f"wrote {path}")
-    return files
-
-
 def evaluate_run_directory(run_dir: Path) -> tuple[dict, list, list[Path]]:
-    """Evaluate a run on its test split into run_dir/evaluation.
+    from cnnviz.pipeline import evaluate_run
 
-    Returns:
-        (evaluation.json's dict, the figures as FigureFiles, every file written).
-    """
-    from cnnviz.deploy.evaluate import evaluate_data
-    from cnnviz.runs.load import load_run
-
-    evaluation, data_file, figures = evaluate_data(load_run(run_dir), run_dir / "evaluation")
-    typer.echo("\n" + evaluation.format_table())
-    files = [data_file, *(figure.path for figure in figures)]
-    for path in files:
-        typer.echo(f"wrote {path}")
-    return evaluation.to_dict(), figures, files
+    return evaluate_run(run_dir, log=typer.echo)
 
 
 def evaluation_values(evaluation: dict) -> dict:
@@ -223,74 +196,31 @@ def run_command(
 
     Exit codes: 0 done, 1 an expectation failed, 2 bad input (nothing trained).
     """
-    from cnnviz.model.summary import write_summary
-    from cnnviz.report.batching import FigureFile
-    from cnnviz.report.figures import all_figures, one_per_class
-    from cnnviz.report.selection import select_images
-    from cnnviz.report.index_page import write_index
-    from cnnviz.runs.load import load_run
-
     started = time.perf_counter()
     resolved = load_config_file(config, set_, smoke=smoke)
     expectations = expectations_for(resolved, expect, "run")
     out_root = writable_out(out, Path("outputs"))
     import_tensorflow()
     from cnnviz.ci.gates import training_values, trust_checks, trust_values
-    from cnnviz.train.fit import train
+    from cnnviz.pipeline import run_pipeline
 
-    result = train(resolved, out_root)
-    files = print_training(result)
-    timings = {"train_s": round(time.perf_counter() - started, 3)}
-    run = load_run(result.run_dir)
-    folder = result.run_dir / "figures"
-    summary = write_summary(run.model, result.run_dir)
-    if summary.graphviz_problem:
-        typer.echo(summary.graphviz_problem, err=True)
-    spec = images or one_per_class(run.dataset().y_test,
-                                   limit=SMOKE_FIGURE_IMAGES if smoke else 10)
-    selection = select_images(run, spec)
-    sections = [("Training", [FigureFile(result.run_dir / "curves.png",
-                                         "Loss and accuracy per epoch, train vs validation")]
-                 + ([FigureFile(summary.architecture_file, "Architecture")]
-                    if summary.architecture_file else []))]
-    step = time.perf_counter()
-    sections += all_figures(run, selection, folder, **(smoke_figure_options(run.model) if smoke
-                                                       else {}))
-    timings["figures_s"] = round(time.perf_counter() - step, 3)
-    from cnnviz.cli.trust import trust_reports
-
-    step = time.perf_counter()
-    reports, seconds = trust_reports(
-        run, folder, images=f"0:{SMOKE_TRUST_IMAGES}" if smoke else "0:32",
-        methods=smoke_trust_methods(expectations) if smoke else None)
-    timings["trust_s"] = round(time.perf_counter() - step, 3)
-    sections += [(heading, report.figures) for heading, report in reports.values()]
-    trust = {name: json.loads(report.data_file.read_text())
-             for name, (_, report) in reports.items()}
-    evaluation, evaluation_figures, evaluation_files = evaluate_run_directory(result.run_dir)
-    timings["evaluate_s"] = evaluation["seconds"]
-    sections.append((EVALUATION_HEADING, evaluation_figures))
-    metrics = result.metrics
-    title = (f"cnnviz run {result.run_dir.parent.name}/{result.run_dir.name}: test accuracy "
-             f"{metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs")
-    index = write_index(result.run_dir, title, sections)
-    figure_files = [figure.path for _, figures in sections for figure in figures]
-    typer.echo(f"wrote {len(figure_files)} figures under {folder}")
-    typer.echo(f"wrote {index}")
-    trust_numbers = trust_values(**trust)
-    values = training_values(metrics) | evaluation_values(evaluation) | trust_numbers
-    verdicts = judge(expectations, values, checks=trust_checks(**trust, seconds=seconds),
+    outcome = run_pipeline(
+        resolved, out_root, images=images,
+        figure_images=SMOKE_FIGURE_IMAGES if smoke else 10,
+        trust_images=f"0:{SMOKE_TRUST_IMAGES}" if smoke else "0:32",
+        trust_methods=smoke_trust_methods(expectations) if smoke else None,
+        figure_options=smoke_figure_options if smoke else None,
+        log=typer.echo, warn=lambda line: typer.echo(line, err=True))
+    trust_numbers = trust_values(**outcome.trust)
+    values = (training_values(outcome.metrics) | evaluation_values(outcome.evaluation)
+              | trust_numbers)
+    verdicts = judge(expectations, values,
+                     checks=trust_checks(**outcome.trust, seconds=outcome.trust_seconds),
                      junit=junit, properties={"command": "run", "config": str(config),
-                                              "run_dir": str(result.run_dir)})
-    timings["total_s"] = round(time.perf_counter() - started, 3)
-    written = dict.fromkeys(str(path) for path in [
-        *files, summary.summary_file, *([summary.architecture_file] if summary.architecture_file
-                                        else []),
-        *figure_files, *evaluation_files, *(report.data_file for _, report in reports.values()),
-        index])
-    return {"run_dir": str(result.run_dir), "smoke": smoke, "metrics": metrics,
-            "evaluation": evaluation,
-            "trust": trust_numbers, **verdicts, "files": list(written), "timings": timings}
+                                              "run_dir": str(outcome.run_dir)})
+    outcome.timings["total_s"] = round(time.perf_counter() - started, 3)
+    return {"run_dir": str(outcome.run_dir), "smoke": smoke, "metrics": outcome.metrics,
+            "evaluation": outcome.evaluation, "trust": trust_numbers, **verdicts,
+            "files": [str(path) for path in outcome.files], "timings": outcome.timings}
 
 
-EVALUATION_HEADING = "Evaluation on the test split"

@@ -123,8 +123,8 @@ def sanity_command(
     Flags a method whose maps barely change when the weights are destroyed, or when a different
     class is explained.
     """
-    from cnnviz.report.trust import sanity_report
     from cnnviz.report.selection import select_images
+    from cnnviz.report.trust import sanity_report
 
     started = time.perf_counter()
     loaded, folder = run_and_folder(run, out, "sanity")
@@ -145,8 +145,8 @@ def faithfulness_command(
     json_output: JsonOption = False,
 ) -> dict:
     """Deletion and insertion scores per method against a random pixel order."""
-    from cnnviz.report.trust import faithfulness_report
     from cnnviz.report.selection import select_images
+    from cnnviz.report.trust import faithfulness_report
 
     started = time.perf_counter()
     loaded, folder = run_and_folder(run, out, "faithfulness")
@@ -181,33 +181,3 @@ def shortcut_command(
 
     loaded, folder = run_and_folder(run, out, "shortcut")
     print_report(shortcut_files(loaded, folder, count=count))
-
-
-def trust_reports(run, folder: Path, *, images: str = "0:32", methods=None):
-    """Sanity, faithfulness and (for data with a spurious cue) the shortcut report, the first
-    two on the test `images` for `methods` (default: every registered method).
-
-    Returns:
-        ({"sanity" | "faithfulness" | "shortcut": (heading, Report)}, {same keys: seconds}).
-    """
-    from cnnviz.report.trust import faithfulness_report, sanity_report, shortcut_files
-    from cnnviz.report.selection import select_images
-
-    checks = select_images(run, images)
-    jobs = {"sanity": ("Sanity checks: model randomization (Adebayo et al. 2018)",
-                       lambda: sanity_report(run.model, checks, folder / "sanity",
-                                             methods=methods)),
-            "faithfulness": ("Faithfulness: deletion and insertion",
-                             lambda: faithfulness_report(run.model, checks, folder / "faithfulness",
-                                                         methods=methods))}
-    if run.config is not None and run.config.data.source == "shapes" and run.config.data.shapes.spurious:
-        jobs["shortcut"] = ("Shortcut detector", lambda: shortcut_files(
-            run, folder / "shortcut", methods=methods, **({"count": 16} if methods else {})))
-    reports, seconds = {}, {}
-    for name, (heading, make) in jobs.items():
-        started = time.perf_counter()
-        report = make()
-        seconds[name] = time.perf_counter() - started
-        reports[name] = (heading, report)
-        typer.echo(f"\n{heading}\n{report.text}")
-    return reports, seconds
