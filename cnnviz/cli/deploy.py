@@ -158,7 +158,7 @@ def _csv_destination(csv_file: Path | None, json_output: bool):
 
 
 def _preparation(run, preprocess: str):
-    """Pixels (8-bit units) -> model inputs: None for a cnnviz run (its model preprocesses, D1);
+    """Pixels (8-bit units) -> model inputs: None for a cnnviz run (its model preprocesses, docs/decisions.md D1);
     for a bare .keras file, `--preprocess` (auto: raw pixels when it begins with a Rescaling or
     Normalization layer, else x / 255, said in one line)."""
     from cnnviz.model.inputs import prepare, resolve_mode

@@ -2,7 +2,7 @@
 split three ways, and streamed to training through tf.data (`Split.pipeline`).
 
 Images reach the model in the source's pixel units (8-bit units, 0..255, for every image
-source); the model's own first layers preprocess them (DECISIONS D1).
+source); the model's own first layers preprocess them (docs/decisions.md D1).
 """
 
 from cnnviz.data.dataset import (

@@ -6,7 +6,7 @@ array held once (uint8 where the source is uint8), cast and resized inside the p
 Image folders: shuffled file paths, decoded and resized in a parallel `map`
 (`cnnviz.images.load_image`), optionally cached, batched. Both then apply the configured
 augmentation (Keras preprocessing layers, training only) and prefetch. Preprocessing proper
-(Rescaling, Normalization) is not here: it is the model's first layers (DECISIONS D1).
+(Rescaling, Normalization) is not here: it is the model's first layers (docs/decisions.md D1).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 mnist, fashion_mnist and cifar10 stay uint8 as they ship. Sources whose native range is not
 0..255 are converted to 8-bit pixel units here (digits 0..16 -> x * 255/16, shapes [0, 1] ->
-x * 255), so every image source reaches the model in the same units (DECISIONS D1). npz and
+x * 255), so every image source reaches the model in the same units (docs/decisions.md D1). npz and
 inline data are not images of a known range: they keep their own units.
 
 The keras.datasets files come from the Keras cache, else are downloaded by Keras with a connect

@@ -178,7 +178,7 @@ def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str
         mistakes: how many of the most confident mistakes to keep (with their images).
         source: what is evaluated, for titles.
         prepare: maps a batch of pixels to model inputs (a bare .keras file's `--preprocess`);
-            None feeds them as they are (a cnnviz model preprocesses inside, DECISIONS D1).
+            None feeds them as they are (a cnnviz model preprocesses inside, docs/decisions.md D1).
             The mistakes keep the pixels, for display.
         progress: called with the batch size after each batch (a progress bar's advance).
 

@@ -255,7 +255,7 @@ def check_images_for(run, count: int) -> tuple[np.ndarray, str]:
 
 
 def input_range_of(model) -> tuple[float, float]:
-    """The model's input range (D1: (0, 255) for models that start with preprocessing layers)."""
+    """The model's input range (docs/decisions.md D1: (0, 255) for models that start with preprocessing layers)."""
     from cnnviz.model.inputs import input_range
 
     return tuple(float(value) for value in input_range(model))

@@ -41,7 +41,7 @@ def predict_files(model, paths: Sequence[str | Path], class_names: Sequence[str]
         top_k: classes per row (capped at the class count).
         batch_size: files decoded and predicted together.
         prepare: maps pixels (8-bit units, float32) to model inputs; None passes them as they
-            are (a model that preprocesses inside, DECISIONS D1).
+            are (a model that preprocesses inside, docs/decisions.md D1).
         progress: called with the number of files done after each batch.
 
     Returns:

@@ -61,7 +61,7 @@ def build_model(config: Config, input_shape: tuple[int, int, int], num_classes: 
 
     The model begins with its preprocessing layers (Keras Rescaling, and Normalization for
     standardize/mean_subtract), so it takes the data's raw pixel values (8-bit units for image
-    sources) and a saved model explains image files without anything else (DECISIONS D1).
+    sources) and a saved model explains image files without anything else (docs/decisions.md D1).
 
     Args:
         config: a validated config.

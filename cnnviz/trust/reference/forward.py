@@ -15,7 +15,7 @@ Conventions followed exactly as TensorFlow/Keras define them:
   the image only (the padded cells are not counted).
 * Flatten is row-major over (H, W, C), channels last.
 * Rescaling is `x * scale + offset`; Normalization is `(x - mean) / max(sqrt(variance), 1e-7)`
-  (a model's own preprocessing layers, DECISIONS D1).
+  (a model's own preprocessing layers, docs/decisions.md D1).
 * BatchNormalization at inference: `(x - moving_mean) / sqrt(moving_variance + epsilon) * gamma
   + beta`; Dropout and the noise layers are the identity at inference.
 * The string activation `"leaky_relu"` has slope 0.2 (keras.activations.leaky_relu); the
