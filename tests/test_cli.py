@@ -118,3 +118,26 @@ def test_train_then_summary_on_the_run(tmp_path):
     assert summary.returncode == 0, summary.stderr
     assert "Total params: 12" in summary.stdout
     assert (run_dir / "summary.txt").is_file() and (run_dir / "architecture.png").is_file()
+
+
+def test_the_cli_offers_exactly_the_library_choices():
+    # The Typer enums are spelled out so `--help` imports no library code; they must not drift.
+    from cnnviz.cli._common import Preprocess, Resize
+    from cnnviz.cli.deploy import ExportFormatChoice
+    from cnnviz.cli.explain import CamMethod, SaliencyMethod
+    from cnnviz.cli.trust import Baseline
+    from cnnviz.data.images import RESIZE_MODES
+    from cnnviz.deploy.export import FORMATS
+    from cnnviz.explain import CAM_METHODS, SALIENCY_METHODS
+    from cnnviz.model.inputs import MODES
+    from cnnviz.trust.faithfulness import BASELINES
+
+    def values(enum):
+        return tuple(member.value for member in enum)
+
+    assert values(SaliencyMethod) == (*SALIENCY_METHODS, "all")
+    assert values(CamMethod) == (*CAM_METHODS, "all")
+    assert values(Preprocess) == MODES
+    assert values(Resize) == RESIZE_MODES
+    assert values(ExportFormatChoice) == tuple(FORMATS)
+    assert values(Baseline) == BASELINES

@@ -19,12 +19,12 @@ from cnnviz.config.shapes import check_layer_shapes, native_input_shape
 from cnnviz.config.train import EarlyStoppingConfig, TrainConfig
 
 __all__ = [
+    "MAX_YAML_ALIASES",
+    "MAX_YAML_BYTES",
     "Config",
     "DataConfig",
     "EarlyStoppingConfig",
     "Expectation",
-    "MAX_YAML_ALIASES",
-    "MAX_YAML_BYTES",
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     Field,
@@ -64,5 +64,5 @@ AugmentConfig = Annotated[
     | RandomBrightness,
     Field(discriminator="type"),
 ]
-AUGMENT_TYPES = ("random_flip", "random_rotation", "random_zoom", "random_translation",
-                 "random_contrast", "random_brightness")
+AUGMENT_TYPES = tuple(get_args(member.model_fields["type"].annotation)[0]
+                      for member in get_args(get_args(AugmentConfig)[0]))

@@ -299,8 +299,8 @@ def evaluate_data(run, folder: Path, *, data: Path | None = None, top_k: int = 5
     Returns:
         (the `Evaluation`, evaluation.json's path, the figures as `report.FigureFile`s).
     """
-    from cnnviz.report.selection import class_names_of
     from cnnviz.report.batching import progress_bar
+    from cnnviz.report.selection import class_names_of
 
     outputs = int(run.model.outputs[0].shape[-1])
     class_names = class_names_of(run, outputs)

@@ -12,9 +12,8 @@ from cnnviz.explain.integrated_gradients import gradient_x_input, integrated_gra
 from cnnviz.explain.layers import feature_maps, filters
 from cnnviz.explain.occlusion import OcclusionResult, occlusion
 from cnnviz.explain.rise import rise
+from cnnviz.explain.saliency import METHODS as SALIENCY_METHODS
 from cnnviz.explain.saliency import input_gradients, saliency
-
-SALIENCY_METHODS = ("vanilla", "guided", "rectified", "smoothgrad")
 
 __all__ = [
     "CAM_METHODS",

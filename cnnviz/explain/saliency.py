@@ -17,7 +17,12 @@ from collections.abc import Callable
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain.gradients import gradient_maps, predicted_targets, rule_gradients
+from cnnviz.explain.gradients import (
+    GRADIENT_METHODS,
+    gradient_maps,
+    predicted_targets,
+    rule_gradients,
+)
 from cnnviz.model.compiled import (
     batch_size_for,
     check_images,
@@ -25,7 +30,7 @@ from cnnviz.model.compiled import (
 )
 from cnnviz.model.inputs import as_image_batch
 
-METHODS = ("vanilla", "guided", "rectified", "smoothgrad")
+METHODS = (*GRADIENT_METHODS, "smoothgrad")
 
 
 def _smoothgrad(
