@@ -158,20 +158,14 @@ def _csv_destination(csv_file: Path | None, json_output: bool):
 
 
 def _preparation(run, preprocess: str):
-    """Pixels (8-bit units) -> model inputs: None for a cnnviz run (its model preprocesses, docs/decisions.md D1);
-    for a bare .keras file, `--preprocess` (auto: raw pixels when it begins with a Rescaling or
-    Normalization layer, else x / 255, said in one line)."""
-    from cnnviz.model.inputs import prepare, resolve_mode
+    """Pixels (8-bit units) -> model inputs, as every command that reads image files prepares
+    them (`pixel_preparation`); `--preprocess` is for bare .keras files only."""
+    from cnnviz.report.selection import pixel_preparation
 
-    if run.config is not None:
-        if preprocess != "auto":
-            raise CnnvizError(f"--preprocess {preprocess} is for bare .keras files; a run "
-                              "directory's model takes the pixels as it recorded")
-        return None
-    mode, note = resolve_mode(run.model, preprocess)
-    if note:
-        typer.echo(f"note: {note}", err=True)
-    return None if mode == "none" else (lambda pixels: prepare(pixels, mode))
+    if run.config is not None and preprocess != "auto":
+        raise CnnvizError(f"--preprocess {preprocess} is for bare .keras files; a run "
+                          "directory's model takes the pixels as it recorded")
+    return pixel_preparation(run, preprocess)
 
 
 class ExportFormatChoice(str, Enum):

@@ -200,7 +200,7 @@ def _file_names(paths: list[Path]) -> list[str]:
         depth += 1
 
 
-def _prepare(run: Run, preprocess: str):
+def pixel_preparation(run: Run, preprocess: str):
     """pixels -> model inputs for image files, or None when the model takes the pixels.
 
     A cnnviz run's model begins with its preprocessing layers and takes 8-bit pixels (docs/decisions.md D1);
@@ -269,7 +269,7 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
         labels = np.asarray([class_names.index(path.parent.name)
                              if path.parent.name in class_names else -1 for path in paths],
                             np.int32)
-        images = ImageFiles(paths, input_shape, prepare=_prepare(run, preprocess),
+        images = ImageFiles(paths, input_shape, prepare=pixel_preparation(run, preprocess),
                             resize=resize, max_pixels=max_pixels)
         return Selection(images, labels, _file_names(paths), class_names, label,
                          display=images.display, files=[str(path) for path in paths])
@@ -281,7 +281,7 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
     if test.files is None:
         return Selection(test.images(indices), test.labels[indices], names, dataset.class_names,
                          label)
-    images = ImageFiles(test.paths(indices), input_shape, prepare=_prepare(run, preprocess),
+    images = ImageFiles(test.paths(indices), input_shape, prepare=pixel_preparation(run, preprocess),
                         max_pixels=max_pixels)
     return Selection(images, test.labels[indices], names, dataset.class_names, label,
                      display=images.display, files=[test.files[index] for index in indices])
