@@ -59,12 +59,12 @@ def train_command(
     resolved = load_config_file(config, set_, smoke=smoke)
     expectations = expectations_for(resolved, expect, "train")
     out_root = writable_out(out, Path("outputs"))
-    from cnnviz.train.fit import train
     from cnnviz.train.resume import check_resume
 
     if resume is not None:
         check_resume(resume, resolved)  # before TensorFlow's import: a live run fails at once
     import_tensorflow()
+    from cnnviz.train.fit import train  # imports Keras: after the quiet TensorFlow import
     from cnnviz.ci.gates import needs_evaluation, training_values
 
     result = train(resolved, out_root, resume=resume)
