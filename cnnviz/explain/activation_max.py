@@ -73,46 +73,16 @@ def default_regularizers(*, l2: float = 0.05, tv: float = 0.1) -> Regularizers:
 
 
 # ------------------------------------------------------------------------------- public API
-def activation_maximization(
-    model,
-    layer=None,
-    index: int = 0,
-    *,
-    steps: int = 256,
-    learning_rate: float = 0.05,
-    seed: int = 0,
-    jitter: int = 4,
-    l2: float = 0.05,
-    tv: float = 0.1,
-    blur_every: int = 4,
-    blur_sigma: float = 0.5,
-    input_range: tuple[float, float] | None = None,
-    regularizers: Regularizers | None = None,
-    output=None,
-) -> np.ndarray:
+def activation_maximization(model, layer=None, index: int = 0, **options) -> np.ndarray:
     """The input that maximizes one class score or one filter's mean activation.
 
-    Same arguments as `activation_maximization_batch`, with one `index`.
+    Takes the keyword arguments of `activation_maximization_batch` (steps, learning_rate, seed,
+    jitter, l2, tv, blur_every, blur_sigma, input_range, regularizers, output), with one `index`.
 
     Returns:
         float32 array (H, W, C) within `input_range`.
     """
-    return activation_maximization_batch(
-        model,
-        layer,
-        (index,),
-        steps=steps,
-        learning_rate=learning_rate,
-        seed=seed,
-        jitter=jitter,
-        l2=l2,
-        tv=tv,
-        blur_every=blur_every,
-        blur_sigma=blur_sigma,
-        input_range=input_range,
-        regularizers=regularizers,
-        output=output,
-    )[0]
+    return activation_maximization_batch(model, layer, (index,), **options)[0]
 
 
 def activation_maximization_batch(
