@@ -264,19 +264,16 @@ OutputOption = Annotated[
 ]
 
 
-class Preprocess(str, Enum):
-    auto = "auto"
-    scale = "scale"
-    unit = "unit"
-    caffe = "caffe"
-    torch = "torch"
-    none = "none"
+def choices(name: str, *values: str) -> type[Enum]:
+    """A str Enum of option values for Typer (spelled out here so `--help` imports no library
+    code; tests/test_cli.py checks each equals the library's list)."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class Resize(str, Enum):
-    stretch = "stretch"
-    crop = "crop"
-    pad = "pad"
+Preprocess = choices("Preprocess", 'auto', 'scale', 'unit', 'caffe', 'torch', 'none')
+
+
+Resize = choices("Resize", 'stretch', 'crop', 'pad')
 
 
 PreprocessOption = Annotated[
@@ -307,6 +304,17 @@ def run_and_folder(source: Path, out: Path | None, command_name: str):
     if run.directory is not None:
         return run, run.directory / "figures" / command_name
     return run, Path("outputs") / "figures" / source.stem / command_name
+
+
+def images_to_explain(source: Path, out: Path | None, command_name: str, images: str, output,
+                      preprocess, resize):
+    """(run, figure folder, Selection) of an explain command: the run or model file, where its
+    figures go, and the chosen images read and prepared as `--preprocess`/`--resize` say."""
+    from cnnviz.report.selection import select_images
+
+    run, folder = run_and_folder(source, out, command_name)
+    return run, folder, select_images(run, images, output=output, preprocess=preprocess.value,
+                                      resize=resize.value)
 
 
 def report_written(figure_files) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +19,7 @@ from cnnviz.cli._common import (
     Preprocess,
     PreprocessOption,
     RunArgument,
+    choices,
     command,
     expectations_for,
     import_tensorflow,
@@ -168,10 +168,7 @@ def _preparation(run, preprocess: str):
     return pixel_preparation(run, preprocess)
 
 
-class ExportFormatChoice(str, Enum):
-    savedmodel = "savedmodel"
-    tflite = "tflite"
-    onnx = "onnx"
+ExportFormatChoice = choices("ExportFormatChoice", 'savedmodel', 'tflite', 'onnx')
 
 
 @command("export")

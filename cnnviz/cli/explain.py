@@ -3,7 +3,6 @@ occlusion, feature-maps, filters, activation-max; layers (what --layer can name)
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -21,7 +20,9 @@ from cnnviz.cli._common import (
     SaveArraysOption,
     SetOption,
     TargetOption,
+    choices,
     command,
+    images_to_explain,
     import_tensorflow,
     load_config_file,
     report_written,
@@ -29,13 +30,7 @@ from cnnviz.cli._common import (
 )
 from cnnviz.errors import CnnvizError
 
-
-class SaliencyMethod(str, Enum):
-    vanilla = "vanilla"
-    guided = "guided"
-    rectified = "rectified"
-    smoothgrad = "smoothgrad"
-    all = "all"
+SaliencyMethod = choices("SaliencyMethod", 'vanilla', 'guided', 'rectified', 'smoothgrad', 'all')
 
 
 @command("saliency")
@@ -56,12 +51,10 @@ def saliency_command(
     """Saliency maps: |d score / d pixel|, vanilla, guided, rectified (deconvnet) or SmoothGrad."""
     from cnnviz.explain import SALIENCY_METHODS
     from cnnviz.report.figures import saliency_figures
-    from cnnviz.report.selection import select_images
 
-    loaded, folder = run_and_folder(run, out, "saliency")
+    loaded, folder, selection = images_to_explain(run, out, "saliency", images, output,
+                                                  preprocess, resize)
     methods = SALIENCY_METHODS if method is SaliencyMethod.all else (method.value,)
-    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
-                              resize=resize.value)
     report_written(saliency_figures(loaded.model, selection, folder, methods=methods, target=target,
                                     samples=samples, noise=noise, seed=seed, output=output,
                                     save_arrays=save_arrays))
@@ -84,12 +77,10 @@ def gradcam_command(
     inside a nested backbone too)."""
     from cnnviz.explain import gradcam_layer
     from cnnviz.report.figures import gradcam_figures
-    from cnnviz.report.selection import select_images
 
-    loaded, folder = run_and_folder(run, out, "gradcam")
+    loaded, folder, selection = images_to_explain(run, out, "gradcam", images, output,
+                                                  preprocess, resize)
     chosen = gradcam_layer(loaded.model, layer)
-    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
-                              resize=resize.value)
     if layer is None:
         typer.echo(f"Grad-CAM on layer {chosen} (the last layer with a spatial output)")
     report_written(gradcam_figures(loaded.model, selection, folder, layer=chosen, guided=guided,
@@ -97,15 +88,7 @@ def gradcam_command(
                                    save_arrays=save_arrays))
 
 
-class CamMethod(str, Enum):
-    gradcam = "gradcam"
-    gradcam_plus_plus = "gradcam++"
-    xgradcam = "xgradcam"
-    layercam = "layercam"
-    hirescam = "hirescam"
-    scorecam = "scorecam"
-    eigencam = "eigencam"
-    all = "all"
+CamMethod = choices("CamMethod", 'gradcam', 'gradcam++', 'xgradcam', 'layercam', 'hirescam', 'scorecam', 'eigencam', 'all')
 
 
 @command("cam")
@@ -128,12 +111,10 @@ def cam_command(
     """
     from cnnviz.explain import CAM_METHODS, gradcam_layer
     from cnnviz.report.figures import cam_figures
-    from cnnviz.report.selection import select_images
 
-    loaded, folder = run_and_folder(run, out, "cam")
+    loaded, folder, selection = images_to_explain(run, out, "cam", images, output,
+                                                  preprocess, resize)
     chosen = gradcam_layer(loaded.model, layer)
-    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
-                              resize=resize.value)
     if layer is None:
         typer.echo(f"CAM on layer {chosen} (the last layer with a spatial output)")
     methods = CAM_METHODS if method is CamMethod.all else (method.value,)
@@ -172,12 +153,10 @@ def integrated_gradients_command(
     score(image) - score(baseline), which it must equal up to the integration error.
     """
     from cnnviz.report.figures import signed_figures
-    from cnnviz.report.selection import select_images
 
     start = _baseline(baseline)
-    loaded, folder = run_and_folder(run, out, "integrated-gradients")
-    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
-                              resize=resize.value)
+    loaded, folder, selection = images_to_explain(run, out, "integrated-gradients", images, output,
+                                                  preprocess, resize)
     report_written(signed_figures(loaded.model, selection, folder,
                                   methods=("integrated_gradients",), steps=steps,
                                   baseline=start, target=target, output=output,
@@ -197,11 +176,9 @@ def gradient_x_input_command(
 ) -> None:
     """Gradient x input (signed; red for the class, blue against)."""
     from cnnviz.report.figures import signed_figures
-    from cnnviz.report.selection import select_images
 
-    loaded, folder = run_and_folder(run, out, "gradient-x-input")
-    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
-                              resize=resize.value)
+    loaded, folder, selection = images_to_explain(run, out, "gradient-x-input", images, output,
+                                                  preprocess, resize)
     report_written(signed_figures(loaded.model, selection, folder, methods=("gradient_x_input",),
                                   target=target, output=output,
                                   save_arrays=save_arrays))
@@ -224,11 +201,9 @@ def rise_command(
 ) -> None:
     """RISE (Petsiuk et al. 2018): the class probability over random masks, a black-box map."""
     from cnnviz.report.figures import rise_figures
-    from cnnviz.report.selection import select_images
 
-    loaded, folder = run_and_folder(run, out, "rise")
-    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
-                              resize=resize.value)
+    loaded, folder, selection = images_to_explain(run, out, "rise", images, output,
+                                                  preprocess, resize)
     report_written(rise_figures(loaded.model, selection, folder, masks=masks, cell=cell,
                                 keep=keep, seed=seed, target=target, output=output,
                                 save_arrays=save_arrays))
@@ -250,11 +225,9 @@ def occlusion_command(
 ) -> None:
     """Occlusion sensitivity: the class probability as a patch covers each place."""
     from cnnviz.report.figures import occlusion_figures
-    from cnnviz.report.selection import select_images
 
-    loaded, folder = run_and_folder(run, out, "occlusion")
-    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
-                              resize=resize.value)
+    loaded, folder, selection = images_to_explain(run, out, "occlusion", images, output,
+                                                  preprocess, resize)
     report_written(occlusion_figures(loaded.model, selection, folder, patch=patch, stride=stride,
                                      fill=fill, target=target, output=output,
                                      save_arrays=save_arrays))
@@ -273,12 +246,10 @@ def feature_maps_command(
 ) -> None:
     """The feature maps (activations) of conv layers for chosen images."""
     from cnnviz.report.figures import conv_layer_names, feature_map_figures
-    from cnnviz.report.selection import select_images
 
-    loaded, folder = run_and_folder(run, out, "feature-maps")
+    loaded, folder, selection = images_to_explain(run, out, "feature-maps", images, output,
+                                                  preprocess, resize)
     layers = layer or conv_layer_names(loaded.model)
-    selection = select_images(loaded, images, output=output, preprocess=preprocess.value,
-                              resize=resize.value)
     report_written(feature_map_figures(loaded.model, selection, folder, layers=layers,
                                        max_channels=max_channels, output=output))
 

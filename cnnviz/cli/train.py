@@ -64,8 +64,8 @@ def train_command(
     if resume is not None:
         check_resume(resume, resolved)  # before TensorFlow's import: a live run fails at once
     import_tensorflow()
-    from cnnviz.train.fit import train  # imports Keras: after the quiet TensorFlow import
     from cnnviz.ci.gates import needs_evaluation, training_values
+    from cnnviz.train.fit import train  # imports Keras: after the quiet TensorFlow import
 
     result = train(resolved, out_root, resume=resume)
     from cnnviz.pipeline import training_files

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +18,7 @@ from cnnviz.cli._common import (
     OutOption,
     RunArgument,
     SetOption,
+    choices,
     command,
     import_tensorflow,
     judge,
@@ -103,10 +103,7 @@ def verify_command(
             "timings": {"total_s": round(time.perf_counter() - started, 3)}}
 
 
-class Baseline(str, Enum):
-    blur = "blur"
-    zero = "zero"
-    mean = "mean"
+Baseline = choices("Baseline", 'blur', 'zero', 'mean')
 
 
 @command("sanity")
