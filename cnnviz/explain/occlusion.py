@@ -142,13 +142,31 @@ def occlusion(
         An `OcclusionResult` (per-pixel maps, per-window grids, targets).
     """
     batch = as_image_batch(images)
+    stride = _check_window(patch, stride, *batch.shape[1:3])
+    check_images(model_copy(model, "probabilities", output=output).model, batch)
+    check_target_count(targets, len(batch))
+    probabilities = occluded_probabilities(model, batch, patch=patch, stride=stride, fill=fill,
+                                           output=output, batch_size=batch_size)
+    return occlusion_from_probabilities(probabilities, targets, patch=patch, stride=stride)
+
+
+def occluded_probabilities(model, images, *, patch: int = 4, stride: int | None = None,
+                           fill: float = 0.5, output=None,
+                           batch_size: int | None = None) -> tuple[np.ndarray, int, int]:
+    """The forward passes of `occlusion`, which do not depend on the target.
+
+    Returns:
+        ((N, 1 + windows, K) float32, the class probabilities of each image intact (copy 0),
+        then with window i * cols + j hidden (copy 1 + i * cols + j); H; W), what
+        `occlusion_from_probabilities` reads for any targets.
+    """
+    batch = as_image_batch(images)
     count, height, width = batch.shape[:3]
     stride = _check_window(patch, stride, height, width)
     probabilities_copy = model_copy(model, "probabilities", output=output)
     check_images(probabilities_copy.model, batch)
     low, high = input_range(model)
     fill_value = np.float32(low + fill * (high - low))
-    check_target_count(targets, count)
     rows_at = _window_starts(height, patch, stride)
     cols_at = _window_starts(width, patch, stride)
     # Per image: copy 0 is the intact image, copy 1 + i * cols + j hides window (i, j).
@@ -169,7 +187,18 @@ def occlusion(
         probabilities_copy, "forward", forward_body, count * copies, occluded,
         batch_size_for(probabilities_copy, batch_size),
     )
-    probabilities = class_probabilities(outputs).reshape(count, copies, -1)
+    return class_probabilities(outputs).reshape(count, copies, -1), height, width
+
+
+def occlusion_from_probabilities(occluded: tuple[np.ndarray, int, int], targets=None, *,
+                                 patch: int = 4, stride: int | None = None) -> OcclusionResult:
+    """`occlusion`'s result for `targets` from what `occluded_probabilities` returned (for the
+    same patch and stride)."""
+    probabilities, height, width = occluded
+    count = len(probabilities)
+    stride = _check_window(patch, stride, height, width)
+    rows_at = _window_starts(height, patch, stride)
+    cols_at = _window_starts(width, patch, stride)
     intact, probabilities = probabilities[:, 0], probabilities[:, 1:]
     predicted = intact.argmax(axis=-1).astype(np.int32)
     chosen = resolve_targets(targets, predicted, intact.shape[-1])

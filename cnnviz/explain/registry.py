@@ -35,12 +35,16 @@ seeded), so two calls on the same model give the same maps: the sanity checks re
 
 from __future__ import annotations
 
+import hashlib
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from cnnviz.errors import CnnvizError
 from cnnviz.model.inputs import as_image_batch
+from cnnviz.model.outputs import resolve_targets
 
 AttributionFunction = Callable[..., np.ndarray]
 
@@ -87,12 +91,26 @@ def _gradient_x_input(model, images, targets):
     return gradient_x_input(model, images, targets).sum(axis=-1)
 
 
+# Below this many map values (N x classes x H x W) RISE keeps every class's map of a batch, so
+# another target for the same images and weights (class sensitivity's second class) is free.
+_EVERY_CLASS_VALUES = 1 << 24
+
+
 def _rise(model, images, targets):
-    from cnnviz.explain.rise import rise
+    from cnnviz.explain.rise import rise, rise_every_class
 
     batch = as_image_batch(images)
     # The paper's 7 x 7 grid, or one cell per pixel on images smaller than that.
-    return rise(model, batch, targets, cell=min(7, *batch.shape[1:3]), seed=0)
+    options = {"cell": min(7, *batch.shape[1:3]), "seed": 0}
+    from cnnviz.model.compiled import model_copy, num_classes
+
+    classes = num_classes(model_copy(model, "probabilities").model)
+    if batch.size // batch.shape[-1] * classes > _EVERY_CLASS_VALUES:
+        return rise(model, batch, targets, **options)
+    maps, intact = _MEMO.get(_MEMO.state(model, batch), ("rise-every-class",),
+                             lambda: rise_every_class(model, batch, **options))
+    chosen = resolve_targets(targets, intact.argmax(axis=-1), intact.shape[-1])
+    return maps[np.arange(len(batch)), chosen]
 
 
 def occlusion_window(height: int, width: int) -> tuple[int, int]:
@@ -105,11 +123,14 @@ def occlusion_window(height: int, width: int) -> tuple[int, int]:
 
 
 def _occlusion(model, images, targets):
-    from cnnviz.explain.occlusion import occlusion
+    from cnnviz.explain.occlusion import occluded_probabilities, occlusion_from_probabilities
 
     batch = as_image_batch(images)
     patch, stride = occlusion_window(*batch.shape[1:3])
-    result = occlusion(model, batch, targets, patch=patch, stride=stride)
+    occluded = _MEMO.get(_MEMO.state(model, batch), ("occlusion", patch, stride),
+                         lambda: occluded_probabilities(model, batch, patch=patch, stride=stride))
+    # The forward passes are the same for every target: another target is free.
+    result = occlusion_from_probabilities(occluded, targets, patch=patch, stride=stride)
     drop = result.unoccluded_probability[:, None, None] - result.probability
     return drop.astype(np.float32)
 
@@ -200,8 +221,93 @@ def _checked_maps(name: str, maps, batch: np.ndarray) -> np.ndarray:
 def run_methods(
     model, images: np.ndarray, targets: np.ndarray, methods: Mapping[str, AttributionFunction]
 ) -> dict[str, np.ndarray]:
-    """{name: (N, H, W) float32 maps} for every resolved method, all for the same targets."""
-    return {
-        name: _checked_maps(name, function(model, images, targets), images)
-        for name, function in methods.items()
-    }
+    """{name: (N, H, W) float32 maps} for every resolved method, all for the same targets.
+
+    A registry method's maps are remembered for the model's current weights, these images and
+    these targets (`_MapMemo`): the trust checks ask for the trained model's maps of the same
+    images three times (model randomization, class sensitivity, faithfulness) and compute
+    them once. Every method is deterministic, so a remembered map is the map.
+    """
+    batch = np.asarray(images)
+    state = _MEMO.state(model, batch)
+    wanted = _digest(np.asarray(targets)) if targets is not None else b"predicted"
+    maps = {}
+    for name, function in methods.items():
+        registered = _REGISTERED.get(id(function))
+        if registered is None or registered[1] is not function:
+            maps[name] = _checked_maps(name, function(model, batch, targets), batch)
+            continue
+        maps[name] = _MEMO.get(state, ("maps", registered[0], wanted), lambda: _checked_maps(
+            name, function(model, batch, targets), batch)).copy()
+    return maps
+
+
+# ---------------------------------------------------------------------------------- memo
+def _digest(array: np.ndarray) -> bytes:
+    array = np.ascontiguousarray(array)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((array.shape, array.dtype.str)).encode())
+    digest.update(array.data)
+    return digest.digest()
+
+
+def weights_digest(model) -> bytes:
+    """A digest of every variable's value: equal digests, equal weights (what a map depends on
+    besides the images and targets)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for variable in model.weights:
+        digest.update(_digest(np.asarray(variable)))
+    return digest.digest()
+
+
+class _MapMemo:
+    """Results of deterministic computations, per model (weakly: they die with it), per state
+    (the model's weights and the images), least recently used states dropped beyond a byte
+    budget. Only registry methods and their shared forward passes are remembered; a function
+    plugged in by a caller always runs."""
+
+    def __init__(self, budget: int = 256 << 20) -> None:
+        self.budget = budget
+        self.states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def state(self, model, images: np.ndarray) -> tuple:
+        return (model, weights_digest(model), _digest(images))
+
+    def get(self, state: tuple, key: tuple, compute: Callable[[], np.ndarray]):
+        model, *identity = state
+        try:
+            states = self.states.setdefault(model, OrderedDict())
+        except TypeError:  # not weak-referenceable: nothing is remembered
+            return compute()
+        identity = tuple(identity)
+        entries = states.get(identity)
+        if entries is not None and key in entries:
+            states.move_to_end(identity)
+            return entries[key]
+        value = compute()
+        states.setdefault(identity, {})[key] = value
+        states.move_to_end(identity)
+        self._trim()
+        return value
+
+    def _trim(self) -> None:
+        def size(value) -> int:
+            return sum(int(getattr(part, "nbytes", 0)) for part in
+                       (value if isinstance(value, tuple) else (value,)))
+
+        groups = [(states, identity, sum(size(v) for v in entries.values()))
+                  for states in self.states.values() for identity, entries in states.items()]
+        total = sum(bytes_ for *_, bytes_ in groups)
+        for states, identity, bytes_ in groups:  # oldest first within each model
+            if total <= self.budget or len(groups) <= 1:
+                break
+            if identity in states and len(states) > 1:
+                del states[identity]
+                total -= bytes_
+
+    def clear(self) -> None:
+        self.states = weakref.WeakKeyDictionary()
+
+
+_MEMO = _MapMemo()
+_REGISTERED = {id(function): (name, function) for name, function in ATTRIBUTIONS.items()}

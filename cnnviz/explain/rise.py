@@ -120,6 +120,40 @@ def rise(
         pixel takes the low end of the model's input range (black), x * M for [0, 1] inputs.
     """
     batch = as_image_batch(images)
+    saliency, _, _ = _rise_sums(model, batch, targets, every_class=False, masks=masks, cell=cell,
+                                keep=keep, seed=seed, output=output, batch_size=batch_size)
+    return saliency[:, 0]
+
+
+def rise_every_class(
+    model,
+    images,
+    *,
+    masks: int = 2000,
+    cell: int = 7,
+    keep: float = 0.5,
+    seed: int = 0,
+    output=None,
+    batch_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`rise`'s maps for every class at once, from the same forward passes (one target costs
+    as much as all of them: the masked images are the same, only the probability read differs).
+
+    Returns:
+        ((N, K, H, W) float32, map k being `rise(..., targets=k)`'s up to float rounding;
+        (N, K) float32, the intact images' probabilities).
+    """
+    batch = as_image_batch(images)
+    saliency, intact, _ = _rise_sums(model, batch, None, every_class=True, masks=masks,
+                                     cell=cell, keep=keep, seed=seed, output=output,
+                                     batch_size=batch_size)
+    return saliency, intact
+
+
+def _rise_sums(model, batch, targets, *, every_class: bool, masks, cell, keep, seed, output,
+               batch_size):
+    """(saliency (N, T, H, W) float32 with T = 1 (the targets) or K (`every_class`), intact
+    probabilities (N, K), targets (N,))."""
     count, height, width = batch.shape[:3]
     mask_set = MaskSet(masks, height, width, cell=cell, keep=keep, seed=seed)
     probabilities = model_copy(model, "probabilities", output=output)
@@ -131,8 +165,12 @@ def rise(
     )
     intact = class_probabilities(intact)
     chosen = resolve_targets(targets, intact.argmax(axis=-1), intact.shape[-1])
+    classes = intact.shape[-1] if every_class else 1
     fill = np.float32(input_range(model)[0])
-    saliency = np.zeros((count, height * width), np.float64)
+    # Per mask, image and class, the probability read through that mask; the weighted sum of
+    # the masks is taken once at the end, in blocks of masks (one large product instead of a
+    # small one per chunk, which cost as much as the forward passes).
+    read = np.zeros((mask_set.count, count, classes), np.float64)
 
     def mask_range(start: int, stop: int) -> tuple[int, np.ndarray]:
         # Items are mask-major: item i is image i % count seen through mask i // count.
@@ -145,16 +183,22 @@ def rise(
         kept = chunk_masks[flat // count - first][..., None]
         return [fill + (batch[flat % count] - fill) * kept]
 
-    def accumulate(start: int, stop: int, outputs: list[np.ndarray]) -> None:
-        first, chunk_masks = mask_range(start, stop)
+    def record(start: int, stop: int, outputs: list[np.ndarray]) -> None:
         flat = np.arange(start, stop)
         image = flat % count
-        probability = class_probabilities(outputs[0])[np.arange(len(flat)), chosen[image]]
-        weights = np.zeros((len(chunk_masks), count))
-        weights[flat // count - first, image] = probability
-        saliency[:] += weights.T @ chunk_masks.reshape(len(chunk_masks), -1)
+        probability = class_probabilities(outputs[0])
+        if not every_class:
+            probability = probability[np.arange(len(flat)), chosen[image]][:, None]
+        read[flat // count, image] = probability
 
     run_batched(probabilities, "forward", forward_body, count * mask_set.count, masked,
-                batch_size, consume=accumulate)
+                batch_size, consume=record)
+    saliency = np.zeros((count * classes, height * width), np.float64)
+    block = max(1, (1 << 24) // (height * width))  # masks per block: at most 64 MiB of them
+    for first in range(0, mask_set.count, block):
+        stop = min(first + block, mask_set.count)
+        saliency += read[first:stop].reshape(stop - first, -1).T @ mask_set[first:stop].reshape(
+            stop - first, -1)
     saliency /= mask_set.count * mask_set.keep
-    return saliency.reshape(count, height, width).astype(np.float32)
+    return (saliency.reshape(count, classes, height, width).astype(np.float32),
+            intact.astype(np.float32), chosen)

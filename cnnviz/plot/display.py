@@ -41,6 +41,20 @@ def render_png(fig: Figure, *, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
+def release(fig: Figure) -> None:
+    """Let go of a saved figure's Axes and artists (their images, their arrays) now.
+
+    What `Figure.clear` frees, without its reset of every Axes to a blank one first (which
+    costs as much as creating the Axes did: a tenth of a per-image figure's time). The figure
+    is not meant to be drawn again.
+    """
+    for ax in tuple(fig.axes):
+        for artist in (*ax.images, *ax.collections, *ax.lines, *ax.patches, *ax.texts):
+            artist.remove()
+        fig.delaxes(ax)
+    fig.artists, fig.lines, fig.patches, fig.texts, fig.images, fig.legends = [], [], [], [], [], []
+
+
 def new_figure(width: float, height: float) -> Figure:
     """A white figure with constrained layout (titles and colorbars never overlap), in inches."""
     return Figure(figsize=(width, height), layout="constrained", facecolor="white")

@@ -24,13 +24,15 @@ class FigureFile:
 
 def save_captioned(figure, path: Path) -> FigureFile:
     """Save a figure; its title (suptitle, else the first panel's) becomes its caption."""
+    from cnnviz.plot.display import release
+
     title = figure.get_suptitle() or (figure.axes[0].get_title() if figure.axes else "")
     lines = title.splitlines()
     # A title's lines as one caption: "Filters of conv1; 16 filters, 3x3, ...".
     title = " ".join([line if line.endswith((";", ":", ",", ".")) else f"{line};"
                       for line in lines[:-1]] + lines[-1:])
     written = FigureFile(save_figure(figure, path), title)
-    figure.clear()  # drop the artists now; memory must not grow with the count
+    release(figure)  # drop the artists now; memory must not grow with the count
     return written
 
 

@@ -27,7 +27,7 @@ def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0,
                   methods: Sequence[str] | None = None) -> Report:
     """Model randomization + class sensitivity: sanity.txt, sanity.json and two figures.
 
-    `methods`: registry names (default: every method of `cnnviz.trust.attribution.METHODS`).
+    `methods`: registry names (default: every method of `cnnviz.explain.registry.METHODS`).
     """
     from cnnviz.explain.registry import METHODS
     from cnnviz.io.atomic import atomic_write_json
@@ -54,7 +54,7 @@ def faithfulness_report(model, selection: Selection, folder: Path, *, steps: int
                         methods: Sequence[str] | None = None) -> Report:
     """Deletion and insertion curves per method vs a random order: table, JSON and a figure.
 
-    `methods`: registry names (default: every method of `cnnviz.trust.attribution.METHODS`).
+    `methods`: registry names (default: every method of `cnnviz.explain.registry.METHODS`).
     """
     from cnnviz.explain.registry import METHODS
     from cnnviz.io.atomic import atomic_write_json

@@ -168,7 +168,7 @@ def deletion_insertion(
         model: a built Keras classifier; not modified.
         images: (N, H, W, C) or (H, W, C).
         targets: None (each image's predicted class), an int, or N ints.
-        methods: registry names (see `cnnviz.trust.attribution.METHODS`) or {name: function}.
+        methods: registry names (see `cnnviz.explain.registry.METHODS`) or {name: function}.
         steps: points on each curve after the first (>= 1).
         baseline: "blur", "zero" or "mean" (see `baseline_images`).
         blur_sigma: for "blur"; None means min(H, W) / 5.

@@ -1,7 +1,7 @@
 """Sanity checks for saliency maps (Adebayo et al. 2018): does the map depend on what was learned?
 
-Cascading model randomization re-initializes the layers of a *copy* of the model from the output
-layer down, one more layer at each step, and recomputes every method's maps for the same images
+Cascading model randomization re-initializes the layers of the model (in place, every weight
+restored afterwards) from the output layer down, one more layer at each step, and recomputes every method's maps for the same images
 and the same target classes. A map that explains the model must change as the weights it
 explains are destroyed; a map that stays the same (high rank correlation with the trained
 model's map even when every layer is random) shows the input, not the model: the paper's edge
@@ -14,6 +14,7 @@ same for the predicted and for another class does not explain the class.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,13 +120,16 @@ def randomization_steps(model) -> tuple[str, ...]:
     return tuple(layer.name for layer in reversed(_leaf_layers(model)))
 
 
-def _clone(model):
-    """A copy of `model` with its own variables (randomizing it never touches `model`)."""
-    import keras
-
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
+@contextmanager
+def _weights_restored(model):
+    """Run the block, then give every variable of `model` back its value from before it,
+    also when the block raises (or is interrupted)."""
+    saved = [(variable, np.array(variable)) for variable in model.weights]
+    try:
+        yield model
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
 
 
 def _reinitialize(layer, seed: int) -> None:
@@ -263,17 +267,18 @@ def model_randomization(
 ) -> SanityResult:
     """Cascading model randomization (Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
 
-    On a clone of `model`, the layers with weights are re-initialized one more at each step, from
+    On `model` itself (every weight restored afterwards), the layers with weights are re-initialized one more at each step, from
     the output layer down to the first layer, each with its own initializers (seeded); after each
     step every method's maps are recomputed for the same images and the same targets and compared
     with the trained model's maps (Spearman correlation of absolute maps, and SSIM).
 
     Args:
-        model: a built Keras classifier; never modified (a clone is randomized).
+        model: a built Keras classifier; randomized in place during the call and given back
+            exactly as it was (every variable restored, also on an error).
         images: (N, H, W, C) or (H, W, C).
         targets: None (each image's class as predicted by the trained model, kept fixed at every
             step), an int, or N ints.
-        methods: registry names (see `cnnviz.trust.attribution.METHODS`) or {name: function}.
+        methods: registry names (see `cnnviz.explain.registry.METHODS`) or {name: function}.
         seed: seed of the re-initialization (step s uses seed + 1000 * s + variable index).
         threshold: after each step, a method whose mean rank correlation or mean SSIM is above
             this is called insensitive to the layers randomized so far (`insensitive_to`); after
@@ -294,20 +299,24 @@ def model_randomization(
     keep = max(0, min(int(keep), len(batch)))
 
     trained = run_methods(model, batch, chosen, resolved)
-    copy = _clone(model)
-    layers = list(reversed(_leaf_layers(copy)))
+    layers = list(reversed(_leaf_layers(model)))
     if not layers:
         raise CnnvizError(f"model {model.name!r} has no layer with weights to randomize")
     correlations = {name: [] for name in resolved}
     similarities = {name: [] for name in resolved}
     kept = {name: [trained[name][:keep]] for name in resolved}
-    for step, layer in enumerate(layers):
-        _reinitialize(layer, seed + 1000 * step)
-        randomized = run_methods(copy, batch, chosen, resolved)
-        for name in resolved:
-            correlations[name].append(rank_correlation(trained[name], randomized[name]))
-            similarities[name].append(structural_similarity(trained[name], randomized[name]))
-            kept[name].append(randomized[name][:keep])
+    # The layers are randomized in place and every weight is put back afterwards, whatever
+    # happens: the functions compiled on the model (every method's, cached in
+    # `explain._compiled`) read its variables, so no step builds or compiles anything again,
+    # where a clone cost a second compilation of every method.
+    with _weights_restored(model):
+        for step, layer in enumerate(layers):
+            _reinitialize(layer, seed + 1000 * step)
+            randomized = run_methods(model, batch, chosen, resolved)
+            for name in resolved:
+                correlations[name].append(rank_correlation(trained[name], randomized[name]))
+                similarities[name].append(structural_similarity(trained[name], randomized[name]))
+                kept[name].append(randomized[name][:keep])
 
     per_image_rank = {name: np.stack(values) for name, values in correlations.items()}
     per_image_ssim = {name: np.stack(values) for name, values in similarities.items()}

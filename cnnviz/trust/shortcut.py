@@ -154,7 +154,7 @@ def shortcut_report(
         model: a built Keras classifier trained on `dataset`; not modified.
         dataset: a `cnnviz.data.Dataset` whose extras hold "cue_masks_train" (the `shapes`
             source with `data.shapes.spurious` set).
-        methods: registry names (see `cnnviz.trust.attribution.METHODS`) or {name: function}.
+        methods: registry names (see `cnnviz.explain.registry.METHODS`) or {name: function}.
         count: training images to explain.
         cue: the cue's kind ("corner_mark", "background") or any phrase for the verdict;
             None says "the spurious cue".
