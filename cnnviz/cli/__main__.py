@@ -2,4 +2,5 @@
 
 from cnnviz.cli import app
 
-app()
+if __name__ == "__main__":  # not when a spawned worker process re-imports the main module
+    app()

@@ -202,12 +202,12 @@ def run_command(
     out_root = writable_out(out, Path("outputs"))
     import_tensorflow()
     from cnnviz.ci.gates import training_values, trust_checks, trust_values
-    from cnnviz.pipeline import run_pipeline
+    from cnnviz.pipeline import TRUST_IMAGES, run_pipeline
 
     outcome = run_pipeline(
         resolved, out_root, images=images,
         figure_images=SMOKE_FIGURE_IMAGES if smoke else 10,
-        trust_images=f"0:{SMOKE_TRUST_IMAGES}" if smoke else "0:32",
+        trust_images=f"0:{SMOKE_TRUST_IMAGES}" if smoke else TRUST_IMAGES,
         trust_methods=smoke_trust_methods(expectations) if smoke else None,
         figure_options=smoke_figure_options if smoke else None,
         log=typer.echo, warn=lambda line: typer.echo(line, err=True))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ from cnnviz.io.atomic import save_figure
 from cnnviz.report.selection import Selection
 
 CHUNK = 64  # images explained per batch: big enough to amortize, small enough to stay flat
+# False in a worker process that runs beside another one (cnnviz.pipeline): one bar on a screen.
+SHOW_PROGRESS = True
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,98 @@ def save_captioned(figure, path: Path) -> FigureFile:
     return written
 
 
+# ---------------------------------------------------------------------- drawing elsewhere
+@dataclass(frozen=True)
+class Drawing:
+    """A figure still to draw: a cnnviz.plot function and its arguments (arrays, strings), so
+    that another process can draw it."""
+
+    function: Callable
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    def figure(self):
+        return self.function(*self.args, **self.kwargs)
+
+
+def drawing(function: Callable, *args, **kwargs) -> Drawing:
+    return Drawing(function, args, kwargs)
+
+
+def _draw_and_save(figure: Drawing, path: Path) -> FigureFile:
+    return save_captioned(figure.figure(), path)
+
+
+class _PendingFigure:
+    """A FigureFile whose PNG another process is drawing; its caption waits for it."""
+
+    def __init__(self, path: Path, future) -> None:
+        self.path, self._future = path, future
+
+    @property
+    def caption(self) -> str:
+        return self._future.result().caption
+
+
+class _DrawingProcess:
+    """One process that only draws (matplotlib, no TensorFlow): while it renders one batch of
+    figures, the caller computes the next maps and the trust checks on the other core."""
+
+    def __init__(self, most_pending: int = 64) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a fresh interpreter, never a fork of a process running TensorFlow
+        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self.pending: deque = deque()
+        self.most_pending = most_pending
+
+    def submit(self, figure: Drawing, path: Path) -> _PendingFigure:
+        while len(self.pending) >= self.most_pending:  # memory stays bounded
+            self.pending.popleft().result()
+        future = self.pool.submit(_draw_and_save, figure, path)
+        self.pending.append(future)
+        return _PendingFigure(path, future)
+
+    def finish(self) -> None:
+        """Wait for every figure; the first error a drawing raised is raised here."""
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+
+
+_DRAWER: _DrawingProcess | None = None
+
+
+@contextmanager
+def drawing_in_background():
+    """Inside this block, `write_per_image` hands its figures to a drawing process; every
+    figure is on disk when the block ends (errors raised there)."""
+    global _DRAWER
+    if _DRAWER is not None:  # already drawing in the background
+        yield
+        return
+    _DRAWER = _DrawingProcess()
+    try:
+        yield
+        _DRAWER.finish()
+    finally:
+        if _DRAWER.pending:
+            _DRAWER.pool.shutdown(cancel_futures=True)
+        _DRAWER = None
+
+
+def save_drawing(figure, path: Path):
+    """Save a Figure, or a Drawing (in the drawing process when one is running)."""
+    if isinstance(figure, Drawing):
+        if _DRAWER is not None:
+            return _DRAWER.submit(figure, path)
+        figure = figure.figure()
+    return save_captioned(figure, path)
+
+
 # -------------------------------------------------------------------------------- batching
 def chunks(count: int, size: int | None = None) -> Iterator[slice]:
     size = size or CHUNK
@@ -51,7 +147,7 @@ def progress_bar(total: int, description: str):
     console = Console(stderr=True)
     return Progress(
         f"[bold]{description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=True, disable=not console.is_terminal,
+        console=console, transient=True, disable=not (SHOW_PROGRESS and console.is_terminal),
     )
 
 
@@ -70,7 +166,7 @@ def write_per_image(
         folder: where the PNGs go.
         description: the progress bar's label.
         explain_chunk: (images, labels) -> one payload per image (arrays only).
-        draw: (index into the selection, payload) -> [(file name, Figure), ...].
+        draw: (index into the selection, payload) -> [(file name, Figure or Drawing), ...].
         arrays: payload -> {name: array}, saved beside the image's first figure as
             `<figure stem>.npz` (`--save-arrays`); None saves none.
 
@@ -86,7 +182,7 @@ def write_per_image(
             for offset, payload in enumerate(payloads):
                 figures = draw(part.start + offset, payload)
                 for name, figure in figures:
-                    written.append(save_captioned(figure, folder / name))
+                    written.append(save_drawing(figure, folder / name))
                 if arrays is not None and figures:
                     save_arrays(folder / Path(figures[0][0]).with_suffix(".npz"),
                                 arrays(payload))

@@ -18,6 +18,7 @@ from cnnviz.report.batching import (
     FigureFile,
     _explained_arrays,
     caption,
+    drawing,
     progress_bar,
     save_captioned,
     write_per_image,
@@ -64,7 +65,7 @@ def saliency_figures(model, selection: Selection, folder: Path, *, methods: Sequ
     def draw(index, payload):
         probabilities, explained, maps = payload
         title = f"Saliency {_explained(selection, index, explained, probabilities)}"
-        figure = saliency_row(selection.shown(index), maps, title=title)
+        figure = drawing(saliency_row, selection.shown(index), maps, title=title)
         return [(f"{selection.names[index]}_{suffix}.png", figure)]
 
     return write_per_image(selection, folder, f"saliency ({suffix})", explain_chunk, draw,
@@ -93,7 +94,7 @@ def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | N
         probabilities, explained, heatmap, guided_map = payload
         title = (f"Grad-CAM on {layer_name} "
                  f"{_explained(selection, index, explained, probabilities)}")
-        figure = gradcam_figure(selection.shown(index), heatmap, title=title,
+        figure = drawing(gradcam_figure, selection.shown(index), heatmap, title=title,
                                 guided_map=guided_map)
         return [(f"{selection.names[index]}.png", figure)]
 
@@ -135,7 +136,7 @@ def cam_figures(model, selection: Selection, folder: Path, *, methods: Sequence[
         title = (f"CAM on {layer_name} {_explained(selection, index, explained, probabilities)}"
                  + (" (eigencam: class-agnostic)" if "eigencam" in maps else ""))
         return [(f"{selection.names[index]}_{suffix}.png",
-                 cam_row(selection.shown(index), maps, title=title))]
+                 drawing(cam_row, selection.shown(index), maps, title=title))]
 
     return write_per_image(selection, folder, f"cam ({suffix}, {layer_name})", explain_chunk,
                            draw, (lambda p: _explained_arrays(*p)) if save_arrays else None)
@@ -191,7 +192,7 @@ def signed_figures(model, selection: Selection, folder: Path, *, methods: Sequen
         title = (f"Signed attribution {_explained(selection, index, explained, probabilities)}"
                  f"\n{described + '; ' if described else ''}red: for the class, blue: against")
         return [(f"{selection.names[index]}_{suffix}.png",
-                 signed_row(selection.shown(index), maps, title=title, notes=notes))]
+                 drawing(signed_row, selection.shown(index), maps, title=title, notes=notes))]
 
     def arrays(payload):  # the maps under their method names, (H, W, C) as computed
         probabilities, explained, maps, _ = payload
@@ -222,7 +223,7 @@ def rise_figures(model, selection: Selection, folder: Path, *, masks: int = 2000
         title = (f"RISE, {masks} masks {_explained(selection, index, explained, probabilities)}"
                  f"\nE[P(class) | pixel kept] from {saliency.min():.2f} (blue) to "
                  f"{saliency.max():.2f} (red)")
-        figure = cam_row(selection.shown(index), {"RISE": normalize01(saliency)}, title=title,
+        figure = drawing(cam_row, selection.shown(index), {"RISE": normalize01(saliency)}, title=title,
                          label="scaled to its own range")
         return [(f"{selection.names[index]}.png", figure)]
 
@@ -250,7 +251,7 @@ def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int =
     def draw(index, payload):
         probabilities, explained, probability_map, class_map, intact = payload
         label = int(selection.labels[index])
-        figure = occlusion_figure(
+        figure = drawing(occlusion_figure,
             selection.shown(index), probability_map, class_map,
             class_names=selection.class_names, target_label=int(explained),
             true_label=label if label >= 0 else None,
@@ -289,7 +290,7 @@ def feature_map_figures(model, selection: Selection, folder: Path, *, layers: Se
     def draw(index, payload):
         probabilities, maps = payload
         return [(f"{selection.names[index]}_{file_stem(path)}.png",
-                 feature_maps_grid(selection.shown(index), layer_maps, layer_name=path,
+                 drawing(feature_maps_grid, selection.shown(index), layer_maps, layer_name=path,
                                    channels=channels, total_channels=total,
                                    max_maps=len(channels),
                                    title=f"Feature maps of {path} — "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnviz.io.atomic import atomic_write_text
-from cnnviz.report.batching import FigureFile, save_captioned
+from cnnviz.report.batching import FigureFile, drawing, save_drawing
 from cnnviz.report.selection import Selection
 from cnnviz.runs.load import Run
 
@@ -42,8 +42,8 @@ def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0,
     data_file = atomic_write_json(folder / "sanity.json", {
         "images": selection.names, "model_randomization": result.to_dict(),
         "class_sensitivity": classes})
-    figures = [save_captioned(sanity_maps_figure(result), folder / "sanity_maps.png"),
-               save_captioned(sanity_curves_figure(result), folder / "sanity_curves.png")]
+    figures = [save_drawing(drawing(sanity_maps_figure, result), folder / "sanity_maps.png"),
+               save_drawing(drawing(sanity_curves_figure, result), folder / "sanity_curves.png")]
     flagged = any(result.insensitive_to.values()) or any(
         entry.get("class_insensitive") for entry in classes.values() if isinstance(entry, dict))
     return Report(text, figures, data_file, flagged)
@@ -67,7 +67,7 @@ def faithfulness_report(model, selection: Selection, folder: Path, *, steps: int
     atomic_write_text(folder / "faithfulness.txt", text + "\n")
     data_file = atomic_write_json(folder / "faithfulness.json",
                                   {"images": selection.names, **result.to_dict()})
-    figures = [save_captioned(faithfulness_figure(result), folder / "faithfulness.png")]
+    figures = [save_drawing(drawing(faithfulness_figure, result), folder / "faithfulness.png")]
     return Report(text, figures, data_file, bool(result.called_out))
 
 
@@ -87,5 +87,5 @@ def shortcut_files(run: Run, folder: Path, *, count: int = 64,
     text = result.format_table()
     atomic_write_text(folder / "shortcut.txt", text + "\n")
     data_file = atomic_write_json(folder / "shortcut.json", result.to_dict())
-    figures = [save_captioned(shortcut_figure(result), folder / "shortcut.png")]
+    figures = [save_drawing(drawing(shortcut_figure, result), folder / "shortcut.png")]
     return Report(text, figures, data_file, bool(result.relies_on_cue))
