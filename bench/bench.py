@@ -34,147 +34,31 @@ JSON to OUT/<timestamp>.json and OUT/latest.json. Nothing here asserts: tests ne
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
 import numpy as np
+from common import (  # bench/common.py: the shared timing and table helpers
+    DIGITS,
+    FULL,
+    QUICK,
+    QUIET_ENV,
+    ROOT,
+    Row,
+    Sizes,
+    begin,
+    best_time,
+    print_table,
+    save_report,
+)
 
-DIGITS = ROOT / "configs" / "digits.yaml"
-QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-@dataclass
-class Row:
-    """One line of the table: a measurement, what it is compared with, and the verdict."""
-
-    section: str
-    name: str
-    value: float | None
-    unit: str
-    baseline: str = ""
-    ratio: float | None = None
-    ratio_label: str = ""
-    target: str = ""
-    passed: bool | None = None  # None: no target (information only)
-    note: str = ""
-
-
-@dataclass
-class Sizes:
-    epochs: int
-    train_repeats: int
-    images: int  # batched explanation calls
-    single_images: int  # one-image-at-a-time calls
-    naive_occlusion_images: int
-    timing_repeats: int
-    cli_counts: tuple[int, int]
-
-
-FULL = Sizes(epochs=6, train_repeats=5, images=512, single_images=32, naive_occlusion_images=3,
-             timing_repeats=3, cli_counts=(100, 1000))
-QUICK = Sizes(epochs=3, train_repeats=3, images=256, single_images=8, naive_occlusion_images=1,
-              timing_repeats=3, cli_counts=(50, 500))
-
-
-def best_time(function, repeats: int, *, warm: bool = True) -> float:
-    """Seconds of the fastest of `repeats` calls, after one untimed call (tracing, caches)."""
-    if warm:
-        function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def timed_process(command: list[str], env: dict) -> dict:
-    """Run `command` under /usr/bin/time -v: wall seconds, CPU seconds (user + system), peak RSS
-    (MiB), and the fields of the last JSON line it printed."""
-    import re
-
-    started = time.perf_counter()
-    finished = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True,
-                              env=env, check=False)
-    wall = time.perf_counter() - started
-    if finished.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", finished.stderr).group(1))
-    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", finished.stderr).group(1))
-              for kind in ("User", "System"))
-    last = [line for line in finished.stdout.splitlines() if line.startswith("{")]
-    return {"wall_s": wall, "cpu_s": cpu, "rss_mib": rss / 1024,
-            **(json.loads(last[-1]) if last else {})}
-
-
-# ------------------------------------------------------------------------------- settings
-def settings() -> dict:
-    import keras
-    import tensorflow as tf
-
-    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-    return {
-        "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-        "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-        "onednn": "on (default)" if onednn is None else ("off" if onednn == "0" else "on"),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
-        "gpus": [device.name for device in tf.config.list_physical_devices("GPU")],
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
-def print_settings(values: dict) -> None:
-    threads = (f"inter-op {values['tf_inter_op_threads']}, intra-op "
-               f"{values['tf_intra_op_threads']} (0 = TensorFlow's default: one per core)")
-    print(f"threads    {threads}")
-    print(f"oneDNN     {values['onednn']} (TF_ENABLE_ONEDNN_OPTS)")
-    print(f"CPUs       {values['cpu_count']} ({values['cpus_usable']} usable), load average "
-          f"{values['load_average_at_start']}, GPUs: {values['gpus'] or 'none'}")
-    print(f"versions   TensorFlow {values['tensorflow']}, Keras {values['keras']}, "
-          f"numpy {values['numpy']}, Python {values['python']}")
-
-
-def begin(title: str, quick: bool) -> dict:
-    """Quiet TensorFlow's start-up lines, import it, print the settings in force; return them."""
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    from cnnviz._quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()
-    values = settings()
-    print(f"{title} ({'quick' if quick else 'full'})")
-    print_settings(values)
-    return values
-
-
-def save_report(folder: Path, prefix: str, report: dict) -> Path:
-    """Write `report` as JSON to FOLDER/<prefix><timestamp>.json and FOLDER/<prefix>latest.json."""
-    from cnnviz.io.atomic import atomic_write_json
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    payload = json.loads(json.dumps({"timestamp": stamp, **report}, default=str))
-    folder.mkdir(parents=True, exist_ok=True)
-    path = atomic_write_json(folder / f"{prefix}{stamp}.json", payload)
-    atomic_write_json(folder / f"{prefix}latest.json", payload)
-    print(f"wrote {path} and {prefix}latest.json")
-    return path
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
 # ------------------------------------------------------------------------------- training
@@ -487,37 +371,6 @@ def bench_startup(repeats: int = 3) -> tuple[list[Row], dict]:
             "x import", "< 0.25", ratio < 0.25),
     ]
     return rows, {"help_seconds": help_seconds, "import_tensorflow_seconds": import_seconds}
-
-
-# ---------------------------------------------------------------------------------- output
-def _number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.3g}"
-
-
-def print_table(rows: list[Row]) -> None:
-    header = ("section", "measurement", "value", "unit", "compared with", "ratio", "target",
-              "result")
-    lines = []
-    for row in rows:
-        verdict = "-" if row.passed is None else ("PASS" if row.passed else "FAIL")
-        ratio = "" if row.ratio is None else f"{_number(row.ratio)} {row.ratio_label}"
-        lines.append((row.section, row.name, _number(row.value), row.unit, row.baseline, ratio,
-                      row.target, verdict))
-    widths = [max(len(str(line[index])) for line in [header, *lines])
-              for index in range(len(header))]
-    for index, line in enumerate([header, *lines]):
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
-    for row in rows:
-        if row.note:
-            print(f"  {row.name}: {row.note}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import timed_process  # bench/bench.py: the shared helpers
+from common import timed_process  # bench/common.py: the shared helpers
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("circle", "square", "triangle", "cross")

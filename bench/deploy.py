@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import QUIET_ENV, save_report, timed_process  # bench/bench.py: the shared helpers
+from common import QUIET_ENV, save_report, timed_process  # bench/common.py: the shared helpers
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("circle", "square", "stripes", "noise")

@@ -32,16 +32,9 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(BENCH.parent))  # run from a checkout without installing
 
 import numpy as np
+from common import DIGITS, Row, begin, print_table, save_report  # bench/common.py
 
-# bench/bench.py: the shared timing and table helpers
-from bench import (
-    DIGITS,
-    Row,
-    _forward_rate,
-    begin,
-    print_table,
-    save_report,
-)
+from bench import _forward_rate  # bench/bench.py
 
 
 @dataclass

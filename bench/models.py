@@ -45,12 +45,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))  # bench/bench.py: the shared timing and table helpers
+sys.path.insert(0, str(ROOT / "bench"))  # bench/common.py: the shared timing and table helpers
 sys.path.insert(1, str(ROOT))  # run from a checkout without installing
 
 import numpy as np
-
-from bench import QUIET_ENV, Row, begin, print_table, save_report
+from common import QUIET_ENV, Row, begin, print_table, save_report
 
 
 def _calibrated(model, shape, seed: int = 0):
