@@ -125,33 +125,22 @@ def rise(
     return saliency[:, 0]
 
 
-def rise_every_class(
-    model,
-    images,
-    *,
-    masks: int = 2000,
-    cell: int = 7,
-    keep: float = 0.5,
-    seed: int = 0,
-    output=None,
-    batch_size: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def rise_every_class(model, images, **options) -> tuple[np.ndarray, np.ndarray]:
     """`rise`'s maps for every class at once, from the same forward passes (one target costs
     as much as all of them: the masked images are the same, only the probability read differs).
+    Takes `rise`'s keyword arguments (masks, cell, keep, seed, output, batch_size).
 
     Returns:
         ((N, K, H, W) float32, map k being `rise(..., targets=k)`'s up to float rounding;
         (N, K) float32, the intact images' probabilities).
     """
-    batch = as_image_batch(images)
-    saliency, intact, _ = _rise_sums(model, batch, None, every_class=True, masks=masks,
-                                     cell=cell, keep=keep, seed=seed, output=output,
-                                     batch_size=batch_size)
+    saliency, intact, _ = _rise_sums(model, as_image_batch(images), None, every_class=True,
+                                     **options)
     return saliency, intact
 
 
-def _rise_sums(model, batch, targets, *, every_class: bool, masks, cell, keep, seed, output,
-               batch_size):
+def _rise_sums(model, batch, targets, *, every_class: bool, masks: int = 2000, cell: int = 7,
+               keep: float = 0.5, seed: int = 0, output=None, batch_size: int | None = None):
     """(saliency (N, T, H, W) float32 with T = 1 (the targets) or K (`every_class`), intact
     probabilities (N, K), targets (N,))."""
     count, height, width = batch.shape[:3]
