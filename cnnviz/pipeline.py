@@ -118,21 +118,24 @@ def run_pipeline(config, out_root: str | Path = "outputs", *, images: str | None
     result = train(config, out_root, log=log)
     files = training_files(result, log)
     timings = {"train_s": round(time.perf_counter() - started, 3)}
-    run = load_run(result.run_dir)
-    folder = result.run_dir / "figures"
-    summary = write_summary(run.model, result.run_dir)
-    if summary.graphviz_problem:
-        warn(summary.graphviz_problem)
-    selection = select_images(run, images or one_per_class(run.dataset().y_test,
-                                                           limit=figure_images))
-    sections = [("Training", [FigureFile(result.run_dir / "curves.png",
-                                         "Loss and accuracy per epoch, train vs validation")]
-                 + ([FigureFile(summary.architecture_file, "Architecture")]
-                    if summary.architecture_file else []))]
-    step = time.perf_counter()
-    # The figures are drawn in a process of their own while this one computes the next maps
-    # and the trust checks: drawing is single-threaded matplotlib, the rest mostly TensorFlow.
+    # The figures are drawn in a process of their own (started now, while the run is read
+    # back) as this one computes the next maps and the trust checks: drawing is
+    # single-threaded matplotlib, the rest mostly TensorFlow.
     with drawing_in_background():
+        step = time.perf_counter()
+        run = load_run(result.run_dir)
+        folder = result.run_dir / "figures"
+        summary = write_summary(run.model, result.run_dir)
+        timings["summary_s"] = round(time.perf_counter() - step, 3)
+        if summary.graphviz_problem:
+            warn(summary.graphviz_problem)
+        selection = select_images(run, images or one_per_class(run.dataset().y_test,
+                                                               limit=figure_images))
+        sections = [("Training", [FigureFile(result.run_dir / "curves.png",
+                                             "Loss and accuracy per epoch, train vs validation")]
+                     + ([FigureFile(summary.architecture_file, "Architecture")]
+                        if summary.architecture_file else []))]
+        step = time.perf_counter()
         sections += all_figures(run, selection, folder,
                                **(figure_options(run.model) if figure_options else {}))
         timings["figures_s"] = round(time.perf_counter() - step, 3)
@@ -140,9 +143,11 @@ def run_pipeline(config, out_root: str | Path = "outputs", *, images: str | None
         reports, seconds = trust_reports(run, folder, images=trust_images,
                                          methods=trust_methods, log=log)
         timings["trust_s"] = round(time.perf_counter() - step, 3)
+        evaluation, evaluation_figures, evaluation_files = evaluate_run(result.run_dir, log)
+        timings["evaluate_s"] = evaluation["seconds"]
+        step = time.perf_counter()
+    timings["drawing_wait_s"] = round(time.perf_counter() - step, 3)  # the last PNGs
     sections += [(heading, report.figures) for heading, report in reports.values()]
-    evaluation, evaluation_figures, evaluation_files = evaluate_run(result.run_dir, log)
-    timings["evaluate_s"] = evaluation["seconds"]
     sections.append((EVALUATION_HEADING, evaluation_figures))
     metrics = result.metrics
     title = (f"cnnviz run {result.run_dir.parent.name}/{result.run_dir.name}: test accuracy "

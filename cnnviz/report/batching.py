@@ -62,6 +62,10 @@ def _draw_and_save(figure: Drawing, path: Path) -> FigureFile:
     return save_captioned(figure.figure(), path)
 
 
+def _import_plotting() -> None:
+    import cnnviz.plot  # noqa: F401
+
+
 class _PendingFigure:
     """A FigureFile whose PNG another process is drawing; its caption waits for it."""
 
@@ -74,16 +78,18 @@ class _PendingFigure:
 
 
 class _DrawingProcess:
-    """One process that only draws (matplotlib, no TensorFlow): while it renders one batch of
-    figures, the caller computes the next maps and the trust checks on the other core."""
+    """Processes that only draw (matplotlib, no TensorFlow): while they render figures, the
+    caller computes the next maps and the trust checks. Two: TensorFlow leaves part of two
+    cores idle on small models, and one drawing process alone fell behind."""
 
-    def __init__(self, most_pending: int = 64) -> None:
+    def __init__(self, workers: int = 2, most_pending: int = 64) -> None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn: a fresh interpreter, never a fork of a process running TensorFlow
-        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        self.pending: deque = deque()
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # Start them now (they import matplotlib and the plot functions while the caller works).
+        self.pending: deque = deque(self.pool.submit(_import_plotting) for _ in range(workers))
         self.most_pending = most_pending
 
     def submit(self, figure: Drawing, path: Path) -> _PendingFigure:
