@@ -1,7 +1,9 @@
 """Faults with real processes: SIGKILL at many instants of a training (inside its writes too),
 two trainings of one config at once, a full disk, a read-only folder.
 
-Every process is `python -m cnnviz.cli train` on a tiny config (digits at 8x8, 4 epochs). Kills
+Every process is `cnnviz train` on a tiny config (digits at 8x8, 4 epochs): `python -m
+cnnviz.cli train`, except the 21 killed ones, forked from a fork server that imported the CLI
+once (`_forked`: real processes, killed for real, without 21 TensorFlow imports). Kills
 inside a write use CNNVIZ_TEST_KILL_AT (the process SIGKILLs itself at a named instant, e.g.
 between a temporary file and its rename); the others come at spread-out delays after an epoch
 starts. After every kill the run must be consistent, and after the last resume its history.csv
@@ -22,6 +24,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import _forked
 import pytest
 import yaml
 from _models import tiny_digits_config
@@ -43,9 +46,19 @@ def _environment(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra}
 
 
+def _train_args(config_file: Path, out: Path, *more) -> list[str]:
+    return ["train", str(config_file), "--out", str(out), *map(str, more)]
+
+
 def _train_command(config_file: Path, out: Path, *more) -> list[str]:
-    return [sys.executable, "-m", "cnnviz.cli", "train", str(config_file), "--out", str(out),
-            *map(str, more)]
+    return [sys.executable, "-m", "cnnviz.cli", *_train_args(config_file, out, *more)]
+
+
+@pytest.fixture(scope="module")
+def fork_server():
+    """The fork server of the killed processes, started early: it imports while the
+    reference trains."""
+    _forked.warm_up()
 
 
 @pytest.fixture(scope="module")
@@ -167,33 +180,60 @@ def _kill(command: list[str], how: str, when) -> int:
             process.kill()
 
 
-def _chain(schedule, command, out, reference_rows, errors):
-    """Kill a training at each point of `schedule`, checking the run after each kill; then run
-    it to the end (a new run when the last kill came after the run had finished)."""
+def _kill_forked(args: list[str], how: str, when, folder: Path) -> int:
+    """`_kill` for a process forked by `_forked` (the same CLI, arguments and environment)."""
+    extra = {"CNNVIZ_TEST_KILL_AT": when} if how == "at" else {}
+    process = _forked.Process(args, _environment(**extra), folder)
     try:
+        if how == "at":
+            code = process.wait()
+            assert code == -signal.SIGKILL, (
+                f"{when}: never reached (exit {code}) {process.stderr[-1500:]}")
+            return code
+        if process.wait_for_line("Epoch "):
+            time.sleep(when)
+            process.kill()
+        return process.wait()
+    finally:
+        process.kill()
+
+
+def _chain(schedule, args, out, reference_rows, errors, *, fresh_finish):
+    """Kill a training at each point of `schedule`, checking the run after each kill; then run
+    it to the end (a new run when the last kill came after the run had finished), in a fresh
+    `python -m cnnviz.cli` when `fresh_finish`, else forked like the killed ones."""
+    try:
+        logs = out.parent / f"{out.name}-logs"
+        logs.mkdir()
         for how, when in schedule:
-            _kill(command, how, when)
+            _kill_forked(args, how, when, logs)
             runs = _runs(out)
             if runs:
                 _assert_consistent(runs[0], reference_rows, f"after a kill {how} {when!r}")
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                                  check=False, env=_environment())
-        assert finished.returncode == 0, finished.stderr[-2000:]
-        assert finished.stderr == "", "nothing but progress"
+        if fresh_finish:
+            finished = subprocess.run([sys.executable, "-m", "cnnviz.cli", *args],
+                                      capture_output=True, text=True, timeout=300,
+                                      check=False, env=_environment())
+            code, stderr = finished.returncode, finished.stderr
+        else:
+            process = _forked.Process(args, _environment(), logs)
+            code, stderr = process.wait(), process.stderr
+        assert code == 0, stderr[-2000:]
+        assert stderr == "", "nothing but progress"
     except BaseException as error:  # noqa: BLE001 - reported by the test's thread
         errors.append(error)
 
 
 def test_sigkill_at_21_instants_then_resume_gives_the_uninterrupted_history(
-        tmp_path, config_file, reference):
+        tmp_path, config_file, fork_server, reference):
     reference_rows = _rows(reference / "history.csv")
     assert len(reference_rows) == EPOCHS
     assert len(EPOCH_WRITES) + len(SPREAD_AND_FINAL) >= 20
     errors: list[BaseException] = []
     chains = [threading.Thread(target=_chain, args=(
-        schedule, _train_command(config_file, tmp_path / name), tmp_path / name,
-        reference_rows, errors)) for name, schedule in (("writes", EPOCH_WRITES),
-                                                         ("spread", SPREAD_AND_FINAL))]
+        schedule, _train_args(config_file, tmp_path / name), tmp_path / name,
+        reference_rows, errors), kwargs={"fresh_finish": name == "spread"})
+        for name, schedule in (("writes", EPOCH_WRITES), ("spread", SPREAD_AND_FINAL))]
     for chain in chains:
         chain.start()
     for chain in chains:
