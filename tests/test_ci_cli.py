@@ -99,6 +99,7 @@ def test_train_gates_json_and_junit_in_a_real_process(tmp_path):
         "evaluation.macro_f1>0": True}}
 
 
+@pytest.mark.slow
 def test_passing_gates_exit_0_and_print_a_table(digits_run):
     result = runner.invoke(app, ["evaluate", str(digits_run), "--out", str(digits_run / "e2"),
                                  "--expect", "evaluation.accuracy>=0.1"], catch_exceptions=False)
@@ -108,6 +109,7 @@ def test_passing_gates_exit_0_and_print_a_table(digits_run):
     assert "all 1 expectations hold" in table
 
 
+@pytest.mark.slow
 def test_evaluate_json_files_and_index_section(digits_run, tmp_path):
     result = runner.invoke(app, ["evaluate", str(digits_run), "--json", "--junit",
                                  str(tmp_path / "j.xml"), "--expect", "evaluation.accuracy>=0.5",
@@ -131,6 +133,7 @@ def test_evaluate_json_files_and_index_section(digits_run, tmp_path):
     assert "Evaluation on the test split" in page and "evaluation/confusion_matrix.png" in page
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_config_maps_its_classes_by_name(digits_run, tmp_path):
     result = runner.invoke(app, ["evaluate", str(digits_run), "--data",
                                  str(ROOT / "configs" / "digits.yaml"), "--out", str(tmp_path),
@@ -139,6 +142,7 @@ def test_evaluate_on_a_config_maps_its_classes_by_name(digits_run, tmp_path):
     assert "images have shape" in json.loads(result.stdout)["error"]
 
 
+@pytest.mark.slow
 def test_verify_json_and_junit_one_case_per_layer(digits_run, tmp_path):
     result = runner.invoke(app, ["verify", str(digits_run), "--images", "0:8", "--json",
                                  "--junit", str(tmp_path / "verify.xml")], catch_exceptions=False)
@@ -221,6 +225,7 @@ def test_the_workflow_smoke_step_passes_and_reports_every_check(tmp_path):
     assert str(Path(payload["run_dir"]) / "index.html") in payload["files"]
 
 
+@pytest.mark.slow
 def test_sanity_json_and_junit_follow_its_report(digits_run, tmp_path):
     result = runner.invoke(app, ["sanity", str(digits_run), "--images", "0:4", "--out",
                                  str(tmp_path / "s"), "--json", "--junit", str(tmp_path / "s.xml")],
