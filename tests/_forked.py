@@ -16,6 +16,7 @@ import itertools
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,20 +27,36 @@ import_tensorflow_quietly()
 import cnnviz.cli
 import cnnviz.train  # noqa: F401
 
+_IMPORTED_BY = os.getpid()  # the fork server's pid in every process forked from it
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload([__name__])
+_STARTING = threading.Lock()  # chains start processes from threads
 
 
 def warm_up() -> None:
     """Start the fork server now (its imports take seconds), so it is ready when needed."""
     from multiprocessing import forkserver
 
-    forkserver.ensure_running()
+    # The server is a fresh `python -c`: it finds this module through PYTHONPATH (Python 3.11
+    # ignores the sys.path it is given, and a preload that fails to import fails silently).
+    with _STARTING:
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).parent), *([saved] if saved else [])])
+        try:
+            forkserver.ensure_running()
+        finally:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
 
 
 def _cli(argv: list[str], environment: dict, stdout: str, stderr: str) -> None:
     """The child: the environment and output files of `python -m cnnviz.cli ARGV`, then the
     CLI's app. Its exit status is the CLI's (multiprocessing exits with SystemExit's code)."""
+    if _IMPORTED_BY == os.getpid():
+        raise SystemExit("_forked: the fork server did not preload the CLI (see warm_up)")
     os.environ.clear()
     os.environ.update(environment)
     for fd, path in ((1, stdout), (2, stderr)):
@@ -65,6 +82,7 @@ class Process:
         self._process = _CONTEXT.Process(target=_cli, args=(
             [str(arg) for arg in argv], dict(environment), str(self.stdout_file),
             str(self.stderr_file)))
+        warm_up()
         self._process.start()
         self.pid = self._process.pid
 
