@@ -99,8 +99,7 @@ class Process:
         """Wait until a line of its stdout starts with `prefix` (True) or it exits (False)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.stdout_file.read_text() if self.stdout_file.exists() else ""
-            if any(line.startswith(prefix) for line in text.splitlines()):
+            if any(line.startswith(prefix) for line in self.stdout.splitlines()):
                 return True
             if self._process.exitcode is not None:
                 return False
@@ -109,6 +108,10 @@ class Process:
 
     def kill(self) -> None:
         self._process.kill()
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_file.read_text() if self.stdout_file.exists() else ""
 
     @property
     def stderr(self) -> str:

@@ -1,9 +1,11 @@
 """Faults with real processes: SIGKILL at many instants of a training (inside its writes too),
 two trainings of one config at once, a full disk, a read-only folder.
 
-Every process is `cnnviz train` on a tiny config (digits at 8x8, 4 epochs): `python -m
-cnnviz.cli train`, except the 21 killed ones, forked from a fork server that imported the CLI
-once (`_forked`: real processes, killed for real, without 21 TensorFlow imports). Kills
+Every process is `cnnviz train` on a tiny config (digits at 8x8, 4 epochs), forked from a fork
+server that imported the CLI once (`_forked`: real processes, killed and stopped for real,
+without a TensorFlow import each), except where a fresh `python -m cnnviz.cli train` is the
+point: the end of one kill chain, --resume of a finished or foreign run, and the full disk and
+read-only folders (in a mount namespace of their own). Kills
 inside a write use CNNVIZ_TEST_KILL_AT (the process SIGKILLs itself at a named instant, e.g.
 between a temporary file and its rename); the others come at spread-out delays after an epoch
 starts. After every kill the run must be consistent, and after the last resume its history.csv
@@ -158,30 +160,8 @@ SPREAD_AND_FINAL = [
 ]
 
 
-def _kill(command: list[str], how: str, when) -> int:
-    if how == "at":
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
-                              env=_environment(CNNVIZ_TEST_KILL_AT=when))
-        assert done.returncode == -signal.SIGKILL, (
-            f"{when}: never reached (exit {done.returncode}) {done.stderr[-1500:]}")
-        return done.returncode
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True, env=_environment())
-    try:
-        for line in process.stdout:
-            if line.startswith("Epoch "):
-                time.sleep(when)
-                process.send_signal(signal.SIGKILL)
-                break
-        process.stdout.read()
-        return process.wait(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
-def _kill_forked(args: list[str], how: str, when, folder: Path) -> int:
-    """`_kill` for a process forked by `_forked` (the same CLI, arguments and environment)."""
+def _kill(args: list[str], how: str, when, folder: Path) -> int:
+    """Start `cnnviz ARGS` (forked by `_forked`) and SIGKILL it `when` (see above)."""
     extra = {"CNNVIZ_TEST_KILL_AT": when} if how == "at" else {}
     process = _forked.Process(args, _environment(**extra), folder)
     try:
@@ -206,7 +186,7 @@ def _chain(schedule, args, out, reference_rows, errors, *, fresh_finish):
         logs = out.parent / f"{out.name}-logs"
         logs.mkdir()
         for how, when in schedule:
-            _kill_forked(args, how, when, logs)
+            _kill(args, how, when, logs)
             runs = _runs(out)
             if runs:
                 _assert_consistent(runs[0], reference_rows, f"after a kill {how} {when!r}")
@@ -247,21 +227,21 @@ def test_sigkill_at_21_instants_then_resume_gives_the_uninterrupted_history(
 
 
 # ------------------------------------------------------------------------------ concurrency
-def _interrupted_run(config_file: Path, out: Path) -> Path:
+def _interrupted_run(config_file: Path, out: Path, logs: Path) -> Path:
     """A run killed right after its first epoch was committed."""
-    _kill(_train_command(config_file, out), "at", "training_metadata.json:renamed")
+    _kill(_train_args(config_file, out), "at", "training_metadata.json:renamed", logs)
     return _only_run(out)
 
 
-def test_two_trainings_started_together_get_two_runs(tmp_path, config_file):
+def test_two_trainings_started_together_get_two_runs(tmp_path, config_file, fork_server):
     out = tmp_path / "out"
-    processes = [subprocess.Popen(_train_command(config_file, out), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=_environment())
+    processes = [_forked.Process(_train_args(config_file, out), _environment(), tmp_path)
                  for _ in range(2)]
-    outputs = [process.communicate(timeout=300) for process in processes]
-    for process, (stdout, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr
-        assert "\r" not in stdout and "\b" not in stdout, "no progress bar in a pipe"
+    codes = [process.wait() for process in processes]
+    for process, code in zip(processes, codes):
+        assert code == 0, process.stderr
+        stdout = process.stdout
+        assert "\r" not in stdout and "\b" not in stdout, "no progress bar in a file"
         assert len(re.findall(r"^\d+/\d+ - ", stdout, re.MULTILINE)) == EPOCHS, (
             "one line per epoch (Keras verbose=2) when stdout is not a terminal")
     runs = sorted((out / "faults").iterdir())
@@ -271,36 +251,34 @@ def test_two_trainings_started_together_get_two_runs(tmp_path, config_file):
         assert not (run_dir / "backup").exists()
 
 
-def test_a_live_run_is_never_taken_over(tmp_path, config_file, reference):
-    out = tmp_path / "out"
-    interrupted = _interrupted_run(config_file, out)
-    owner = subprocess.Popen(_train_command(config_file, out), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=_environment())
+def test_a_live_run_is_never_taken_over(tmp_path, config_file, fork_server, reference):
+    out, environment = tmp_path / "out", _environment()
+    args = _train_args(config_file, out)
+    interrupted = _interrupted_run(config_file, out, tmp_path)
+    owner = _forked.Process(args, environment, tmp_path)
     try:
-        first_line = owner.stdout.readline()
+        assert owner.wait_for_line("Resuming "), owner.stderr
+        first_line = owner.stdout.splitlines()[0]
         assert first_line.startswith(f"Resuming {interrupted} "), first_line
-        owner.send_signal(signal.SIGSTOP)  # holds the run's lock, frozen mid-training
+        os.kill(owner.pid, signal.SIGSTOP)  # holds the run's lock, frozen mid-training
 
-        second = subprocess.Popen(_train_command(config_file, out), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=_environment())
-        explicit = subprocess.run(_train_command(config_file, out, "--resume", interrupted),
-                                  capture_output=True, text=True, timeout=300, check=False,
-                              env=_environment())
-        second_out, second_err = second.communicate(timeout=300)
+        second = _forked.Process(args, environment, tmp_path)
+        explicit = _forked.Process([*args, "--resume", interrupted], environment, tmp_path)
+        explicit_code, second_code = explicit.wait(), second.wait()
     finally:
-        owner.send_signal(signal.SIGCONT)
-    _, owner_err = owner.communicate(timeout=300)
+        os.kill(owner.pid, signal.SIGCONT)
+    owner_code = owner.wait()
 
     # --resume RUN of a live run: exit 2, one line naming the live process.
-    assert explicit.returncode == 2
+    assert explicit_code == 2
     assert explicit.stderr.splitlines() == [(
         f"error: --resume {interrupted}: process {owner.pid} is training this run; wait for it "
         f"to finish or stop it (kill {owner.pid}) first")]
     # A plain second train starts its own run and says so in one line.
-    assert second.returncode == 0, second_err
-    assert second_out.splitlines()[0] == (
+    assert second_code == 0, second.stderr
+    assert second.stdout.splitlines()[0] == (
         f"{interrupted} is being trained by process {owner.pid}; starting a new run")
-    assert owner.returncode == 0, owner_err
+    assert owner_code == 0, owner.stderr
     runs = sorted((out / "faults").iterdir())
     assert len(runs) == 2 and interrupted in runs
     reference_history = (reference / "history.csv").read_bytes()
