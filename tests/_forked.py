@@ -106,6 +106,10 @@ class Process:
             time.sleep(0.005)
         raise TimeoutError(f"no {prefix!r} line from cnnviz process {self.pid}")
 
+    def poll(self) -> int | None:
+        """The exit status, or None while it runs."""
+        return self._process.exitcode
+
     def kill(self) -> None:
         self._process.kill()
 
