@@ -55,14 +55,14 @@ def warm_up() -> None:
 def _cli(argv: list[str], environment: dict, stdout: str, stderr: str) -> None:
     """The child: the environment and output files of `python -m cnnviz.cli ARGV`, then the
     CLI's app. Its exit status is the CLI's (multiprocessing exits with SystemExit's code)."""
-    if _IMPORTED_BY == os.getpid():
-        raise SystemExit("_forked: the fork server did not preload the CLI (see warm_up)")
     os.environ.clear()
     os.environ.update(environment)
     for fd, path in ((1, stdout), (2, stderr)):
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(handle, fd)
         os.close(handle)
+    if _IMPORTED_BY == os.getpid():  # into the stderr file, where the test's message shows it
+        raise SystemExit("_forked: the fork server did not preload the CLI (see warm_up)")
     sys.stdout.reconfigure(line_buffering=True)  # PYTHONUNBUFFERED's effect on progress lines
     sys.argv = ["cnnviz", *argv]
     from cnnviz.cli import app
