@@ -60,6 +60,7 @@ def _all_positive_filter_model() -> keras.Model:
     return model
 
 
+@pytest.mark.slow
 def test_each_class_image_is_predicted_as_its_class(digits_model, digits_class_images):
     assert digits_class_images.shape == (CLASSES, 8, 8, 1)
     assert digits_class_images.dtype == np.float32
@@ -70,11 +71,13 @@ def test_each_class_image_is_predicted_as_its_class(digits_model, digits_class_i
     )
 
 
+@pytest.mark.slow
 def test_class_images_stay_inside_the_input_range(digits_class_images):
     assert digits_class_images.min() >= 0.0 and digits_class_images.max() <= 1.0
     assert digits_class_images.std() > 0.1  # a pattern, not the starting grey
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["conv1", "conv2"])
 def test_filter_image_excites_its_filter_more_than_any_noise_image(digits_model, layer):
     feature_model = keras.Model(digits_model.inputs[0], digits_model.get_layer(layer).output)
@@ -96,6 +99,7 @@ def test_all_positive_filter_reaches_its_known_maximum():
     np.testing.assert_allclose(image, 1.0, atol=1e-6)  # every pixel pushed to the top of the range
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_other_seed_other_image(digits_model):
     first = activation_maximization(digits_model, None, 3, steps=32, seed=7)
     again = activation_maximization(digits_model, None, 3, steps=32, seed=7)
@@ -104,12 +108,14 @@ def test_same_seed_same_image_other_seed_other_image(digits_model):
     assert np.abs(first - other).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_batch_equals_one_index_at_a_time(digits_model, digits_class_images):
     for index in (2, 7):
         single = activation_maximization(digits_model, "head", index, seed=0)
         np.testing.assert_allclose(single, digits_class_images[index], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_chunked_batch_equals_one_batch(digits_model):
     whole = activation_maximization_batch(digits_model, "conv2", (0, 5, 9), steps=32)
     chunked = activation_maximization_batch(
@@ -118,6 +124,7 @@ def test_chunked_batch_equals_one_batch(digits_model):
     np.testing.assert_allclose(chunked, whole, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_users_model_is_unchanged(digits_model):
     probe = np.random.default_rng(2).uniform(0, 1, (4, 8, 8, 1)).astype(np.float32)
     weights = [w.copy() for w in digits_model.get_weights()]
@@ -174,6 +181,7 @@ def test_binary_sigmoid_model_maximizes_either_class():
     assert probabilities[0] < 0.05 and probabilities[1] > 0.95
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("layer", "index", "settings", "message"),
     [

@@ -99,6 +99,7 @@ def test_train_gates_json_and_junit_in_a_real_process(tmp_path):
         "evaluation.macro_f1>0": True}}
 
 
+@pytest.mark.slow
 def test_passing_gates_exit_0_and_print_a_table(digits_run):
     result = runner.invoke(app, ["evaluate", str(digits_run), "--out", str(digits_run / "e2"),
                                  "--expect", "evaluation.accuracy>=0.1"], catch_exceptions=False)
@@ -108,6 +109,7 @@ def test_passing_gates_exit_0_and_print_a_table(digits_run):
     assert "all 1 expectations hold" in table
 
 
+@pytest.mark.slow
 def test_evaluate_json_files_and_index_section(digits_run, tmp_path):
     result = runner.invoke(app, ["evaluate", str(digits_run), "--json", "--junit",
                                  str(tmp_path / "j.xml"), "--expect", "evaluation.accuracy>=0.5",

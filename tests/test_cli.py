@@ -23,6 +23,7 @@ def _cnnviz(*args, env=None, cwd=None):
                           capture_output=True, text=True, env=environment, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_help_does_not_import_tensorflow():
     code = ("import sys\nfrom cnnviz.cli import app\ntry:\n    app(['--help'])\n"
             "except SystemExit:\n    pass\nprint('TF-LOADED' if 'tensorflow' in sys.modules "
@@ -74,6 +75,7 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(args, message):
     assert len(error_lines) == 1
 
 
+@pytest.mark.slow
 def test_real_process_bad_config_prints_only_the_error(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("model:\n  layers:\n    - {type: conv2d, filters: 0}\n    - {type: flatten}\n")
@@ -84,6 +86,7 @@ def test_real_process_bad_config_prints_only_the_error(tmp_path):
         f"error: {config}: model.layers.0.filters: Input should be greater than 0 (received 0)"]
 
 
+@pytest.mark.slow
 def test_summary_on_a_config_writes_text_and_diagram(tmp_path):
     result = _cnnviz("summary", ROOT / "configs" / "mnist.yaml", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
@@ -96,6 +99,7 @@ def test_summary_on_a_config_writes_text_and_diagram(tmp_path):
     assert result.stderr == "", "the terminal stays clean of TensorFlow's start-up lines"
 
 
+@pytest.mark.slow
 def test_summary_without_graphviz_says_how_to_install_it(tmp_path):
     empty_path = tmp_path / "bin"
     empty_path.mkdir()
@@ -110,7 +114,9 @@ def test_summary_without_graphviz_says_how_to_install_it(tmp_path):
 
 @pytest.mark.slow
 def test_train_then_summary_on_the_run(tmp_path):
-    result = _cnnviz("train", ROOT / "configs" / "toy4x4.yaml", "--out", tmp_path)
+    # 30 of its 200 epochs (one step each) already separate the two examples (loss ~0.002).
+    result = _cnnviz("train", ROOT / "configs" / "toy4x4.yaml", "--out", tmp_path,
+                     "--set", "train.epochs=30")
     assert result.returncode == 0, result.stderr
     assert "test accuracy 1.0000" in result.stdout, "two examples are easy to separate"
     run_dir = next((tmp_path / "toy4x4").iterdir())

@@ -78,8 +78,12 @@ def test_streaming_gives_the_same_result_for_any_batch_size():
                         mistakes=5).to_dict() for size in (1, 13, 500)]
     for other in results[1:]:
         assert other["confusion_matrix"] == results[0]["confusion_matrix"]
-        assert other["most_confident_mistakes"] == pytest.approx(
-            results[0]["most_confident_mistakes"])
+        # pytest.approx takes no list of dicts: one mistake at a time, names and labels equal,
+        # confidences within approx's default tolerance.
+        mistakes, first = other["most_confident_mistakes"], results[0]["most_confident_mistakes"]
+        assert len(mistakes) == len(first) == 5
+        for mistake, expected in zip(mistakes, first):
+            assert mistake == pytest.approx(expected)
         for key in ("accuracy", "top_k_accuracy", "macro_f1", "log_loss"):
             assert other[key] == pytest.approx(results[0][key], rel=1e-6), key
 

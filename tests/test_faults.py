@@ -1,7 +1,11 @@
 """Faults with real processes: SIGKILL at many instants of a training (inside its writes too),
 two trainings of one config at once, a full disk, a read-only folder.
 
-Every process is `python -m cnnviz.cli train` on a tiny config (digits at 8x8, 4 epochs). Kills
+Every process is `cnnviz train` on a tiny config (digits at 8x8, 4 epochs), forked from a fork
+server that imported the CLI once (`_forked`: real processes, killed and stopped for real,
+without a TensorFlow import each), except where a fresh `python -m cnnviz.cli train` is the
+point: the end of one kill chain, --resume of a finished or foreign run, and the full disk and
+read-only folders (in a mount namespace of their own). Kills
 inside a write use CNNVIZ_TEST_KILL_AT (the process SIGKILLs itself at a named instant, e.g.
 between a temporary file and its rename); the others come at spread-out delays after an epoch
 starts. After every kill the run must be consistent, and after the last resume its history.csv
@@ -22,6 +26,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import _forked
 import pytest
 import yaml
 from _models import tiny_digits_config
@@ -43,9 +48,19 @@ def _environment(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra}
 
 
+def _train_args(config_file: Path, out: Path, *more) -> list[str]:
+    return ["train", str(config_file), "--out", str(out), *map(str, more)]
+
+
 def _train_command(config_file: Path, out: Path, *more) -> list[str]:
-    return [sys.executable, "-m", "cnnviz.cli", "train", str(config_file), "--out", str(out),
-            *map(str, more)]
+    return [sys.executable, "-m", "cnnviz.cli", *_train_args(config_file, out, *more)]
+
+
+@pytest.fixture(scope="module")
+def fork_server():
+    """The fork server of the killed processes, started early: it imports while the
+    reference trains."""
+    _forked.warm_up()
 
 
 @pytest.fixture(scope="module")
@@ -145,55 +160,60 @@ SPREAD_AND_FINAL = [
 ]
 
 
-def _kill(command: list[str], how: str, when) -> int:
-    if how == "at":
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
-                              env=_environment(CNNVIZ_TEST_KILL_AT=when))
-        assert done.returncode == -signal.SIGKILL, (
-            f"{when}: never reached (exit {done.returncode}) {done.stderr[-1500:]}")
-        return done.returncode
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True, env=_environment())
+def _kill(args: list[str], how: str, when, folder: Path) -> int:
+    """Start `cnnviz ARGS` (forked by `_forked`) and SIGKILL it `when` (see above)."""
+    extra = {"CNNVIZ_TEST_KILL_AT": when} if how == "at" else {}
+    process = _forked.Process(args, _environment(**extra), folder)
     try:
-        for line in process.stdout:
-            if line.startswith("Epoch "):
-                time.sleep(when)
-                process.send_signal(signal.SIGKILL)
-                break
-        process.stdout.read()
-        return process.wait(timeout=300)
-    finally:
-        if process.poll() is None:
+        if how == "at":
+            code = process.wait()
+            assert code == -signal.SIGKILL, (
+                f"{when}: never reached (exit {code}) {process.stderr[-1500:]}")
+            return code
+        if process.wait_for_line("Epoch "):
+            time.sleep(when)
             process.kill()
+        return process.wait()
+    finally:
+        process.kill()
 
 
-def _chain(schedule, command, out, reference_rows, errors):
+def _chain(schedule, args, out, reference_rows, errors, *, fresh_finish):
     """Kill a training at each point of `schedule`, checking the run after each kill; then run
-    it to the end (a new run when the last kill came after the run had finished)."""
+    it to the end (a new run when the last kill came after the run had finished), in a fresh
+    `python -m cnnviz.cli` when `fresh_finish`, else forked like the killed ones."""
     try:
+        logs = out.parent / f"{out.name}-logs"
+        logs.mkdir()
         for how, when in schedule:
-            _kill(command, how, when)
+            _kill(args, how, when, logs)
             runs = _runs(out)
             if runs:
                 _assert_consistent(runs[0], reference_rows, f"after a kill {how} {when!r}")
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                                  check=False, env=_environment())
-        assert finished.returncode == 0, finished.stderr[-2000:]
-        assert finished.stderr == "", "nothing but progress"
+        if fresh_finish:
+            finished = subprocess.run([sys.executable, "-m", "cnnviz.cli", *args],
+                                      capture_output=True, text=True, timeout=300,
+                                      check=False, env=_environment())
+            code, stderr = finished.returncode, finished.stderr
+        else:
+            process = _forked.Process(args, _environment(), logs)
+            code, stderr = process.wait(), process.stderr
+        assert code == 0, stderr[-2000:]
+        assert stderr == "", "nothing but progress"
     except BaseException as error:  # noqa: BLE001 - reported by the test's thread
         errors.append(error)
 
 
 def test_sigkill_at_21_instants_then_resume_gives_the_uninterrupted_history(
-        tmp_path, config_file, reference):
+        tmp_path, config_file, fork_server, reference):
     reference_rows = _rows(reference / "history.csv")
     assert len(reference_rows) == EPOCHS
     assert len(EPOCH_WRITES) + len(SPREAD_AND_FINAL) >= 20
     errors: list[BaseException] = []
     chains = [threading.Thread(target=_chain, args=(
-        schedule, _train_command(config_file, tmp_path / name), tmp_path / name,
-        reference_rows, errors)) for name, schedule in (("writes", EPOCH_WRITES),
-                                                         ("spread", SPREAD_AND_FINAL))]
+        schedule, _train_args(config_file, tmp_path / name), tmp_path / name,
+        reference_rows, errors), kwargs={"fresh_finish": name == "spread"})
+        for name, schedule in (("writes", EPOCH_WRITES), ("spread", SPREAD_AND_FINAL))]
     for chain in chains:
         chain.start()
     for chain in chains:
@@ -207,21 +227,21 @@ def test_sigkill_at_21_instants_then_resume_gives_the_uninterrupted_history(
 
 
 # ------------------------------------------------------------------------------ concurrency
-def _interrupted_run(config_file: Path, out: Path) -> Path:
+def _interrupted_run(config_file: Path, out: Path, logs: Path) -> Path:
     """A run killed right after its first epoch was committed."""
-    _kill(_train_command(config_file, out), "at", "training_metadata.json:renamed")
+    _kill(_train_args(config_file, out), "at", "training_metadata.json:renamed", logs)
     return _only_run(out)
 
 
-def test_two_trainings_started_together_get_two_runs(tmp_path, config_file):
+def test_two_trainings_started_together_get_two_runs(tmp_path, config_file, fork_server):
     out = tmp_path / "out"
-    processes = [subprocess.Popen(_train_command(config_file, out), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=_environment())
+    processes = [_forked.Process(_train_args(config_file, out), _environment(), tmp_path)
                  for _ in range(2)]
-    outputs = [process.communicate(timeout=300) for process in processes]
-    for process, (stdout, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr
-        assert "\r" not in stdout and "\b" not in stdout, "no progress bar in a pipe"
+    codes = [process.wait() for process in processes]
+    for process, code in zip(processes, codes):
+        assert code == 0, process.stderr
+        stdout = process.stdout
+        assert "\r" not in stdout and "\b" not in stdout, "no progress bar in a file"
         assert len(re.findall(r"^\d+/\d+ - ", stdout, re.MULTILINE)) == EPOCHS, (
             "one line per epoch (Keras verbose=2) when stdout is not a terminal")
     runs = sorted((out / "faults").iterdir())
@@ -231,36 +251,34 @@ def test_two_trainings_started_together_get_two_runs(tmp_path, config_file):
         assert not (run_dir / "backup").exists()
 
 
-def test_a_live_run_is_never_taken_over(tmp_path, config_file, reference):
-    out = tmp_path / "out"
-    interrupted = _interrupted_run(config_file, out)
-    owner = subprocess.Popen(_train_command(config_file, out), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=_environment())
+def test_a_live_run_is_never_taken_over(tmp_path, config_file, fork_server, reference):
+    out, environment = tmp_path / "out", _environment()
+    args = _train_args(config_file, out)
+    interrupted = _interrupted_run(config_file, out, tmp_path)
+    owner = _forked.Process(args, environment, tmp_path)
     try:
-        first_line = owner.stdout.readline()
+        assert owner.wait_for_line("Resuming "), owner.stderr
+        first_line = owner.stdout.splitlines()[0]
         assert first_line.startswith(f"Resuming {interrupted} "), first_line
-        owner.send_signal(signal.SIGSTOP)  # holds the run's lock, frozen mid-training
+        os.kill(owner.pid, signal.SIGSTOP)  # holds the run's lock, frozen mid-training
 
-        second = subprocess.Popen(_train_command(config_file, out), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=_environment())
-        explicit = subprocess.run(_train_command(config_file, out, "--resume", interrupted),
-                                  capture_output=True, text=True, timeout=300, check=False,
-                              env=_environment())
-        second_out, second_err = second.communicate(timeout=300)
+        second = _forked.Process(args, environment, tmp_path)
+        explicit = _forked.Process([*args, "--resume", interrupted], environment, tmp_path)
+        explicit_code, second_code = explicit.wait(), second.wait()
     finally:
-        owner.send_signal(signal.SIGCONT)
-    _, owner_err = owner.communicate(timeout=300)
+        os.kill(owner.pid, signal.SIGCONT)
+    owner_code = owner.wait()
 
     # --resume RUN of a live run: exit 2, one line naming the live process.
-    assert explicit.returncode == 2
+    assert explicit_code == 2
     assert explicit.stderr.splitlines() == [(
         f"error: --resume {interrupted}: process {owner.pid} is training this run; wait for it "
         f"to finish or stop it (kill {owner.pid}) first")]
     # A plain second train starts its own run and says so in one line.
-    assert second.returncode == 0, second_err
-    assert second_out.splitlines()[0] == (
+    assert second_code == 0, second.stderr
+    assert second.stdout.splitlines()[0] == (
         f"{interrupted} is being trained by process {owner.pid}; starting a new run")
-    assert owner.returncode == 0, owner_err
+    assert owner_code == 0, owner.stderr
     runs = sorted((out / "faults").iterdir())
     assert len(runs) == 2 and interrupted in runs
     reference_history = (reference / "history.csv").read_bytes()

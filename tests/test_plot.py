@@ -394,6 +394,7 @@ def test_signed_row_is_centred_on_zero_and_sums_channels_keeping_the_sign():
     _decoded(figure)
 
 
+@pytest.mark.slow
 def test_plotting_never_imports_pyplot():
     code = (
         "import sys, numpy as np\n"

@@ -136,6 +136,7 @@ HOSTILE_YAML = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,text,words", HOSTILE_YAML, ids=[case[0] for case in HOSTILE_YAML])
 def test_hostile_yaml_is_refused_before_it_expands(tmp_path, case, text, words):
     """In a real process with a timeout: before the bounds, the billion laughs ran 113 s and
@@ -257,9 +258,15 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
 
 
 def _dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
+    """A process id no process has (searched down from the top; no process spawned for it)."""
+    for pid in range(int(Path("/proc/sys/kernel/pid_max").read_text()) - 1, 300, -1):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            continue
+    raise AssertionError("every process id is in use")
 
 
 def test_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
@@ -316,6 +323,7 @@ def test_out_that_is_a_file_is_one_line(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 def test_figures_into_a_file_are_one_line(digits_run, tmp_path):
     blocker = tmp_path / "figures"
     blocker.write_text("x")
@@ -330,6 +338,7 @@ def _copy_run(run_dir: Path, target: Path) -> Path:
     return Path(shutil.copytree(run_dir, target))
 
 
+@pytest.mark.slow
 def test_a_broken_metrics_json_is_one_line(digits_run, tmp_path):
     run_dir = _copy_run(digits_run, tmp_path / "run")
     (run_dir / "metrics.json").write_text('{"test_accuracy": 0.9, "class_na')
@@ -340,6 +349,7 @@ def test_a_broken_metrics_json_is_one_line(digits_run, tmp_path):
     assert sorted(run_dir.rglob("*")) == before, "nothing written"
 
 
+@pytest.mark.slow
 def test_a_truncated_keras_file_is_called_truncated_not_missing(digits_run, tmp_path):
     truncated = tmp_path / "model.keras"
     truncated.write_bytes((digits_run / "model.keras").read_bytes()[:5000])
@@ -348,6 +358,7 @@ def test_a_truncated_keras_file_is_called_truncated_not_missing(digits_run, tmp_
     assert "not found" not in line.lower()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,words", [
     (["--filters", "99"], ["--filters '99'", "outside the model's 10 classes"]),
     (["--filters", "x"], ["--filters 'x'", "neither an index"]),
