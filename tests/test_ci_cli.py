@@ -174,6 +174,7 @@ def test_evaluate_on_a_folder_maps_its_classes_by_name(digits_run, tmp_path):
     assert evaluation["confusion_matrix"] == expected.tolist()
 
 
+@pytest.mark.slow
 def test_verify_json_and_junit_one_case_per_layer(digits_run, tmp_path):
     result = runner.invoke(app, ["verify", str(digits_run), "--images", "0:8", "--json",
                                  "--junit", str(tmp_path / "verify.xml")], catch_exceptions=False)

@@ -69,6 +69,7 @@ def test_all_layers_opens_nested_models():
     assert {"conv", "flat", "head", "extra"} <= set(names)
 
 
+@pytest.mark.slow  # one tiny fit
 def test_a_model_instance_builds_itself_through_the_replacement():
     model = _functional()
     seen = []
