@@ -282,6 +282,30 @@ def test_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
     assert live.exists() and keep.exists()
 
 
+@pytest.mark.slow  # starts a process
+def test_temporaries_of_a_killed_process_not_yet_reaped_are_removed(tmp_path):
+    # A SIGKILLed child stays a zombie until its parent waits for it; it still answers
+    # signal 0 but writes nothing more.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(child.pid, signal.SIGKILL)
+        stat = Path(f"/proc/{child.pid}/stat")
+        for _ in range(200):  # until the kernel has made it a zombie
+            if stat.read_text().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        stale = tmp_path / f".last.keras.{child.pid}-0123abcd.tmp.keras"
+        stale.write_text("half a zip")
+        assert remove_stale_temporaries(tmp_path) == [stale]
+    finally:
+        child.wait()
+
+
 def test_the_first_write_into_a_folder_cleans_it(tmp_path):
     folder = tmp_path / "figures"
     folder.mkdir()

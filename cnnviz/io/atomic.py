@@ -60,7 +60,13 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    # A killed process whose parent has not reaped it yet still answers signal 0, but a zombie
+    # writes nothing more: its temporaries are stale.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
