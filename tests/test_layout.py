@@ -143,3 +143,16 @@ def test_keras_internals_are_used_in_one_module_only():
              if path.name != "_keras.py" for name in KERAS_INTERNALS
              if name in path.read_text()]
     assert not users, f"Keras internals outside cnnviz/_keras.py: {users}"
+
+
+@pytest.mark.slow  # starts a process (ruff)
+def test_ruff_finds_nothing():
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    found = subprocess.run([ruff, "check", "cnnviz", "tests", "bench"], cwd=PACKAGE.parent,
+                           capture_output=True, text=True, check=False)
+    assert found.returncode == 0, found.stdout[-3000:]
