@@ -14,8 +14,6 @@ from cnnviz.io.atomic import save_figure
 from cnnviz.report.selection import Selection
 
 CHUNK = 64  # images explained per batch: big enough to amortize, small enough to stay flat
-# False in a worker process that runs beside another one (cnnviz.pipeline): one bar on a screen.
-SHOW_PROGRESS = True
 
 
 @dataclass(frozen=True)
@@ -153,7 +151,7 @@ def progress_bar(total: int, description: str):
     console = Console(stderr=True)
     return Progress(
         f"[bold]{description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=True, disable=not (SHOW_PROGRESS and console.is_terminal),
+        console=console, transient=True, disable=not console.is_terminal,
     )
 
 
