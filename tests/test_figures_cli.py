@@ -335,3 +335,28 @@ def test_run_trains_and_writes_every_figure_and_an_index(tmp_path):
                    "filters", "feature-maps"):
         assert any(source.startswith(f"figures/{folder}/") for source in sources), folder
     assert "true positive" in index and "predicted" in index
+
+
+@pytest.mark.slow  # trains (the session run) and starts the drawing processes
+def test_figures_drawn_in_the_drawing_processes_equal_those_drawn_here(digits_run, tmp_path):
+    from cnnviz.report.batching import drawing_in_background
+    from cnnviz.report.figures import cam_figures, saliency_figures
+    from cnnviz.report.selection import select_images
+    from cnnviz.runs.load import load_run
+
+    run = load_run(digits_run)
+    selection = select_images(run, "0:3")
+
+    def write(folder):
+        return (saliency_figures(run.model, selection, folder / "s", methods=("vanilla",))
+                + cam_figures(run.model, selection, folder / "c", methods=("gradcam",)))
+
+    here = write(tmp_path / "here")
+    with drawing_in_background():
+        elsewhere = write(tmp_path / "elsewhere")
+    assert [f.caption for f in elsewhere] == [f.caption for f in here]
+    assert len(here) == 6
+    for mine, theirs in zip(here, elsewhere, strict=True):
+        assert theirs.path.read_bytes() == mine.path.read_bytes(), theirs.path.name
+        with Image.open(theirs.path) as image:
+            assert image.format == "PNG"
