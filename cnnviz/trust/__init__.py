@@ -2,6 +2,6 @@
 
 `reference` recomputes the forward pass in numpy (`cnnviz verify`); `sanity` and `faithfulness`
 test the explanation methods (model randomization, class sensitivity, deletion/insertion);
-`shortcut` measures reliance on a known spurious cue; `attribution` runs every method by name
-for them.
+`shortcut` measures reliance on a known spurious cue; `cnnviz.explain.registry` runs every
+method by name for them.
 """

@@ -307,7 +307,7 @@ def model_randomization(
     kept = {name: [trained[name][:keep]] for name in resolved}
     # The layers are randomized in place and every weight is put back afterwards, whatever
     # happens: the functions compiled on the model (every method's, cached in
-    # `explain._compiled`) read its variables, so no step builds or compiles anything again,
+    # `cnnviz.model.compiled`) read its variables, so no step builds or compiles anything again,
     # where a clone cost a second compilation of every method.
     with _weights_restored(model):
         for step, layer in enumerate(layers):
