@@ -148,7 +148,8 @@ def input_range(model, *, preprocess: str | None = None) -> tuple[float, float]:
 
     (0, 255) when the model begins with a Rescaling or Normalization layer (also as the first
     layer of a nested first model): it takes raw 8-bit pixels (docs/decisions.md D1). A
-    `Rescaling(scale)` without offset says more: it maps (0, 1/scale) onto [0, 1] — (0, 255) for cnnviz's models
+    `Rescaling(scale)` without offset says more: it maps (0, 1/scale) onto [0, 1] — (0, 255) for
+    cnnviz's models
     of images, (0, 9) for toy4x4's data in its own units. Else (0, 1), or, when the caller
     knows how images were prepared (`--preprocess`), that mode's range: "scale" (0, 1),
     "unit" (-1, 1), "none" (0, 255), "caffe" and "torch" their per-channel extremes.
