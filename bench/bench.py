@@ -8,7 +8,8 @@ On one model (configs/digits.yaml, 28x28 digits, trained here in a temporary fol
 same images, it measures:
 
   training      images/s of `cnnviz.train.train` (its fit, with its per-epoch commit (backup),
-                ModelCheckpoint, CSVLogger and TerminateOnNaN) vs a hand-written `model.fit` of the same model on the same images, fed
+                ModelCheckpoint, CSVLogger and TerminateOnNaN) vs a hand-written `model.fit` of
+                the same model on the same images, fed
                 as arrays and as a tf.data pipeline (no callbacks). Target: cnnviz >= 95% of
                 the faster plain one.
   explanations  images/s of saliency (vanilla, guided, SmoothGrad-20), Grad-CAM and occlusion
@@ -26,7 +27,8 @@ same images, it measures:
 Timings are the best of a few repeats (the machine may be shared); the ratios are the point,
 since both sides of each are measured in the same run. On a busy machine whole-fit timings
 vary by more than 5%, so the training section also reports the time spent inside
-the per-epoch commit (backup) and the checkpoints as a share of the fit, which the load hardly moves. It prints the settings in force
+the per-epoch commit (backup) and the checkpoints as a share of the fit, which the load hardly
+moves. It prints the settings in force
 (threads, oneDNN, CPUs, versions) and a table with PASS/FAIL per target, and writes the same as
 JSON to OUT/<timestamp>.json and OUT/latest.json. Nothing here asserts: tests never time.
 """

@@ -1,4 +1,5 @@
-"""What every benchmark script shares: timing (best of N, a child process's wall/CPU/peak RSS), the machine's settings, the table and the JSON report."""
+"""What every benchmark script shares: timing (best of N, a child process's wall/CPU/peak RSS),
+the machine's settings, the table and the JSON report."""
 
 from __future__ import annotations
 

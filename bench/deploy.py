@@ -122,7 +122,8 @@ def main() -> None:
         ours, plain = rows[f"{name} {large}"], rows[f"plain {name} {large}"]
         ratios[f"{name}: RSS at {large} / at {small} (flat: <= 1.25)"] = round(
             ours["rss_mib"] / rows[f"{name} {small}"]["rss_mib"], 3)
-        ratios[f"{name}: RSS / plain Keras at {large}"] = round(ours["rss_mib"] / plain["rss_mib"], 3)
+        ratios[f"{name}: RSS / plain Keras at {large}"] = round(
+            ours["rss_mib"] / plain["rss_mib"], 3)
         ratios[f"{name}: wall time / plain Keras at {large}"] = round(
             ours["wall_s"] / plain["wall_s"], 3)
         ratios[f"{name}: CPU time / plain Keras at {large}"] = round(

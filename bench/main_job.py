@@ -41,7 +41,8 @@ def one_pair(workdir: Path, env: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=1, help="train/run pairs (one after the other)")
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="train/run pairs (one after the other)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     options = parser.parse_args(argv)
     env = {**os.environ, **QUIET_ENV, "PYTHONPATH": str(ROOT)}

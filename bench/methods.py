@@ -7,8 +7,8 @@
 On the digits CNN (configs/digits.yaml, 28x28, built untrained: the cost does not depend on the
 weights) it times every new method on a batch, alternately with a compiled forward pass
 (tf.function, batches of 256, 1024 images), best of a few rounds each, and reports the method's
-images/s as forward passes per image (forward rate / method rate). The forward-only methods are set against their floor, the forward
-passes they cannot avoid:
+images/s as forward passes per image (forward rate / method rate). The forward-only methods are
+set against their floor, the forward passes they cannot avoid:
 
   scorecam   one forward pass per channel of the layer (32 on pool2), + 1 for the activations
   rise       one forward pass per mask (2000), + 1 for the prediction

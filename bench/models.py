@@ -22,7 +22,8 @@ one-time cost is reported apart):
               `model.predict` per window, timed on one image).
 
 Models: keras.applications ResNet50 (224 x 224, weights=None, BatchNorm statistics set from
-one batch, batch of 8; occlusion patch 16, stride 16 on 2 of them; a quarter of the rounds) and the digits CNN of configs/digits.yaml (28 x 28,
+one batch, batch of 8; occlusion patch 16, stride 16 on 2 of them; a quarter of the rounds) and
+the digits CNN of configs/digits.yaml (28 x 28,
 untrained; B = 4 and 256, patch 4). Plus `cnnviz feature-maps` on a flat MobileNetV2
 (224 x 224, weights=None) for 3 images at its defaults, as a subprocess (start-up included);
 the issue's reference is 249 s on this machine; --baseline-commit runs that commit's code on

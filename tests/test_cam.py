@@ -31,7 +31,8 @@ GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 def upsample(maps: np.ndarray, size: tuple) -> np.ndarray:
     import tensorflow as tf
 
-    return tf.image.resize(np.asarray(maps, np.float32)[..., None], size, "bilinear")[..., 0].numpy()
+    return tf.image.resize(
+        np.asarray(maps, np.float32)[..., None], size, "bilinear")[..., 0].numpy()
 
 
 def finish(raw: np.ndarray, size: tuple) -> np.ndarray:

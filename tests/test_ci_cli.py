@@ -123,7 +123,8 @@ def test_evaluate_json_files_and_index_section(digits_run, tmp_path):
     assert evaluation["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
     assert evaluation["log_loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
     assert evaluation["top_k"] == 3 and evaluation["top_k_accuracy"] >= evaluation["accuracy"]
-    assert sum(entry["support"] for entry in evaluation["per_class"].values()) == evaluation["images"]
+    assert (sum(entry["support"] for entry in evaluation["per_class"].values())
+            == evaluation["images"])
     saved = json.loads((digits_run / "evaluation" / "evaluation.json").read_text())
     assert saved["confusion_matrix"] == evaluation["confusion_matrix"]
     assert [e["passed"] for e in payload["expectations"]] == [True, False]
@@ -239,7 +240,8 @@ def test_the_workflow_smoke_step_passes_and_reports_every_check(tmp_path):
     assert len(saliency) == 2, "two images per figure"
     suites = _junit(tmp_path / "cnnviz-junit.xml")
     assert list(suites) == ["cnnviz.expectations", "cnnviz.sanity", "cnnviz.faithfulness"]
-    assert list(suites["cnnviz.expectations"]) == [e["expectation"] for e in payload["expectations"]]
+    assert list(suites["cnnviz.expectations"]) == [
+        e["expectation"] for e in payload["expectations"]]
     # --smoke checks the fast methods and those a gate names: randomization + class change.
     assert len(suites["cnnviz.sanity"]) == 2 * len(SMOKE_TRUST_METHODS)
     assert len(suites["cnnviz.faithfulness"]) == len(SMOKE_TRUST_METHODS)
@@ -294,5 +296,6 @@ def test_sanity_junit_verdicts_on_a_model_built_to_pass_and_fail_them(tmp_path):
     assert saved["model_randomization"]["steps"] == ["head", "hidden", "conv"]
     assert eigencam["insensitive_to"][:2] == ["head", "hidden"]
     assert eigencam["rank_correlation"][:2] == pytest.approx([1.0, 1.0])
-    assert saved["class_sensitivity"]["methods"]["eigencam"]["rank_correlation"] == pytest.approx(1.0)
+    assert (saved["class_sensitivity"]["methods"]["eigencam"]["rank_correlation"]
+            == pytest.approx(1.0))
     assert saved["class_sensitivity"]["methods"]["saliency"]["rank_correlation"] < 0

@@ -28,8 +28,8 @@ def test_help_does_not_import_tensorflow():
     code = ("import sys\nfrom cnnviz.cli import app\ntry:\n    app(['--help'])\n"
             "except SystemExit:\n    pass\nprint('TF-LOADED' if 'tensorflow' in sys.modules "
             "or 'keras' in sys.modules else 'TF-NOT-LOADED')")
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "TF-NOT-LOADED" in result.stdout, result.stdout + result.stderr
     assert "train" in result.stdout and "summary" in result.stdout
 
@@ -45,7 +45,8 @@ def test_config_show_prints_every_default():
     shown = yaml.safe_load(result.output)
     assert shown["name"] == "toy4x4"
     assert shown["train"]["device"] == "auto"
-    assert shown["model"]["layers"][0]["stride"] == 1 and shown["model"]["layers"][0]["padding"] == "valid"
+    assert (shown["model"]["layers"][0]["stride"] == 1
+            and shown["model"]["layers"][0]["padding"] == "valid")
 
 
 def test_config_show_applies_overrides():
@@ -78,7 +79,8 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(args, message):
 @pytest.mark.slow
 def test_real_process_bad_config_prints_only_the_error(tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text("model:\n  layers:\n    - {type: conv2d, filters: 0}\n    - {type: flatten}\n")
+    config.write_text("model:\n  layers:\n    - {type: conv2d, filters: 0}\n"
+                      "    - {type: flatten}\n")
     result = _cnnviz("train", config)
     assert result.returncode == 2
     assert result.stdout == ""

@@ -147,7 +147,8 @@ def test_cifar10_loads_and_extracts_from_the_keras_cache(tmp_path, keras_home):
 
 
 def test_missing_cache_without_network_says_where_to_put_the_file(keras_home):
-    with pytest.raises(CnnvizError, match="mnist.npz.*KERAS_HOME|mnist.npz.*data.path|put the file"):
+    with pytest.raises(CnnvizError,
+                       match="mnist.npz.*KERAS_HOME|mnist.npz.*data.path|put the file"):
         load_dataset(_config({"source": "mnist"}))
 
 

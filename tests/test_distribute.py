@@ -91,7 +91,8 @@ class FirstWeights(keras.callbacks.Callback):
 
 first = FirstWeights()
 resumed = train(config(4), out / "resume", extra_callbacks=[first], log=quiet)
-restored_difference = max(float(np.max(np.abs(a - b))) for a, b in zip(first.weights, saved_weights))
+restored_difference = max(float(np.max(np.abs(a - b)))
+                          for a, b in zip(first.weights, saved_weights))
 
 # The finished model, loaded under 2 replicas and under none, predicts the same.
 images = load_dataset(config(1)).x_test

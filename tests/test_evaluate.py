@@ -125,7 +125,8 @@ def test_bad_labels_and_class_counts_are_refused():
 
 def test_written_files_decode_and_agree(tmp_path):
     images, labels = _case(count=60, seed=3)
-    result = evaluate(_softmax_of_input(4), array_batches(images, labels, list(map(str, range(60)))),
+    result = evaluate(_softmax_of_input(4),
+                      array_batches(images, labels, list(map(str, range(60)))),
                       list("abcd"), source="a test")
     data_file, figures = write_evaluation(result, tmp_path)
     saved = json.loads(data_file.read_text())

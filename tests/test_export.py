@@ -1,4 +1,5 @@
-"""cnnviz export: each exported file, loaded by its own runtime, computes what the .keras model does."""
+"""cnnviz export: each exported file, loaded by its own runtime, computes what the .keras model
+does."""
 
 import json
 from pathlib import Path

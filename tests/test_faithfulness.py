@@ -188,7 +188,8 @@ def test_true_order_beats_random_and_the_inverted_order_is_called_out():
         steps=12, baseline="zero", seed=0,
     )
     assert_unchanged(model, before)
-    random_deletion, random_insertion = result.deletion_auc["random"], result.insertion_auc["random"]
+    random_deletion, random_insertion = (result.deletion_auc["random"],
+                                         result.insertion_auc["random"])
     for good in ("truth", "saliency"):
         assert result.deletion_auc[good] < random_deletion - 0.1
         assert result.insertion_auc[good] > random_insertion + 0.1

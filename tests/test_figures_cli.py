@@ -1,4 +1,5 @@
-"""The figure commands on a real trained run: files written, decodable, titled; bad input exits 2."""
+"""The figure commands on a real trained run: files written, decodable, titled; bad input exits
+2."""
 
 import re
 from pathlib import Path

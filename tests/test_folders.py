@@ -87,7 +87,8 @@ def test_mixed_sizes_and_modes_become_one_shape(tmp_path):
     rng = np.random.default_rng(1)
     for name in CLASSES:
         (tmp_path / name).mkdir()
-    Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8)).save(tmp_path / "bright" / "g.png")
+    Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8)).save(
+        tmp_path / "bright" / "g.png")
     Image.fromarray(rng.integers(0, 256, (9, 40, 4), dtype=np.uint8), "RGBA").save(
         tmp_path / "bright" / "a.png")
     Image.fromarray(rng.integers(0, 65536, (16, 16)).astype(np.uint16)).save(

@@ -41,11 +41,13 @@ def test_input_range_reads_the_first_layer():
 
     assert input_range(model(keras.layers.Rescaling(1 / 255))) == (0.0, 255.0)
     assert input_range(model(keras.layers.Rescaling(1 / 127.5, offset=-1))) == (0.0, 255.0)
-    assert input_range(model(keras.layers.Normalization(mean=100.0, variance=900.0))) == (0.0, 255.0)
+    assert input_range(
+        model(keras.layers.Normalization(mean=100.0, variance=900.0))) == (0.0, 255.0)
     assert input_range(model(keras.layers.Rescaling(1 / 9))) == (0.0, 9.0)
     assert input_range(model()) == (0.0, 1.0)
     inputs = keras.Input((4, 4, 1))
-    nested = keras.Model(inputs, keras.layers.Dense(2)(model(keras.layers.Rescaling(1 / 255))(inputs)))
+    nested = keras.Model(
+        inputs, keras.layers.Dense(2)(model(keras.layers.Rescaling(1 / 255))(inputs)))
     assert input_range(nested) == (0.0, 255.0), "preprocessing inside a nested first model"
 
 

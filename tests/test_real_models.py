@@ -95,7 +95,8 @@ def test_layer_paths_names_and_errors():
     assert find_layer(nested, "base/relu6").path == "base/relu6"
     assert find_layer(nested, "conv2").path == "base/conv2"  # unique inner name
     assert find_layer(nested, nested.get_layer("base").get_layer("conv")).path == "base/conv"
-    with pytest.raises(CnnvizError, match=r"no layer named 'base/conv3'.*Did you mean 'base/conv', 'base/conv2'\?"):
+    with pytest.raises(CnnvizError, match=r"no layer named 'base/conv3'.*"
+                                          r"Did you mean 'base/conv', 'base/conv2'\?"):
         find_layer(nested, "base/conv3")
     with pytest.raises(CnnvizError, match=r"needs a layer with a 4-D output.*'head'"):
         gradcam_layer(nested, "head")

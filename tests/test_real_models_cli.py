@@ -41,8 +41,9 @@ def files(tmp_path_factory):
     _nested().save(folder / "nested.keras")
     inputs = keras.Input((16, 16, 3))
     features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="c")(inputs))
-    heads = keras.Model(inputs, [keras.layers.Dense(3, activation="softmax", name="digits")(features),
-                                 keras.layers.Dense(2, activation="softmax", name="parity")(features)])
+    heads = keras.Model(inputs, [
+        keras.layers.Dense(3, activation="softmax", name="digits")(features),
+        keras.layers.Dense(2, activation="softmax", name="parity")(features)])
     randomize(heads, 1).save(folder / "heads.keras")
     meta = keras.Input((2,), name="meta")
     two = keras.Model([inputs, meta], keras.layers.Dense(2)(keras.layers.Concatenate()(

@@ -160,7 +160,8 @@ def test_windows_follow_tensorflow_padding(padding):
                 np.testing.assert_allclose(ours, expected, atol=1e-10)
                 for kind, tf_pool in (("max", tf.nn.max_pool2d), ("average", tf.nn.avg_pool2d)):
                     expected = tf_pool(x, window, stride, padding).numpy()
-                    ours = pool_windows(x, kind, (window, window), (stride, stride), padding.lower())
+                    ours = pool_windows(x, kind, (window, window), (stride, stride),
+                                        padding.lower())
                     np.testing.assert_allclose(ours, expected, atol=1e-10, err_msg=kind)
 
 

@@ -157,7 +157,8 @@ def test_hostile_yaml_is_refused_before_it_expands(tmp_path, case, text, words):
 
 def test_a_few_aliases_still_work(tmp_path):
     config_file = tmp_path / "anchors.yaml"
-    config_file.write_text("model:\n  layers:\n    - &conv {type: conv2d, filters: 4, padding: same}\n"
+    config_file.write_text("model:\n  layers:\n"
+                           "    - &conv {type: conv2d, filters: 4, padding: same}\n"
                            "    - *conv\n    - {type: flatten}\n")
     config = load_config(config_file)
     assert [layer.filters for layer in config.model.layers[:2]] == [4, 4]

@@ -135,7 +135,8 @@ def test_every_step_is_judged_and_the_layers_a_map_ignores_are_named():
     table = result.format_table()
     saliency_row = next(line for line in table.splitlines() if line.startswith("saliency"))
     assert saliency_row.endswith("INSENSITIVE to head") and "0.97/" in saliency_row
-    assert "INSENSITIVE to head, hidden, conv (rank correlation > 0.5 with every layer random)" in table
+    assert ("INSENSITIVE to head, hidden, conv (rank correlation > 0.5 with every layer random)"
+            in table)
     payload = json.loads(json.dumps(result.to_dict()))["methods"]
     assert payload["saliency"]["insensitive_to"] == ["head"]
     assert payload["saliency"]["similar_per_step"] == [True, False, False]

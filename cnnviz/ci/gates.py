@@ -1,4 +1,5 @@
-"""Quality gates for CI: expectations such as `test_accuracy>=0.95`, checked against a run's numbers.
+"""Quality gates for CI: expectations such as `test_accuracy>=0.95`, checked against a run's
+numbers.
 
 An expectation names a metric, a comparison and a number. Its metric comes from one of four
 places (the README's "Use in CI" section lists them for users):
@@ -305,7 +306,8 @@ def trust_checks(sanity: Mapping | None = None, faithfulness: Mapping | None = N
         for method, entry in classes.get("methods", {}).items():
             checks.append(Check(
                 "sanity", f"class sensitivity: {method}", not entry["class_insensitive"],
-                f"rank correlation of the top-1 and top-2 class maps {entry['rank_correlation']:.3f}"
+                "rank correlation of the top-1 and top-2 class maps "
+                f"{entry['rank_correlation']:.3f}"
                 f" (class-insensitive above {classes['threshold']:g})", share))
     if faithfulness:
         methods = faithfulness["methods"]

@@ -45,7 +45,9 @@ SetOption = Annotated[
 OutOption = Annotated[
     Path | None, typer.Option("--out", help="Folder to write into (default: see each command).")
 ]
-ConfigArgument = Annotated[Path, typer.Argument(help="A YAML config file, e.g. configs/digits.yaml.")]
+ConfigArgument = Annotated[
+    Path, typer.Argument(help="A YAML config file, e.g. configs/digits.yaml.")
+]
 RunArgument = Annotated[
     Path, typer.Argument(help="A run directory (outputs/<name>/<timestamp>) or a .keras file.")
 ]
@@ -290,7 +292,8 @@ ResizeOption = Annotated[
         "crop to it, Keras's smart_resize) or pad (black borders).")),
 ]
 ModelSourceArgument = Annotated[
-    Path, typer.Argument(help="A run directory, a .keras file, or a config (.yaml: untrained model).")
+    Path,
+    typer.Argument(help="A run directory, a .keras file, or a config (.yaml: untrained model)."),
 ]
 
 

@@ -94,7 +94,9 @@ def predict_command(
         typer.Option("--csv", dir_okay=False, help="Write the CSV here (default: stdout)."),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes per row.")] = 3,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images decoded and predicted together.")] = 64,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images decoded and predicted together.")
+    ] = 64,
     preprocess: PreprocessOption = Preprocess.auto,
     json_output: JsonOption = False,
 ) -> dict:
@@ -236,7 +238,8 @@ def export_command(
         else:
             typer.echo(f"wrote {path} ({name}); not checked (--check-images 0)")
         results[name] = entry
-    record = {"model": str(run), "input": describe_input(loaded.model, input_range_of(loaded.model)),
+    record = {"model": str(run),
+              "input": describe_input(loaded.model, input_range_of(loaded.model)),
               "preprocessing": _recorded_preprocessing(loaded.directory), "tolerance": tolerance,
               "formats": results}
     record_file = _write_record(record, {Path(entry["path"]).parent for entry in results.values()})

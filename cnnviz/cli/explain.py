@@ -37,9 +37,14 @@ SaliencyMethod = choices("SaliencyMethod", 'vanilla', 'guided', 'rectified', 'sm
 def saliency_command(
     run: RunArgument,
     images: ImagesOption = "0:8",
-    method: Annotated[SaliencyMethod, typer.Option(help="Gradient rule; `all` draws every one in a row.")] = SaliencyMethod.all,
+    method: Annotated[
+        SaliencyMethod, typer.Option(help="Gradient rule; `all` draws every one in a row.")
+    ] = SaliencyMethod.all,
     samples: Annotated[int, typer.Option(min=1, help="SmoothGrad: noisy copies per image.")] = 20,
-    noise: Annotated[float, typer.Option(min=0.0, help="SmoothGrad: noise std as a share of the image's range.")] = 0.15,
+    noise: Annotated[
+        float,
+        typer.Option(min=0.0, help="SmoothGrad: noise std as a share of the image's range."),
+    ] = 0.15,
     target: TargetOption = None,
     seed: Annotated[int, typer.Option(help="SmoothGrad noise seed.")] = 0,
     output: OutputOption = None,
@@ -88,14 +93,17 @@ def gradcam_command(
                                    save_arrays=save_arrays))
 
 
-CamMethod = choices("CamMethod", 'gradcam', 'gradcam++', 'xgradcam', 'layercam', 'hirescam', 'scorecam', 'eigencam', 'all')
+CamMethod = choices("CamMethod", 'gradcam', 'gradcam++', 'xgradcam', 'layercam', 'hirescam',
+                    'scorecam', 'eigencam', 'all')
 
 
 @command("cam")
 def cam_command(
     run: RunArgument,
     images: ImagesOption = "0:8",
-    method: Annotated[CamMethod, typer.Option(help="CAM variant; `all` draws every one in a row.")] = CamMethod.all,
+    method: Annotated[
+        CamMethod, typer.Option(help="CAM variant; `all` draws every one in a row.")
+    ] = CamMethod.all,
     layer: LayerOption = None,
     target: TargetOption = None,
     output: OutputOption = None,
@@ -139,7 +147,9 @@ def integrated_gradients_command(
     run: RunArgument,
     images: ImagesOption = "0:8",
     steps: Annotated[int, typer.Option(min=1, help="Trapezoid-rule intervals on the path.")] = 64,
-    baseline: Annotated[str, typer.Option(help="Where the path starts: a pixel value (0: black) or `blur`.")] = "0",
+    baseline: Annotated[
+        str, typer.Option(help="Where the path starts: a pixel value (0: black) or `blur`.")
+    ] = "0",
     target: TargetOption = None,
     output: OutputOption = None,
     preprocess: PreprocessOption = "auto",
@@ -188,9 +198,13 @@ def gradient_x_input_command(
 def rise_command(
     run: RunArgument,
     images: ImagesOption = "0:8",
-    masks: Annotated[int, typer.Option(min=1, help="Random masks (one forward pass each, per image).")] = 2000,
+    masks: Annotated[
+        int, typer.Option(min=1, help="Random masks (one forward pass each, per image).")
+    ] = 2000,
     cell: Annotated[int, typer.Option(min=1, help="Grid cells per side before upsampling.")] = 7,
-    keep: Annotated[float, typer.Option(min=0.0, max=1.0, help="Probability a grid cell is kept.")] = 0.5,
+    keep: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Probability a grid cell is kept.")
+    ] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the masks.")] = 0,
     target: TargetOption = None,
     output: OutputOption = None,
@@ -214,8 +228,14 @@ def occlusion_command(
     run: RunArgument,
     images: ImagesOption = "0:8",
     patch: Annotated[int, typer.Option(min=1, help="Side of the square patch, in pixels.")] = 4,
-    stride: Annotated[int | None, typer.Option(min=1, help="Step between patches (default: patch).")] = None,
-    fill: Annotated[float, typer.Option(help="Patch value as a share of the model's input range: 0 black, 0.5 mid-grey, 1 white.")] = 0.5,
+    stride: Annotated[
+        int | None, typer.Option(min=1, help="Step between patches (default: patch).")
+    ] = None,
+    fill: Annotated[
+        float,
+        typer.Option(help="Patch value as a share of the model's input range: 0 black, "
+                     "0.5 mid-grey, 1 white."),
+    ] = 0.5,
     target: TargetOption = None,
     output: OutputOption = None,
     preprocess: PreprocessOption = "auto",
@@ -237,8 +257,16 @@ def occlusion_command(
 def feature_maps_command(
     run: RunArgument,
     images: ImagesOption = "0:2",
-    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layer(s) to show, by path or unique name (default: every Conv2D and SeparableConv2D layer, inside nested models too).")] = None,
-    max_channels: Annotated[int, typer.Option("--max-channels", min=1, help="Channels per layer and image: the most active first.")] = 64,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option("--layer", help="Layer(s) to show, by path or unique name (default: every "
+                     "Conv2D and SeparableConv2D layer, inside nested models too)."),
+    ] = None,
+    max_channels: Annotated[
+        int,
+        typer.Option("--max-channels", min=1,
+                     help="Channels per layer and image: the most active first."),
+    ] = 64,
     output: OutputOption = None,
     preprocess: PreprocessOption = "auto",
     resize: ResizeOption = "stretch",
@@ -257,7 +285,12 @@ def feature_maps_command(
 @command("filters")
 def filters_command(
     run: RunArgument,
-    layer: Annotated[list[str] | None, typer.Option("--layer", help="Conv layer(s), by path or unique name (default: every Conv2D, DepthwiseConv2D and SeparableConv2D layer, inside nested models too).")] = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option("--layer", help="Conv layer(s), by path or unique name (default: every "
+                     "Conv2D, DepthwiseConv2D and SeparableConv2D layer, inside nested models "
+                     "too)."),
+    ] = None,
     out: OutOption = None,
 ) -> None:
     """The learned convolution kernels of each conv layer (depthwise ones too)."""
@@ -271,10 +304,25 @@ def filters_command(
 @command("activation-max")
 def activation_max_command(
     run: RunArgument,
-    layer: Annotated[str | None, typer.Option("--layer", help="A conv layer: maximize its filters instead of the classes.")] = None,
-    classes: Annotated[str | None, typer.Option("--classes", help="Classes to synthesize: `all`, `0:10`, `3,5` (default: those predicted for --images, else the first 10).")] = None,
-    images: Annotated[str | None, typer.Option("--images", help="Images whose predicted classes are synthesized (indices or image files, as in the other commands).")] = None,
-    filters: Annotated[str | None, typer.Option("--filters", help="With --layer: filter indices, 0,1,2 or 0:8 (default: the first 16).")] = None,
+    layer: Annotated[
+        str | None,
+        typer.Option("--layer", help="A conv layer: maximize its filters instead of the classes."),
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option("--classes", help="Classes to synthesize: `all`, `0:10`, `3,5` (default: "
+                     "those predicted for --images, else the first 10)."),
+    ] = None,
+    images: Annotated[
+        str | None,
+        typer.Option("--images", help="Images whose predicted classes are synthesized (indices "
+                     "or image files, as in the other commands)."),
+    ] = None,
+    filters: Annotated[
+        str | None,
+        typer.Option("--filters",
+                     help="With --layer: filter indices, 0,1,2 or 0:8 (default: the first 16)."),
+    ] = None,
     steps: Annotated[int, typer.Option(min=1, help="Gradient-ascent steps.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
     output: OutputOption = None,

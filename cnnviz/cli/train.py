@@ -102,8 +102,12 @@ def evaluation_values(evaluation: dict) -> dict:
 @command("augment")
 def augment_command(
     config: ConfigArgument,
-    images: Annotated[int, typer.Option("--images", min=1, help="Training images shown (rows).")] = 6,
-    draws: Annotated[int, typer.Option("--draws", min=1, help="Augmented versions of each (columns).")] = 4,
+    images: Annotated[
+        int, typer.Option("--images", min=1, help="Training images shown (rows).")
+    ] = 6,
+    draws: Annotated[
+        int, typer.Option("--draws", min=1, help="Augmented versions of each (columns).")
+    ] = 4,
     out: OutOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -141,7 +145,9 @@ def config_show(config: ConfigArgument, set_: SetOption = None) -> None:
 
 @command("summary")
 def summary_command(
-    target: Annotated[Path, typer.Argument(help="A config (.yaml), a run directory or a .keras file.")],
+    target: Annotated[
+        Path, typer.Argument(help="A config (.yaml), a run directory or a .keras file.")
+    ],
     out: OutOption = None,
     set_: SetOption = None,
 ) -> None:

@@ -57,7 +57,8 @@ def model_and_images(source: Path, images: str, overrides: list[str] | None):
                 raise
             shape = tuple(int(size) for size in model.inputs[0].shape[1:])
             noise = np.random.default_rng(resolved.seed).uniform(size=(32, *shape))
-            return model, noise.astype(np.float32), "32 uniform-noise images (data not available offline)"
+            return (model, noise.astype(np.float32),
+                    "32 uniform-noise images (data not available offline)")
     import_tensorflow()
     run = load_run(source)
     selection = select_images(run, images)
@@ -68,7 +69,9 @@ def model_and_images(source: Path, images: str, overrides: list[str] | None):
 def verify_command(
     source: ModelSourceArgument,
     images: ImagesOption = "0:32",
-    tolerance: Annotated[float, typer.Option(help="Largest allowed |numpy - keras| per layer.")] = 1e-4,
+    tolerance: Annotated[
+        float, typer.Option(help="Largest allowed |numpy - keras| per layer.")
+    ] = 1e-4,
     explain: Annotated[
         bool, typer.Option("--explain", help="Write one image's forward pass out step by step.")
     ] = False,
@@ -134,7 +137,9 @@ def sanity_command(
 def faithfulness_command(
     run: RunArgument,
     images: ImagesOption = "0:32",
-    steps: Annotated[int, typer.Option(min=2, help="Points on each deletion/insertion curve.")] = 20,
+    steps: Annotated[
+        int, typer.Option(min=2, help="Points on each deletion/insertion curve.")
+    ] = 20,
     baseline: Annotated[Baseline, typer.Option(help="What deleted pixels become.")] = Baseline.blur,
     seed: Annotated[int, typer.Option(help="Seed of the random-order baseline.")] = 0,
     out: OutOption = None,

@@ -1,5 +1,6 @@
 """Config: the YAML schema (one module per section), loading with bounds, `--set` overrides and
-`--expect` gates as written. The lowest floor above errors and io: it imports no other cnnviz package."""
+`--expect` gates as written. The lowest floor above errors and io: it imports no other cnnviz
+package."""
 
 from cnnviz.config.data import DataConfig
 from cnnviz.config.expect import Expectation, parse_expectation, parse_expectations

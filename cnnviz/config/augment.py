@@ -42,7 +42,8 @@ class RandomZoom(StrictModel):
 
 class RandomTranslation(StrictModel):
     type: Literal["random_translation"]
-    height_factor: FactorOrRange = Field(0.1, description="Shift by up to this share of the height.")
+    height_factor: FactorOrRange = Field(
+        0.1, description="Shift by up to this share of the height.")
     width_factor: FactorOrRange = Field(0.1, description="Shift by up to this share of the width.")
     fill_mode: FillMode = "reflect"
 

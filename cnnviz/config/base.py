@@ -1,4 +1,5 @@
-"""Config building blocks shared by every section: strict models, bounded numbers, activation and padding names."""
+"""Config building blocks shared by every section: strict models, bounded numbers, activation and
+padding names."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ MAX_IMAGE_SIDE = 16_384
 
 
 class StrictModel(BaseModel):
-    # strict: `filters: true` is not 1 and `epochs: 2.0` is not 2 (pydantic's lax mode coerces both).
+    # strict: `filters: true` is not 1 and `epochs: 2.0` is not 2 (pydantic's lax mode coerces
+    # both).
     model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
 
 
@@ -38,7 +40,8 @@ def as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def _window(value: Any) -> int | list[int]:
-    """A kernel, pool or stride: one positive int, or [height, width]; one clear message otherwise."""
+    """A kernel, pool or stride: one positive int, or [height, width]; one clear message
+    otherwise."""
 
     def side(item: Any) -> bool:
         return type(item) is int and 0 < item <= MAX_WINDOW

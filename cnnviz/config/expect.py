@@ -1,4 +1,5 @@
-"""`--expect` / `expect:` gates as written: `name OP number`, parsed and checked for syntax (names are checked by cnnviz.ci.gates)."""
+"""`--expect` / `expect:` gates as written: `name OP number`, parsed and checked for syntax (names
+are checked by cnnviz.ci.gates)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from cnnviz.errors import CnnvizError
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
              "==": operator.eq, "!=": operator.ne}
-_EXPECTATION = re.compile(r"^\s*(?P<metric>[^<>=!]+?)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>\S+)\s*$")
+_EXPECTATION = re.compile(
+    r"^\s*(?P<metric>[^<>=!]+?)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>\S+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,9 @@ def parse_expectation(text: str, *, source: str | None = "--expect") -> Expectat
     return Expectation(match["metric"], match["op"], threshold)
 
 
-def parse_expectations(cli: Sequence[str] | None, config_expect: Sequence[str] = ()) -> list[Expectation]:
+def parse_expectations(
+    cli: Sequence[str] | None, config_expect: Sequence[str] = ()
+) -> list[Expectation]:
     """The config's `expect:` list followed by `--expect` options, duplicates removed."""
     parsed = [parse_expectation(text, source="expect") for text in config_expect]
     parsed += [parse_expectation(text) for text in cli or ()]

@@ -42,7 +42,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
         where = _format_location(tuple(location))
         shown = "" if isinstance(value, (dict, list)) or value is None else f" (received {value!r})"
         if item["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key {where!r}; check the spelling (see `cnnviz config show`)")
+            lines.append(f"{source}: unknown key {where!r}; check the spelling "
+                         "(see `cnnviz config show`)")
         elif item["type"] == "union_tag_invalid":
             lines.append(f"{source}: {where}: {message}")
         elif where and not message.startswith(where):
@@ -88,7 +89,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         last = path[-1]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"--set {text!r}: {last!r} is not an index of a list of {len(node)}")
+                raise ConfigError(
+                    f"--set {text!r}: {last!r} is not an index of a list of {len(node)}")
             node[int(last)] = value
         elif isinstance(node, dict):
             node[last] = value

@@ -86,7 +86,8 @@ def check_layer_shapes(model: ModelConfig, input_shape: tuple[int, ...]) -> None
         where = f"model.layers.{index}"
         if isinstance(layer, (Conv2DLayer, PoolLayer)):
             if flat:
-                raise ValueError(f"{where} ({layer.type}) comes after the feature map was flattened")
+                raise ValueError(
+                    f"{where} ({layer.type}) comes after the feature map was flattened")
             window = as_pair(layer.kernel if isinstance(layer, Conv2DLayer) else layer.pool)
             stride = as_pair(layer.stride if layer.stride is not None else window)
             field = "kernel" if isinstance(layer, Conv2DLayer) else "pool"

@@ -19,7 +19,8 @@ class CosineSchedule(StrictModel):
 
     type: Literal["cosine"]
     warmup_epochs: float = Field(
-        0.0, ge=0.0, description="Epochs of linear warm-up from 0 to train.optimizer.learning_rate.")
+        0.0, ge=0.0,
+        description="Epochs of linear warm-up from 0 to train.optimizer.learning_rate.")
     min_learning_rate: float = Field(0.0, ge=0.0, description="The rate the cosine ends at.")
 
 
@@ -95,7 +96,9 @@ class TrainConfig(StrictModel):
         default_factory=lambda: ["accuracy"]
     )
     early_stopping: EarlyStoppingConfig | None = None
-    class_weight: Literal["balanced"] | dict[int | str, Annotated[float, Field(gt=0.0)]] | None = Field(
+    class_weight: (
+        Literal["balanced"] | dict[int | str, Annotated[float, Field(gt=0.0)]] | None
+    ) = Field(
         None,
         description="Weight of each class in the loss: balanced (n / (classes x count), from the "
         "training split) or a mapping of class name or index to weight (others: 1).",

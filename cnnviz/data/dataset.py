@@ -127,7 +127,8 @@ class Dataset:
         if self.folder is None:
             return
         write_split_files(run_dir, self.folder,
-                          {name: (split.files, split.labels) for name, split in self.splits.items()},
+                          {name: (split.files, split.labels)
+                           for name, split in self.splits.items()},
                           self.class_names)
         if self.skipped:
             write_skipped_files(run_dir, self.skipped)
@@ -165,7 +166,8 @@ def _as_nhwc(images: np.ndarray) -> np.ndarray:
     if images.ndim == 3:
         images = images[..., None]  # a view: no copy
     if images.ndim != 4:
-        raise CnnvizError(f"images must be (N, H, W) or (N, H, W, C); received shape {images.shape}")
+        raise CnnvizError(
+            f"images must be (N, H, W) or (N, H, W, C); received shape {images.shape}")
     return images
 
 

@@ -118,7 +118,8 @@ def check_listing(listing: FolderListing, *, max_pixels: int, skip_bad_files: bo
     more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
     log(f"skipped {len(bad)} unreadable file(s) of {len(listing.files)} (data.skip_bad_files): "
         f"{shown}{more}")
-    empty = [name for index, name in enumerate(kept.class_names) if not np.any(kept.labels == index)]
+    empty = [name for index, name in enumerate(kept.class_names)
+             if not np.any(kept.labels == index)]
     if empty:
         raise CnnvizError(f"data.path {listing.root}: no readable image left in class folder(s) "
                           f"{', '.join(repr(name) for name in empty)}")

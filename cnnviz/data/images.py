@@ -314,7 +314,8 @@ def resize_pixels(pixels, size: tuple[int, int], how: str = "stretch") -> np.nda
     import keras
 
     if how not in RESIZE_MODES:
-        raise CnnvizError(f"--resize {how!r} is not a mode; choose one of {', '.join(RESIZE_MODES)}")
+        raise CnnvizError(
+            f"--resize {how!r} is not a mode; choose one of {', '.join(RESIZE_MODES)}")
     image = np.asarray(pixels, dtype=np.float32)
     height, width = (int(side) for side in size)
     if image.shape[:2] == (height, width):

@@ -68,7 +68,8 @@ def mark_size(image_size: int) -> int:
 
 
 def mark_origins(image_size: int) -> list[tuple[int, int]]:
-    """(row, col) of the mark's top-left pixel for class 0, 1, ...: four corners, then edge middles."""
+    """(row, col) of the mark's top-left pixel for class 0, 1, ...: four corners, then edge
+    middles."""
     side = mark_size(image_size)
     far, middle = image_size - 1 - side, (image_size - side) // 2
     return [(1, 1), (1, far), (far, far), (far, 1),
@@ -79,7 +80,8 @@ def _check(count, image_size, classes, channels, spurious, with_cue, shuffle_cue
     if not isinstance(count, (int, np.integer)) or count < 1:
         raise CnnvizError(f"count must be a positive int; received count={count!r}")
     if not isinstance(image_size, (int, np.integer)) or image_size < 24:
-        raise CnnvizError(f"image_size must be an int >= 24 (smaller shapes stop being recognisable); received image_size={image_size!r}")
+        raise CnnvizError("image_size must be an int >= 24 (smaller shapes stop being "
+                          f"recognisable); received image_size={image_size!r}")
     if channels not in (1, 3):
         raise CnnvizError(f"channels must be 1 or 3; received channels={channels!r}")
     classes = tuple(classes)

@@ -1,1 +1,2 @@
-"""After training: evaluate on a labelled split, predict image files, export to SavedModel/TFLite/ONNX."""
+"""After training: evaluate on a labelled split, predict image files, export to
+SavedModel/TFLite/ONNX."""

@@ -77,7 +77,8 @@ def export_model(model, path: str | Path, format_name: str) -> Path:
         `path`.
     """
     if format_name not in FORMATS:
-        raise CnnvizError(f"unknown export format {format_name!r}; choose from {', '.join(FORMATS)}")
+        raise CnnvizError(
+            f"unknown export format {format_name!r}; choose from {', '.join(FORMATS)}")
     require_packages(format_name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,8 @@ def _call_once(model) -> None:
     """Keras's ONNX export refuses a model never called (e.g. one just loaded from .keras)."""
     if getattr(model, "_called", True):
         return
-    shapes = [[1 if size is None else int(size) for size in tensor.shape] for tensor in model.inputs]
+    shapes = [[1 if size is None else int(size) for size in tensor.shape]
+              for tensor in model.inputs]
     model([np.zeros(shape, np.float32) for shape in shapes] if len(shapes) > 1
           else np.zeros(shapes[0], np.float32), training=False)
 
@@ -255,7 +257,8 @@ def check_images_for(run, count: int) -> tuple[np.ndarray, str]:
 
 
 def input_range_of(model) -> tuple[float, float]:
-    """The model's input range (docs/decisions.md D1: (0, 255) for models that start with preprocessing layers)."""
+    """The model's input range (docs/decisions.md D1: (0, 255) for models that start with
+    preprocessing layers)."""
     from cnnviz.model.inputs import input_range
 
     return tuple(float(value) for value in input_range(model))

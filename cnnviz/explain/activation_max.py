@@ -34,7 +34,8 @@ Regularizers = tuple[tuple[float, Penalty], ...]
 
 # ------------------------------------------------------------------------------- penalties
 def l2_norm(images):
-    """Sum of squared pixel values per image, (N,): pulls pixels towards 0 (fewer extreme values)."""
+    """Sum of squared pixel values per image, (N,): pulls pixels towards 0 (fewer extreme
+    values)."""
     import tensorflow as tf
 
     return tf.reduce_sum(tf.square(images), axis=[1, 2, 3])
@@ -287,7 +288,8 @@ def _score_function(model, layer, output):
 
 
 def _gaussian_blur(sigma: float, input_shape: tuple[int, int, int]):
-    """A compiled separable Gaussian blur with reflected borders (zero padding would darken them)."""
+    """A compiled separable Gaussian blur with reflected borders (zero padding would darken
+    them)."""
     import tensorflow as tf
 
     height, width, channels = input_shape

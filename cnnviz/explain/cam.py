@@ -209,7 +209,8 @@ def _scorecam(model, copy, batch, wanted, layer_name: str, batch_size: int) -> n
         image, channel = flat // channels, flat % channels
         return [batch[image], features[image, :, :, channel], chosen[image]]
 
-    fill = input_range(model)[0]  # masked-out pixels go to the input range's low end (docs/decisions.md D1)
+    # masked-out pixels go to the input range's low end (docs/decisions.md D1)
+    fill = input_range(model)[0]
     (scores,) = run_batched(
         copy, f"scorecam:{fill!r}", _masked_scores_body(fill), count * channels, masked,
         batch_size,

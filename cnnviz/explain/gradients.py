@@ -1,4 +1,5 @@
-"""Input gradients of target scores under each backward rule (vanilla, guided, rectified), batched and compiled: the core every gradient method shares."""
+"""Input gradients of target scores under each backward rule (vanilla, guided, rectified),
+batched and compiled: the core every gradient method shares."""
 
 from __future__ import annotations
 

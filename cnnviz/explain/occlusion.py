@@ -1,4 +1,5 @@
-"""Occlusion sensitivity (Zeiler & Fergus 2014): the target's probability as a patch hides each spot.
+"""Occlusion sensitivity (Zeiler & Fergus 2014): the target's probability as a patch hides each
+spot.
 
 Every window of every image is one occluded copy; the intact images and all copies go through
 one compiled forward pass of the model's probabilities copy, in chunks that split the count
@@ -118,7 +119,8 @@ def occlusion(
     output=None,
     batch_size: int | None = None,
 ) -> OcclusionResult:
-    """Slide a `patch` x `patch` square of value `fill` over each image; record the target's probability.
+    """Slide a `patch` x `patch` square of value `fill` over each image; record the target's
+    probability.
 
     Windows start at 0, stride, 2 * stride, ... while they fit; when the image size is not
     reached exactly, one more window flush with the bottom/right edge is added, so with

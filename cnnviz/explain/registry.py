@@ -237,8 +237,10 @@ def run_methods(
         if registered is None or registered[1] is not function:
             maps[name] = _checked_maps(name, function(model, batch, targets), batch)
             continue
-        maps[name] = _MEMO.get(state, ("maps", registered[0], wanted), lambda name=name, function=function: _checked_maps(
-            name, function(model, batch, targets), batch)).copy()
+        maps[name] = _MEMO.get(
+            state, ("maps", registered[0], wanted),
+            lambda name=name, function=function: _checked_maps(
+                name, function(model, batch, targets), batch)).copy()
     return maps
 
 

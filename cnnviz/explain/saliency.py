@@ -1,7 +1,8 @@
 """Input-gradient maps: vanilla saliency, guided backprop, deconvnet ("rectified"), SmoothGrad.
 
 Every map is the gradient of one pre-softmax score per image (`_common.target_scores` on
-the logits copy, `_compiled.model_copy(model, "logits")`) with respect to the input pixels, computed for a whole batch at once by a
+the logits copy, `_compiled.model_copy(model, "logits")`) with respect to the input pixels,
+computed for a whole batch at once by a
 `tf.function` compiled for one fixed chunk shape. Guided and rectified maps run on a cached copy
 of the logits model whose ReLU-family activations have a modified backward pass; the caller's
 model is never changed.

@@ -1,1 +1,2 @@
-"""How files are written, whatever they are: atomic writes (temporary name, then rename) and run locks."""
+"""How files are written, whatever they are: atomic writes (temporary name, then rename) and run
+locks."""

@@ -1,4 +1,5 @@
-"""Writing files so that a kill never leaves half a file: temporary name, fsync, rename; stale temporaries of dead processes removed; kill points for tests."""
+"""Writing files so that a kill never leaves half a file: temporary name, fsync, rename; stale
+temporaries of dead processes removed; kill points for tests."""
 
 from __future__ import annotations
 
@@ -92,9 +93,11 @@ def write_problem(path: Path, error: OSError) -> str:
     """One line saying why `path` could not be written, and what to do."""
     code = error.errno
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return f"cannot write {path}: no space left ({error.strerror}); free some space or use --out elsewhere"
+        return (f"cannot write {path}: no space left ({error.strerror}); free some space or use "
+                "--out elsewhere")
     if code == errno.EROFS:
-        return f"cannot write {path}: the file system is read-only; use --out with a writable folder"
+        return (f"cannot write {path}: the file system is read-only; use --out with a writable "
+                "folder")
     if code in (errno.EACCES, errno.EPERM):
         return f"cannot write {path}: permission denied; use --out with a folder you can write to"
     if code in (errno.ENOTDIR, errno.EEXIST):

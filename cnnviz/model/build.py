@@ -29,7 +29,8 @@ def _keras_layer(spec, name: str):
             activation=spec.activation, name=name,
         )
     if isinstance(spec, PoolLayer):
-        pool_class = keras.layers.MaxPooling2D if spec.type == "max_pool2d" else keras.layers.AveragePooling2D
+        pool_class = (keras.layers.MaxPooling2D if spec.type == "max_pool2d"
+                      else keras.layers.AveragePooling2D)
         return pool_class(spec.pool, strides=spec.stride, padding=spec.padding, name=name)
     if isinstance(spec, DropoutLayer):
         return keras.layers.Dropout(spec.rate, name=name)
@@ -93,7 +94,8 @@ def build_model(config: Config, input_shape: tuple[int, int, int], num_classes: 
         output_units(config, num_classes), activation=config.model.output.activation,
         name=config.model.output.name, dtype="float32",
     )
-    head = [_keras_layer(spec, name) for spec, name in zip(config.model.layers, layer_names(config.model.layers))]
+    head = [_keras_layer(spec, name)
+            for spec, name in zip(config.model.layers, layer_names(config.model.layers))]
     name = run_slug(config.name)  # TensorFlow refuses spaces and most punctuation in a model name
     pixels = preprocessing.layers(input_shape[-1])
     if config.model.backbone is None:

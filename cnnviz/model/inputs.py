@@ -117,7 +117,8 @@ def resolve_mode(model, mode: str) -> tuple[str, str | None]:
 
 
 def as_image_batch(images) -> np.ndarray:
-    """Return `images` as a float32 array of shape (N, H, W, C); a single (H, W, C) image gets N=1."""
+    """Return `images` as a float32 array of shape (N, H, W, C); a single (H, W, C) image gets
+    N=1."""
     batch = np.asarray(images, dtype=np.float32)
     if batch.ndim == 3:
         batch = batch[None]
@@ -146,8 +147,9 @@ def input_range(model, *, preprocess: str | None = None) -> tuple[float, float]:
     """The range of values the model's input takes, (low, high), in the units it is fed.
 
     (0, 255) when the model begins with a Rescaling or Normalization layer (also as the first
-    layer of a nested first model): it takes raw 8-bit pixels (docs/decisions.md D1). A `Rescaling(scale)`
-    without offset says more: it maps (0, 1/scale) onto [0, 1] — (0, 255) for cnnviz's models
+    layer of a nested first model): it takes raw 8-bit pixels (docs/decisions.md D1). A
+    `Rescaling(scale)` without offset says more: it maps (0, 1/scale) onto [0, 1] — (0, 255) for
+    cnnviz's models
     of images, (0, 9) for toy4x4's data in its own units. Else (0, 1), or, when the caller
     knows how images were prepared (`--preprocess`), that mode's range: "scale" (0, 1),
     "unit" (-1, 1), "none" (0, 255), "caffe" and "torch" their per-channel extremes.

@@ -1,4 +1,5 @@
-"""Optimizer (with per-layer learning-rate multipliers), loss and compile step for a configured model."""
+"""Optimizer (with per-layer learning-rate multipliers), loss and compile step for a configured
+model."""
 
 from __future__ import annotations
 

@@ -177,7 +177,8 @@ def class_probabilities(model_outputs) -> np.ndarray:
 
 
 def resolve_targets(targets, predicted_classes: np.ndarray, num_classes: int) -> np.ndarray:
-    """Return one int class per image: `targets` as given (an int or a sequence), else the predicted one.
+    """Return one int class per image: `targets` as given (an int or a sequence), else the
+    predicted one.
 
     `num_classes` counts a binary sigmoid model as 2 classes.
     """
@@ -188,7 +189,8 @@ def resolve_targets(targets, predicted_classes: np.ndarray, num_classes: int) ->
     bad = resolved[(resolved < 0) | (resolved >= num_classes)]
     if bad.size:
         raise CnnvizError(
-            f"target class {int(bad[0])} is out of range; the model has classes 0..{num_classes - 1}"
+            f"target class {int(bad[0])} is out of range; "
+            f"the model has classes 0..{num_classes - 1}"
         )
     return resolved
 
@@ -248,7 +250,8 @@ def get_layer(model, name: str):
 
 
 def features_and_logits(clone, layer_name: str):
-    """A callable `images -> (layer output, model output)` on `clone`, for use inside a GradientTape.
+    """A callable `images -> (layer output, model output)` on `clone`, for use inside a
+    GradientTape.
 
     The one way gradient methods that look at a layer (Grad-CAM and the CAM family) reach its
     activations, so a gradient flows from the output back to exactly these tensors; layers

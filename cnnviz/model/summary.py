@@ -50,7 +50,8 @@ def _num_classes(config: Config) -> int:
         return len(data.shapes.classes)
     if data.source == "directory":
         folder = Path(data.path)
-        return max(1, sum(1 for entry in folder.iterdir() if entry.is_dir())) if folder.is_dir() else 2
+        return (max(1, sum(1 for entry in folder.iterdir() if entry.is_dir()))
+                if folder.is_dir() else 2)
     return 10  # digits, mnist, fashion_mnist, cifar10
 
 

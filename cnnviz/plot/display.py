@@ -1,4 +1,5 @@
-"""Drawing helpers shared by every figure: images of any range, heatmaps, constant-map notes, PNG bytes.
+"""Drawing helpers shared by every figure: images of any range, heatmaps, constant-map notes, PNG
+bytes.
 
 Nothing here uses pyplot: figures are `matplotlib.figure.Figure` objects with no global state, so
 they are safe under any backend and in threads. Normalization is for display only and never

@@ -1,4 +1,5 @@
-"""Figures of what a network holds: filter mosaics, feature-map mosaics, activation-maximization grids."""
+"""Figures of what a network holds: filter mosaics, feature-map mosaics, activation-maximization
+grids."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Writing figures in chunks: a progress bar, captions beside each PNG, arrays beside each figure on request."""
+"""Writing figures in chunks: a progress bar, captions beside each PNG, arrays beside each figure
+on request."""
 
 from __future__ import annotations
 

@@ -100,7 +100,8 @@ def gradcam_figures(model, selection: Selection, folder: Path, *, layer: str | N
 
     def arrays(payload):
         probabilities, explained, heatmap, guided_map = payload
-        maps = {"gradcam": heatmap, **({} if guided_map is None else {"guided_gradcam": guided_map})}
+        maps = {"gradcam": heatmap,
+                **({} if guided_map is None else {"guided_gradcam": guided_map})}
         return _explained_arrays(probabilities, explained, maps)
 
     return write_per_image(selection, folder, f"grad-cam ({layer_name})", explain_chunk, draw,
@@ -223,8 +224,8 @@ def rise_figures(model, selection: Selection, folder: Path, *, masks: int = 2000
         title = (f"RISE, {masks} masks {_explained(selection, index, explained, probabilities)}"
                  f"\nE[P(class) | pixel kept] from {saliency.min():.2f} (blue) to "
                  f"{saliency.max():.2f} (red)")
-        figure = drawing(cam_row, selection.shown(index), {"RISE": normalize01(saliency)}, title=title,
-                         label="scaled to its own range")
+        figure = drawing(cam_row, selection.shown(index), {"RISE": normalize01(saliency)},
+                         title=title, label="scaled to its own range")
         return [(f"{selection.names[index]}.png", figure)]
 
     return write_per_image(selection, folder, f"rise ({masks} masks)", explain_chunk, draw,

@@ -1,4 +1,5 @@
-"""Which images a command explains: test-split indices or image files, read and prepared for the model, with names, labels and display pixels."""
+"""Which images a command explains: test-split indices or image files, read and prepared for the
+model, with names, labels and display pixels."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class ImageFiles:
         paths: the files.
         input_shape: the model's (H, W, C).
         prepare: 8-bit pixels (N, H, W, C) -> model inputs (`--preprocess` for a bare model);
-            None: the pixels themselves, what every cnnviz model of images takes (docs/decisions.md D1).
+            None: the pixels themselves, what every cnnviz model of images takes
+            (docs/decisions.md D1).
         resize: "stretch", "crop" or "pad" (`cnnviz.images.read_images`).
         max_pixels: refuse larger files before decoding them.
     """
@@ -203,7 +205,8 @@ def _file_names(paths: list[Path]) -> list[str]:
 def pixel_preparation(run: Run, preprocess: str):
     """pixels -> model inputs for image files, or None when the model takes the pixels.
 
-    A cnnviz run's model begins with its preprocessing layers and takes 8-bit pixels (docs/decisions.md D1);
+    A cnnviz run's model begins with its preprocessing layers and takes 8-bit pixels
+    (docs/decisions.md D1);
     data in other units (npz, inline) gets the file's range mapped onto the model's input range.
     A bare .keras file takes what `--preprocess` says ("auto" resolved, with a note).
     """
@@ -244,7 +247,8 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
 
     Files: comma-separated files, folders and globs (`cnnviz.images.expand_image_spec`), read
     by `cnnviz.images` and resized as `resize` says; a file in a folder named like a class
-    (`cat/001.jpg`) gets that class as its true label. A run's model takes the pixels (docs/decisions.md D1); a
+    (`cat/001.jpg`) gets that class as its true label. A run's model takes the pixels
+    (docs/decisions.md D1); a
     bare .keras file gets them as `preprocess` says (`cnnviz.preprocess.MODES`; a run refuses
     any but "auto"). Indices into a folder-trained run's test split read only those files,
     from the lists the run recorded. Files are read a chunk at a time, never all at once.
@@ -281,7 +285,7 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
     if test.files is None:
         return Selection(test.images(indices), test.labels[indices], names, dataset.class_names,
                          label)
-    images = ImageFiles(test.paths(indices), input_shape, prepare=pixel_preparation(run, preprocess),
-                        max_pixels=max_pixels)
+    images = ImageFiles(test.paths(indices), input_shape,
+                        prepare=pixel_preparation(run, preprocess), max_pixels=max_pixels)
     return Selection(images, test.labels[indices], names, dataset.class_names, label,
                      display=images.display, files=[test.files[index] for index in indices])

@@ -26,7 +26,8 @@ class Run:
         """The run's data, split exactly as when it was trained (same config, same seed)."""
         if self.config is None:
             raise CnnvizError(
-                "a bare .keras file has no data set; pass image files with --images, or a run directory"
+                "a bare .keras file has no data set; pass image files with --images, or a run "
+                "directory"
             )
         if self._dataset is None:  # several commands of one `cnnviz run` ask for it
             from cnnviz.data import load_dataset
@@ -81,7 +82,8 @@ def load_run(path: str | Path) -> Run:
             hint = " (training has not finished; run `cnnviz train` again to resume)" if (
                 path / BACKUP_DIR).is_dir() else ""
             raise CnnvizError(f"{path} is not a finished run: no model.keras in it{hint}")
-        config = validate(read_yaml(config_file), source=str(config_file)) if config_file.is_file() else None
+        config = (validate(read_yaml(config_file), source=str(config_file))
+                  if config_file.is_file() else None)
         return Run(model=load_keras_model(model_file), config=config, directory=path)
     if path.suffix == ".keras" and path.is_file():
         return Run(model=load_keras_model(path), config=None, directory=None)

@@ -141,9 +141,11 @@ class EpochCommit(keras.callbacks.Callback):
                 continue
             for name, value in saved.items():
                 setattr(callback, name, value)
-            if self.resumed.early_stopping_weights is not None and hasattr(callback, "best_weights"):
+            if (self.resumed.early_stopping_weights is not None
+                    and hasattr(callback, "best_weights")):
                 with np.load(self.resumed.early_stopping_weights) as arrays:
-                    callback.best_weights = [arrays[f"w{index}"] for index in range(len(arrays.files))]
+                    callback.best_weights = [arrays[f"w{index}"]
+                                             for index in range(len(arrays.files))]
                 self._early_stopping_weights = callback.best_weights
 
     def _keyed(self):
@@ -210,7 +212,8 @@ def training_callbacks(config: Config, run_dir: Path, *, monitor: str, resuming:
     """
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     # Multi-worker: every epoch, so every worker saves at the same points (time differs).
-    interval = 0.0 if config.train.distribute == "multi_worker" else config.train.checkpoint_interval
+    interval = (0.0 if config.train.distribute == "multi_worker"
+                else config.train.checkpoint_interval)
     checkpoint = ThrottledModelCheckpoint
     last = checkpoint(str(run_dir / "checkpoints" / "last.keras"), interval=interval)
     best = checkpoint(str(run_dir / "checkpoints" / "best.keras"), monitor=monitor,

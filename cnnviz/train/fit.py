@@ -118,7 +118,8 @@ def class_weights(config: Config, dataset) -> dict[int, float] | None:
     if wanted == "balanced":
         counts = np.bincount(dataset.train.labels, minlength=len(names))
         present = counts > 0
-        weights = np.where(present, len(dataset.train.labels) / (present.sum() * np.maximum(counts, 1)), 1.0)
+        weights = np.where(
+            present, len(dataset.train.labels) / (present.sum() * np.maximum(counts, 1)), 1.0)
         return {index: float(weight) for index, weight in enumerate(weights)}
     resolved = {}
     for key, weight in wanted.items():

@@ -1,4 +1,5 @@
-"""Claiming a run directory and resuming it: which run to continue, the committed training state, restoring weights and seeds."""
+"""Claiming a run directory and resuming it: which run to continue, the committed training state,
+restoring weights and seeds."""
 
 from __future__ import annotations
 
@@ -236,7 +237,8 @@ def restore_training(model, strategy, run_dir: Path, log) -> TrainingState | Non
     except _Damaged as damage:
         aside = set_aside(backup, "damaged")
         backup.mkdir()
-        candidates = sorted(((int(match.group(1)), path) for path in aside.glob("epoch-*.weights.h5")
+        candidates = sorted(((int(match.group(1)), path)
+                             for path in aside.glob("epoch-*.weights.h5")
                              if (match := _EPOCH_FILE.match(path.name))), reverse=True)
         for epoch, weights in candidates:
             try:

@@ -1,13 +1,15 @@
 """Sanity checks for saliency maps (Adebayo et al. 2018): does the map depend on what was learned?
 
 Cascading model randomization re-initializes the layers of the model (in place, every weight
-restored afterwards) from the output layer down, one more layer at each step, and recomputes every method's maps for the same images
+restored afterwards) from the output layer down, one more layer at each step, and recomputes
+every method's maps for the same images
 and the same target classes. A map that explains the model must change as the weights it
 explains are destroyed; a map that stays the same (high rank correlation with the trained
 model's map even when every layer is random) shows the input, not the model: the paper's edge
 detector. Every step is judged, as the paper reads its figures: a map still similar after the
 top layers are random (guided backprop's failure) does not explain those layers, even if it
-changes once the first conv layers go too. `class_sensitivity` asks the same question of the target class: a map that looks the
+changes once the first conv layers go too. `class_sensitivity` asks the same question of the
+target class: a map that looks the
 same for the predicted and for another class does not explain the class.
 """
 
@@ -267,7 +269,8 @@ def model_randomization(
 ) -> SanityResult:
     """Cascading model randomization (Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
 
-    On `model` itself (every weight restored afterwards), the layers with weights are re-initialized one more at each step, from
+    On `model` itself (every weight restored afterwards), the layers with weights are
+    re-initialized one more at each step, from
     the output layer down to the first layer, each with its own initializers (seeded); after each
     step every method's maps are recomputed for the same images and the same targets and compared
     with the trained model's maps (Spearman correlation of absolute maps, and SSIM).

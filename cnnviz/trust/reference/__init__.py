@@ -1,4 +1,5 @@
-"""A numpy re-computation of the network, layer by layer, to check Keras's numbers (`cnnviz verify`)."""
+"""A numpy re-computation of the network, layer by layer, to check Keras's numbers
+(`cnnviz verify`)."""
 
 from cnnviz.trust.reference.forward import (
     LayerTrace,

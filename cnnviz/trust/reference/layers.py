@@ -1,4 +1,5 @@
-"""Keras layers recomputed in plain numpy (convolutions, pooling, dense, normalization, merges), one function per layer type."""
+"""Keras layers recomputed in plain numpy (convolutions, pooling, dense, normalization, merges),
+one function per layer type."""
 
 from __future__ import annotations
 

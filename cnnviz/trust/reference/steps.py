@@ -1,4 +1,5 @@
-"""`verify --explain`: a small network's forward pass written out by hand, step by step, and the verify table."""
+"""`verify --explain`: a small network's forward pass written out by hand, step by step, and the
+verify table."""
 
 from __future__ import annotations
 
