@@ -52,7 +52,8 @@ def learning_rate(config: Config, steps_per_epoch: int = 1):
     """`train.optimizer.learning_rate`, or a keras.optimizers.schedules schedule of it.
 
     Schedules count optimizer steps; the config counts epochs of `steps_per_epoch` steps.
-    `plateau` is a callback (ReduceLROnPlateau, see cnnviz.train.callbacks), so its rate starts constant.
+    `plateau` is a callback (ReduceLROnPlateau, see cnnviz.train.callbacks), so its rate starts
+    constant.
     """
     import keras
 
