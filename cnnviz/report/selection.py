@@ -182,7 +182,10 @@ def parse_class_spec(spec: str, count: int) -> list[int]:
 
 
 def class_names_of(run: Run, num_outputs: int) -> list[str]:
-    """The run's class names (from metrics.json or the config), else "0", "1", ..."""
+    """The names given for a bare model, the run's class names (from metrics.json or the
+    config), else "0", "1", ..."""
+    if run.class_names is not None:
+        return list(run.class_names)
     names = read_metrics(run.directory).get("class_names")
     if names:
         return list(names)
@@ -218,7 +221,10 @@ def pixel_preparation(run: Run, preprocess: str):
         if (low, high) == (0.0, 255.0):
             return None
         return lambda pixels: low + pixels * np.float32((high - low) / 255.0)
-    mode, note = resolve_mode(run.model, preprocess)
+    if preprocess == "auto" and run.preprocess is not None:
+        mode, note = run.preprocess, None
+    else:
+        mode, note = resolve_mode(run.model, preprocess)
     if note:
         warnings.warn(note, CnnvizNotice, stacklevel=3)
     return None if mode == "none" else (lambda pixels: prepare(pixels, mode))

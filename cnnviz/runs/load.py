@@ -20,6 +20,10 @@ class Run:
     model: object
     config: Config | None
     directory: Path | None
+    # A bare model that knows its own input mode (keras:NAME): what `--preprocess auto` means.
+    preprocess: str | None = None
+    # Names given for a bare model (`--class-names`, keras:NAME's ImageNet classes).
+    class_names: list[str] | None = None
     _dataset: object = field(default=None, repr=False)
 
     def dataset(self):
