@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from cnnviz.runs.layout import BACKUP_DIR
 # --------------------------------------------------------------------------------- loading back
 @dataclass
 class Run:
-    """A trained run (or a bare `.keras` file, then `config` and `directory` may be None)."""
+    """A trained run (or a bare `.keras` / `.h5` file, then `config` and `directory` are None)."""
 
     model: object
     config: Config | None
@@ -30,8 +31,8 @@ class Run:
         """The run's data, split exactly as when it was trained (same config, same seed)."""
         if self.config is None:
             raise CnnvizError(
-                "a bare .keras file has no data set; pass image files with --images, or a run "
-                "directory"
+                "a bare model file (.keras or .h5) has no data set; pass image files with "
+                "--images, or a run directory"
             )
         if self._dataset is None:  # several commands of one `cnnviz run` ask for it
             from cnnviz.data import load_dataset
@@ -41,22 +42,67 @@ class Run:
         return self._dataset
 
 
-def load_keras_model(path: str | Path):
-    import zipfile
+# What `load_run` takes besides a run directory; Keras picks the format by the suffix.
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+_ACCEPTED = "a run directory or a .keras, .h5 or .hdf5 model file"
+# Every refusal of Keras's safe mode (Lambda code, TFSMLayer, torch modules) tells the user this.
+# Keras enforces safe mode for legacy .h5 files too (its h5 loader deserializes the config inside
+# a SafeModeScope, nested models and Keras 2 lambdas included): tests/test_legacy_h5.py holds it.
+_SAFE_MODE_HINT = "safe_mode=False"
 
+
+def load_keras_model(path: str | Path, *, unsafe: bool = False):
+    """A Keras model from a `.keras` file or a legacy Keras `.h5` / `.hdf5` file, uncompiled.
+
+    Args:
+        path: the model file; its suffix says the format (`MODEL_SUFFIXES`).
+        unsafe: also rebuild what Keras's safe mode refuses: a `Lambda` layer's Python code,
+            which could run arbitrary code while loading (`safe_mode=False`; CLI `--unsafe`).
+
+    Returns:
+        The model. A truncated or damaged file, or one holding code while `unsafe` is False,
+        raises `CnnvizError` naming the file.
+    """
     import keras
 
     import cnnviz.model.optimizers  # noqa: F401 - registers the layerwise optimizers for deserialization
 
-    if not zipfile.is_zipfile(path):  # Keras would say "File not found" of a truncated file
-        raise CnnvizError(
-            f"cannot load Keras model {path}: not a complete .keras file (truncated or damaged; "
-            "a .keras file is a zip archive)"
-        )
+    _check_complete(Path(path))
     try:
-        return keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as error:  # noqa: BLE001 - Keras raises many types for a bad file
+        if _SAFE_MODE_HINT in str(error):
+            raise CnnvizError(_refusal(path, error)) from None
         raise CnnvizError(f"cannot load Keras model {path}: {first_line(error)}") from None
+
+
+def _check_complete(path: Path) -> None:
+    """Refuse a truncated file in one line: Keras would say "File not found" of a .keras one
+    and pass h5py's long open error through for a .h5 one."""
+    if path.suffix == ".keras":
+        import zipfile
+
+        complete, kind = zipfile.is_zipfile(path), "a .keras file is a zip archive"
+    else:
+        import h5py
+
+        try:
+            h5py.File(path, "r").close()
+            complete = True
+        except OSError:
+            complete = False
+        kind = "a .h5 model is an HDF5 file"
+    if not complete:
+        raise CnnvizError(f"cannot load Keras model {path}: not a complete {path.suffix} file "
+                          f"(truncated or damaged; {kind})")
+
+
+def _refusal(path: str | Path, error: Exception) -> str:
+    """Keras's safe-mode error as one line naming the file, what it holds and `--unsafe`."""
+    found = re.match(r"Requested the (.+?)\. ", str(error))
+    what = found.group(1) if found else "Python code in the file"
+    return (f"refusing to load Keras model {path}: Keras's safe mode refused the {what}, since "
+            "arbitrary code could run when loading it; pass --unsafe if you trust the file")
 
 
 def read_metrics(run_dir: Path | None) -> dict:
@@ -76,8 +122,9 @@ def read_metrics(run_dir: Path | None) -> dict:
     return metrics
 
 
-def load_run(path: str | Path) -> Run:
-    """Load a run directory (its model.keras and config.yaml) or a `.keras` file."""
+def load_run(path: str | Path, *, unsafe: bool = False) -> Run:
+    """Load a run directory (its model.keras and config.yaml) or a bare model file: `.keras`, or
+    a legacy Keras `.h5` / `.hdf5`. `unsafe`: see `load_keras_model` (CLI `--unsafe`)."""
     path = Path(path)
     if path.is_dir():
         model_file = path / "model.keras"
@@ -88,9 +135,9 @@ def load_run(path: str | Path) -> Run:
             raise CnnvizError(f"{path} is not a finished run: no model.keras in it{hint}")
         config = (validate(read_yaml(config_file), source=str(config_file))
                   if config_file.is_file() else None)
-        return Run(model=load_keras_model(model_file), config=config, directory=path)
-    if path.suffix == ".keras" and path.is_file():
-        return Run(model=load_keras_model(path), config=None, directory=None)
+        return Run(model=load_keras_model(model_file, unsafe=unsafe), config=config, directory=path)
+    if path.suffix in MODEL_SUFFIXES and path.is_file():
+        return Run(model=load_keras_model(path, unsafe=unsafe), config=None, directory=None)
     if not path.exists():
-        raise CnnvizError(f"{path} does not exist; give a run directory or a .keras file")
-    raise CnnvizError(f"{path} is neither a run directory nor a .keras file")
+        raise CnnvizError(f"{path} does not exist; give {_ACCEPTED}")
+    raise CnnvizError(f"{path} is neither a run directory nor a model file; give {_ACCEPTED}")
