@@ -9,6 +9,7 @@ from pathlib import Path
 from cnnviz.config.loading import read_yaml, validate
 from cnnviz.config.root import Config
 from cnnviz.errors import CnnvizError, first_line
+from cnnviz.model.pretrained import PREFIX as PRETRAINED_PREFIX
 from cnnviz.runs.layout import BACKUP_DIR
 
 
@@ -76,8 +77,18 @@ def read_metrics(run_dir: Path | None) -> dict:
     return metrics
 
 
-def load_run(path: str | Path) -> Run:
-    """Load a run directory (its model.keras and config.yaml) or a `.keras` file."""
+def load_run(path: str | Path, *, weights: str | Path | None = None) -> Run:
+    """Load a run directory (its model.keras and config.yaml), a `.keras` file, or a pretrained
+    `keras:NAME` (`cnnviz.model.pretrained`; `weights`: a local weights file for it)."""
+    if str(path).startswith(PRETRAINED_PREFIX):  # Path("keras:ResNet50") is a valid path too
+        from cnnviz.model.pretrained import pretrained_model
+
+        found = pretrained_model(str(path), weights=weights)
+        return Run(model=found.model, config=None, directory=None,
+                   preprocess=found.preprocess_mode, class_names=found.class_names)
+    if weights is not None:
+        raise CnnvizError(f"--weights {weights} is for pretrained models "
+                          f"({PRETRAINED_PREFIX}NAME); {path} has its own weights")
     path = Path(path)
     if path.is_dir():
         model_file = path / "model.keras"
