@@ -109,3 +109,24 @@ def variable_key(optimizer, variable):
     except AttributeError:
         raise _changed("BaseOptimizer._var_key", "per-layer learning rates") from None
     return key(variable)
+
+
+# ------------------------------------------------------------------------------------ downloads
+def keras_cache_dir() -> str:
+    """The folder `keras.utils.get_file` keeps downloads under (applications' weights in its
+    `models/`): $KERAS_HOME or ~/.keras as Keras read it at import, /tmp/.keras where that is not
+    writable, as get_file falls back.
+
+    Internal: `keras.src.backend.config.keras_home` (Keras has no public accessor)."""
+    import os
+    import tempfile
+
+    try:
+        from keras.src.backend.config import keras_home
+    except ImportError:
+        raise _changed("keras.src.backend.config.keras_home", "naming Keras's download cache") \
+            from None
+    home = os.path.expanduser(keras_home())
+    if not os.access(home, os.W_OK):
+        home = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
+    return home

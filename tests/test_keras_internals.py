@@ -1,6 +1,8 @@
 """One test per Keras internal in cnnviz/_keras.py: each fails, naming the internal and the Keras
 version, when a Keras release changes it (pyproject pins the releases the suite ran on)."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -106,6 +108,19 @@ def test_an_optimizer_knows_each_variable_by_its_own_key():
     optimizer.build(model.trainable_variables)
     keys = [_keras.variable_key(optimizer, variable) for variable in model.trainable_variables]
     assert len(set(keys)) == len(model.trainable_variables) == 4
+
+
+def test_the_cache_folder_is_where_get_file_keeps_a_download(tmp_path, monkeypatch):
+    import keras.src.backend.config as keras_config
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(home))  # as $KERAS_HOME would at import
+    source = tmp_path / "weights.h5"
+    source.write_bytes(b"weights")
+    kept = keras.utils.get_file("weights.h5", source.as_uri(), cache_subdir="models")
+    assert Path(_keras.keras_cache_dir()) == home, _changed("keras.src.backend.config.keras_home")
+    assert Path(kept) == home / "models" / "weights.h5"
 
 
 def test_a_missing_internal_is_one_line_naming_it_and_the_version():

@@ -184,11 +184,11 @@ def test_a_truncated_h5_file_is_one_line_naming_it(emotion, tmp_path):
 
 
 def test_other_files_are_refused_naming_what_is_accepted(tmp_path):
-    weights = tmp_path / "notes.txt"
-    weights.write_text("not a model")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
 
     with pytest.raises(CnnvizError, match=r"\.keras, \.h5 or \.hdf5") as refused:
-        load_run(weights)
-    assert str(weights) in str(refused.value)
-    with pytest.raises(CnnvizError, match="does not exist; give a run directory or a .keras"):
+        load_run(notes)
+    assert str(notes) in str(refused.value)
+    with pytest.raises(CnnvizError, match=r"does not exist; give a run directory, a \.keras, \.h5"):
         load_run(tmp_path / "missing.h5")

@@ -36,16 +36,9 @@ def gradcam(
     """Grad-CAM heatmaps (Selvaraju et al. 2017): where the conv layer saw evidence for the target.
 
     Args:
-        model: a built Keras classifier (softmax or single-sigmoid output); not modified.
-        images: (N, H, W, C) or (H, W, C) array.
-        targets: None (each image's predicted class), an int, or a sequence of N ints.
-        layer: the conv layer: a path through nested models (`base/conv`), a name, or a layer
-            object; None picks the last 4-D layer, nested models searched (`gradcam_layer`).
+        model, images, targets, layer, output, batch_size: as for `cam`.
         guided: multiply by the guided-backprop saliency map, itself scaled to [0, 1] per image
             (Guided Grad-CAM), and scale the product to [0, 1] again.
-        output: which output of a multi-output model (index or name); None for one output.
-        batch_size: most images per compiled chunk; None sizes it to the model
-            (`_compiled.batch_size_for`).
 
     Returns:
         (N, H, W) float32 in [0, 1]: `cam(..., method="gradcam")`, per image the map min-max

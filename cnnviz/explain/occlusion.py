@@ -15,16 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.compiled import (
-    batch_size_for,
-    check_images,
-    check_target_count,
-    forward_body,
-    model_copy,
-    run_batched,
-)
+from cnnviz.model.compiled import check_images, check_target_count, model_copy, probabilities_of
 from cnnviz.model.inputs import as_image_batch, input_range
-from cnnviz.model.outputs import class_probabilities, resolve_targets
+from cnnviz.model.outputs import resolve_targets
 
 
 @dataclass(frozen=True)
@@ -165,8 +158,7 @@ def occluded_probabilities(model, images, *, patch: int = 4, stride: int | None 
     batch = as_image_batch(images)
     count, height, width = batch.shape[:3]
     stride = _check_window(patch, stride, height, width)
-    probabilities_copy = model_copy(model, "probabilities", output=output)
-    check_images(probabilities_copy.model, batch)
+    check_images(model_copy(model, "probabilities", output=output).model, batch)
     low, high = input_range(model)
     fill_value = np.float32(low + fill * (high - low))
     rows_at = _window_starts(height, patch, stride)
@@ -177,19 +169,17 @@ def occluded_probabilities(model, images, *, patch: int = 4, stride: int | None 
     lefts = np.concatenate([[width], np.tile(cols_at, len(rows_at))])
     rows, cols = np.arange(height), np.arange(width)
 
-    def occluded(start: int, stop: int) -> list[np.ndarray]:
+    def occluded(start: int, stop: int) -> np.ndarray:
         flat = np.arange(start, stop)
         window = flat % copies
         top, left = tops[window][:, None], lefts[window][:, None]
         covered = (((rows >= top) & (rows < top + patch))[:, :, None]
                    & ((cols >= left) & (cols < left + patch))[:, None, :])
-        return [np.where(covered[..., None], fill_value, batch[flat // copies])]
+        return np.where(covered[..., None], fill_value, batch[flat // copies])
 
-    (outputs,) = run_batched(
-        probabilities_copy, "forward", forward_body, count * copies, occluded,
-        batch_size_for(probabilities_copy, batch_size),
-    )
-    return class_probabilities(outputs).reshape(count, copies, -1), height, width
+    probabilities = probabilities_of(model, count * copies, occluded, output=output,
+                                     batch_size=batch_size)
+    return probabilities.reshape(count, copies, -1), height, width
 
 
 def occlusion_from_probabilities(occluded: tuple[np.ndarray, int, int], targets=None, *,

@@ -94,14 +94,9 @@ def input_gradients(
     """Signed gradient of each image's target score (pre-softmax) with respect to its pixels.
 
     Args:
-        model: a built Keras classifier (softmax or single-sigmoid output); not modified.
-        images: (N, H, W, C) or (H, W, C) array.
-        targets: None (each image's predicted class), an int, or a sequence of N ints.
+        model, images, targets, output, batch_size: as for `saliency`.
         method: "vanilla" (plain gradient), "guided" (guided backprop) or "rectified"
             (deconvnet ReLU rule).
-        output: which output of a multi-output model (index or name); None for one output.
-        batch_size: most images per compiled chunk; None sizes it to the model
-            (`_compiled.batch_size_for`).
 
     Returns:
         (N, H, W, C) float32 gradients.

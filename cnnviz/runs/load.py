@@ -10,6 +10,7 @@ from pathlib import Path
 from cnnviz.config.loading import read_yaml, validate
 from cnnviz.config.root import Config
 from cnnviz.errors import CnnvizError, first_line
+from cnnviz.model.pretrained import PREFIX as PRETRAINED_PREFIX
 from cnnviz.runs.layout import BACKUP_DIR
 
 
@@ -44,7 +45,7 @@ class Run:
 
 # What `load_run` takes besides a run directory; Keras picks the format by the suffix.
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
-_ACCEPTED = "a run directory or a .keras, .h5 or .hdf5 model file"
+_ACCEPTED = "a run directory, a .keras, .h5 or .hdf5 model file, or keras:NAME"
 # Every refusal of Keras's safe mode (Lambda code, TFSMLayer, torch modules) tells the user this.
 # Keras enforces safe mode for legacy .h5 files too (its h5 loader deserializes the config inside
 # a SafeModeScope, nested models and Keras 2 lambdas included): tests/test_legacy_h5.py holds it.
@@ -122,9 +123,19 @@ def read_metrics(run_dir: Path | None) -> dict:
     return metrics
 
 
-def load_run(path: str | Path, *, unsafe: bool = False) -> Run:
-    """Load a run directory (its model.keras and config.yaml) or a bare model file: `.keras`, or
-    a legacy Keras `.h5` / `.hdf5`. `unsafe`: see `load_keras_model` (CLI `--unsafe`)."""
+def load_run(path: str | Path, *, weights: str | Path | None = None, unsafe: bool = False) -> Run:
+    """Load a run directory (its model.keras and config.yaml), a bare model file (`.keras`, or a
+    legacy Keras `.h5` / `.hdf5`), or a pretrained `keras:NAME` (`cnnviz.model.pretrained`;
+    `weights`: a local weights file for it). `unsafe`: see `load_keras_model` (CLI `--unsafe`)."""
+    if str(path).startswith(PRETRAINED_PREFIX):  # Path("keras:ResNet50") is a valid path too
+        from cnnviz.model.pretrained import pretrained_model
+
+        found = pretrained_model(str(path), weights=weights)
+        return Run(model=found.model, config=None, directory=None,
+                   preprocess=found.preprocess_mode, class_names=found.class_names)
+    if weights is not None:
+        raise CnnvizError(f"--weights {weights} is for pretrained models "
+                          f"({PRETRAINED_PREFIX}NAME); {path} has its own weights")
     path = Path(path)
     if path.is_dir():
         model_file = path / "model.keras"
