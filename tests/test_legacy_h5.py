@@ -192,3 +192,46 @@ def test_other_files_are_refused_naming_what_is_accepted(tmp_path):
     assert str(notes) in str(refused.value)
     with pytest.raises(CnnvizError, match=r"does not exist; give a run directory, a \.keras, \.h5"):
         load_run(tmp_path / "missing.h5")
+
+
+def test_the_command_line_explains_an_h5_file_with_its_preprocessing_and_class_names(
+        emotion, tmp_path):
+    """gradcam on the .h5 with --preprocess unit equals Grad-CAM of pixels / 127.5 - 1."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cnnviz.cli import app
+
+    model, h5_file, _, _ = emotion
+    pixels = np.random.default_rng(4).integers(0, 256, (2, 32, 32), dtype=np.uint8)
+    for index, image in enumerate(pixels):
+        Image.fromarray(image).save(tmp_path / f"face{index}.png")
+    out = tmp_path / "cams"
+    result = CliRunner().invoke(app, [
+        "gradcam", str(h5_file), "--images", f"{tmp_path}/face*.png", "--preprocess", "unit",
+        "--layer", "class_maps", "--class-names", "angry,happy,sad,neutral", "--save-arrays",
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    inputs = pixels[..., None].astype(np.float32) / 127.5 - 1.0
+    expected = gradcam(model, inputs, layer="class_maps")
+    for index in range(2):
+        np.testing.assert_allclose(np.load(out / f"face{index}.npz")["gradcam"],
+                                   expected[index], atol=1e-5)
+
+
+def test_the_command_line_refuses_lambda_code_unless_unsafe(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cnnviz.cli import app
+
+    inputs = keras.Input((8, 8, 1))
+    halved = L.Lambda(lambda t: t * 0.5, name="half")(inputs)
+    outputs = L.Dense(2, activation="softmax")(L.Flatten()(halved))
+    path = _save(keras.Model(inputs, outputs), tmp_path / "lambda.h5")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "zero.png")
+    command = ["predict", str(path), "--images", str(tmp_path / "zero.png")]
+    refused = CliRunner().invoke(app, command)
+    assert refused.exit_code == 2
+    assert len(refused.output.strip().splitlines()) == 1 and "--unsafe" in refused.output
+    assert CliRunner().invoke(app, [*command, "--unsafe"]).exit_code == 0

@@ -156,3 +156,22 @@ def test_files_through_keras_name_equal_the_model_fed_its_own_preprocess_input(t
                                rtol=1e-5, atol=1e-6)
     assert selection.class_names == class_names_of(run, 1000) == imagenet_class_names()
     assert selection.class_names[285] == "Egyptian_cat"
+
+    # The command line: predict's CSV names the ImageNet class the bare model predicts.
+    import csv
+    import io
+
+    from typer.testing import CliRunner
+
+    from cnnviz.cli import app
+
+    result = CliRunner().invoke(app, ["predict", "keras:MobileNetV2", "--weights", str(weights),
+                                      "--images", ",".join(str(path) for path in files),
+                                      "--top-k", "1"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    expected = reference.predict(expected_inputs, verbose=0)
+    assert [row["predicted"] for row in rows] == [
+        imagenet_class_names()[index] for index in expected.argmax(axis=1)]
+    np.testing.assert_allclose([float(row["probability"]) for row in rows],
+                               expected.max(axis=1), atol=1e-5)

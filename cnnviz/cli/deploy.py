@@ -12,34 +12,39 @@ import typer
 
 from cnnviz.cli._common import (
     GATE_FAILED,
+    REQUIRED,
     ExpectOption,
+    ImageOptions,
     JsonOption,
     JunitOption,
-    OutOption,
-    Preprocess,
-    PreprocessOption,
     RunArgument,
     choices,
     command,
     expectations_for,
     import_tensorflow,
     judge,
+    takes_model,
 )
 from cnnviz.errors import CnnvizError
 from cnnviz.pipeline import EVALUATION_HEADING
 
 
 @command("evaluate")
+@takes_model(shard=True)
 def evaluate_command(
     run: RunArgument,
+    options: ImageOptions,
     data: Annotated[
         Path | None,
         typer.Option("--data", help="Evaluate on this config's test split, or on a folder of "
                      "class sub-folders, instead of the run's own test split."),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="k of the top-k accuracy.")] = 5,
-    preprocess: PreprocessOption = Preprocess.auto,
-    out: OutOption = None,
+    merge: Annotated[
+        bool,
+        typer.Option("--merge", help="Sum the shares that `--shard K/N` runs left in the "
+                     "evaluation folder into the report one process writes."),
+    ] = False,
     expect: ExpectOption = None,
     junit: JunitOption = None,
     json_output: JsonOption = False,
@@ -47,26 +52,45 @@ def evaluate_command(
     """Accuracy, top-k, per-class precision/recall/F1, the confusion matrix and the most confident
     mistakes; writes evaluation.json and adds a section to the run's index.html.
 
-    Streams the data through the same tf.data input as training. Exit codes: 0 done, 1 an
+    Streams the data through the same tf.data input as training. With --shard K/N, evaluates
+    share K and writes its counts only; --merge then writes the report. Exit codes: 0 done, 1 an
     --expect failed, 2 bad input.
     """
     started = time.perf_counter()
     expectations = expectations_for(None, expect, "evaluate")
+    share = options.share
+    if share is not None and (merge or expectations or junit):
+        raise CnnvizError("--shard evaluates one share: --merge, --expect and --junit belong "
+                          "to the `cnnviz evaluate --merge` run that joins the shares")
     import_tensorflow()
-    from cnnviz.deploy.evaluate import evaluate_data, evaluation_folder
+    from cnnviz.deploy.evaluate import (
+        evaluate_data,
+        evaluation_folder,
+        merge_shares,
+        write_evaluation,
+    )
     from cnnviz.report.index_page import add_index_section
-    from cnnviz.runs.load import load_run
 
-    loaded = load_run(run)
-    folder = out or evaluation_folder(loaded, run, data)
-    evaluation, data_file, figures = evaluate_data(
-        loaded, folder, data=data, top_k=top_k, prepare=_preparation(loaded, preprocess.value))
+    loaded = options.load(run)
+    folder = options.out or evaluation_folder(loaded, run, data)
+    if merge:
+        evaluation = merge_shares(folder)
+        data_file, figures = write_evaluation(evaluation, folder)
+    else:
+        evaluation, data_file, figures = evaluate_data(
+            loaded, folder, data=data, top_k=top_k, prepare=options.preparation(loaded),
+            output=options.output, resize=options.resize, shard=share)
     typer.echo(evaluation.format_table())
+    if share is not None:
+        typer.echo(f"wrote {data_file} (share {share[0]} of {share[1]}; join the shares with "
+                   "`cnnviz evaluate ... --merge`)")
+        return {"run": str(run), "shard": list(share), "files": [str(data_file)],
+                "evaluation": evaluation.to_dict()}
     for path in [data_file, *(figure.path for figure in figures)]:
         typer.echo(f"wrote {path}")
     results = evaluation.to_dict()
     files = [str(data_file), *(str(figure.path) for figure in figures)]
-    if loaded.directory is not None and out is None:
+    if loaded.directory is not None and options.out is None:
         heading = EVALUATION_HEADING if data is None else f"Evaluation on {data}"
         index = add_index_section(loaded.directory, heading, figures)
         typer.echo(f"wrote {index}")
@@ -81,51 +105,66 @@ def evaluate_command(
                         "total_s": round(time.perf_counter() - started, 3)}}
 
 
+PREDICT_IMAGES = ("Image files: a folder (every image inside, recursively), a glob "
+                  "('photos/*.jpg') or comma-separated files.")
+
+
 @command("predict")
+@takes_model(images=REQUIRED, out=False, shard=True, images_help=PREDICT_IMAGES)
 def predict_command(
-    model_source: Annotated[Path, typer.Argument(help="A run directory or a .keras file.")],
-    images: Annotated[
-        str,
-        typer.Option("--images", help="Image files: a folder (every image inside, recursively), "
-                     "a glob ('photos/*.jpg') or comma-separated files."),
-    ],
+    model_source: RunArgument,
+    options: ImageOptions,
     csv_file: Annotated[
         Path | None,
-        typer.Option("--csv", dir_okay=False, help="Write the CSV here (default: stdout)."),
+        typer.Option("--csv", dir_okay=False, help="Write the CSV here (default: stdout); with "
+                     "--shard K/N, to <name>.shard-K-of-N.csv, the header in share 0 only."),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes per row.")] = 3,
     batch_size: Annotated[
         int, typer.Option(min=1, help="Images decoded and predicted together.")
     ] = 64,
-    preprocess: PreprocessOption = Preprocess.auto,
     json_output: JsonOption = False,
 ) -> dict:
     """Predict the class of image files: a CSV of file, predicted class, probability and the
-    top-k, streamed in batches (memory does not grow with the number of files)."""
+    top-k, streamed in batches (memory does not grow with the number of files).
+
+    With --shard K/N, share K of the files (in order) and the header only in share 0, so the
+    shares' CSVs concatenated in order are the CSV of one process.
+    """
     started = time.perf_counter()
     import_tensorflow()
     from cnnviz.data.images import expand_image_spec
     from cnnviz.deploy.predict import csv_header, csv_line, predict_files
+    from cnnviz.model.outputs import output_index
     from cnnviz.report.batching import progress_bar
-    from cnnviz.report.selection import class_names_of
-    from cnnviz.runs.load import load_run
+    from cnnviz.report.selection import class_names_of, shard_file, shard_range
 
-    paths = expand_image_spec(images)
+    paths = expand_image_spec(options.images)
     if paths is None:
-        raise CnnvizError(f"--images {images!r} names no image file; give a folder, a glob "
-                          "or image files")
-    loaded = load_run(model_source)
-    class_names = class_names_of(loaded, int(loaded.model.outputs[0].shape[-1]))
+        raise CnnvizError(f"--images {options.images!r} names no image file; give a folder, a "
+                          "glob or image files")
+    share = options.share
+    paths = [paths[index] for index in shard_range(len(paths), share)]
+    if not paths:
+        raise CnnvizError(f"--shard {options.shard}: the files leave this share empty; use "
+                          "fewer shares")
+    if csv_file is not None and share is not None:
+        csv_file = shard_file(csv_file, share)
+    loaded = options.load(model_source)
+    output = output_index(loaded.model, options.output)
+    class_names = class_names_of(loaded, int(loaded.model.outputs[output].shape[-1]))
     header = csv_header(min(top_k, len(class_names)))
     rows = []  # kept only for --json without --csv (the rows go into the JSON object)
     with progress_bar(len(paths), "predict") as bar:
         task = bar.add_task("predict", total=len(paths))
         predictions = predict_files(loaded.model, paths, class_names, top_k=top_k,
                                     batch_size=batch_size,
-                                    prepare=_preparation(loaded, preprocess.value),
+                                    prepare=options.preparation(loaded), output=output,
+                                    resize=options.resize,
                                     progress=lambda done: bar.advance(task, done))
         with _csv_destination(csv_file, json_output) as write:
-            write(csv_line(header))
+            if share is None or share[0] == 0:
+                write(csv_line(header))
             for row in predictions:
                 write(csv_line(row))
                 if json_output and csv_file is None:
@@ -157,17 +196,6 @@ def _csv_destination(csv_file: Path | None, json_output: bool):
         os.replace(temporary, csv_file)
     finally:
         Path(temporary).unlink(missing_ok=True)
-
-
-def _preparation(run, preprocess: str):
-    """Pixels (8-bit units) -> model inputs, as every command that reads image files prepares
-    them (`pixel_preparation`); `--preprocess` is for bare .keras files only."""
-    from cnnviz.report.selection import pixel_preparation
-
-    if run.config is not None and preprocess != "auto":
-        raise CnnvizError(f"--preprocess {preprocess} is for bare .keras files; a run "
-                          "directory's model takes the pixels as it recorded")
-    return pixel_preparation(run, preprocess)
 
 
 ExportFormatChoice = choices("ExportFormatChoice", 'savedmodel', 'tflite', 'onnx')

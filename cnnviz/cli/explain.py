@@ -9,34 +9,31 @@ from typing import Annotated
 import typer
 
 from cnnviz.cli._common import (
-    ImagesOption,
+    ImageOptions,
     LayerOption,
     ModelSourceArgument,
-    OutOption,
-    OutputOption,
-    PreprocessOption,
-    ResizeOption,
     RunArgument,
-    SaveArraysOption,
     SetOption,
     TargetOption,
     choices,
     command,
-    images_to_explain,
     import_tensorflow,
     load_config_file,
     report_written,
-    run_and_folder,
+    takes_model,
 )
 from cnnviz.errors import CnnvizError
 
+ACTIVATION_MAX_IMAGES = ("Images whose predicted classes are synthesized (indices or image "
+                         "files, as in the other commands).")
 SaliencyMethod = choices("SaliencyMethod", 'vanilla', 'guided', 'rectified', 'smoothgrad', 'all')
 
 
 @command("saliency")
+@takes_model(images="0:8", arrays=True, shard=True)
 def saliency_command(
     run: RunArgument,
-    images: ImagesOption = "0:8",
+    options: ImageOptions,
     method: Annotated[
         SaliencyMethod, typer.Option(help="Gradient rule; `all` draws every one in a row.")
     ] = SaliencyMethod.all,
@@ -47,50 +44,39 @@ def saliency_command(
     ] = 0.15,
     target: TargetOption = None,
     seed: Annotated[int, typer.Option(help="SmoothGrad noise seed.")] = 0,
-    output: OutputOption = None,
-    preprocess: PreprocessOption = "auto",
-    resize: ResizeOption = "stretch",
-    save_arrays: SaveArraysOption = False,
-    out: OutOption = None,
 ) -> None:
     """Saliency maps: |d score / d pixel|, vanilla, guided, rectified (deconvnet) or SmoothGrad."""
     from cnnviz.explain import SALIENCY_METHODS
     from cnnviz.report.figures import saliency_figures
 
-    loaded, folder, selection = images_to_explain(run, out, "saliency", images, output,
-                                                  preprocess, resize)
+    loaded, folder, selection = options.explained(run, "saliency")
     methods = SALIENCY_METHODS if method is SaliencyMethod.all else (method.value,)
     report_written(saliency_figures(loaded.model, selection, folder, methods=methods, target=target,
-                                    samples=samples, noise=noise, seed=seed, output=output,
-                                    save_arrays=save_arrays))
+                                    samples=samples, noise=noise, seed=seed,
+                                    output=options.output, save_arrays=options.save_arrays))
 
 
 @command("gradcam")
+@takes_model(images="0:8", arrays=True, shard=True)
 def gradcam_command(
     run: RunArgument,
-    images: ImagesOption = "0:8",
+    options: ImageOptions,
     layer: LayerOption = None,
     guided: Annotated[bool, typer.Option("--guided", help="Also draw Guided Grad-CAM.")] = False,
     target: TargetOption = None,
-    output: OutputOption = None,
-    preprocess: PreprocessOption = "auto",
-    resize: ResizeOption = "stretch",
-    save_arrays: SaveArraysOption = False,
-    out: OutOption = None,
 ) -> None:
     """Grad-CAM heatmaps over the input (default layer: the last one with a spatial output,
     inside a nested backbone too)."""
     from cnnviz.explain import gradcam_layer
     from cnnviz.report.figures import gradcam_figures
 
-    loaded, folder, selection = images_to_explain(run, out, "gradcam", images, output,
-                                                  preprocess, resize)
+    loaded, folder, selection = options.explained(run, "gradcam")
     chosen = gradcam_layer(loaded.model, layer)
     if layer is None:
         typer.echo(f"Grad-CAM on layer {chosen} (the last layer with a spatial output)")
     report_written(gradcam_figures(loaded.model, selection, folder, layer=chosen, guided=guided,
-                                   target=target, output=output,
-                                   save_arrays=save_arrays))
+                                   target=target, output=options.output,
+                                   save_arrays=options.save_arrays))
 
 
 CamMethod = choices("CamMethod", 'gradcam', 'gradcam++', 'xgradcam', 'layercam', 'hirescam',
@@ -98,19 +84,15 @@ CamMethod = choices("CamMethod", 'gradcam', 'gradcam++', 'xgradcam', 'layercam',
 
 
 @command("cam")
+@takes_model(images="0:8", arrays=True, shard=True)
 def cam_command(
     run: RunArgument,
-    images: ImagesOption = "0:8",
+    options: ImageOptions,
     method: Annotated[
         CamMethod, typer.Option(help="CAM variant; `all` draws every one in a row.")
     ] = CamMethod.all,
     layer: LayerOption = None,
     target: TargetOption = None,
-    output: OutputOption = None,
-    preprocess: PreprocessOption = "auto",
-    resize: ResizeOption = "stretch",
-    save_arrays: SaveArraysOption = False,
-    out: OutOption = None,
 ) -> None:
     """The CAM family over the input (default: every variant in one row per image).
 
@@ -120,15 +102,14 @@ def cam_command(
     from cnnviz.explain import CAM_METHODS, gradcam_layer
     from cnnviz.report.figures import cam_figures
 
-    loaded, folder, selection = images_to_explain(run, out, "cam", images, output,
-                                                  preprocess, resize)
+    loaded, folder, selection = options.explained(run, "cam")
     chosen = gradcam_layer(loaded.model, layer)
     if layer is None:
         typer.echo(f"CAM on layer {chosen} (the last layer with a spatial output)")
     methods = CAM_METHODS if method is CamMethod.all else (method.value,)
     report_written(cam_figures(loaded.model, selection, folder, methods=methods, layer=chosen,
-                               target=target, output=output,
-                               save_arrays=save_arrays))
+                               target=target, output=options.output,
+                               save_arrays=options.save_arrays))
 
 
 def _baseline(value: str) -> float | str:
@@ -143,19 +124,15 @@ def _baseline(value: str) -> float | str:
 
 
 @command("integrated-gradients")
+@takes_model(images="0:8", arrays=True, shard=True)
 def integrated_gradients_command(
     run: RunArgument,
-    images: ImagesOption = "0:8",
+    options: ImageOptions,
     steps: Annotated[int, typer.Option(min=1, help="Trapezoid-rule intervals on the path.")] = 64,
     baseline: Annotated[
         str, typer.Option(help="Where the path starts: a pixel value (0: black) or `blur`.")
     ] = "0",
     target: TargetOption = None,
-    output: OutputOption = None,
-    preprocess: PreprocessOption = "auto",
-    resize: ResizeOption = "stretch",
-    save_arrays: SaveArraysOption = False,
-    out: OutOption = None,
 ) -> None:
     """Integrated gradients: signed, red for the class, blue against.
 
@@ -165,39 +142,34 @@ def integrated_gradients_command(
     from cnnviz.report.figures import signed_figures
 
     start = _baseline(baseline)
-    loaded, folder, selection = images_to_explain(run, out, "integrated-gradients", images, output,
-                                                  preprocess, resize)
+    loaded, folder, selection = options.explained(run, "integrated-gradients")
     report_written(signed_figures(loaded.model, selection, folder,
                                   methods=("integrated_gradients",), steps=steps,
-                                  baseline=start, target=target, output=output,
-                                  save_arrays=save_arrays))
+                                  baseline=start, target=target, output=options.output,
+                                  save_arrays=options.save_arrays))
 
 
 @command("gradient-x-input")
+@takes_model(images="0:8", arrays=True, shard=True)
 def gradient_x_input_command(
     run: RunArgument,
-    images: ImagesOption = "0:8",
+    options: ImageOptions,
     target: TargetOption = None,
-    output: OutputOption = None,
-    preprocess: PreprocessOption = "auto",
-    resize: ResizeOption = "stretch",
-    save_arrays: SaveArraysOption = False,
-    out: OutOption = None,
 ) -> None:
     """Gradient x input (signed; red for the class, blue against)."""
     from cnnviz.report.figures import signed_figures
 
-    loaded, folder, selection = images_to_explain(run, out, "gradient-x-input", images, output,
-                                                  preprocess, resize)
+    loaded, folder, selection = options.explained(run, "gradient-x-input")
     report_written(signed_figures(loaded.model, selection, folder, methods=("gradient_x_input",),
-                                  target=target, output=output,
-                                  save_arrays=save_arrays))
+                                  target=target, output=options.output,
+                                  save_arrays=options.save_arrays))
 
 
 @command("rise")
+@takes_model(images="0:8", arrays=True, shard=True)
 def rise_command(
     run: RunArgument,
-    images: ImagesOption = "0:8",
+    options: ImageOptions,
     masks: Annotated[
         int, typer.Option(min=1, help="Random masks (one forward pass each, per image).")
     ] = 2000,
@@ -207,26 +179,21 @@ def rise_command(
     ] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the masks.")] = 0,
     target: TargetOption = None,
-    output: OutputOption = None,
-    preprocess: PreprocessOption = "auto",
-    resize: ResizeOption = "stretch",
-    save_arrays: SaveArraysOption = False,
-    out: OutOption = None,
 ) -> None:
     """RISE (Petsiuk et al. 2018): the class probability over random masks, a black-box map."""
     from cnnviz.report.figures import rise_figures
 
-    loaded, folder, selection = images_to_explain(run, out, "rise", images, output,
-                                                  preprocess, resize)
+    loaded, folder, selection = options.explained(run, "rise")
     report_written(rise_figures(loaded.model, selection, folder, masks=masks, cell=cell,
-                                keep=keep, seed=seed, target=target, output=output,
-                                save_arrays=save_arrays))
+                                keep=keep, seed=seed, target=target, output=options.output,
+                                save_arrays=options.save_arrays))
 
 
 @command("occlusion")
+@takes_model(images="0:8", arrays=True, shard=True)
 def occlusion_command(
     run: RunArgument,
-    images: ImagesOption = "0:8",
+    options: ImageOptions,
     patch: Annotated[int, typer.Option(min=1, help="Side of the square patch, in pixels.")] = 4,
     stride: Annotated[
         int | None, typer.Option(min=1, help="Step between patches (default: patch).")
@@ -237,26 +204,21 @@ def occlusion_command(
                      "0.5 mid-grey, 1 white."),
     ] = 0.5,
     target: TargetOption = None,
-    output: OutputOption = None,
-    preprocess: PreprocessOption = "auto",
-    resize: ResizeOption = "stretch",
-    save_arrays: SaveArraysOption = False,
-    out: OutOption = None,
 ) -> None:
     """Occlusion sensitivity: the class probability as a patch covers each place."""
     from cnnviz.report.figures import occlusion_figures
 
-    loaded, folder, selection = images_to_explain(run, out, "occlusion", images, output,
-                                                  preprocess, resize)
+    loaded, folder, selection = options.explained(run, "occlusion")
     report_written(occlusion_figures(loaded.model, selection, folder, patch=patch, stride=stride,
-                                     fill=fill, target=target, output=output,
-                                     save_arrays=save_arrays))
+                                     fill=fill, target=target, output=options.output,
+                                     save_arrays=options.save_arrays))
 
 
 @command("feature-maps")
+@takes_model(images="0:2", arrays=True, shard=True)
 def feature_maps_command(
     run: RunArgument,
-    images: ImagesOption = "0:2",
+    options: ImageOptions,
     layer: Annotated[
         list[str] | None,
         typer.Option("--layer", help="Layer(s) to show, by path or unique name (default: every "
@@ -267,43 +229,44 @@ def feature_maps_command(
         typer.Option("--max-channels", min=1,
                      help="Channels per layer and image: the most active first."),
     ] = 64,
-    output: OutputOption = None,
-    preprocess: PreprocessOption = "auto",
-    resize: ResizeOption = "stretch",
-    out: OutOption = None,
 ) -> None:
     """The feature maps (activations) of conv layers for chosen images."""
     from cnnviz.report.figures import conv_layer_names, feature_map_figures
 
-    loaded, folder, selection = images_to_explain(run, out, "feature-maps", images, output,
-                                                  preprocess, resize)
+    loaded, folder, selection = options.explained(run, "feature-maps")
     layers = layer or conv_layer_names(loaded.model)
     report_written(feature_map_figures(loaded.model, selection, folder, layers=layers,
-                                       max_channels=max_channels, output=output))
+                                       max_channels=max_channels, output=options.output,
+                                       save_arrays=options.save_arrays))
 
 
 @command("filters")
+@takes_model(inputs=False, arrays=True)
 def filters_command(
     run: RunArgument,
+    options: ImageOptions,
     layer: Annotated[
         list[str] | None,
         typer.Option("--layer", help="Conv layer(s), by path or unique name (default: every "
                      "Conv2D, DepthwiseConv2D and SeparableConv2D layer, inside nested models "
                      "too)."),
     ] = None,
-    out: OutOption = None,
 ) -> None:
     """The learned convolution kernels of each conv layer (depthwise ones too)."""
     from cnnviz.report.figures import filter_figures, kernel_layer_names
 
-    loaded, folder = run_and_folder(run, out, "filters")
+    loaded = options.load(run)
+    folder = options.folder(loaded, run, "filters")
     report_written(filter_figures(loaded.model, folder,
-                                  layers=layer or kernel_layer_names(loaded.model)))
+                                  layers=layer or kernel_layer_names(loaded.model),
+                                  save_arrays=options.save_arrays))
 
 
 @command("activation-max")
+@takes_model(images=None, arrays=True, images_help=ACTIVATION_MAX_IMAGES)
 def activation_max_command(
     run: RunArgument,
+    options: ImageOptions,
     layer: Annotated[
         str | None,
         typer.Option("--layer", help="A conv layer: maximize its filters instead of the classes."),
@@ -313,11 +276,6 @@ def activation_max_command(
         typer.Option("--classes", help="Classes to synthesize: `all`, `0:10`, `3,5` (default: "
                      "those predicted for --images, else the first 10)."),
     ] = None,
-    images: Annotated[
-        str | None,
-        typer.Option("--images", help="Images whose predicted classes are synthesized (indices "
-                     "or image files, as in the other commands)."),
-    ] = None,
     filters: Annotated[
         str | None,
         typer.Option("--filters",
@@ -325,23 +283,15 @@ def activation_max_command(
     ] = None,
     steps: Annotated[int, typer.Option(min=1, help="Gradient-ascent steps.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
-    output: OutputOption = None,
-    preprocess: PreprocessOption = "auto",
-    resize: ResizeOption = "stretch",
-    out: OutOption = None,
 ) -> None:
     """Activation maximization: synthesize the input each class (or filter) responds to most."""
     from cnnviz.model.outputs import get_layer, output_index
     from cnnviz.report.figures import activation_max_figure, predicted_classes
-    from cnnviz.report.selection import (
-        class_names_of,
-        parse_class_spec,
-        parse_indices,
-        select_images,
-    )
+    from cnnviz.report.selection import class_names_of, input_mode, parse_class_spec, parse_indices
 
-    loaded, folder = run_and_folder(run, out, "activation-max")
-    index = output_index(loaded.model, output)
+    loaded = options.load(run)
+    folder = options.folder(loaded, run, "activation-max")
+    index = output_index(loaded.model, options.output)
     class_names = class_names_of(loaded, int(loaded.model.outputs[index].shape[-1]))
     if layer is not None:
         count = int(get_layer(loaded.model, layer).output.shape[-1])
@@ -352,21 +302,18 @@ def activation_max_command(
                                 domain=f"the model's {len(class_names)} classes")
     elif classes is not None:
         indices = parse_class_spec(classes, len(class_names))
-    elif images is not None:
-        selection = select_images(loaded, images, output=index, preprocess=preprocess.value,
-                                  resize=resize.value)
+    elif options.images is not None:
+        selection = options.select(loaded)
         indices = predicted_classes(loaded.model, selection.images, output=index)
         typer.echo(f"activation maximization of the predicted classes {indices}")
     else:
         indices = None
-    mode = None
-    if loaded.config is None:  # a bare .keras file: optimize in the range --preprocess gives
-        from cnnviz.model.inputs import resolve_mode
-
-        mode, _ = resolve_mode(loaded.model, preprocess.value)
+    # A bare model file: optimize in the range its inputs have (--preprocess, keras:NAME's own).
+    mode = input_mode(loaded, options.preprocess)[0] if loaded.config is None else None
     report_written([activation_max_figure(loaded.model, folder, class_names=class_names,
                                           layer=layer, indices=indices, steps=steps, seed=seed,
-                                          output=index, preprocess=mode)])
+                                          output=index, preprocess=mode,
+                                          save_arrays=options.save_arrays)])
 
 
 @command("layers")

@@ -11,11 +11,10 @@ import typer
 
 from cnnviz.cli._common import (
     GATE_FAILED,
-    ImagesOption,
+    ImageOptions,
     JsonOption,
     JunitOption,
     ModelSourceArgument,
-    OutOption,
     RunArgument,
     SetOption,
     choices,
@@ -24,12 +23,12 @@ from cnnviz.cli._common import (
     judge,
     load_config_file,
     print_report,
-    run_and_folder,
+    takes_model,
 )
 from cnnviz.errors import CnnvizError
 
 
-def model_and_images(source: Path, images: str, overrides: list[str] | None):
+def model_and_images(source: Path, options: ImageOptions, overrides: list[str] | None):
     """(model, images, what the images are) for a run, a .keras file or a config.
 
     A config builds its untrained model; its images are the test split where the data is at
@@ -37,8 +36,7 @@ def model_and_images(source: Path, images: str, overrides: list[str] | None):
     """
     import numpy as np
 
-    from cnnviz.report.selection import select_images
-    from cnnviz.runs.load import Run, load_run
+    from cnnviz.runs.load import Run
 
     if source.suffix in (".yaml", ".yml"):
         resolved = load_config_file(source, overrides)
@@ -50,7 +48,7 @@ def model_and_images(source: Path, images: str, overrides: list[str] | None):
         keras.utils.set_random_seed(resolved.seed)
         model = model_from_config(resolved)
         try:
-            selection = select_images(Run(model, resolved, None), images)
+            selection = options.select(Run(model, resolved, None))
             return model, selection.images, f"{len(selection.images)} test images"
         except CnnvizError as error:
             if "download" not in str(error):
@@ -59,16 +57,16 @@ def model_and_images(source: Path, images: str, overrides: list[str] | None):
             noise = np.random.default_rng(resolved.seed).uniform(size=(32, *shape))
             return (model, noise.astype(np.float32),
                     "32 uniform-noise images (data not available offline)")
-    import_tensorflow()
-    run = load_run(source)
-    selection = select_images(run, images)
+    run = options.load(source)
+    selection = options.select(run)
     return run.model, selection.images, f"{len(selection.images)} images"
 
 
 @command("verify")
+@takes_model(images="0:32", out=False)
 def verify_command(
     source: ModelSourceArgument,
-    images: ImagesOption = "0:32",
+    options: ImageOptions,
     tolerance: Annotated[
         float, typer.Option(help="Largest allowed |numpy - keras| per layer.")
     ] = 1e-4,
@@ -88,7 +86,7 @@ def verify_command(
     from cnnviz.trust.reference.steps import explain_steps, format_table
 
     started = time.perf_counter()
-    model, batch, described = model_and_images(source, images, set_)
+    model, batch, described = model_and_images(source, options, set_)
     if explain:
         typer.echo(explain_steps(model, batch[0]))
         return None
@@ -110,11 +108,11 @@ Baseline = choices("Baseline", 'blur', 'zero', 'mean')
 
 
 @command("sanity")
+@takes_model(images="0:32")
 def sanity_command(
     run: RunArgument,
-    images: ImagesOption = "0:32",
+    options: ImageOptions,
     seed: Annotated[int, typer.Option(help="Seed of the re-initialized weights.")] = 0,
-    out: OutOption = None,
     junit: JunitOption = None,
     json_output: JsonOption = False,
 ) -> dict:
@@ -123,36 +121,33 @@ def sanity_command(
     Flags a method whose maps barely change when the weights are destroyed, or when a different
     class is explained.
     """
-    from cnnviz.report.selection import select_images
     from cnnviz.report.trust import sanity_report
 
     started = time.perf_counter()
-    loaded, folder = run_and_folder(run, out, "sanity")
-    report = sanity_report(loaded.model, select_images(loaded, images), folder, seed=seed)
+    loaded, folder, selection = options.explained(run, "sanity")
+    report = sanity_report(loaded.model, selection, folder, seed=seed)
     print_report(report)
     return trust_result("sanity", report, junit, run, time.perf_counter() - started)
 
 
 @command("faithfulness")
+@takes_model(images="0:32")
 def faithfulness_command(
     run: RunArgument,
-    images: ImagesOption = "0:32",
+    options: ImageOptions,
     steps: Annotated[
         int, typer.Option(min=2, help="Points on each deletion/insertion curve.")
     ] = 20,
     baseline: Annotated[Baseline, typer.Option(help="What deleted pixels become.")] = Baseline.blur,
     seed: Annotated[int, typer.Option(help="Seed of the random-order baseline.")] = 0,
-    out: OutOption = None,
     junit: JunitOption = None,
     json_output: JsonOption = False,
 ) -> dict:
     """Deletion and insertion scores per method against a random pixel order."""
-    from cnnviz.report.selection import select_images
     from cnnviz.report.trust import faithfulness_report
 
     started = time.perf_counter()
-    loaded, folder = run_and_folder(run, out, "faithfulness")
-    selection = select_images(loaded, images)
+    loaded, folder, selection = options.explained(run, "faithfulness")
     report = faithfulness_report(loaded.model, selection, folder, steps=steps,
                                  baseline=baseline.value, seed=seed)
     print_report(report)
@@ -173,13 +168,15 @@ def trust_result(name: str, report, junit: Path | None, source: Path, seconds: f
 
 
 @command("shortcut")
+@takes_model(inputs=False)
 def shortcut_command(
     run: RunArgument,
+    options: ImageOptions,
     count: Annotated[int, typer.Option(min=1, help="Training images to explain.")] = 64,
-    out: OutOption = None,
 ) -> None:
     """Does the model use the spurious cue? Attribution on the cue vs its area (shapes data)."""
     from cnnviz.report.trust import shortcut_files
 
-    loaded, folder = run_and_folder(run, out, "shortcut")
+    loaded = options.load(run)
+    folder = options.folder(loaded, run, "shortcut")
     print_report(shortcut_files(loaded, folder, count=count))

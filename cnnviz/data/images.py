@@ -169,11 +169,13 @@ def resize(images, size: Sequence[int]):
     return tf.image.resize(images, tuple(int(side) for side in size), method="bilinear")
 
 
-def load_image(path, size: Sequence[int], channels: int):
-    """TensorFlow ops: an image file path -> float32 (height, width, channels), 8-bit units."""
+def load_image(path, size: Sequence[int], channels: int, how: str = "stretch"):
+    """TensorFlow ops: an image file path -> float32 (height, width, channels), 8-bit units,
+    resized as `resize_pixels` does (`how`)."""
     import tensorflow as tf
 
-    image = resize(decode_image(tf.io.read_file(path), channels), size)
+    image = decode_image(tf.io.read_file(path), channels)
+    image = resize(image, size) if how == "stretch" else _aspect_resizing(size, how)(image)
     image.set_shape((int(size[0]), int(size[1]), channels))
     return image
 
@@ -300,6 +302,8 @@ def expand_image_spec(spec: str) -> list[Path] | None:
 def _names_files(part: str) -> bool:
     return (is_image_file(part) or any(char in part for char in "*?[") or "/" in part
             or Path(part).is_dir())
+
+
 RESIZE_MODES = ("stretch", "crop", "pad")
 
 
@@ -311,8 +315,6 @@ def resize_pixels(pixels, size: tuple[int, int], how: str = "stretch") -> np.nda
     `smart_resize`, `crop_to_aspect_ratio=True`); pad: black borders to the target aspect ratio,
     centred, then resized (Keras's `pad_to_aspect_ratio=True`).
     """
-    import keras
-
     if how not in RESIZE_MODES:
         raise CnnvizError(
             f"--resize {how!r} is not a mode; choose one of {', '.join(RESIZE_MODES)}")
@@ -320,7 +322,13 @@ def resize_pixels(pixels, size: tuple[int, int], how: str = "stretch") -> np.nda
     height, width = (int(side) for side in size)
     if image.shape[:2] == (height, width):
         return image
-    resizing = keras.layers.Resizing(height, width, interpolation="bilinear",
-                                     crop_to_aspect_ratio=how == "crop",
-                                     pad_to_aspect_ratio=how == "pad", fill_value=0.0)
-    return np.asarray(resizing(image), dtype=np.float32)
+    return np.asarray(_aspect_resizing((height, width), how)(image), dtype=np.float32)
+
+
+def _aspect_resizing(size: Sequence[int], how: str):
+    """Keras's Resizing layer for `how` (stretch, crop or pad), bilinear, black padding."""
+    import keras
+
+    return keras.layers.Resizing(int(size[0]), int(size[1]), interpolation="bilinear",
+                                 crop_to_aspect_ratio=how == "crop",
+                                 pad_to_aspect_ratio=how == "pad", fill_value=0.0)

@@ -52,12 +52,13 @@ class Split:
         pixels, rows: in-memory images: `pixels.array[rows]`.
         files, root: image files, relative to `root`.
         max_pixels: refuse larger image files (read through `images`).
+        resize: files only: "stretch", "crop" or "pad" (`cnnviz.data.images.resize_pixels`).
     """
 
     def __init__(self, labels, *, image_size: Sequence[int], channels: int,
                  pixels: Pixels | None = None, rows: np.ndarray | None = None,
                  files: Sequence[str] | None = None, root: Path | None = None,
-                 max_pixels: int = MAX_IMAGE_PIXELS):
+                 max_pixels: int = MAX_IMAGE_PIXELS, resize: str = "stretch"):
         self.labels = np.asarray(labels, np.int32).reshape(-1)
         self.image_size = tuple(int(side) for side in image_size)
         self.channels = int(channels)
@@ -66,6 +67,7 @@ class Split:
         self.files = None if files is None else list(files)
         self.root = None if root is None else Path(root)
         self.max_pixels = max_pixels
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,6 +75,14 @@ class Split:
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self), *self.image_size, self.channels)
+
+    def part(self, where: range) -> Split:
+        """The images at the contiguous `where`, as a split of their own."""
+        cut = slice(where.start, where.stop)
+        return Split(self.labels[cut], image_size=self.image_size, channels=self.channels,
+                     pixels=self._pixels, rows=None if self.rows is None else self.rows[cut],
+                     files=None if self.files is None else self.files[cut], root=self.root,
+                     max_pixels=self.max_pixels, resize=self.resize)
 
     def paths(self, indices=None) -> list[str]:
         """Absolute paths of the split's files (all, or those at `indices`)."""
@@ -178,8 +188,8 @@ class Split:
             # `total` times more steps than that count. Unknown cardinality: Keras runs until
             # the data ends, which every worker reaches at the same step (equal shares).
             elements = elements.filter(lambda path, label: True)
-        size, channels = self.image_size, self.channels
-        images = elements.map(lambda path, label: (load_image(path, size, channels), label),
+        size, channels, how = self.image_size, self.channels, self.resize
+        images = elements.map(lambda path, label: (load_image(path, size, channels, how), label),
                               num_parallel_calls=tf.data.AUTOTUNE)
         if cache is not None:
             images = images.cache(cache)

@@ -44,7 +44,7 @@ class Evaluation:
         confusion: (K, K) int64 counts, rows = true class, columns = predicted class.
         top_k: the k of `top_k_correct`.
         top_k_correct: images whose true class is among the k most probable.
-        log_loss_sum: sum over images of -log p(true class) (clipped at 1e-7).
+        log_losses: -log p(true class) per image (clipped at 1e-7), in order.
         mistakes: the most confident mistakes, most confident first.
         source: what was evaluated (for titles and the JSON).
         seconds: wall time of the pass.
@@ -54,10 +54,18 @@ class Evaluation:
     confusion: np.ndarray
     top_k: int
     top_k_correct: int = 0
-    log_loss_sum: float = 0.0
+    log_losses: np.ndarray = field(default_factory=lambda: np.zeros(0))
     mistakes: list[Mistake] = field(default_factory=list)
     source: str = ""
     seconds: float = 0.0
+    # The test-split position of each mistake (ties between equally confident mistakes go to
+    # the earlier image), kept so that shares of one evaluation merge into the same result.
+    mistake_positions: list[int] = field(default_factory=list)
+
+    @property
+    def log_loss_sum(self) -> float:
+        """Exactly rounded (math.fsum): the same for any split of the images into shares."""
+        return math.fsum(self.log_losses.tolist())
 
     @property
     def images(self) -> int:
@@ -167,7 +175,7 @@ def _cell(value: float) -> str:
 def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str]]],
              class_names: Sequence[str], *, top_k: int = 5, mistakes: int = MISTAKES,
              source: str = "", prepare: Callable[[np.ndarray], np.ndarray] | None = None,
-             progress=None) -> Evaluation:
+             progress=None, output=None, first_position: int = 0) -> Evaluation:
     """Stream labelled batches through the model and accumulate every evaluation number.
 
     Args:
@@ -181,6 +189,8 @@ def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str
             None feeds them as they are (a cnnviz model preprocesses inside, docs/decisions.md D1).
             The mistakes keep the pixels, for display.
         progress: called with the batch size after each batch (a progress bar's advance).
+        output: which output of a multi-output model (name or index; default the first).
+        first_position: the position of the first image in the whole data (a share's start).
 
     Returns:
         An `Evaluation`.
@@ -194,11 +204,13 @@ def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str
     result = Evaluation(list(class_names), np.zeros((count, count), np.int64), min(top_k, count),
                         source=source)
     kept: list[tuple[float, int, Mistake]] = []  # a min-heap on confidence, at most `mistakes`
-    seen = 0
+    losses = []
+    seen = first_position
     for images, labels, names in batches:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         inputs = np.asarray(images, np.float32)
-        probabilities = predict_probabilities(model, inputs if prepare is None else prepare(inputs))
+        probabilities = predict_probabilities(model, inputs if prepare is None else prepare(inputs),
+                                              output=output)
         if probabilities.shape[1] != count:
             raise CnnvizError(f"the model has {probabilities.shape[1]} outputs but the data has "
                               f"{count} classes ({', '.join(class_names)})")
@@ -210,7 +222,7 @@ def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str
         ranked = np.argsort(-probabilities, axis=1, kind="stable")[:, :result.top_k]
         result.top_k_correct += int((ranked == labels[:, None]).any(axis=1).sum())
         true_probability = probabilities[np.arange(len(labels)), labels]
-        result.log_loss_sum += float(-np.log(np.clip(true_probability, 1e-7, 1.0)).sum())
+        losses.append(-np.log(np.clip(true_probability, 1e-7, 1.0)))
         for index in np.flatnonzero(predicted != labels):
             confidence = float(probabilities[index, predicted[index]])
             if len(kept) < mistakes or confidence > kept[0][0]:
@@ -221,9 +233,12 @@ def evaluate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str
         seen += len(labels)
         if progress is not None:
             progress(len(labels))
-    if seen == 0:
+    if seen == first_position:
         raise CnnvizError(f"nothing to evaluate: {source or 'the data'} has no images")
-    result.mistakes = [entry[2] for entry in sorted(kept, key=lambda e: (-e[0], -e[1]))]
+    result.log_losses = np.concatenate(losses)
+    ranked_mistakes = sorted(kept, key=lambda e: (-e[0], -e[1]))
+    result.mistakes = [entry[2] for entry in ranked_mistakes]
+    result.mistake_positions = [-entry[1] for entry in ranked_mistakes]
     result.seconds = time.perf_counter() - started
     return result
 
@@ -236,13 +251,17 @@ def array_batches(images: np.ndarray, labels: np.ndarray, names: Sequence[str],
         yield images[start:stop], labels[start:stop], names[start:stop]
 
 
-def split_batches(split, labels: np.ndarray, batch_size: int = 256):
+def split_batches(split, labels: np.ndarray, batch_size: int = 256, *,
+                  share: range | None = None):
     """(images, labels, names) batches of a data split streamed through its tf.data pipeline
     (the one training uses); `labels` replaces the split's own (classes mapped to the model's).
-    Names: the split's file names, else test_NNNN."""
+    Names: the split's file names, else test_NNNN. `share`: only these positions."""
     width = len(str(max(len(split) - 1, 0)))
     names = split.files if split.files is not None else [
         f"test_{index:0{width}d}" for index in range(len(split))]
+    if share is not None:
+        cut = slice(share.start, share.stop)
+        split, labels, names = split.part(share), labels[cut], names[cut]
     start = 0
     for images, _ in split.pipeline(batch_size):
         stop = start + int(images.shape[0])
@@ -291,35 +310,119 @@ def evaluation_folder(run, source: Path, data: Path | None) -> Path:
 
 
 def evaluate_data(run, folder: Path, *, data: Path | None = None, top_k: int = 5,
-                  batch_size: int = 256, prepare: Callable[[np.ndarray], np.ndarray] | None = None):
+                  batch_size: int = 256, prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+                  output=None, resize: str = "stretch", shard: tuple[int, int] | None = None):
     """Evaluate a run on its own test split, on a config's test split, or on a folder of class
-    sub-folders (`data`), streaming, and write the files into `folder`. `prepare`: as in
-    `evaluate` (pixels -> inputs of a bare .keras model).
+    sub-folders (`data`), streaming, and write the files into `folder`. `prepare` and `output`:
+    as in `evaluate` (pixels -> inputs of a bare model); `resize`: how a folder's files are
+    brought to the model's size (`cnnviz.data.images.resize_pixels`). `shard` (K, N): evaluate
+    share K of N of the images and write only its counts (`write_share`), for `merge_shares`.
 
     Returns:
-        (the `Evaluation`, evaluation.json's path, the figures as `report.FigureFile`s).
+        (the `Evaluation`, evaluation.json's path, the figures as `report.FigureFile`s); for a
+        share, (its `Evaluation`, its .npz, []).
     """
+    from cnnviz.model.outputs import output_index
     from cnnviz.report.batching import progress_bar
-    from cnnviz.report.selection import class_names_of
+    from cnnviz.report.selection import class_names_of, shard_range
 
-    outputs = int(run.model.outputs[0].shape[-1])
+    output = output_index(run.model, output)
+    outputs = int(run.model.outputs[output].shape[-1])
     class_names = class_names_of(run, outputs)
-    split, data_classes, source = _evaluation_split(run, data)
-    if run.config is None and run.directory is None and len(data_classes) == max(outputs, 2):
+    split, data_classes, source = _evaluation_split(run, data, resize)
+    if (run.config is None and run.directory is None and run.class_names is None
+            and len(data_classes) == max(outputs, 2)):
         # A bare .keras file knows no class names: the folder's, in Keras's sorted order, are
         # its classes (as image_dataset_from_directory labelled them for training).
         class_names = list(data_classes)
     labels = _labels_in(split.labels, data_classes, class_names, str(data or "the run"))
-    with progress_bar(len(split), "evaluate") as bar:
-        task = bar.add_task("evaluate", total=len(split))
-        evaluation = evaluate(run.model, split_batches(split, labels, batch_size), class_names,
-                              top_k=top_k, source=source, prepare=prepare,
+    share = shard_range(len(split), shard)
+    if not share:
+        raise CnnvizError(f"--shard {shard[0]}/{shard[1]}: {len(split)} images leave this share "
+                          "empty; use fewer shares")
+    with progress_bar(len(share), "evaluate") as bar:
+        task = bar.add_task("evaluate", total=len(share))
+        evaluation = evaluate(run.model, split_batches(split, labels, batch_size, share=share),
+                              class_names, top_k=top_k, source=source, prepare=prepare,
+                              output=output, first_position=share.start,
                               progress=lambda done: bar.advance(task, done))
+    if shard is not None:
+        return evaluation, write_share(evaluation, folder, shard), []
     data_file, figures = write_evaluation(evaluation, folder)
     return evaluation, data_file, figures
 
 
-def _evaluation_split(run, data: Path | None):
+SHARE_FILE = "evaluation.shard-{index}-of-{total}.npz"
+
+
+def write_share(evaluation: Evaluation, folder: Path, shard: tuple[int, int]) -> Path:
+    """One share's counts, per-image losses and mistakes (with their images) as an .npz, named
+    by `shard` so that the shares of a job array never write the same file."""
+    import io
+
+    from cnnviz.io.atomic import atomic_write_bytes
+
+    index, total = shard
+    mistakes = evaluation.mistakes
+    buffer = io.BytesIO()
+    np.savez(buffer, shard=np.asarray(shard), class_names=np.asarray(evaluation.class_names),
+             confusion=evaluation.confusion, top_k=evaluation.top_k,
+             top_k_correct=evaluation.top_k_correct, log_losses=evaluation.log_losses,
+             source=evaluation.source, seconds=evaluation.seconds,
+             mistake_images=np.asarray([mistake.image for mistake in mistakes], np.float32),
+             mistake_confidences=np.asarray([mistake.confidence for mistake in mistakes]),
+             mistake_true=np.asarray([mistake.true_label for mistake in mistakes], np.int64),
+             mistake_predicted=np.asarray([m.predicted_label for m in mistakes], np.int64),
+             mistake_names=np.asarray([mistake.name for mistake in mistakes], dtype=str),
+             mistake_positions=np.asarray(evaluation.mistake_positions, np.int64))
+    width = len(str(total - 1))
+    return atomic_write_bytes(folder / SHARE_FILE.format(index=f"{index:0{width}d}",
+                                                         total=total), buffer.getvalue())
+
+
+def merge_shares(folder: Path, *, mistakes: int = MISTAKES) -> Evaluation:
+    """The evaluation one process gives, from the share files `write_share` left in `folder`:
+    counts summed, losses joined (exactly rounded sums), the most confident mistakes of all."""
+    files = sorted(Path(folder).glob(SHARE_FILE.format(index="*", total="*")))
+    if not files:
+        raise CnnvizError(f"--merge: no {SHARE_FILE.format(index='K', total='N')} files in "
+                          f"{folder}; run the shares with --shard K/N first")
+    shares = []
+    for path in files:
+        try:
+            with np.load(path) as loaded:
+                shares.append({key: loaded[key] for key in loaded.files})
+        except (OSError, ValueError, KeyError) as error:
+            raise CnnvizError(f"--merge: {path} is damaged ({error}); run its share again"
+                              ) from None
+    totals = {int(share["shard"][1]) for share in shares}
+    found = sorted(int(share["shard"][0]) for share in shares)
+    if len(totals) != 1 or found != list(range(next(iter(totals)))):
+        expected = max(totals)
+        missing = sorted(set(range(expected)) - set(found))
+        raise CnnvizError(f"--merge: {folder} holds shares {found} of {sorted(totals)}; "
+                          f"missing {missing or 'none'} (every share K of one N is needed)")
+    first = shares[0]
+    names = [str(name) for name in first["class_names"]]
+    if any([str(name) for name in share["class_names"]] != names for share in shares):
+        raise CnnvizError(f"--merge: the shares in {folder} name different classes")
+    result = Evaluation(names, sum(share["confusion"] for share in shares),
+                        int(first["top_k"]), source=str(first["source"]))
+    result.top_k_correct = int(sum(int(share["top_k_correct"]) for share in shares))
+    result.log_losses = np.concatenate([share["log_losses"] for share in shares])
+    result.seconds = float(sum(float(share["seconds"]) for share in shares))
+    candidates = [(float(share["mistake_confidences"][i]), int(share["mistake_positions"][i]),
+                   Mistake(float(share["mistake_confidences"][i]), share["mistake_images"][i],
+                           int(share["mistake_true"][i]), int(share["mistake_predicted"][i]),
+                           str(share["mistake_names"][i])))
+                  for share in shares for i in range(len(share["mistake_positions"]))]
+    candidates.sort(key=lambda entry: (-entry[0], entry[1]))
+    result.mistakes = [entry[2] for entry in candidates[:mistakes]]
+    result.mistake_positions = [entry[1] for entry in candidates[:mistakes]]
+    return result
+
+
+def _evaluation_split(run, data: Path | None, resize: str = "stretch"):
     """(split, its class names, how to name it) for `evaluate_data`."""
     if data is None:
         if run.config is None:
@@ -346,7 +449,7 @@ def _evaluation_split(run, data: Path | None):
     listing = check_listing(list_class_folder(data), max_pixels=max_pixels, skip_bad_files=False)
     height, width, channels = (int(size) for size in run.model.inputs[0].shape[1:])
     split = Split(listing.labels, image_size=(height, width), channels=channels,
-                  files=listing.files, root=data, max_pixels=max_pixels)
+                  files=listing.files, root=data, max_pixels=max_pixels, resize=resize)
     return split, listing.class_names, str(data)
 
 

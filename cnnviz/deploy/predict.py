@@ -31,7 +31,8 @@ def csv_header(top_k: int) -> list[str]:
 def predict_files(model, paths: Sequence[str | Path], class_names: Sequence[str], *,
                   top_k: int = 3, batch_size: int = BATCH,
                   prepare: Callable[[np.ndarray], np.ndarray] | None = None,
-                  progress: Callable[[int], None] | None = None) -> Iterator[list]:
+                  progress: Callable[[int], None] | None = None, output=None,
+                  resize: str = "stretch") -> Iterator[list]:
     """One row per file: [file, predicted class, probability, top2, its probability, ...].
 
     Args:
@@ -43,6 +44,8 @@ def predict_files(model, paths: Sequence[str | Path], class_names: Sequence[str]
         prepare: maps pixels (8-bit units, float32) to model inputs; None passes them as they
             are (a model that preprocesses inside, docs/decisions.md D1).
         progress: called with the number of files done after each batch.
+        output: which output of a multi-output model (name or index; default the first).
+        resize: how files are brought to the model's size (`cnnviz.data.images.resize_pixels`).
 
     Returns:
         An iterator of rows, in the order of `paths`. Every file's header is checked (and a
@@ -63,11 +66,12 @@ def predict_files(model, paths: Sequence[str | Path], class_names: Sequence[str]
         raise CnnvizError(f"--images: image files can be read for models with 1 or 3 input "
                           f"channels; this model has {channels}")
     return _rows(model, paths, class_names, (height, width, channels), top_k=top_k,
-                 batch_size=batch_size, prepare=prepare, progress=progress)
+                 batch_size=batch_size, prepare=prepare, progress=progress, output=output,
+                 resize=resize)
 
 
 def _rows(model, paths: list[str], class_names: Sequence[str], shape: tuple[int, int, int], *,
-          top_k: int, batch_size: int, prepare, progress) -> Iterator[list]:
+          top_k: int, batch_size: int, prepare, progress, output, resize) -> Iterator[list]:
     import tensorflow as tf
 
     from cnnviz.data import Split
@@ -77,7 +81,7 @@ def _rows(model, paths: list[str], class_names: Sequence[str], shape: tuple[int,
     # The files as an unlabelled split: the same tf.data input (decode, resize, batch,
     # prefetch) that training and evaluation stream through. Paths are used as given.
     files = Split(np.zeros(len(paths), np.int32), image_size=(height, width),
-                  channels=channels, files=paths, root=Path())
+                  channels=channels, files=paths, root=Path(), resize=resize)
     count = len(class_names)
     top_k = max(1, min(top_k, count))
     done = 0
@@ -88,7 +92,7 @@ def _rows(model, paths: list[str], class_names: Sequence[str], shape: tuple[int,
         except tf.errors.OpError:
             raise _decoding_error(paths[done:]) from None
         inputs = prepare(batch) if prepare is not None else batch
-        probabilities = predict_probabilities(model, inputs)
+        probabilities = predict_probabilities(model, inputs, output=output)
         if probabilities.shape[1] != count:
             raise CnnvizError(f"the model has {probabilities.shape[1]} outputs but "
                               f"{count} class names")

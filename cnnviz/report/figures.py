@@ -23,6 +23,7 @@ from cnnviz.report.batching import (
     save_captioned,
     write_per_image,
 )
+from cnnviz.report.batching import save_arrays as write_arrays
 from cnnviz.report.selection import Selection
 from cnnviz.runs.load import Run
 
@@ -272,10 +273,13 @@ def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int =
 
 
 def feature_map_figures(model, selection: Selection, folder: Path, *, layers: Sequence[str],
-                        max_channels: int | None = 64, output=None) -> list[FigureFile]:
+                        max_channels: int | None = 64, output=None,
+                        save_arrays: bool = False) -> list[FigureFile]:
     """One figure per image and layer: the input and the layer's (most active) feature maps.
 
-    All layers come from one forward pass per chunk of images (`layer_activations`).
+    All layers come from one forward pass per chunk of images (`layer_activations`). With
+    `save_arrays`, the .npz beside an image's first figure holds each layer's maps as drawn
+    (key: the layer path), the channel indices shown (`<path>.channels`) and `probabilities`.
     """
     from cnnviz.explain.layers import layer_activations
     from cnnviz.plot import feature_maps_grid
@@ -298,7 +302,14 @@ def feature_map_figures(model, selection: Selection, folder: Path, *, layers: Se
                                          f"{caption(selection, index, probabilities)}"))
                 for path, (layer_maps, channels, total) in maps.items()]
 
-    return write_per_image(selection, folder, "feature maps", explain_chunk, draw)
+    def arrays(payload):
+        probabilities, maps = payload
+        return {"probabilities": probabilities,
+                **{path: layer_maps for path, (layer_maps, _, _) in maps.items()},
+                **{f"{path}.channels": channels for path, (_, channels, _) in maps.items()}}
+
+    return write_per_image(selection, folder, "feature maps", explain_chunk, draw,
+                           arrays if save_arrays else None)
 
 
 def conv_layer_names(model) -> list[str]:
@@ -318,8 +329,10 @@ def kernel_layer_names(model) -> list[str]:
     return kernel_paths(model)
 
 
-def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[FigureFile]:
-    """One figure per conv layer: its kernels."""
+def filter_figures(model, folder: Path, *, layers: Sequence[str],
+                   save_arrays: bool = False) -> list[FigureFile]:
+    """One figure per conv layer: its kernels (with `save_arrays`, also `<layer>.npz` holding
+    `kernels`, as `cnnviz.explain.filters` gives them)."""
     from cnnviz.explain import filters
     from cnnviz.plot import filters_grid
 
@@ -330,6 +343,8 @@ def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[Figure
             kernels = filters(model, layer)
             written.append(save_captioned(filters_grid(kernels, title=f"Filters of {layer}"),
                                           folder / f"{file_stem(layer)}.png"))
+            if save_arrays:
+                write_arrays(folder / f"{file_stem(layer)}.npz", {"kernels": kernels})
             progress.advance(task)
     return written
 
@@ -337,8 +352,11 @@ def filter_figures(model, folder: Path, *, layers: Sequence[str]) -> list[Figure
 def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
                           layer: str | None = None, indices: Sequence[int] | None = None,
                           steps: int = 256, seed: int = 0, output=None,
-                          preprocess: str | None = None) -> FigureFile:
+                          preprocess: str | None = None, save_arrays: bool = False) -> FigureFile:
     """One grid: the input that maximizes each class score (or each chosen filter of `layer`).
+
+    With `save_arrays`, the .npz beside it holds `images` (the optimized model inputs, one per
+    unit) and `indices` (the classes or filters, in the grid's order).
 
     Classes default to the first 10 (filters to the first 16), with a progress bar per chunk
     of images. The images are optimized in the model's input range: `_common.input_range`, or
@@ -374,6 +392,9 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
             model, layer, indices, steps=steps, seed=seed, output=output,
             input_range=input_range, progress=lambda done: progress.advance(task, done),
             **smoothing)
+    if save_arrays:
+        write_arrays((folder / name).with_suffix(".npz"),
+                     {"images": images, "indices": np.asarray(indices, np.int32)})
     if preprocess is not None:
         images = to_pixels(images, preprocess) / np.float32(255.0)
     return save_captioned(activation_max_grid(images, labels, title=title), folder / name)

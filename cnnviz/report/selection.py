@@ -79,6 +79,11 @@ class ImageFiles:
             return self._chunk(self._indices([key]))[1][0]
         return self._chunk(self._indices(key))[1]
 
+    def part(self, where: slice) -> ImageFiles:
+        """The files at `where`, as lazy as these."""
+        return ImageFiles(self.paths[where], self.input_shape, prepare=self.prepare,
+                          resize=self.resize, max_pixels=self.max_pixels)
+
     def pixels(self, key):
         """The files' own 8-bit pixels at `key` (what figures show)."""
         if isinstance(key, (int, np.integer)):
@@ -131,11 +136,18 @@ class Selection:
 
     def head(self, count: int) -> Selection:
         """The first `count` images."""
-        first = slice(0, count)
-        return replace(self, images=self.images[first], labels=self.labels[first],
-                       names=self.names[first],
-                       display=None if self.display is None else self.display[first],
-                       files=None if self.files is None else self.files[first])
+        return self.part(slice(0, count))
+
+    def part(self, where: slice) -> Selection:
+        """The images at `where`; image files stay files, read when asked for."""
+        if isinstance(self.images, ImageFiles):
+            images = self.images.part(where)
+            display = images.display
+        else:
+            images = self.images[where]
+            display = None if self.display is None else self.display[where]
+        return replace(self, images=images, labels=self.labels[where], names=self.names[where],
+                       display=display, files=None if self.files is None else self.files[where])
 
 
 # ----------------------------------------------------------------------------- image choice
@@ -174,6 +186,35 @@ def parse_indices(spec: str, count: int, *, option: str = "--images",
     return indices
 
 
+def parse_shard(spec: str) -> tuple[int, int]:
+    """`--shard K/N` -> (K, N): share K (0-based, as Slurm's array index from 0 and Kubernetes'
+    JOB_COMPLETION_INDEX) of N."""
+    try:
+        index, total = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise CnnvizError(f"--shard {spec!r} is not K/N (e.g. 0/4: the first of 4 shares)"
+                          ) from None
+    if total < 1 or not 0 <= index < total:
+        raise CnnvizError(f"--shard {spec!r}: K must be 0..N-1 (0-based) and N at least 1")
+    return index, total
+
+
+def shard_range(count: int, shard: tuple[int, int] | None) -> range:
+    """The contiguous block of `count` items share `shard` takes (all of them for None): the
+    shares in order are the items in order, so their outputs concatenate."""
+    if shard is None:
+        return range(count)
+    index, total = shard
+    return range(index * count // total, (index + 1) * count // total)
+
+
+def shard_file(path: Path, shard: tuple[int, int]) -> Path:
+    """`preds.csv` -> `preds.shard-01-of-12.csv`: K zero-padded, so the shares sort in order."""
+    index, total = shard
+    width = len(str(total - 1))
+    return path.with_name(f"{path.stem}.shard-{index:0{width}d}-of-{total}{path.suffix}")
+
+
 def parse_class_spec(spec: str, count: int) -> list[int]:
     """`all`, `0:10` or `3,5` -> class indices below `count` (for --classes)."""
     if spec.strip().lower() == "all":
@@ -192,6 +233,33 @@ def class_names_of(run: Run, num_outputs: int) -> list[str]:
     if run.config is not None and run.config.data.class_names:
         return list(run.config.data.class_names)
     return [str(index) for index in range(max(num_outputs, 2))]
+
+
+def given_class_names(run: Run, spec: str, *, output=None) -> list[str]:
+    """`--class-names`: `a,b,c` or a text file with one name per line, one per output class.
+
+    A run directory has its recorded names; a count that does not match the model's outputs
+    is refused (naming both numbers), so no caption ever names the wrong class.
+    """
+    if run.directory is not None:
+        raise CnnvizError(f"--class-names is for bare model files; {run.directory} uses the "
+                          "class names it recorded when it was trained")
+    if Path(spec).is_file():
+        try:
+            lines = Path(spec).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise CnnvizError(f"--class-names {spec}: cannot read it ({error})") from None
+        names, where = [line.strip() for line in lines if line.strip()], f"file {spec}"
+    else:
+        names, where = [name.strip() for name in spec.split(",")], f"{spec!r}"
+    if any(not name for name in names) or not names:
+        raise CnnvizError(f"--class-names {where}: an empty name; give `cat,dog,bird` or a "
+                          "text file with one name per line")
+    count = int(run.model.outputs[_output(run.model, output)].shape[-1])
+    if len(names) != max(count, 2):
+        raise CnnvizError(f"--class-names {where} gives {len(names)} names but the model has "
+                          f"{max(count, 2)} classes")
+    return names
 
 
 def _file_names(paths: list[Path]) -> list[str]:
@@ -214,20 +282,27 @@ def pixel_preparation(run: Run, preprocess: str):
     A bare .keras file takes what `--preprocess` says ("auto" resolved, with a note).
     """
     from cnnviz.errors import CnnvizNotice
-    from cnnviz.model.inputs import input_range, prepare, resolve_mode
+    from cnnviz.model.inputs import input_range, prepare
 
     if run.config is not None:
         low, high = input_range(run.model)
         if (low, high) == (0.0, 255.0):
             return None
         return lambda pixels: low + pixels * np.float32((high - low) / 255.0)
-    if preprocess == "auto" and run.preprocess is not None:
-        mode, note = run.preprocess, None
-    else:
-        mode, note = resolve_mode(run.model, preprocess)
+    mode, note = input_mode(run, preprocess)
     if note:
         warnings.warn(note, CnnvizNotice, stacklevel=3)
     return None if mode == "none" else (lambda pixels: prepare(pixels, mode))
+
+
+def input_mode(run: Run, preprocess: str) -> tuple[str, str | None]:
+    """The mode image files get for a bare model (`cnnviz.model.inputs.MODES`), and a note when
+    "auto" had to guess: keras:NAME's own mode, else what the model's first layer says."""
+    from cnnviz.model.inputs import resolve_mode
+
+    if preprocess == "auto" and run.preprocess is not None:
+        return run.preprocess, None
+    return resolve_mode(run.model, preprocess)
 
 
 def probability_label(model, output=None) -> str:
@@ -248,7 +323,7 @@ def _output(model, output) -> int:
 
 
 def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
-                  resize: str = "stretch") -> Selection:
+                  resize: str = "stretch", shard: tuple[int, int] | None = None) -> Selection:
     """The images `--images` names: test-split indices of the run, or image files.
 
     Files: comma-separated files, folders and globs (`cnnviz.images.expand_image_spec`), read
@@ -259,6 +334,17 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
     any but "auto"). Indices into a folder-trained run's test split read only those files,
     from the lists the run recorded. Files are read a chunk at a time, never all at once.
     """
+    selection = _select_images(run, spec, output=output, preprocess=preprocess, resize=resize)
+    if shard is None:
+        return selection
+    share = shard_range(len(selection.images), shard)
+    if not share:
+        raise CnnvizError(f"--shard {shard[0]}/{shard[1]}: {len(selection.images)} images leave "
+                          "this share empty; use fewer shares")
+    return selection.part(slice(share.start, share.stop))
+
+
+def _select_images(run: Run, spec: str, *, output, preprocess: str, resize: str) -> Selection:
     from cnnviz.data.images import expand_image_spec
     from cnnviz.model.compiled import require_built
 
