@@ -40,7 +40,21 @@ def _junit(path: Path) -> dict:
         suites[suite.get("name")] = {case.get("name"): case.find("failure") is None
                                      for case in cases}
     assert int(root.get("tests")) == sum(len(cases) for cases in suites.values())
+    assert int(root.get("failures")) == sum(not passed for cases in suites.values()
+                                            for passed in cases.values())
     return suites
+
+
+def _findings(path: Path) -> dict:
+    """{test case name: its <properties> as a dict} of the trust checks in a JUnit file."""
+    return {case.get("name"): {entry.get("name"): entry.get("value")
+                               for entry in case.findall("properties/property")}
+            for case in ElementTree.parse(path).getroot().iter("testcase")
+            if case.find("properties") is not None}
+
+
+def _failures(path: Path) -> int:
+    return int(ElementTree.parse(path).getroot().get("failures"))
 
 
 @pytest.mark.parametrize(("expect", "message"), [
@@ -245,11 +259,14 @@ def test_the_workflow_smoke_step_passes_and_reports_every_check(tmp_path):
     # --smoke checks the fast methods and those a gate names: randomization + class change.
     assert len(suites["cnnviz.sanity"]) == 2 * len(SMOKE_TRUST_METHODS)
     assert len(suites["cnnviz.faithfulness"]) == len(SMOKE_TRUST_METHODS)
-    # The JUnit verdicts are the reports' own.
+    # Exit 0: no failure in the report; the reports' own verdicts are its findings.
+    assert _failures(tmp_path / "cnnviz-junit.xml") == 0
+    findings = _findings(tmp_path / "cnnviz-junit.xml")
     sanity = json.loads((run_dir / "figures" / "sanity" / "sanity.json").read_text())
     for method, entry in sanity["model_randomization"]["methods"].items():
-        assert suites["cnnviz.sanity"][f"model randomization: {method}"] is not bool(
-            entry["insensitive_to"])
+        found = findings[f"model randomization: {method}"]
+        assert (found["flagged"] == "true") is bool(entry["insensitive_to"])
+        assert ("finding" in found) is bool(entry["insensitive_to"])
     assert payload["trust"]["sanity.gradcam.rank_correlation"] == pytest.approx(
         sanity["model_randomization"]["methods"]["gradcam"]["rank_correlation"][-1])
     for key in ("train_s", "figures_s", "trust_s", "evaluate_s", "total_s"):
@@ -266,7 +283,8 @@ def test_sanity_junit_verdicts_on_a_model_built_to_pass_and_fail_them(tmp_path):
     Saliency and guided backprop of the two classes live on disjoint quadrants: they pass the
     class-sensitivity test. Eigen-CAM (of the conv layer, the last 4-D one) ignores the class
     and every layer above the conv: it fails both the class test and model randomization, whose
-    first two steps (head, hidden) cannot change it.
+    first two steps (head, hidden) cannot change it. Those are findings: exit 0, and the JUnit
+    report has no failure but records them; a failed gate on one fails with the finding it names.
     """
     from _models import QUADRANT_SIZE, quadrant_reader
     from PIL import Image
@@ -283,14 +301,29 @@ def test_sanity_junit_verdicts_on_a_model_built_to_pass_and_fail_them(tmp_path):
                                  str(folder), "--out", str(tmp_path / "s"), "--json", "--junit",
                                  str(tmp_path / "s.xml")], catch_exceptions=False)
     assert result.exit_code == 0, result.output  # a sanity verdict is not a gate
-    payload = json.loads(result.stdout)
+    assert _failures(tmp_path / "s.xml") == 0, "the JUnit report follows the exit code"
     cases = _junit(tmp_path / "s.xml")["cnnviz.sanity"]
-    assert cases["class sensitivity: saliency"] is True
-    assert cases["class sensitivity: guided"] is True
-    assert cases["class sensitivity: eigencam"] is False
-    assert cases["model randomization: eigencam"] is False
-    assert payload["flagged"] is True
+    assert all(cases.values())
     saved = json.loads((tmp_path / "s" / "sanity.json").read_text())
+    verdicts = {f"model randomization: {method}": bool(entry["insensitive_to"])
+                for method, entry in saved["model_randomization"]["methods"].items()} | {
+                f"class sensitivity: {method}": entry["class_insensitive"]
+                for method, entry in saved["class_sensitivity"]["methods"].items()}
+    assert verdicts["class sensitivity: eigencam"] and verdicts["model randomization: eigencam"]
+    assert not verdicts["class sensitivity: guided"]
+    findings = _findings(tmp_path / "s.xml")
+    assert {name: found["flagged"] == "true" for name, found in findings.items()} == verdicts
+    assert set(findings) == set(cases), "every trust check records its verdict"
+    eigencam_class = findings["class sensitivity: eigencam"]
+    assert "rank correlation of the top-1 and top-2 class maps 1.000" in eigencam_class["finding"]
+    assert eigencam_class["metrics"] == "sanity.eigencam.class_correlation"
+    assert "finding" not in findings["class sensitivity: guided"]
+    assert findings["class sensitivity: guided"]["flagged"] == "false"
+    payload = json.loads(result.stdout)
+    assert payload["exit_code"] == 0 and all(check["passed"] for check in payload["checks"])
+    assert {check["name"]: check["flagged"] for check in payload["checks"]} == verdicts
+    assert f"0 failed, {sum(verdicts.values())} flagged" in result.stderr
+    assert payload["flagged"] is True
     assert payload["results"] == saved
     eigencam = saved["model_randomization"]["methods"]["eigencam"]
     assert saved["model_randomization"]["steps"] == ["head", "hidden", "conv"]
@@ -299,3 +332,31 @@ def test_sanity_junit_verdicts_on_a_model_built_to_pass_and_fail_them(tmp_path):
     assert (saved["class_sensitivity"]["methods"]["eigencam"]["rank_correlation"]
             == pytest.approx(1.0))
     assert saved["class_sensitivity"]["methods"]["saliency"]["rank_correlation"] < 0
+
+    # Gated: Eigen-CAM's class correlation (1.0) fails its --expect, and so does the finding it
+    # names; the randomization finding (other metrics) and the held gate stay passes.
+    gated = runner.invoke(app, ["sanity", str(tmp_path / "quadrants.keras"), "--images",
+                                str(folder), "--out", str(tmp_path / "g"), "--json", "--junit",
+                                str(tmp_path / "g.xml"), "--expect",
+                                "sanity.eigencam.class_correlation<=0.5", "--expect",
+                                "sanity.saliency.class_correlation<=0"], catch_exceptions=False)
+    assert gated.exit_code == 1, gated.output
+    suites = _junit(tmp_path / "g.xml")
+    assert suites["cnnviz.expectations"] == {"sanity.eigencam.class_correlation<=0.5": False,
+                                             "sanity.saliency.class_correlation<=0": True}
+    assert [name for name, passed in suites["cnnviz.sanity"].items() if not passed] == [
+        "class sensitivity: eigencam"]
+    assert _failures(tmp_path / "g.xml") == 2
+    failure = next(case.find("failure") for case in ElementTree.parse(tmp_path / "g.xml").iter(
+        "testcase") if case.get("name") == "class sensitivity: eigencam")
+    assert failure.get("message").endswith(
+        "gated by --expect sanity.eigencam.class_correlation<=0.5")
+    assert json.loads(gated.stdout)["exit_code"] == 1
+
+
+def test_a_trust_command_refuses_another_family_s_gate_before_any_work(tmp_path):
+    result = runner.invoke(app, ["faithfulness", str(tmp_path / "missing.keras"), "--expect",
+                                 "sanity.guided.ssim<=0.3"])
+    assert result.exit_code == 2
+    assert "`cnnviz faithfulness` computes faithfulness.* metrics only" in result.output
+    assert "missing.keras" not in result.output, "the gate is checked before the model is read"

@@ -12,6 +12,7 @@ from cnnviz.ci.gates import (
     check_names,
     evaluation_values,
     format_outcomes,
+    report_checks,
     trust_checks,
     trust_values,
 )
@@ -93,6 +94,10 @@ def test_known_metric_names_pass_for_run(metric):
     ("shortcut.cue_reliance", "run", ["spurious cue"]),
     ("sanity.gradcam.ssim", "train", ["computed by `cnnviz run`, not by `cnnviz train`"]),
     ("test_accuracy", "evaluate", ["evaluation.* metrics only"]),
+    ("faithfulness.gradcam.deletion_auc", "sanity", ["`cnnviz sanity` computes sanity.*"]),
+    ("sanity.guided.ssim", "faithfulness", ["`cnnviz faithfulness` computes faithfulness.*"]),
+    ("test_accuracy", "sanity", ["sanity.* metrics only"]),
+    ("sanity.guided.sim", "sanity", ["sanity.<method>.{rank_correlation,ssim"]),
     ("loss.value", "run", ["start with evaluation., sanity., faithfulness. or shortcut."]),
     ("evaluation.recall.seven", "train", ["no class 'seven'", "0, 1, 2", "indices 0..9"]),
     ("evaluation.f1.10", "run", ["no class '10'"]),
@@ -102,6 +107,12 @@ def test_unknown_metric_names_are_refused_with_the_valid_ones(metric, command, w
         check_names([Expectation(metric, ">=", 0.0)], command=command, config=_digits())
     for word in words:
         assert word in str(caught.value)
+
+
+def test_the_trust_commands_take_their_own_metric_names():
+    check_names([Expectation("sanity.guided.class_correlation", "<=", 0.9)], command="sanity")
+    check_names([Expectation("faithfulness.random.deletion_auc", ">=", 0.1)],
+                command="faithfulness")
 
 
 def test_class_names_are_known_before_loading_the_data(tmp_path):
@@ -157,9 +168,10 @@ def test_trust_values_take_the_last_randomization_step_and_the_largest_concentra
     assert values["shortcut.test_accuracy"] == 0.4
 
 
-def test_trust_checks_one_per_method_and_test_failing_where_flagged():
+def test_trust_checks_one_per_method_and_test_flagged_where_the_report_says():
     checks = trust_checks(SANITY, FAITHFULNESS, SHORTCUT)
-    verdicts = {(check.suite, check.name): check.passed for check in checks}
+    assert all(check.passed for check in checks), "a finding alone is no failure"
+    verdicts = {(check.suite, check.name): not check.flagged for check in checks}
     assert verdicts == {
         ("sanity", "model randomization: saliency"): True,
         ("sanity", "model randomization: guided"): False,
@@ -170,6 +182,72 @@ def test_trust_checks_one_per_method_and_test_failing_where_flagged():
         ("faithfulness", "better than random: gradcam"): False,
         ("shortcut", "does not rely on the spurious cue"): False,
     }
+    metrics = {check.name: check.metrics for check in checks}
+    assert metrics["model randomization: guided"] == ("sanity.guided.rank_correlation",
+                                                      "sanity.guided.ssim")
+    assert metrics["class sensitivity: guided"] == ("sanity.guided.class_correlation",)
+    assert metrics["better than random: gradcam"] == ("faithfulness.gradcam.deletion_auc",
+                                                      "faithfulness.gradcam.insertion_auc")
+    assert "shortcut.cue_reliance" in metrics["does not rely on the spurious cue"]
+    assert "shortcut.gradcam.lift" in metrics["does not rely on the spurious cue"]
+    values = trust_values(SANITY, FAITHFULNESS, SHORTCUT)
+    assert all(name in values for names in metrics.values() for name in names), (
+        "every metric a check names is a gate the run has")
+
+
+def _failures(root) -> dict:
+    """{test case name: its failure element} of a parsed JUnit report."""
+    return {case.get("name"): case.find("failure") for case in root.iter("testcase")
+            if case.find("failure") is not None}
+
+
+def _case(root, name: str):
+    [case] = [case for case in root.iter("testcase") if case.get("name") == name]
+    return case, {entry.get("name"): entry.get("value")
+                  for entry in case.findall("properties/property")}
+
+
+def test_a_report_fails_a_finding_only_with_the_failed_expectation_that_names_it():
+    checks = trust_checks(SANITY, FAITHFULNESS, SHORTCUT)
+    values = trust_values(SANITY, FAITHFULNESS, SHORTCUT)
+    # No gate: five findings, no failure (the command exits 0).
+    ungated = ElementTree.fromstring(junit_xml(report_checks([], checks)))
+    assert ungated.get("failures") == "0" and not _failures(ungated)
+    case, properties = _case(ungated, "model randomization: guided")
+    guided = next(check for check in checks if check.name == "model randomization: guided")
+    assert properties == {"flagged": "true", "finding": guided.message,
+                          "metrics": "sanity.guided.rank_correlation, sanity.guided.ssim"}
+    assert guided.message in case.find("system-out").text
+    assert case.find("system-out").text.startswith("flagged")
+    case, properties = _case(ungated, "model randomization: saliency")
+    assert properties == {"flagged": "false", "metrics": ("sanity.saliency.rank_correlation, "
+                                                         "sanity.saliency.ssim")}
+    assert not case.find("system-out").text.startswith("flagged")
+    # sanity.guided.ssim is 0.6: its gate fails, and with it the finding it names, not the
+    # guided class-sensitivity finding (a gate on class_correlation that holds) nor the rest.
+    outcomes = check_expectations(parse_expectations(
+        ["sanity.guided.ssim<=0.3", "sanity.guided.class_correlation<=0.99",
+         "faithfulness.saliency.deletion_auc<=0.3", "faithfulness.gradcam.insertion_auc>=0.9"]),
+        values)
+    assert [outcome.passed for outcome in outcomes] == [False, True, True, False]
+    report = report_checks(outcomes, [*checks, Check("verify", "conv1 (Conv2D)", False, "off")])
+    assert [check.name for check in report[:4]] == [outcome.expectation.text
+                                                     for outcome in outcomes]
+    root = ElementTree.fromstring(junit_xml(report))
+    failures = _failures(root)
+    assert set(failures) == {"sanity.guided.ssim<=0.3", "model randomization: guided",
+                             "faithfulness.gradcam.insertion_auc>=0.9",
+                             "better than random: gradcam", "conv1 (Conv2D)"}
+    assert root.get("failures") == "5"
+    gated = failures["model randomization: guided"]
+    assert gated.get("type") == "TrustCheckFlagged"
+    assert gated.get("message") == f"{guided.message}; gated by --expect sanity.guided.ssim<=0.3"
+    assert _case(root, "model randomization: guided")[1]["flagged"] == "true"
+    assert failures["sanity.guided.ssim<=0.3"].get("type") == "ExpectationFailed"
+    assert failures["conv1 (Conv2D)"].get("message") == "off", "a verify failure stays one"
+    case, properties = _case(root, "class sensitivity: guided")
+    assert properties["flagged"] == "true" and case.find("failure") is None
+    assert _case(root, "does not rely on the spurious cue")[0].find("failure") is None
 
 
 def test_evaluation_values_by_class_name_and_index():
@@ -205,7 +283,7 @@ def test_junit_xml_has_the_required_structure_and_counts():
     root = ElementTree.fromstring(junit_xml(checks, properties={"config": "digits.yaml"},
                                             timestamp=0))
     assert root.tag == "testsuites"
-    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("10", "6", "0")
+    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("10", "1", "0")
     suites = root.findall("testsuite")
     assert [suite.get("name") for suite in suites] == [
         "cnnviz.expectations", "cnnviz.sanity", "cnnviz.faithfulness", "cnnviz.shortcut"]
@@ -227,7 +305,7 @@ def test_junit_xml_has_the_required_structure_and_counts():
             if failure is not None:
                 assert failure.get("message") and failure.get("type")
     sanity = suites[1]
-    assert (sanity.get("tests"), sanity.get("failures")) == ("5", "3")
+    assert (sanity.get("tests"), sanity.get("failures")) == ("5", "0")
     assert math.isclose(float(sanity.get("time")), 2.0, abs_tol=1e-3)
     failed = suites[0].findall("testcase")[1].find("failure")
     assert failed.get("type") == "ExpectationFailed"

@@ -23,16 +23,19 @@ shortcut (run)     shortcut.cue_reliance (the largest concentration over methods
                    shortcut.train_accuracy, shortcut.test_accuracy
 =================  ===========================================================================
 
+`cnnviz sanity` and `cnnviz faithfulness` take the sanity.* and faithfulness.* names alone.
 Names are checked before any training starts: a misspelt gate must not cost a training run.
-Trust results (`Check`s) are the other half of a CI report: one pass/fail line per trust
-check, written with the expectations into JUnit XML (`cnnviz.junit`).
+Trust results (`Check`s) are the other half of a CI report: one line per trust check, written
+with the expectations into JUnit XML (`cnnviz.ci.junit`). A report follows the exit code
+(`report_checks`): a flagged trust check is a finding, recorded but passing, unless a failed
+expectation names one of its metrics.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cnnviz.config.expect import Expectation
 from cnnviz.errors import CnnvizError
@@ -47,6 +50,10 @@ SANITY_METRICS = ("rank_correlation", "ssim", "class_correlation")
 FAITHFULNESS_METRICS = ("deletion_auc", "insertion_auc")
 SHORTCUT_METRICS = ("cue_reliance", "train_accuracy", "test_accuracy")
 SHORTCUT_METHOD_METRICS = ("cue_share", "lift", "concentration")
+# Commands that compute one family of metrics: command -> (that family, an example name).
+ONE_FAMILY = {"evaluate": ("evaluation", "evaluation.accuracy"),
+              "sanity": ("sanity", "sanity.guided.rank_correlation"),
+              "faithfulness": ("faithfulness", "faithfulness.gradcam.deletion_auc")}
 
 
 @dataclass(frozen=True)
@@ -56,9 +63,13 @@ class Check:
     Attributes:
         suite: the group it belongs to ("expectations", "sanity", "faithfulness", ...).
         name: stable across runs (CI systems track a test's history by its name).
-        passed: whether it holds.
+        passed: whether it holds: a failed one is a failure in the report, and the command
+            exits 1 (`report_checks` keeps the two in step).
         message: one line with the measured value and the verdict.
         seconds: time spent computing it (0 when unknown).
+        flagged: a trust check whose verdict is bad (a finding); it fails only when a failed
+            expectation names one of its `metrics`.
+        metrics: the gate names (`--expect` metrics) that measure it.
     """
 
     suite: str
@@ -66,6 +77,8 @@ class Check:
     passed: bool
     message: str
     seconds: float = 0.0
+    flagged: bool = False
+    metrics: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------- names
@@ -74,8 +87,8 @@ def check_names(expectations: Iterable[Expectation], *, command: str, config=Non
 
     Args:
         expectations: parsed expectations.
-        command: "run" (all metric families), "train" (metrics.json and evaluation) or
-            "evaluate" (evaluation only).
+        command: "run" (all metric families), "train" (metrics.json and evaluation), or
+            "evaluate", "sanity", "faithfulness" (their own family only, `ONE_FAMILY`).
         config: the run's config (its `train.metrics` and data source decide which names
             exist); None skips those checks.
     """
@@ -93,10 +106,11 @@ def _name_problem(metric: str, command: str, config) -> str | None:
     from cnnviz.explain.registry import METHODS
 
     family, _, rest = metric.partition(".")
+    if command in ONE_FAMILY and family != ONE_FAMILY[command][0]:
+        own, example = ONE_FAMILY[command]
+        return (f"--expect {metric!r}: `cnnviz {command}` computes {own}.* metrics only "
+                f"(e.g. {example})")
     if not rest:
-        if command == "evaluate":
-            return (f"--expect {metric!r}: `cnnviz evaluate` computes evaluation.* metrics only "
-                    f"(e.g. evaluation.accuracy)")
         known = _training_metrics(config)
         if metric in known:
             return None
@@ -118,7 +132,7 @@ def _name_problem(metric: str, command: str, config) -> str | None:
                 f"{', '.join('evaluation.' + name for name in EVALUATION_METRICS)}, and "
                 f"evaluation.{{{','.join(PER_CLASS_METRICS)}}}.<class>")
     if family in ("sanity", "faithfulness", "shortcut"):
-        if command != "run":
+        if command not in ("run", family):
             return (f"--expect {metric!r}: {family} results are computed by `cnnviz run`, "
                     f"not by `cnnviz {command}`")
         if family == "shortcut" and config is not None and not (
@@ -284,7 +298,11 @@ def format_outcomes(outcomes: Sequence[Outcome]) -> str:
 def trust_checks(sanity: Mapping | None = None, faithfulness: Mapping | None = None,
                  shortcut: Mapping | None = None, *, seconds: Mapping[str, float] | None = None
                  ) -> list[Check]:
-    """One Check per trust verdict in the reports' JSON: per method and test, and the shortcut."""
+    """One Check per trust verdict in the reports' JSON: per method and test, and the shortcut.
+
+    Each passes; a bad verdict is `flagged`, with the gate names that measure it as `metrics`
+    (`report_checks` fails it when a failed expectation names one).
+    """
     seconds = seconds or {}
     checks: list[Check] = []
     if sanity:
@@ -298,17 +316,19 @@ def trust_checks(sanity: Mapping | None = None, faithfulness: Mapping | None = N
             # Per-step verdicts where the report has them: the layers whose randomization left
             # the map similar; else the verdict after the last step alone.
             unmoved = entry.get("insensitive_to", ["every layer"] if entry["insensitive"] else [])
-            checks.append(Check(
-                "sanity", f"model randomization: {method}", not unmoved,
+            checks.append(_finding(
+                "sanity", f"model randomization: {method}", bool(unmoved),
                 f"rank correlation with the trained map after the last step {final:.3f} "
                 f"(insensitive above {randomization['threshold']:g})"
-                + (f"; insensitive to {', '.join(unmoved)}" if unmoved else ""), share))
+                + (f"; insensitive to {', '.join(unmoved)}" if unmoved else ""), share,
+                f"sanity.{method}.rank_correlation", f"sanity.{method}.ssim"))
         for method, entry in classes.get("methods", {}).items():
-            checks.append(Check(
-                "sanity", f"class sensitivity: {method}", not entry["class_insensitive"],
+            checks.append(_finding(
+                "sanity", f"class sensitivity: {method}", bool(entry["class_insensitive"]),
                 "rank correlation of the top-1 and top-2 class maps "
                 f"{entry['rank_correlation']:.3f}"
-                f" (class-insensitive above {classes['threshold']:g})", share))
+                f" (class-insensitive above {classes['threshold']:g})", share,
+                f"sanity.{method}.class_correlation"))
     if faithfulness:
         methods = faithfulness["methods"]
         reference = methods.get("random")
@@ -319,16 +339,45 @@ def trust_checks(sanity: Mapping | None = None, faithfulness: Mapping | None = N
             worse = entry.get("no_better_than_random", [])
             against = (f" (random: {reference['deletion_auc']:.3f}, "
                        f"{reference['insertion_auc']:.3f})" if reference else "")
-            checks.append(Check(
-                "faithfulness", f"better than random: {method}", not worse,
+            checks.append(_finding(
+                "faithfulness", f"better than random: {method}", bool(worse),
                 f"deletion AUC {entry['deletion_auc']:.3f}, insertion AUC "
                 f"{entry['insertion_auc']:.3f}{against}"
-                + (f"; no better than random on {' and '.join(worse)}" if worse else ""), share))
+                + (f"; no better than random on {' and '.join(worse)}" if worse else ""), share,
+                *(f"faithfulness.{method}.{name}" for name in FAITHFULNESS_METRICS)))
     if shortcut:
-        checks.append(Check("shortcut", "does not rely on the spurious cue",
-                            not shortcut["relies_on_cue"], shortcut["verdict"],
-                            seconds.get("shortcut", 0.0)))
+        checks.append(_finding(
+            "shortcut", "does not rely on the spurious cue", bool(shortcut["relies_on_cue"]),
+            shortcut["verdict"], seconds.get("shortcut", 0.0), "shortcut.cue_reliance",
+            *(f"shortcut.{method}.{name}" for method in shortcut["methods"]
+              for name in SHORTCUT_METHOD_METRICS)))
     return checks
+
+
+def _finding(suite: str, name: str, flagged: bool, message: str, seconds: float,
+             *metrics: str) -> Check:
+    """A trust check: it passes (a finding is no failure until a gate names it), flagged or not."""
+    return Check(suite, name, True, message, seconds, flagged=flagged, metrics=metrics)
+
+
+def report_checks(outcomes: Sequence[Outcome], checks: Iterable[Check] = ()) -> list[Check]:
+    """The checks of a CI report, in step with the exit code: the expectations first, then
+    `checks` as they are, except that a flagged trust check fails when a failed expectation
+    names one of its metrics (the finding that gate is about).
+
+    So the report has no failure unless the command exits 1: a failed expectation (the
+    expectation's own case and the finding it names) or a check that drives the exit code by
+    itself (verify's layers).
+    """
+    report = [outcome.check() for outcome in outcomes]
+    for check in checks:
+        gates = [outcome.expectation.text for outcome in outcomes
+                 if not outcome.passed and outcome.expectation.metric in check.metrics]
+        if check.flagged and gates:
+            check = replace(check, passed=False,
+                            message=f"{check.message}; gated by --expect {', '.join(gates)}")
+        report.append(check)
+    return report
 
 
 def verify_checks(report) -> list[Check]:

@@ -5,6 +5,13 @@ Follows the schema Jenkins validates against (junit-10.xsd, also what GitLab rea
 `errors`, `skipped`, `time`, `timestamp`, `hostname` and `id`, then `<properties>`, its
 `<testcase name classname time>` elements, `<system-out>` and `<system-err>`. A failed check is a
 `<failure message type>`; a passed one carries its measured value in `<system-out>`.
+
+The report follows the exit code: its checks come from `cnnviz.ci.gates.report_checks`, where a
+flagged trust check (a finding no failed `--expect` names) passes. A trust check records its
+verdict in the test case's own `<properties>` (the form pytest's `record_property` writes; a
+reader that does not know it skips it): `flagged` (true/false), `metrics` (the gate names that
+measure it) and, when flagged, `finding` (the message); a flagged one that passes says so in its
+`<system-out>` too, which every reader shows.
 """
 
 from __future__ import annotations
@@ -50,8 +57,12 @@ def junit_xml(checks: Sequence[Check], *, name: str = "cnnviz",
         for check in members:
             case = ElementTree.SubElement(element, "testcase", name=check.name,
                                           classname=f"{name}.{suite}", time=_seconds(check.seconds))
+            if check.metrics:
+                _case_properties(case, check)
             if check.passed:
-                ElementTree.SubElement(case, "system-out").text = check.message
+                ElementTree.SubElement(case, "system-out").text = (
+                    f"flagged (a finding, not a failure: an --expect on one of {_names(check)} "
+                    f"makes it one): {check.message}" if check.flagged else check.message)
             else:
                 failure = ElementTree.SubElement(
                     case, "failure", message=check.message,
@@ -71,6 +82,19 @@ def junit_xml(checks: Sequence[Check], *, name: str = "cnnviz",
 def write_junit(path: str | Path, checks: Sequence[Check], **options) -> Path:
     """Write `junit_xml(checks, **options)` to `path` atomically."""
     return atomic_write_bytes(path, junit_xml(checks, **options))
+
+
+def _case_properties(case: ElementTree.Element, check: Check) -> None:
+    listed = ElementTree.SubElement(case, "properties")
+    entries = {"flagged": "true" if check.flagged else "false", "metrics": _names(check)}
+    if check.flagged:
+        entries["finding"] = check.message
+    for key, value in entries.items():
+        ElementTree.SubElement(listed, "property", name=key, value=value)
+
+
+def _names(check: Check) -> str:
+    return ", ".join(check.metrics)
 
 
 def _seconds(value: float) -> str:

@@ -477,18 +477,20 @@ def judge(expectations, values: dict, *, checks=(), junit: Path | None = None,
 
     Returns:
         The JSON fields: "expectations" (one entry each), "checks" (every check with its
-        verdict), "exit_code" (1 when an expectation failed) and "junit" (the file, if any).
+        verdict, as the JUnit report has it: `cnnviz.ci.gates.report_checks`), "exit_code" (1
+        when an expectation failed) and "junit" (the file, if any).
     """
-    from cnnviz.ci.gates import check_expectations, format_outcomes
+    from cnnviz.ci.gates import check_expectations, format_outcomes, report_checks
 
     outcomes = check_expectations(expectations, values)
     if outcomes:
         typer.echo("\n" + format_outcomes(outcomes))
-    every_check = [outcome.check() for outcome in outcomes] + list(checks)
+    every_check = report_checks(outcomes, checks)
     result = {
         "expectations": [outcome.to_dict() for outcome in outcomes],
         "checks": [{"suite": check.suite, "name": check.name, "passed": check.passed,
-                    "message": check.message} for check in every_check],
+                    "flagged": check.flagged, "message": check.message}
+                   for check in every_check],
         "exit_code": GATE_FAILED if any(not outcome.passed for outcome in outcomes) else 0,
     }
     if junit is not None:
@@ -496,6 +498,8 @@ def judge(expectations, values: dict, *, checks=(), junit: Path | None = None,
 
         write_junit(junit, every_check, properties=properties)
         failed = sum(not check.passed for check in every_check)
-        typer.echo(f"wrote {junit} ({len(every_check)} test cases, {failed} failed)")
+        flagged = sum(check.flagged for check in every_check)
+        typer.echo(f"wrote {junit} ({len(every_check)} test cases, {failed} failed, "
+                   f"{flagged} flagged)")
         result["junit"] = str(junit)
     return result

@@ -11,6 +11,7 @@ import typer
 
 from cnnviz.cli._common import (
     GATE_FAILED,
+    ExpectOption,
     ImageOptions,
     JsonOption,
     JunitOption,
@@ -19,6 +20,7 @@ from cnnviz.cli._common import (
     SetOption,
     choices,
     command,
+    expectations_for,
     import_tensorflow,
     judge,
     load_config_file,
@@ -113,21 +115,25 @@ def sanity_command(
     run: RunArgument,
     options: ImageOptions,
     seed: Annotated[int, typer.Option(help="Seed of the re-initialized weights.")] = 0,
+    expect: ExpectOption = None,
     junit: JunitOption = None,
     json_output: JsonOption = False,
 ) -> dict:
     """Sanity checks for saliency maps (Adebayo et al. 2018): model randomization, class change.
 
     Flags a method whose maps barely change when the weights are destroyed, or when a different
-    class is explained.
+    class is explained. Exit codes: 0 done (flagged methods too), 1 an --expect
+    (sanity.<method>.<metric>) failed, 2 bad input.
     """
     from cnnviz.report.trust import sanity_report
 
     started = time.perf_counter()
+    expectations = expectations_for(None, expect, "sanity")
     loaded, folder, selection = options.explained(run, "sanity")
     report = sanity_report(loaded.model, selection, folder, seed=seed)
     print_report(report)
-    return trust_result("sanity", report, junit, run, time.perf_counter() - started)
+    return trust_result("sanity", report, junit, run, time.perf_counter() - started,
+                        expectations)
 
 
 @command("faithfulness")
@@ -140,28 +146,39 @@ def faithfulness_command(
     ] = 20,
     baseline: Annotated[Baseline, typer.Option(help="What deleted pixels become.")] = Baseline.blur,
     seed: Annotated[int, typer.Option(help="Seed of the random-order baseline.")] = 0,
+    expect: ExpectOption = None,
     junit: JunitOption = None,
     json_output: JsonOption = False,
 ) -> dict:
-    """Deletion and insertion scores per method against a random pixel order."""
+    """Deletion and insertion scores per method against a random pixel order.
+
+    Exit codes: 0 done (flagged methods too), 1 an --expect (faithfulness.<method>.<metric>)
+    failed, 2 bad input.
+    """
     from cnnviz.report.trust import faithfulness_report
 
     started = time.perf_counter()
+    expectations = expectations_for(None, expect, "faithfulness")
     loaded, folder, selection = options.explained(run, "faithfulness")
     report = faithfulness_report(loaded.model, selection, folder, steps=steps,
                                  baseline=baseline.value, seed=seed)
     print_report(report)
-    return trust_result("faithfulness", report, junit, run, time.perf_counter() - started)
+    return trust_result("faithfulness", report, junit, run, time.perf_counter() - started,
+                        expectations)
 
 
-def trust_result(name: str, report, junit: Path | None, source: Path, seconds: float) -> dict:
-    """The JSON result of a trust command: its numbers, its checks (and JUnit file), its files."""
+def trust_result(name: str, report, junit: Path | None, source: Path, seconds: float,
+                 expectations=()) -> dict:
+    """The JSON result of a trust command: its numbers, its checks and expectations (and JUnit
+    file), its files."""
     from cnnviz.ci.gates import trust_checks, trust_values
 
     numbers = json.loads(report.data_file.read_text())
-    verdicts = judge([], {}, checks=trust_checks(**{name: numbers}, seconds={name: seconds}),
+    values = trust_values(**{name: numbers})
+    verdicts = judge(expectations, values,
+                     checks=trust_checks(**{name: numbers}, seconds={name: seconds}),
                      junit=junit, properties={"command": name, "run": str(source)})
-    return {**verdicts, "results": numbers, "values": trust_values(**{name: numbers}),
+    return {**verdicts, "results": numbers, "values": values,
             "flagged": report.flagged,
             "files": [str(report.data_file), *(str(figure.path) for figure in report.figures)],
             "timings": {"total_s": round(seconds, 3)}}
