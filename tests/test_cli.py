@@ -130,7 +130,7 @@ def test_train_then_summary_on_the_run(tmp_path):
 
 def test_the_cli_offers_exactly_the_library_choices():
     # The Typer enums are spelled out so `--help` imports no library code; they must not drift.
-    from cnnviz.cli._common import Preprocess, Resize
+    from cnnviz.cli._options import Preprocess, Resize
     from cnnviz.cli.deploy import ExportFormatChoice
     from cnnviz.cli.explain import CamMethod, SaliencyMethod
     from cnnviz.cli.trust import Baseline

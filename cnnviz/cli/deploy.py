@@ -12,17 +12,19 @@ import typer
 
 from cnnviz.cli._common import (
     GATE_FAILED,
-    REQUIRED,
     ExpectOption,
-    ImageOptions,
     JsonOption,
     JunitOption,
     RunArgument,
-    choices,
     command,
     expectations_for,
     import_tensorflow,
     judge,
+)
+from cnnviz.cli._options import (
+    REQUIRED,
+    ImageOptions,
+    choices,
     takes_model,
 )
 from cnnviz.errors import CnnvizError

@@ -9,17 +9,19 @@ from typing import Annotated
 import typer
 
 from cnnviz.cli._common import (
-    ImageOptions,
-    LayerOption,
-    ModelSourceArgument,
     RunArgument,
     SetOption,
-    TargetOption,
-    choices,
     command,
     import_tensorflow,
     load_config_file,
     report_written,
+)
+from cnnviz.cli._options import (
+    ImageOptions,
+    LayerOption,
+    ModelSourceArgument,
+    TargetOption,
+    choices,
     takes_model,
 )
 from cnnviz.errors import CnnvizError

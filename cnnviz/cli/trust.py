@@ -12,19 +12,21 @@ import typer
 from cnnviz.cli._common import (
     GATE_FAILED,
     ExpectOption,
-    ImageOptions,
     JsonOption,
     JunitOption,
-    ModelSourceArgument,
     RunArgument,
     SetOption,
-    choices,
     command,
     expectations_for,
     import_tensorflow,
     judge,
     load_config_file,
     print_report,
+)
+from cnnviz.cli._options import (
+    ImageOptions,
+    ModelSourceArgument,
+    choices,
     takes_model,
 )
 from cnnviz.errors import CnnvizError
