@@ -107,7 +107,8 @@ def test_a_run_directory_keeps_its_recorded_names(tmp_path):
 
 
 def test_preprocess_reaches_the_trust_checks(tmp_path):
-    """faithfulness --preprocess unit scores the model on pixels / 127.5 - 1, computed here."""
+    """faithfulness --preprocess unit scores the model on pixels / 127.5 - 1, computed here,
+    with black at -1 for the methods that fill or mask (occlusion, RISE, Score-CAM, IG)."""
     from cnnviz.trust.faithfulness import deletion_insertion
 
     model, path = _model(tmp_path, rescaling=False)
@@ -119,7 +120,9 @@ def test_preprocess_reaches_the_trust_checks(tmp_path):
                                      "--out", str(tmp_path / mode)])
         assert result.exit_code == 0, result.output
         results[mode] = json.loads(result.stdout)["results"]
-    by_hand = deletion_insertion(model, pixels / 127.5 - 1.0, steps=4).to_dict()
+    unit_range = (np.full(3, -1.0, np.float32), np.full(3, 1.0, np.float32))
+    by_hand = deletion_insertion(model, pixels / 127.5 - 1.0, steps=4,
+                                 input_range=unit_range).to_dict()
     for method, scores in by_hand["methods"].items():
         assert results["unit"]["methods"][method]["deletion_auc"] == pytest.approx(
             scores["deletion_auc"], abs=1e-6), method

@@ -38,7 +38,7 @@ from cnnviz.model.compiled import (
     target_array,
 )
 from cnnviz.model.graph import find_layer, list_paths
-from cnnviz.model.inputs import as_image_batch, input_range
+from cnnviz.model.inputs import as_image_batch, channel_range
 from cnnviz.model.outputs import (
     default_layer_path,
     features_and_logits,
@@ -189,7 +189,8 @@ def _masked_scores_body(fill: float):
     return make_body
 
 
-def _scorecam(model, copy, batch, wanted, layer_name: str, batch_size: int) -> np.ndarray:
+def _scorecam(model, copy, batch, wanted, layer_name: str, batch_size: int,
+              input_range=None) -> np.ndarray:
     import tensorflow as tf
 
     count = len(batch)
@@ -209,10 +210,11 @@ def _scorecam(model, copy, batch, wanted, layer_name: str, batch_size: int) -> n
         image, channel = flat // channels, flat % channels
         return [batch[image], features[image, :, :, channel], chosen[image]]
 
-    # masked-out pixels go to the input range's low end (docs/decisions.md D1)
-    fill = input_range(model)[0]
+    # masked-out pixels go to the input range's low end, black (docs/decisions.md D1)
+    fill = (channel_range(model) if input_range is None else input_range)[0].astype(np.float32)
     (scores,) = run_batched(
-        copy, f"scorecam:{fill!r}", _masked_scores_body(fill), count * channels, masked,
+        copy, f"scorecam:{tuple(fill.tolist())}", _masked_scores_body(fill), count * channels,
+        masked,
         batch_size,
     )
     scores = scores.reshape(count, channels).astype(np.float64)
@@ -231,6 +233,7 @@ def cam(
     layer=None,
     output=None,
     batch_size: int | None = None,
+    input_range=None,
 ) -> np.ndarray:
     """Class activation maps of one conv layer by one of `CAM_METHODS` (see the module table).
 
@@ -247,6 +250,9 @@ def cam(
         batch_size: most images per compiled chunk (None: sized to the model's activation
             memory); for Score-CAM, masked copies per chunk (it runs one forward pass per
             image and channel of the layer).
+        input_range: Score-CAM: (lows, highs) per input channel of the inputs given
+            (`cnnviz.model.inputs.channel_range`); masked-out pixels become `lows` (black).
+            None: what the model says.
 
     Returns:
         (N, H, W) float32 in [0, 1]: per image the map at the layer's resolution, ReLU'd,
@@ -263,7 +269,7 @@ def cam(
     wanted = target_array(logits.model, targets, len(batch))
     batch_size = batch_size_for(logits, batch_size)
     if method == "scorecam":
-        return _scorecam(model, logits, batch, wanted, name, batch_size)
+        return _scorecam(model, logits, batch, wanted, name, batch_size, input_range)
     height, width = batch.shape[1:3]
     maps, _ = run_batched(
         logits,

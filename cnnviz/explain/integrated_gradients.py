@@ -26,8 +26,9 @@ def baseline_batch(images: np.ndarray, baseline) -> np.ndarray:
 
     Args:
         images: (N, H, W, C).
-        baseline: a number (every value, in input units), an image (H, W, C) or a batch
-            (N, H, W, C), or "blur" (each image blurred, `_common.blurred`).
+        baseline: a number (every value, in input units), one value per channel (C,), an
+            image (H, W, C) or a batch (N, H, W, C), or "blur" (each image blurred,
+            `_common.blurred`).
     """
     if isinstance(baseline, str):
         if baseline != "blur":
@@ -38,10 +39,11 @@ def baseline_batch(images: np.ndarray, baseline) -> np.ndarray:
     if isinstance(baseline, numbers.Real):
         return np.full_like(images, float(baseline))
     values = np.asarray(baseline, dtype=np.float32)
-    if values.shape not in (images.shape, images.shape[1:]):
+    if values.shape not in (images.shape, images.shape[1:], images.shape[-1:]):
         raise CnnvizError(
             f"baseline image has shape {values.shape}; give one image {images.shape[1:]}, one "
-            f"per image {images.shape}, a number or 'blur'"
+            f"per image {images.shape}, one value per channel {images.shape[-1:]}, a number "
+            "or 'blur'"
         )
     return np.broadcast_to(values, images.shape).astype(np.float32)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from cnnviz.errors import CnnvizError
 from cnnviz.model.compiled import check_images, check_target_count, model_copy, probabilities_of
-from cnnviz.model.inputs import as_image_batch, input_range
+from cnnviz.model.inputs import as_image_batch, channel_range
 from cnnviz.model.outputs import resolve_targets
 
 
@@ -111,6 +111,7 @@ def occlusion(
     fill: float = 0.5,
     output=None,
     batch_size: int | None = None,
+    input_range=None,
 ) -> OcclusionResult:
     """Slide a `patch` x `patch` square of value `fill` over each image; record the target's
     probability.
@@ -126,12 +127,14 @@ def occlusion(
         targets: None (each image's class predicted on the intact image), an int, or N ints.
         patch: side of the square, in pixels; at most min(H, W).
         stride: step between windows; None means `patch` (windows tile the image).
-        fill: what the patch holds, as a share of the model's input range
-            (`_common.input_range`): 0 its low end (black), 1 its high end, 0.5 mid-grey;
-            for a model taking [0, 1] this is the value itself.
+        fill: what the patch holds, as a share of the input range per channel
+            (`input_range`): 0 its low end (black), 1 its high end, 0.5 mid-grey; for a model
+            taking [0, 1] this is the value itself.
         output: which output of a multi-output model (index or name); None for one output.
         batch_size: most occluded copies per compiled forward chunk; None sizes it to the
             model's activation memory (`_compiled.batch_size_for`).
+        input_range: (lows, highs) per input channel of the inputs given (how they were
+            prepared, `cnnviz.model.inputs.channel_range`); None: what the model says.
 
     Returns:
         An `OcclusionResult` (per-pixel maps, per-window grids, targets).
@@ -141,13 +144,14 @@ def occlusion(
     check_images(model_copy(model, "probabilities", output=output).model, batch)
     check_target_count(targets, len(batch))
     probabilities = occluded_probabilities(model, batch, patch=patch, stride=stride, fill=fill,
-                                           output=output, batch_size=batch_size)
+                                           output=output, batch_size=batch_size,
+                                           input_range=input_range)
     return occlusion_from_probabilities(probabilities, targets, patch=patch, stride=stride)
 
 
 def occluded_probabilities(model, images, *, patch: int = 4, stride: int | None = None,
-                           fill: float = 0.5, output=None,
-                           batch_size: int | None = None) -> tuple[np.ndarray, int, int]:
+                           fill: float = 0.5, output=None, batch_size: int | None = None,
+                           input_range=None) -> tuple[np.ndarray, int, int]:
     """The forward passes of `occlusion`, which do not depend on the target.
 
     Returns:
@@ -159,8 +163,8 @@ def occluded_probabilities(model, images, *, patch: int = 4, stride: int | None 
     count, height, width = batch.shape[:3]
     stride = _check_window(patch, stride, height, width)
     check_images(model_copy(model, "probabilities", output=output).model, batch)
-    low, high = input_range(model)
-    fill_value = np.float32(low + fill * (high - low))
+    lows, highs = channel_range(model) if input_range is None else input_range
+    fill_value = (lows + np.float32(fill) * (highs - lows)).astype(np.float32)
     rows_at = _window_starts(height, patch, stride)
     cols_at = _window_starts(width, patch, stride)
     # Per image: copy 0 is the intact image, copy 1 + i * cols + j hides window (i, j).

@@ -35,6 +35,7 @@ seeded), so two calls on the same model give the same maps: the sanity checks re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import weakref
 from collections import OrderedDict
@@ -70,19 +71,21 @@ def _gradcam(guided: bool) -> AttributionFunction:
 
 
 def _cam(method: str) -> AttributionFunction:
-    def attribute(model, images, targets):
+    def attribute(model, images, targets, input_range=None):
         from cnnviz.explain.cam import cam
 
-        return cam(model, images, targets, method=method)
+        return cam(model, images, targets, method=method, input_range=input_range)
 
     attribute.__name__ = method
     return attribute
 
 
-def _integrated_gradients(model, images, targets):
+def _integrated_gradients(model, images, targets, input_range=None):
     from cnnviz.explain.integrated_gradients import integrated_gradients
+    from cnnviz.model.inputs import channel_range
 
-    return integrated_gradients(model, images, targets).sum(axis=-1)
+    black = (channel_range(model) if input_range is None else input_range)[0]
+    return integrated_gradients(model, images, targets, baseline=black).sum(axis=-1)
 
 
 def _gradient_x_input(model, images, targets):
@@ -96,18 +99,18 @@ def _gradient_x_input(model, images, targets):
 _EVERY_CLASS_VALUES = 1 << 24
 
 
-def _rise(model, images, targets):
+def _rise(model, images, targets, input_range=None):
     from cnnviz.explain.rise import rise, rise_every_class
 
     batch = as_image_batch(images)
     # The paper's 7 x 7 grid, or one cell per pixel on images smaller than that.
-    options = {"cell": min(7, *batch.shape[1:3]), "seed": 0}
+    options = {"cell": min(7, *batch.shape[1:3]), "seed": 0, "input_range": input_range}
     from cnnviz.model.compiled import model_copy, num_classes
 
     classes = num_classes(model_copy(model, "probabilities").model)
     if batch.size // batch.shape[-1] * classes > _EVERY_CLASS_VALUES:
         return rise(model, batch, targets, **options)
-    maps, intact = _MEMO.get(_MEMO.state(model, batch), ("rise-every-class",),
+    maps, intact = _MEMO.get(_MEMO.state(model, batch), ("rise-every-class", _key(input_range)),
                              lambda: rise_every_class(model, batch, **options))
     chosen = resolve_targets(targets, intact.argmax(axis=-1), intact.shape[-1])
     return maps[np.arange(len(batch)), chosen]
@@ -122,18 +125,29 @@ def occlusion_window(height: int, width: int) -> tuple[int, int]:
     return patch, max(1, patch // 2)
 
 
-def _occlusion(model, images, targets):
+def _occlusion(model, images, targets, input_range=None):
     from cnnviz.explain.occlusion import occluded_probabilities, occlusion_from_probabilities
 
     batch = as_image_batch(images)
     patch, stride = occlusion_window(*batch.shape[1:3])
-    occluded = _MEMO.get(_MEMO.state(model, batch), ("occlusion", patch, stride),
-                         lambda: occluded_probabilities(model, batch, patch=patch, stride=stride))
+    occluded = _MEMO.get(_MEMO.state(model, batch), ("occlusion", patch, stride, _key(input_range)),
+                         lambda: occluded_probabilities(model, batch, patch=patch, stride=stride,
+                                                        input_range=input_range))
     # The forward passes are the same for every target: another target is free.
     result = occlusion_from_probabilities(occluded, targets, patch=patch, stride=stride)
     drop = result.unoccluded_probability[:, None, None] - result.probability
     return drop.astype(np.float32)
 
+
+def _key(input_range) -> tuple | None:
+    """A memo key for an input range ((lows, highs) arrays, or None)."""
+    if input_range is None:
+        return None
+    return tuple(tuple(np.asarray(ends).tolist()) for ends in input_range)
+
+
+# The entries whose maps depend on the inputs' range (a fill, a mask value, a baseline).
+_RANGED = {"integrated_gradients", "scorecam", "occlusion", "rise"}
 
 ATTRIBUTIONS: dict[str, AttributionFunction] = {
     "saliency": _saliency("vanilla"),
@@ -154,13 +168,17 @@ METHODS = tuple(ATTRIBUTIONS)
 MethodsArgument = Sequence[str] | Mapping[str, "str | AttributionFunction"]
 
 
-def resolve_methods(methods: MethodsArgument) -> dict[str, AttributionFunction]:
+def resolve_methods(methods: MethodsArgument, *,
+                    input_range=None) -> dict[str, AttributionFunction]:
     """Names (or name -> function) to an ordered {name: function} dict.
 
     Args:
         methods: registry names, e.g. ("saliency", "gradcam"); or a mapping from a display name
             to a registry name or to any function `(model, images, targets) -> (N, H, W)` (how a
             test plugs in a fake method).
+        input_range: (lows, highs) per channel of the images the methods will get (how they
+            were prepared, `cnnviz.model.inputs.channel_range`), given to the registry entries
+            that fill, mask or start from black; None: what each model says.
 
     Returns:
         {name: function}, in the given order.
@@ -183,7 +201,10 @@ def resolve_methods(methods: MethodsArgument) -> dict[str, AttributionFunction]:
         if callable(method):
             resolved[str(name)] = method
         elif method in ATTRIBUTIONS:
-            resolved[str(name)] = ATTRIBUTIONS[method]
+            function = ATTRIBUTIONS[method]
+            if input_range is not None and method in _RANGED:
+                function = functools.partial(function, input_range=input_range)
+            resolved[str(name)] = function
         else:
             raise CnnvizError(
                 f"unknown attribution method {method!r}; choose from {', '.join(METHODS)}"

@@ -20,7 +20,7 @@ from cnnviz.model.compiled import (
     model_copy,
     run_batched,
 )
-from cnnviz.model.inputs import as_image_batch, input_range
+from cnnviz.model.inputs import as_image_batch, channel_range
 from cnnviz.model.outputs import class_probabilities, resolve_targets
 
 
@@ -100,6 +100,7 @@ def rise(
     seed: int = 0,
     output=None,
     batch_size: int | None = None,
+    input_range=None,
 ) -> np.ndarray:
     """RISE saliency: E[P(target | masked image) | pixel kept], estimated with random masks.
 
@@ -114,21 +115,25 @@ def rise(
         seed: seeds the masks; the same seed gives the same maps.
         output: which output of a multi-output model (index or name); None for one output.
         batch_size: most masked copies per compiled forward chunk; None sizes it to the model.
+        input_range: (lows, highs) per input channel of the inputs given (how they were
+            prepared, `cnnviz.model.inputs.channel_range`); None: what the model says.
 
     Returns:
         (N, H, W) float32 >= 0, in units of the target probability (not rescaled). A masked-out
-        pixel takes the low end of the model's input range (black), x * M for [0, 1] inputs.
+        pixel takes the low end of the input range (black), x * M for [0, 1] inputs.
     """
     batch = as_image_batch(images)
     saliency, _, _ = _rise_sums(model, batch, targets, every_class=False, masks=masks, cell=cell,
-                                keep=keep, seed=seed, output=output, batch_size=batch_size)
+                                keep=keep, seed=seed, output=output, batch_size=batch_size,
+                                input_range=input_range)
     return saliency[:, 0]
 
 
 def rise_every_class(model, images, **options) -> tuple[np.ndarray, np.ndarray]:
     """`rise`'s maps for every class at once, from the same forward passes (one target costs
     as much as all of them: the masked images are the same, only the probability read differs).
-    Takes `rise`'s keyword arguments (masks, cell, keep, seed, output, batch_size).
+    Takes `rise`'s keyword arguments (masks, cell, keep, seed, output, batch_size,
+    input_range).
 
     Returns:
         ((N, K, H, W) float32, map k being `rise(..., targets=k)`'s up to float rounding;
@@ -140,7 +145,8 @@ def rise_every_class(model, images, **options) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rise_sums(model, batch, targets, *, every_class: bool, masks: int = 2000, cell: int = 7,
-               keep: float = 0.5, seed: int = 0, output=None, batch_size: int | None = None):
+               keep: float = 0.5, seed: int = 0, output=None, batch_size: int | None = None,
+               input_range=None):
     """(saliency (N, T, H, W) float32 with T = 1 (the targets) or K (`every_class`), intact
     probabilities (N, K), targets (N,))."""
     count, height, width = batch.shape[:3]
@@ -155,7 +161,7 @@ def _rise_sums(model, batch, targets, *, every_class: bool, masks: int = 2000, c
     intact = class_probabilities(intact)
     chosen = resolve_targets(targets, intact.argmax(axis=-1), intact.shape[-1])
     classes = intact.shape[-1] if every_class else 1
-    fill = np.float32(input_range(model)[0])
+    fill = (channel_range(model) if input_range is None else input_range)[0].astype(np.float32)
     # Per mask, image and class, the probability read through that mask; the weighted sum of
     # the masks is taken once at the end, in blocks of masks (one large product instead of a
     # small one per chunk, which cost as much as the forward passes).

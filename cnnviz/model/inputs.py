@@ -88,11 +88,18 @@ def to_pixels(inputs, mode: str) -> np.ndarray:
 
 def value_range(mode: str) -> tuple[float, float]:
     """(low, high) of the values `prepare` gives for pixels in 0..255 (over all channels)."""
+    lows, highs = mode_range(mode, 3 if mode in ("caffe", "torch") else 1)
+    return float(lows.min()), float(highs.max())
+
+
+def mode_range(mode: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lows, highs), (C,) float32 each: what `prepare` makes of black and of white pixels in
+    each input channel (caffe: the negated BGR means and 255 minus them)."""
     _check_mode(mode)
     if mode == "auto":
         raise CnnvizError("--preprocess auto has no range of its own; resolve it (resolve_mode)")
-    ends = prepare(np.array([[[[0.0, 0.0, 0.0]], [[255.0, 255.0, 255.0]]]], np.float32), mode)
-    return float(ends.min()), float(ends.max())
+    ends = prepare(np.array([[[[0.0] * channels]], [[[255.0] * channels]]], np.float32), mode)
+    return ends[0, 0, 0], ends[1, 0, 0]
 
 
 def resolve_mode(model, mode: str) -> tuple[str, str | None]:
@@ -134,17 +141,38 @@ _PIXEL_LAYERS = ("Rescaling", "Normalization")
 
 
 def first_layer(model):
-    """The first layer applied to the input (inside a nested first model too), or None."""
-    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
-    if not layers:
-        return None
-    if is_nested_model(layers[0]):
-        return first_layer(layers[0])
-    return layers[0]
+    """The first layer that changes the input at inference (inside nested first models too),
+    or None: augmentation layers (Keras's Random* preprocessing, identities at inference, as in
+    the transfer-learning guide's `data_augmentation -> Rescaling -> base`) are looked through."""
+    for layer in _leading_layers(model):
+        kind = type(layer).__name__
+        if not (kind.startswith("Random") and kind != "RandomCrop"):  # RandomCrop crops
+            return layer
+    return None
+
+
+def _leading_layers(model):
+    """The layers of `model` in order, nested models opened where they come."""
+    for layer in model.layers:
+        if type(layer).__name__ == "InputLayer":
+            continue
+        if is_nested_model(layer):
+            yield from _leading_layers(layer)
+        else:
+            yield layer
 
 
 def input_range(model, *, preprocess: str | None = None) -> tuple[float, float]:
-    """The range of values the model's input takes, (low, high), in the units it is fed.
+    """(low, high) over all channels of `channel_range`: for what needs one pair (clip ranges,
+    metrics.json's record)."""
+    lows, highs = channel_range(model, preprocess=preprocess)
+    return float(lows.min()), float(highs.max())
+
+
+def channel_range(model, *, preprocess: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The range of values the model's input takes, (lows, highs) per input channel, (C,)
+    float32 each, in the units it is fed: the one definition every method, figure and command
+    uses (black is `lows`, e.g. -1 for "unit", the negated channel means for "caffe").
 
     (0, 255) when the model begins with a Rescaling or Normalization layer (also as the first
     layer of a nested first model): it takes raw 8-bit pixels (docs/decisions.md D1). A
@@ -154,18 +182,25 @@ def input_range(model, *, preprocess: str | None = None) -> tuple[float, float]:
     knows how images were prepared (`--preprocess`), that mode's range: "scale" (0, 1),
     "unit" (-1, 1), "none" (0, 255), "caffe" and "torch" their per-channel extremes.
     Explanations take every value in input units (occlusion fill, masking values, baselines,
-    activation-maximization start and clip range) from this one function.
+    activation-maximization start and clip range) from this one function. Without a mode,
+    (0, 1) is a guess for a model that says nothing about its input (a bare model without
+    --preprocess: `resolve_mode`'s note says so).
     """
+    channels = int(model.inputs[0].shape[-1])
     if preprocess not in (None, "auto"):
-        from cnnviz.model.inputs import value_range
-
-        return value_range(preprocess)
+        return mode_range(preprocess, channels)
     first = first_layer(model)
     kind = type(first).__name__ if first is not None else ""
+    low, high = 0.0, 1.0
+    if kind in _PIXEL_LAYERS:
+        low, high = 0.0, 255.0
     if kind == "Rescaling":
         scale, offset = first.scale, first.offset
         if np.ndim(scale) == 0 and np.ndim(offset) == 0 and float(offset) == 0.0 and scale > 0:
-            return (0.0, float(np.float32(1.0 / float(scale))))
-    if kind in _PIXEL_LAYERS:
-        return (0.0, 255.0)
-    return (0.0, 1.0)
+            high = float(np.float32(1.0 / float(scale)))
+    return np.full(channels, low, np.float32), np.full(channels, high, np.float32)
+
+
+def pixel_value(value: float, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:
+    """A pixel value (0..255, the same in every channel: 0 black) in input units, (C,)."""
+    return (lows + np.float32(value / 255.0) * (highs - lows)).astype(np.float32)

@@ -128,7 +128,7 @@ def cam_figures(model, selection: Selection, folder: Path, *, methods: Sequence[
         probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
         maps = {method: cam(model, images, targets, method=method, layer=layer_name,
-                            output=output)
+                            output=output, input_range=selection.input_range)
                 for method in methods}
         return [(probabilities[i], targets[i], {m: maps[m][i] for m in methods})
                 for i in range(len(images))]
@@ -159,12 +159,18 @@ def signed_figures(model, selection: Selection, folder: Path, *, methods: Sequen
     """One figure per image: signed attribution maps (red for the class, blue against).
 
     Under integrated gradients, the completeness check: the attributions' sum beside
-    score(image) - score(baseline), which it must equal up to the integration error.
+    score(image) - score(baseline), which it must equal up to the integration error. `baseline`:
+    a pixel value (0 black, 255 white; in input units as the images were prepared) or "blur".
     """
     from cnnviz.explain import gradient_x_input, integrated_gradients
     from cnnviz.explain.integrated_gradients import score_difference
+    from cnnviz.model.inputs import channel_range, pixel_value
     from cnnviz.plot import signed_row
 
+    pixel = baseline
+    if not isinstance(baseline, str):
+        lows, highs = selection.input_range or channel_range(model)
+        baseline = pixel_value(float(baseline), lows, highs)
     suffix = "all" if len(methods) > 1 else methods[0]
 
     def explain_chunk(images, labels):
@@ -187,7 +193,8 @@ def signed_figures(model, selection: Selection, folder: Path, *, methods: Sequen
                  {_SIGNED_TITLES[m]: maps[m][i] for m in methods}, notes[i])
                 for i in range(len(images))]
 
-    described = f"{steps} steps from {baseline!r}" if "integrated_gradients" in methods else ""
+    start = "a blurred copy" if isinstance(pixel, str) else f"pixel value {pixel:g}"
+    described = f"{steps} steps from {start}" if "integrated_gradients" in methods else ""
 
     def draw(index, payload):
         probabilities, explained, maps, notes = payload
@@ -217,7 +224,7 @@ def rise_figures(model, selection: Selection, folder: Path, *, masks: int = 2000
         probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
         maps = rise(model, images, targets, masks=masks, cell=cell, keep=keep, seed=seed,
-                    output=output)
+                    output=output, input_range=selection.input_range)
         return [(probabilities[i], targets[i], maps[i]) for i in range(len(images))]
 
     def draw(index, payload):
@@ -246,7 +253,7 @@ def occlusion_figures(model, selection: Selection, folder: Path, *, patch: int =
         probabilities = predict_probabilities(model, images, output=output)
         targets = _chunk_targets(target, probabilities)
         result = occlusion(model, images, targets, patch=patch, stride=stride, fill=fill,
-                           output=output)
+                           output=output, input_range=selection.input_range)
         return [(probabilities[i], targets[i], result.probability[i], result.predicted_class[i],
                  result.unoccluded_probability[i]) for i in range(len(images))]
 

@@ -129,6 +129,9 @@ class Selection:
     # is a preprocessed tensor (caffe's BGR, [-1, 1], ...); None: the images themselves.
     display: np.ndarray | _Display | None = None
     files: list[str] | None = None  # the image file each one is, named in the captions
+    # (lows, highs) per channel of the inputs as prepared (`cnnviz.model.inputs.channel_range`):
+    # black, white and mid-grey for every fill, mask and baseline; None: the model's own.
+    input_range: tuple[np.ndarray, np.ndarray] | None = None
 
     def shown(self, index: int) -> np.ndarray:
         """The image figures draw for image `index`: never a preprocessed tensor."""
@@ -345,6 +348,14 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
 
 
 def _select_images(run: Run, spec: str, *, output, preprocess: str, resize: str) -> Selection:
+    from cnnviz.model.inputs import channel_range
+
+    selection = _chosen_images(run, spec, output=output, preprocess=preprocess, resize=resize)
+    mode = None if run.config is not None else input_mode(run, preprocess)[0]
+    return replace(selection, input_range=channel_range(run.model, preprocess=mode))
+
+
+def _chosen_images(run: Run, spec: str, *, output, preprocess: str, resize: str) -> Selection:
     from cnnviz.data.images import expand_image_spec
     from cnnviz.model.compiled import require_built
 

@@ -35,8 +35,10 @@ def sanity_report(model, selection: Selection, folder: Path, *, seed: int = 0,
     from cnnviz.trust.sanity import class_sensitivity, format_class_sensitivity, model_randomization
 
     methods = tuple(methods or METHODS)
-    result = model_randomization(model, selection.images, seed=seed, methods=methods)
-    classes = class_sensitivity(model, selection.images, methods=methods)
+    result = model_randomization(model, selection.images, seed=seed, methods=methods,
+                                 input_range=selection.input_range)
+    classes = class_sensitivity(model, selection.images, methods=methods,
+                                input_range=selection.input_range)
     text = result.format_table() + "\n\n" + format_class_sensitivity(classes)
     atomic_write_text(folder / "sanity.txt", text + "\n")
     data_file = atomic_write_json(folder / "sanity.json", {
@@ -62,6 +64,7 @@ def faithfulness_report(model, selection: Selection, folder: Path, *, steps: int
     from cnnviz.trust.faithfulness import deletion_insertion
 
     result = deletion_insertion(model, selection.images, steps=steps, baseline=baseline,
+                                input_range=selection.input_range,
                                 seed=seed, methods=tuple(methods or METHODS))
     text = result.format_table()
     atomic_write_text(folder / "faithfulness.txt", text + "\n")

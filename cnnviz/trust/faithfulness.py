@@ -154,6 +154,7 @@ def deletion_insertion(
     blur_sigma: float | None = None,
     seed: int = 0,
     batch_size: int = 256,
+    input_range=None,
 ) -> FaithfulnessResult:
     """Deletion and insertion curves (Petsiuk et al. 2018) for each method and a random order.
 
@@ -174,12 +175,14 @@ def deletion_insertion(
         blur_sigma: for "blur"; None means min(H, W) / 5.
         seed: seeds the random order and the tie-breaking.
         batch_size: perturbed images per compiled forward chunk.
+        input_range: (lows, highs) per channel of how `images` were prepared, for the
+            methods that fill, mask or start from black (`resolve_methods`); None: the model's.
 
     Returns:
         A `FaithfulnessResult`.
     """
     batch = as_image_batch(images)
-    resolved = resolve_methods(methods)
+    resolved = resolve_methods(methods, input_range=input_range)
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise CnnvizError(f"steps must be a positive integer; received {steps!r}")
     blank = baseline_images(batch, baseline, blur_sigma=blur_sigma)

@@ -266,6 +266,7 @@ def model_randomization(
     seed: int = 0,
     threshold: float = 0.5,
     keep: int = 4,
+    input_range=None,
 ) -> SanityResult:
     """Cascading model randomization (Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
 
@@ -289,12 +290,14 @@ def model_randomization(
             0.5 is far above what a model-dependent map keeps (Adebayo et al. report ~0 for
             gradients) and far below an input-only map (1.0).
         keep: how many images' maps to keep for figures.
+        input_range: (lows, highs) per channel of how `images` were prepared, for the
+            methods that fill, mask or start from black (`resolve_methods`); None: the model's.
 
     Returns:
         A `SanityResult`.
     """
     batch = as_image_batch(images)
-    resolved = resolve_methods(methods)
+    resolved = resolve_methods(methods, input_range=input_range)
     if not 0.0 <= threshold <= 1.0:
         raise CnnvizError(f"threshold must be in [0, 1]; received {threshold!r}")
     probabilities = predict_probabilities(model, batch)
@@ -353,6 +356,7 @@ def class_sensitivity(
     *,
     methods: MethodsArgument = METHODS,
     threshold: float = 0.9,
+    input_range=None,
 ) -> dict:
     """Does each method's map change with the class explained?
 
@@ -367,13 +371,15 @@ def class_sensitivity(
         images: (N, H, W, C) or (H, W, C).
         methods: registry names or {name: function}.
         threshold: mean correlation above which a method is flagged.
+        input_range: (lows, highs) per channel of how `images` were prepared, for the
+            methods that fill, mask or start from black (`resolve_methods`); None: the model's.
 
     Returns:
         A JSON-serializable dict: {"threshold", "images", "methods": {name: {"rank_correlation"
         (mean), "per_image" (list of N), "class_insensitive" (bool)}}}.
     """
     batch = as_image_batch(images)
-    resolved = resolve_methods(methods)
+    resolved = resolve_methods(methods, input_range=input_range)
     if not -1.0 <= threshold <= 1.0:
         raise CnnvizError(f"threshold must be in [-1, 1]; received {threshold!r}")
     probabilities = predict_probabilities(model, batch)
