@@ -138,3 +138,59 @@ def test_an_augmentation_block_before_rescaling_is_looked_through():
     assert resolve_mode(model, "auto") == ("none", None)
     lows, highs = channel_range(model)
     assert lows.tolist() == [0.0] * 3 and highs.tolist() == [255.0] * 3
+
+
+@pytest.mark.slow  # trains three small runs
+@pytest.mark.parametrize("preprocessing", ["scale", "standardize", "none"])
+def test_explain_and_predict_feed_the_same_tensor_for_the_same_file_and_run(
+        preprocessing, tmp_path, monkeypatch):
+    """A test image as a PNG file: predict feeds the model what explaining test index 0 does."""
+    import csv
+    import io
+
+    import cnnviz.model.compiled
+    from cnnviz.config.loading import load_config
+    from cnnviz.report.selection import select_images
+    from cnnviz.runs.load import load_run
+    from cnnviz.train.fit import train
+
+    config = load_config("configs/digits.yaml", [
+        "data.image_size=null", "train.epochs=1", "train.verbose=0",
+        f"data.preprocessing={preprocessing}"])
+    run_dir = train(config, tmp_path / "runs", log=lambda line: None).run_dir
+    run = load_run(run_dir)
+    pixels = run.dataset().test.images([0])[0]  # 8-bit units (digits' 0..16 times 255/16)
+    Image.fromarray(np.round(pixels[..., 0]).astype(np.uint8)).save(tmp_path / "test_0.png")
+
+    by_index = np.asarray(select_images(run, "0").images)
+    by_file = np.asarray(select_images(run, str(tmp_path / "test_0.png")).images)
+    np.testing.assert_allclose(by_file, by_index, atol=0.5 + 1e-5)  # the PNG's rounding only
+
+    fed = []
+    original = cnnviz.model.compiled.predict_probabilities
+    monkeypatch.setattr(cnnviz.model.compiled, "predict_probabilities",
+                        lambda model, images, **kw: fed.append(np.asarray(images))
+                        or original(model, images, **kw))
+    result = runner.invoke(app, ["predict", str(run_dir), "--images",
+                                 str(tmp_path / "test_0.png")])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(fed[0], by_file, atol=1e-5)
+    row = next(csv.DictReader(io.StringIO(result.stdout)))
+    probabilities = original(run.model, by_file)[0]
+    assert row["predicted"] == run.dataset().class_names[int(probabilities.argmax())]
+
+
+def test_augmentation_under_preprocessing_none_keeps_the_8_bit_range():
+    """RandomBrightness/RandomContrast get the data's value range (`Dataset.value_range`):
+    0..255 under `none` too, so they do not clip raw pixels to [0, 1]."""
+    from cnnviz.config.loading import load_config
+    from cnnviz.data import load_dataset
+
+    for preprocessing in ("none", "scale"):
+        config = load_config("configs/digits.yaml", [f"data.preprocessing={preprocessing}"])
+        dataset = load_dataset(config)
+        assert dataset.value_range == (0.0, 255.0), preprocessing
+        assert float(dataset.x_test.max()) == 255.0
+    assert dataset.preprocessing.layers(1)  # scale has its Rescaling layer; none has none
+    assert load_dataset(load_config("configs/digits.yaml", ["data.preprocessing=none"])
+                        ).preprocessing.layers(1) == []

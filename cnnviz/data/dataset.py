@@ -33,7 +33,9 @@ class Preprocessing:
     """What the model's first layers do to its input (pixels in the data's units).
 
     `scale` divides by `divisor`; `standardize` then subtracts the training split's per-channel
-    `mean` and divides by its `std`; `mean_subtract` only subtracts; `none` adds no layer.
+    `mean` and divides by its `std`; `mean_subtract` only subtracts; `none` adds no layer. The
+    data's full scale in the model's units is `divisor` for every kind (for `none`, what the
+    model is fed goes up to it: augmentation's value range, image files' mapping).
     """
 
     kind: str
@@ -228,8 +230,6 @@ def config_preprocessing(config: Config) -> Preprocessing:
 
 def _preprocessing(config: Config, native_max: float, unit_scale: float) -> Preprocessing:
     data = config.data
-    if data.preprocessing == "none":
-        return Preprocessing("none", 1.0)
     # data.scale_divisor is in the source's own units; the model sees 8-bit units.
     divisor = float(data.scale_divisor or native_max) * unit_scale
     return Preprocessing(data.preprocessing, divisor)

@@ -285,10 +285,11 @@ def pixel_preparation(run: Run, preprocess: str):
     A bare .keras file takes what `--preprocess` says ("auto" resolved, with a note).
     """
     from cnnviz.errors import CnnvizNotice
-    from cnnviz.model.inputs import input_range, prepare
+    from cnnviz.model.inputs import prepare
 
     if run.config is not None:
-        low, high = input_range(run.model)
+        lows, highs = inputs_range(run, preprocess)
+        low, high = float(lows.min()), float(highs.max())
         if (low, high) == (0.0, 255.0):
             return None
         return lambda pixels: low + pixels * np.float32((high - low) / 255.0)
@@ -296,6 +297,23 @@ def pixel_preparation(run: Run, preprocess: str):
     if note:
         warnings.warn(note, CnnvizNotice, stacklevel=3)
     return None if mode == "none" else (lambda pixels: prepare(pixels, mode))
+
+
+def inputs_range(run: Run, preprocess: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """(lows, highs) per channel of the inputs cnnviz makes for `run`: a bare model's as its
+    mode says; a run's as its model's first layers say, or, for `data.preprocessing: none`
+    (no such layer), the data's own full scale, as it was trained."""
+    from cnnviz.model.inputs import channel_range
+
+    if run.config is None:
+        return channel_range(run.model, preprocess=input_mode(run, preprocess)[0])
+    if run.config.data.preprocessing == "none":
+        from cnnviz.data.dataset import config_preprocessing
+
+        channels = int(run.model.inputs[0].shape[-1])
+        return (np.zeros(channels, np.float32),
+                np.full(channels, config_preprocessing(run.config).divisor, np.float32))
+    return channel_range(run.model)
 
 
 def input_mode(run: Run, preprocess: str) -> tuple[str, str | None]:
@@ -348,11 +366,8 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
 
 
 def _select_images(run: Run, spec: str, *, output, preprocess: str, resize: str) -> Selection:
-    from cnnviz.model.inputs import channel_range
-
     selection = _chosen_images(run, spec, output=output, preprocess=preprocess, resize=resize)
-    mode = None if run.config is not None else input_mode(run, preprocess)[0]
-    return replace(selection, input_range=channel_range(run.model, preprocess=mode))
+    return replace(selection, input_range=inputs_range(run, preprocess))
 
 
 def _chosen_images(run: Run, spec: str, *, output, preprocess: str, resize: str) -> Selection:
