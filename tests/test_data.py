@@ -309,3 +309,22 @@ def test_a_stalled_download_times_out_with_a_one_line_way_out(tmp_path, monkeypa
             "(data.download_timeout))") in message
     assert f"put the file in {tmp_path / 'datasets'} or set data.path" in message
     assert not (tmp_path / "datasets" / "mnist.npz").exists(), "no partial file left"
+
+
+def test_npz_values_above_8_bit_are_scaled_by_their_own_maximum_with_a_note(tmp_path):
+    """16-bit scans (0..4095) are not 8-bit pixels: the scale layer divides by their maximum."""
+    from cnnviz.errors import CnnvizNotice
+
+    path = tmp_path / "scans.npz"
+    x_train = np.array([[[0, 4095], [1000, 2000]]] * 4, dtype=np.uint16)[..., None]
+    np.savez(path, x_train=x_train, y_train=[0, 1, 0, 1], x_test=x_train[:2], y_test=[0, 1])
+    with pytest.warns(CnnvizNotice, match="up to 4095"):
+        data = load_dataset(_config({"source": "npz", "path": str(path),
+                                     "validation_split": 0.0}))
+    assert data.preprocessing.divisor == 4095.0 and data.value_range == (0.0, 4095.0)
+    for values, divisor in ((np.full((4, 2, 2, 1), 16.0), 255.0),
+                            (np.full((4, 2, 2, 1), 0.5), 1.0)):
+        np.savez(path, x_train=values, y_train=[0, 1, 0, 1], x_test=values[:2], y_test=[0, 1])
+        loaded = load_dataset(_config({"source": "npz", "path": str(path),
+                                       "validation_split": 0.0}))
+        assert loaded.preprocessing.divisor == divisor

@@ -201,14 +201,26 @@ def _load_npz(data: DataConfig, config: Config) -> ArraySource:
         names = [str(name) for name in arrays["class_names"]] if "class_names" in arrays else None
         x_train = arrays["x_train"]
         return ArraySource((x_train, arrays["y_train"]), (arrays["x_test"], arrays["y_test"]),
-                           names, native_max=_own_maximum(x_train))
+                           names, native_max=_own_maximum(x_train, path, data.scale_divisor))
 
 
-def _own_maximum(images: np.ndarray) -> float:
-    """255 for integer pixels or values above 1; else 1 (already in [0, 1])."""
-    if np.issubdtype(images.dtype, np.integer) or (images.size and float(np.max(images)) > 1.0):
+def _own_maximum(images: np.ndarray, path, divisor: float | None) -> float:
+    """The full scale of npz images: 1 for values in [0, 1], 255 for 8-bit pixels (integers,
+    or values up to 255), else their own maximum (16-bit scans, physical units), with a note."""
+    import warnings
+
+    from cnnviz.errors import CnnvizNotice
+
+    maximum = float(np.max(images)) if images.size else 0.0
+    if maximum <= 1.0 and not np.issubdtype(images.dtype, np.integer):
+        return 1.0
+    if maximum <= 255.0:
         return 255.0
-    return 1.0
+    if divisor is None:
+        warnings.warn(f"data.path {path}: values go up to {maximum:g}, above 8-bit pixels; "
+                      "that maximum is taken as their full scale (set data.scale_divisor to "
+                      "give another)", CnnvizNotice, stacklevel=2)
+    return maximum
 
 
 def _load_inline(data: DataConfig, config: Config) -> ArraySource:
