@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from cnnviz.cli._common import OutOption, import_tensorflow, writable_out
+from cnnviz.cli._common import OutOption, import_tensorflow, report_written, writable_out
 from cnnviz.errors import CnnvizError
 
 TargetOption = Annotated[
@@ -152,6 +152,13 @@ class ImageOptions:
         """(run, figure folder, Selection) of an explain command."""
         run = self.load(source)
         return run, self.folder(run, source, command_name), self.select(run)
+
+    def draw(self, source: Path, command_name: str, figures, **options) -> None:
+        """Write an explain command's figures: `figures(model, selection, folder, output=...,
+        save_arrays=..., **options)` (a `cnnviz.report.figures` function), naming each file."""
+        loaded, folder, selection = self.explained(source, command_name)
+        report_written(figures(loaded.model, selection, folder, output=self.output,
+                               save_arrays=self.save_arrays, **options))
 
     def preparation(self, run):
         """pixels -> model inputs for commands that stream image files (predict, evaluate)."""

@@ -51,11 +51,9 @@ def saliency_command(
     from cnnviz.explain import SALIENCY_METHODS
     from cnnviz.report.figures import saliency_figures
 
-    loaded, folder, selection = options.explained(run, "saliency")
     methods = SALIENCY_METHODS if method is SaliencyMethod.all else (method.value,)
-    report_written(saliency_figures(loaded.model, selection, folder, methods=methods, target=target,
-                                    samples=samples, noise=noise, seed=seed,
-                                    output=options.output, save_arrays=options.save_arrays))
+    options.draw(run, "saliency", saliency_figures, methods=methods, target=target,
+                 samples=samples, noise=noise, seed=seed)
 
 
 @command("gradcam")
@@ -144,11 +142,8 @@ def integrated_gradients_command(
     from cnnviz.report.figures import signed_figures
 
     start = _baseline(baseline)
-    loaded, folder, selection = options.explained(run, "integrated-gradients")
-    report_written(signed_figures(loaded.model, selection, folder,
-                                  methods=("integrated_gradients",), steps=steps,
-                                  baseline=start, target=target, output=options.output,
-                                  save_arrays=options.save_arrays))
+    options.draw(run, "integrated-gradients", signed_figures,
+                 methods=("integrated_gradients",), steps=steps, baseline=start, target=target)
 
 
 @command("gradient-x-input")
@@ -161,10 +156,8 @@ def gradient_x_input_command(
     """Gradient x input (signed; red for the class, blue against)."""
     from cnnviz.report.figures import signed_figures
 
-    loaded, folder, selection = options.explained(run, "gradient-x-input")
-    report_written(signed_figures(loaded.model, selection, folder, methods=("gradient_x_input",),
-                                  target=target, output=options.output,
-                                  save_arrays=options.save_arrays))
+    options.draw(run, "gradient-x-input", signed_figures, methods=("gradient_x_input",),
+                 target=target)
 
 
 @command("rise")
@@ -185,10 +178,8 @@ def rise_command(
     """RISE (Petsiuk et al. 2018): the class probability over random masks, a black-box map."""
     from cnnviz.report.figures import rise_figures
 
-    loaded, folder, selection = options.explained(run, "rise")
-    report_written(rise_figures(loaded.model, selection, folder, masks=masks, cell=cell,
-                                keep=keep, seed=seed, target=target, output=options.output,
-                                save_arrays=options.save_arrays))
+    options.draw(run, "rise", rise_figures, masks=masks, cell=cell, keep=keep, seed=seed,
+                 target=target)
 
 
 @command("occlusion")
@@ -210,10 +201,8 @@ def occlusion_command(
     """Occlusion sensitivity: the class probability as a patch covers each place."""
     from cnnviz.report.figures import occlusion_figures
 
-    loaded, folder, selection = options.explained(run, "occlusion")
-    report_written(occlusion_figures(loaded.model, selection, folder, patch=patch, stride=stride,
-                                     fill=fill, target=target, output=options.output,
-                                     save_arrays=options.save_arrays))
+    options.draw(run, "occlusion", occlusion_figures, patch=patch, stride=stride, fill=fill,
+                 target=target)
 
 
 @command("feature-maps")
