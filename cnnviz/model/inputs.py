@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
+from cnnviz.model.exported import is_exported
 from cnnviz.model.graph import (
     is_nested_model,
 )
@@ -154,12 +155,15 @@ def input_range(model, *, preprocess: str | None = None) -> tuple[float, float]:
     knows how images were prepared (`--preprocess`), that mode's range: "scale" (0, 1),
     "unit" (-1, 1), "none" (0, 255), "caffe" and "torch" their per-channel extremes.
     Explanations take every value in input units (occlusion fill, masking values, baselines,
-    activation-maximization start and clip range) from this one function.
+    activation-maximization start and clip range) from this one function. An exported model
+    (`cnnviz.model.exported`) has its recorded range, else (0, 255).
     """
     if preprocess not in (None, "auto"):
         from cnnviz.model.inputs import value_range
 
         return value_range(preprocess)
+    if is_exported(model):
+        return model.input_range
     first = first_layer(model)
     kind = type(first).__name__ if first is not None else ""
     if kind == "Rescaling":
