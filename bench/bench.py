@@ -42,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +55,7 @@ from common import (  # bench/common.py: the shared timing and table helpers
     Sizes,
     begin,
     best_time,
-    print_table,
-    save_report,
+    finish,
 )
 
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -411,22 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             print("batch CLI ...", flush=True)
             section, raw["cli"] = bench_cli(sizes, workdir)
             rows += section
-        print("start-up ...\n", flush=True)
+        print("start-up ...", flush=True)
         section, raw["startup"] = bench_startup()
         rows += section
 
-    values["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
-    print_table(rows)
     targets = [row for row in rows if row.passed is not None]
-    passed = sum(row.passed for row in targets)
-    seconds = time.perf_counter() - started
-    print(f"\n{passed}/{len(targets)} targets met; {seconds:.0f} s; load average at end "
-          f"{values['load_average_at_end']}")
-
-    save_report(arguments.out, "", {
-        "mode": "quick" if arguments.quick else "full", "sizes": asdict(sizes),
-        "settings": values, "rows": [asdict(row) for row in rows], "raw": raw,
-        "seconds": round(seconds, 1)})
+    finish(arguments, "", started, values, sizes, rows, raw,
+           summary=f"{sum(row.passed for row in targets)}/{len(targets)} targets met; ")
     return 0
 
 

@@ -129,6 +129,48 @@ def begin(title: str, quick: bool) -> dict:
     return values
 
 
+def quick_parser(doc: str, prefix: str):
+    """An argparse parser with --quick and --out (where PREFIX<timestamp>.json goes)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images and repeats")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench",
+                        help=f"folder for {prefix}<timestamp>.json and {prefix}latest.json")
+    return parser
+
+
+def untrained_digits():
+    """(the digits CNN of configs/digits.yaml built untrained with the config's seed, its data):
+    what the forward-pass benchmarks time (the cost does not depend on the weights)."""
+    import keras
+
+    from cnnviz.config.loading import load_config
+    from cnnviz.data import load_dataset
+    from cnnviz.model.summary import model_from_config
+
+    config = load_config(DIGITS, [])
+    keras.utils.set_random_seed(config.seed)
+    return model_from_config(config), load_dataset(config)
+
+
+def finish(arguments, prefix: str, started: float, values: dict, sizes, rows: list[Row],
+           raw: dict, *, summary: str = "") -> Path:
+    """Print the table and the time taken (after `summary`), then save it all as JSON with
+    `save_report` (`arguments`: --quick and --out; `sizes`: a dataclass of the run's sizes)."""
+    from dataclasses import asdict
+
+    values["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
+    print()
+    print_table(rows)
+    seconds = time.perf_counter() - started
+    print(f"\n{summary}{seconds:.0f} s; load average at end {values['load_average_at_end']}")
+    return save_report(arguments.out, prefix, {
+        "mode": "quick" if arguments.quick else "full", "sizes": asdict(sizes),
+        "settings": values, "rows": [asdict(row) for row in rows], "raw": raw,
+        "seconds": round(seconds, 1)})
+
+
 def save_report(folder: Path, prefix: str, report: dict) -> Path:
     """Write `report` as JSON to FOLDER/<prefix><timestamp>.json and FOLDER/<prefix>latest.json."""
     from cnnviz.io.atomic import atomic_write_json

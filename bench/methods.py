@@ -20,11 +20,9 @@ on a machine other work may share. Nothing here asserts; tests never time.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -32,7 +30,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(BENCH.parent))  # run from a checkout without installing
 
 import numpy as np
-from common import DIGITS, Row, begin, print_table, save_report  # bench/common.py
+from common import Row, begin, finish, quick_parser, untrained_digits  # bench/common.py
 
 from bench import _forward_rate  # bench/bench.py
 
@@ -125,35 +123,14 @@ def bench_methods(model, test_images: np.ndarray, sizes: Sizes) -> tuple[list[Ro
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and repeats")
-    parser.add_argument("--out", type=Path, default=BENCH.parent / "outputs" / "bench",
-                        help="folder for methods-<timestamp>.json and methods-latest.json")
-    arguments = parser.parse_args(argv)
+    arguments = quick_parser(__doc__, "methods-").parse_args(argv)
     sizes = QUICK if arguments.quick else FULL
 
     values = begin("cnnviz methods bench", arguments.quick)
-    import keras
-
-    from cnnviz.config.loading import load_config
-    from cnnviz.data import load_dataset
-    from cnnviz.model.summary import model_from_config
-
     started = time.perf_counter()
-    config = load_config(DIGITS, [])
-    keras.utils.set_random_seed(config.seed)
-    model = model_from_config(config)
-    rows, raw = bench_methods(model, load_dataset(config).x_test, sizes)
-    values["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
-    print()
-    print_table(rows)
-    seconds = time.perf_counter() - started
-    print(f"\n{seconds:.0f} s; load average at end {values['load_average_at_end']}")
-
-    save_report(arguments.out, "methods-", {
-        "mode": "quick" if arguments.quick else "full", "sizes": asdict(sizes),
-        "settings": values, "rows": [asdict(row) for row in rows], "raw": raw,
-        "seconds": round(seconds, 1)})
+    model, dataset = untrained_digits()
+    rows, raw = bench_methods(model, dataset.x_test, sizes)
+    finish(arguments, "methods-", started, values, sizes, rows, raw)
     return 0
 
 

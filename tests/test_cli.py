@@ -131,7 +131,7 @@ def test_train_then_summary_on_the_run(tmp_path):
 def test_the_cli_offers_exactly_the_library_choices():
     # The Typer enums are spelled out so `--help` imports no library code; they must not drift.
     from cnnviz.cli._options import Preprocess, Resize
-    from cnnviz.cli.deploy import ExportFormatChoice
+    from cnnviz.cli.deploy import ExportFormatChoice, Quantize
     from cnnviz.cli.explain import CamMethod, SaliencyMethod
     from cnnviz.cli.trust import Baseline
     from cnnviz.data.images import RESIZE_MODES
@@ -147,5 +147,8 @@ def test_the_cli_offers_exactly_the_library_choices():
     assert values(CamMethod) == (*CAM_METHODS, "all")
     assert values(Preprocess) == MODES
     assert values(Resize) == RESIZE_MODES
-    assert values(ExportFormatChoice) == tuple(FORMATS)
+    assert values(ExportFormatChoice) == tuple(name for name in FORMATS
+                                               if not FORMATS[name].quantize)
+    assert values(Quantize) == tuple(FORMATS[name].quantize for name in FORMATS
+                                     if FORMATS[name].quantize)
     assert values(Baseline) == BASELINES

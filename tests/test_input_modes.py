@@ -79,15 +79,15 @@ def test_occlusion_fills_the_patch_with_the_modes_grey_and_black(bare_model, mod
 def test_rise_masks_to_the_modes_black(bare_model, mode, monkeypatch):
     black, white = DOCUMENTED[mode]
     fed = []
-    original = RISE.run_batched
+    original = RISE.probabilities_of
 
-    def recording(copy, name, body, count, fetch, batch_size, **options):
-        if "consume" in options:  # the masked copies, not the intact pass
-            fed.append(np.concatenate([fetch(start, min(start + 256, count))[0]
+    def recording(model, count, fetch, **options):
+        if options.get("consume") is not None:  # the masked copies, not the intact pass
+            fed.append(np.concatenate([fetch(start, min(start + 256, count))
                                        for start in range(0, count, 256)]))
-        return original(copy, name, body, count, fetch, batch_size, **options)
+        return original(model, count, fetch, **options)
 
-    monkeypatch.setattr(RISE, "run_batched", recording)
+    monkeypatch.setattr(RISE, "probabilities_of", recording)
     _invoke(bare_model, "rise", "--preprocess", mode, "--masks", "64", "--cell", "2")
     masked = fed[0].reshape(-1, 3)
     # A white image seen through masks in [0, 1]: black where a mask is 0, never beyond.

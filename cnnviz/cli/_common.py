@@ -50,7 +50,9 @@ ConfigArgument = Annotated[
 RunArgument = Annotated[
     Path,
     typer.Argument(help="A run directory (outputs/<name>/<timestamp>), a .keras or .h5 model "
-                   "file, or keras:NAME (a keras.applications model with ImageNet weights)."),
+                   "file, or keras:NAME (a keras.applications model with ImageNet weights); "
+                   "predict, evaluate, occlusion and rise also take an exported .tflite, .onnx "
+                   "or SavedModel folder."),
 ]
 JsonOption = Annotated[
     bool,

@@ -111,6 +111,8 @@ class ImageOptions:
     save_arrays: bool = False
     out: Path | None = None
     shard: str | None = None
+    forward_only: bool = False  # the command runs forward passes only: exported models too
+    command: str = "this command"  # its name, for the refusal of an exported model
 
     @property
     def share(self) -> tuple[int, int] | None:
@@ -120,12 +122,15 @@ class ImageOptions:
         return None if self.shard is None else parse_shard(self.shard)
 
     def load(self, source: Path):
-        """The run, .keras/.h5 file or keras:NAME model, with the --class-names given."""
+        """The run, .keras/.h5 file or keras:NAME model, with the --class-names given; an
+        exported .tflite/.onnx/SavedModel only for a `forward_only` command."""
         import_tensorflow()
         from cnnviz.report.selection import given_class_names
-        from cnnviz.runs.load import load_run
+        from cnnviz.runs.load import load_run, require_keras
 
         run = load_run(source, unsafe=self.unsafe, weights=self.weights)
+        if not self.forward_only:
+            require_keras(run, self.command)
         if self.class_names is not None:
             run.class_names = given_class_names(run, self.class_names, output=self.output)
         return run
@@ -174,7 +179,7 @@ REQUIRED = object()  # `takes_model(images=REQUIRED)`: --images has no default
 
 
 def takes_model(*, images=False, inputs: bool = True, arrays: bool = False, out: bool = True,
-                shard: bool = False, images_help: str = IMAGES_HELP):
+                shard: bool = False, images_help: str = IMAGES_HELP, forward_only: bool = False):
     """Give a command the shared model and image options in place of its `options:
     ImageOptions` parameter.
 
@@ -185,6 +190,7 @@ def takes_model(*, images=False, inputs: bool = True, arrays: bool = False, out:
         arrays: --save-arrays.
         out: --out.
         shard: --shard.
+        forward_only: the command needs forward passes only, so it runs on exported models.
     """
     declared: list[tuple[str, object, object]] = []
     if images is not False:
@@ -217,12 +223,14 @@ def takes_model(*, images=False, inputs: bool = True, arrays: bool = False, out:
         names = [name for name, _, _ in declared]
         (bundle,) = [parameter.name for parameter in signature.parameters.values()
                      if parameter.annotation is ImageOptions]
+        command_name = function.__name__.removesuffix("_command").replace("_", "-")
 
         @functools.wraps(function)
         def wrapper(**kwargs):
             given = {name: kwargs.pop(name) for name in names}  # Enum choices as their strings
             kwargs[bundle] = ImageOptions(**{name: getattr(value, "value", value)
-                                             for name, value in given.items()})
+                                             for name, value in given.items()},
+                                          forward_only=forward_only, command=command_name)
             return function(**kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=parameters)

@@ -32,7 +32,7 @@ from cnnviz.pipeline import EVALUATION_HEADING
 
 
 @command("evaluate")
-@takes_model(shard=True)
+@takes_model(shard=True, forward_only=True)
 def evaluate_command(
     run: RunArgument,
     options: ImageOptions,
@@ -112,7 +112,8 @@ PREDICT_IMAGES = ("Image files: a folder (every image inside, recursively), a gl
 
 
 @command("predict")
-@takes_model(images=REQUIRED, out=False, shard=True, images_help=PREDICT_IMAGES)
+@takes_model(images=REQUIRED, out=False, shard=True, images_help=PREDICT_IMAGES,
+             forward_only=True)
 def predict_command(
     model_source: RunArgument,
     options: ImageOptions,
@@ -201,6 +202,7 @@ def _csv_destination(csv_file: Path | None, json_output: bool):
 
 
 ExportFormatChoice = choices("ExportFormatChoice", 'savedmodel', 'tflite', 'onnx')
+Quantize = choices("Quantize", 'int8')
 
 
 @command("export")
@@ -216,8 +218,15 @@ def export_command(
         typer.Option("--out", help="The file (or SavedModel folder) to write for one format, or "
                      "a folder for several (default: RUN/export/)."),
     ] = None,
+    quantize: Annotated[
+        Quantize | None,
+        typer.Option("--quantize", help="int8: the tflite file full-integer (int8 weights, "
+                     "activations, input and output; model.int8.tflite), calibrated on the "
+                     "run's first 200 training images."),
+    ] = None,
     check_images: Annotated[
-        int, typer.Option(min=0, help="Test images the exported model is checked on (0: skip).")
+        int, typer.Option(min=0, help="Test images the exported model is checked on (0: skip); "
+                          "its occlusion maps on the first 16 of them.")
     ] = 256,
     tolerance: Annotated[
         float, typer.Option(min=0.0, help="Largest allowed |exported - keras| output difference.")
@@ -225,51 +234,54 @@ def export_command(
     json_output: JsonOption = False,
 ) -> dict:
     """Export with Keras's own model.export, then load the file with its runtime
-    (tf.saved_model, LiteRT, onnxruntime) and compare its outputs with the .keras model's.
+    (tf.saved_model, LiteRT, onnxruntime) and compare its outputs and occlusion maps with the
+    .keras model's.
 
     Exit codes: 0 exported and matching, 1 an export differs by more than --tolerance, 2 bad
     input or a missing optional package (pip install 'cnnviz[export]').
     """
-    from cnnviz.deploy.export import FORMATS, require_packages
+    from cnnviz.deploy.export import export_formats, require_packages
 
     started = time.perf_counter()
-    formats = list(dict.fromkeys(choice.value for choice in format_))
+    formats = export_formats([choice.value for choice in format_],
+                             None if quantize is None else quantize.value)
     for name in formats:  # before loading anything: a missing package is a one-line exit 2
         require_packages(name)
     import_tensorflow()
     from cnnviz.deploy.export import (
+        FORMATS,
+        check_export,
         check_images_for,
         describe_input,
+        describe_outputs,
         export_model,
         export_paths,
         input_range_of,
-        load_exported,
-        round_trip_difference,
+        representative_images,
     )
-    from cnnviz.runs.load import load_run
+    from cnnviz.runs.load import load_run, require_keras
 
     loaded = load_run(run)
+    require_keras(loaded, "export")
     paths = export_paths(run, loaded.directory, formats, out)
     images, described = check_images_for(loaded, check_images) if check_images else (None, "")
+    representative = representative_images(loaded) if quantize is not None else None
     results = {}
     for name, path in paths.items():
         step = time.perf_counter()
-        export_model(loaded.model, path, name)
-        seconds = time.perf_counter() - step
+        export_model(loaded.model, path, name, representative=representative)
         entry = {"path": str(path), "keras_format": FORMATS[name].keras_format,
-                 "export_s": round(seconds, 3)}
+                 "export_s": round(time.perf_counter() - step, 3)}
         if images is not None:
-            difference = round_trip_difference(loaded.model, load_exported(path, name), images)
-            entry |= {"checked_on": described, "max_abs_difference": difference,
-                      "matches": difference <= tolerance}
-            verdict = "matches" if difference <= tolerance else f"DIFFERS (> {tolerance:g})"
-            typer.echo(f"wrote {path} ({name}); max |{name} - keras| = {difference:.2e} on "
-                       f"{described}: {verdict}")
+            checked, line = check_export(loaded.model, path, name, images, described, tolerance)
+            entry |= checked
+            typer.echo(f"wrote {path} ({name}); {line}")
         else:
             typer.echo(f"wrote {path} ({name}); not checked (--check-images 0)")
         results[name] = entry
     record = {"model": str(run),
               "input": describe_input(loaded.model, input_range_of(loaded.model)),
+              "outputs": describe_outputs(loaded.model),
               "preprocessing": _recorded_preprocessing(loaded.directory), "tolerance": tolerance,
               "formats": results}
     record_file = _write_record(record, {Path(entry["path"]).parent for entry in results.values()})

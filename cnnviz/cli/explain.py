@@ -161,7 +161,7 @@ def gradient_x_input_command(
 
 
 @command("rise")
-@takes_model(images="0:8", arrays=True, shard=True)
+@takes_model(images="0:8", arrays=True, shard=True, forward_only=True)
 def rise_command(
     run: RunArgument,
     options: ImageOptions,
@@ -183,7 +183,7 @@ def rise_command(
 
 
 @command("occlusion")
-@takes_model(images="0:8", arrays=True, shard=True)
+@takes_model(images="0:8", arrays=True, shard=True, forward_only=True)
 def occlusion_command(
     run: RunArgument,
     options: ImageOptions,
@@ -330,6 +330,8 @@ def _model_of(source: Path, overrides: list[str] | None):
 
         return model_from_config(resolved)
     import_tensorflow()
-    from cnnviz.runs.load import load_run
+    from cnnviz.runs.load import load_run, require_keras
 
-    return load_run(source).model
+    run = load_run(source)
+    require_keras(run, "layers")
+    return run.model

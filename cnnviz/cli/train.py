@@ -169,9 +169,10 @@ def summary_command(
         folder = out or Path("outputs") / run_slug(resolved.name or target.stem) / "summary"
     else:
         import_tensorflow()
-        from cnnviz.runs.load import load_run
+        from cnnviz.runs.load import load_run, require_keras
 
         run = load_run(target)
+        require_keras(run, "summary")
         model = run.model
         folder = out or (run.directory or Path("outputs") / target.stem / "summary")
     result = write_summary(model, folder)

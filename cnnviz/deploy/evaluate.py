@@ -426,8 +426,8 @@ def _evaluation_split(run, data: Path | None, resize: str = "stretch"):
     """(split, its class names, how to name it) for `evaluate_data`."""
     if data is None:
         if run.config is None:
-            raise CnnvizError("a bare model file (.keras or .h5) has no test split; give --data "
-                              "CONFIG_OR_DIR")
+            raise CnnvizError("a bare model file (.keras, .h5 or exported) has no test split; give "
+                              "--data CONFIG_OR_DIR")
         dataset = run.dataset()
         return dataset.test, dataset.class_names, "the test split"
     data = Path(data)

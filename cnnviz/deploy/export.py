@@ -1,10 +1,14 @@
 """Export a trained model with Keras's own `model.export`, then prove the file computes the same.
 
 Formats: `savedmodel` (a TensorFlow SavedModel folder, `format="tf_saved_model"`), `tflite`
-(LiteRT flatbuffer, `format="litert"`) and `onnx` (`format="onnx"`, through tf2onnx). Each
-exported file is loaded back with its own runtime (`tf.saved_model.load`, the LiteRT
-interpreter from ai-edge-litert, onnxruntime) and run on real images beside the .keras model:
-the largest absolute difference of their outputs is the round-trip error.
+(LiteRT flatbuffer, `format="litert"`) and `onnx` (`format="onnx"`, through tf2onnx); and
+`tflite-int8`, a full-integer TFLite model (int8 weights, activations, input and output) that
+TensorFlow's `TFLiteConverter` calibrates on the run's training images. Each exported file is
+loaded back with its own runtime (`cnnviz.model.exported.ExportedModel`: the LiteRT
+interpreter from ai-edge-litert, onnxruntime, `tf.saved_model.load`) and run on real images
+beside the .keras model: the largest absolute difference of their outputs is the round-trip
+error, and the rank correlation of the two models' occlusion maps says how far an explanation
+of the exported file moves from one of the .keras model.
 
 The exported model is the Keras model as trained, so it takes the same input: a run trained by
 cnnviz carries its preprocessing as its first layers (raw pixel values in), a model without them
@@ -17,7 +21,6 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnviz._keras import all_layers
+from cnnviz._quiet import quiet_stderr
 from cnnviz.errors import CnnvizError, first_line
 
 
@@ -36,6 +40,7 @@ class ExportFormat:
     keras_format: str
     file_name: str  # in the run's export/ folder
     packages: tuple[tuple[str, str], ...]  # (module to import, pip name): export and check
+    quantize: str | None = None  # "int8": full-integer, by TFLiteConverter instead of Keras
 
     def missing(self) -> list[str]:
         return [pip for module, pip in self.packages if importlib.util.find_spec(module) is None]
@@ -46,9 +51,26 @@ FORMATS = {
     "tflite": ExportFormat("litert", "model.tflite", (("ai_edge_litert", "ai-edge-litert"),)),
     "onnx": ExportFormat("onnx", "model.onnx", (("onnx", "onnx"), ("tf2onnx", "tf2onnx"),
                                                  ("onnxruntime", "onnxruntime"))),
+    "tflite-int8": ExportFormat("tf.lite.TFLiteConverter (full integer)", "model.int8.tflite",
+                                (("ai_edge_litert", "ai-edge-litert"),), quantize="int8"),
 }
 # Float formats must reproduce the Keras outputs to this (the issue's bar; measured ~1e-7).
 TOLERANCE = 1e-4
+# Occlusion maps of the exported file and the .keras model are compared on this many images.
+OCCLUSION_IMAGES = 16
+# A full-integer model is calibrated on this many training images.
+REPRESENTATIVE_IMAGES = 200
+
+
+def export_formats(formats: Sequence[str], quantize: str | None) -> list[str]:
+    """`--format` names (each once) with `--quantize int8` applied: tflite becomes tflite-int8."""
+    formats = list(dict.fromkeys(formats))
+    if quantize is None:
+        return formats
+    if quantize != "int8" or "tflite" not in formats:
+        raise CnnvizError(f"--quantize {quantize} is for --format tflite (int8 only); received "
+                          f"--format {', '.join(formats)}")
+    return [f"tflite-{quantize}" if name == "tflite" else name for name in formats]
 
 
 def require_packages(format_name: str) -> None:
@@ -62,7 +84,8 @@ def require_packages(format_name: str) -> None:
             "install them with: pip install 'cnnviz[export]'")
 
 
-def export_model(model, path: str | Path, format_name: str) -> Path:
+def export_model(model, path: str | Path, format_name: str, *,
+                 representative: np.ndarray | None = None) -> Path:
     """Write `model` to `path` in `format_name` with `model.export`; atomically.
 
     The file (or SavedModel folder) is written under a temporary name beside `path` and renamed
@@ -72,6 +95,8 @@ def export_model(model, path: str | Path, format_name: str) -> Path:
         model: a built Keras model.
         path: the file (.tflite, .onnx) or folder (savedmodel) to write.
         format_name: a key of `FORMATS`.
+        representative: (N, H, W, C) float32 inputs a quantized format is calibrated on
+            (`representative_images`); needed by tflite-int8 only.
 
     Returns:
         `path`.
@@ -80,6 +105,8 @@ def export_model(model, path: str | Path, format_name: str) -> Path:
         raise CnnvizError(
             f"unknown export format {format_name!r}; choose from {', '.join(FORMATS)}")
     require_packages(format_name)
+    if FORMATS[format_name].quantize and representative is None:
+        raise CnnvizError(f"--format {format_name} needs representative images to calibrate on")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
@@ -87,8 +114,12 @@ def export_model(model, path: str | Path, format_name: str) -> Path:
     _call_once(model)
     try:
         # The converters log pages of C++ and absl lines.
-        with _quiet_stderr(), _statistics_as_variables(model, format_name == "onnx"):
-            model.export(str(written), format=FORMATS[format_name].keras_format, verbose=False)
+        with quiet_stderr(), _statistics_as_variables(model, format_name == "onnx"):
+            if FORMATS[format_name].quantize:
+                _convert_int8(model, written, representative)
+            else:
+                model.export(str(written), format=FORMATS[format_name].keras_format,
+                             verbose=False)
         _replace(written, path)
     except CnnvizError:
         raise
@@ -99,6 +130,22 @@ def export_model(model, path: str | Path, format_name: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _convert_int8(model, written: Path, representative: np.ndarray) -> None:
+    """Full-integer TFLite (int8 weights, activations, input and output) by TensorFlow's
+    converter from the model's SavedModel, calibrated on `representative` one image at a time
+    (TensorFlow's post-training integer quantization recipe)."""
+    import tensorflow as tf
+
+    saved = written.with_name(f"{written.name}.savedmodel")  # in the staging folder
+    model.export(str(saved), format="tf_saved_model", verbose=False)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([image[None]] for image in representative)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    written.write_bytes(converter.convert())
 
 
 @contextlib.contextmanager
@@ -148,67 +195,7 @@ def _replace(source: Path, target: Path) -> None:
         os.replace(source, target)
 
 
-class _quiet_stderr:
-    """File descriptor 2 to /dev/null for the duration (C++ logging bypasses sys.stderr)."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self._saved = os.dup(2)
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-
-    def __exit__(self, *exc):
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        return False
-
-
-# ---------------------------------------------------------------------------- loading back
-def load_exported(path: str | Path, format_name: str) -> Callable[[np.ndarray], list[np.ndarray]]:
-    """The exported model as a function of a float32 batch, run by the format's own runtime.
-
-    Returns:
-        predict(images (N, H, W, C) float32) -> [output (N, ...)] per model output, in order.
-    """
-    require_packages(format_name)
-    path = str(path)
-    if format_name == "savedmodel":
-        import tensorflow as tf
-
-        serve = tf.saved_model.load(path).signatures["serving_default"]
-        (input_name,) = serve.structured_input_signature[1]
-
-        def predict(images):
-            outputs = serve(**{input_name: tf.constant(images)})
-            return [np.asarray(outputs[key]) for key in sorted(outputs)]
-
-        return predict
-    if format_name == "tflite":
-        from ai_edge_litert.interpreter import Interpreter
-
-        interpreter = Interpreter(model_path=path)
-        (tensor,) = interpreter.get_input_details()
-
-        def predict(images):
-            interpreter.resize_tensor_input(tensor["index"], images.shape)
-            with _quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-                interpreter.allocate_tensors()
-            interpreter.set_tensor(tensor["index"], images)
-            interpreter.invoke()
-            return [interpreter.get_tensor(output["index"]).copy()
-                    for output in interpreter.get_output_details()]
-
-        return predict
-    if format_name == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        (tensor,) = session.get_inputs()
-        return lambda images: session.run(None, {tensor.name: images})
-    raise CnnvizError(f"unknown export format {format_name!r}; choose from {', '.join(FORMATS)}")
-
-
+# ---------------------------------------------------------------------- checking the files
 def keras_outputs(model, images: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
     """The .keras model's own outputs (every output, in order) for `images`."""
     outputs = model.predict(images, batch_size=batch_size, verbose=0)
@@ -243,17 +230,85 @@ def describe_input(model, input_range: tuple[float, float] | None) -> dict:
     return described
 
 
-def check_images_for(run, count: int) -> tuple[np.ndarray, str]:
-    """Images to compare the exported model on: the run's first test images, or (a bare .keras)
-    seeded uniform noise over the input range the model expects."""
+def describe_outputs(model) -> list[dict]:
+    """Each output's name, units and activation (softmax, sigmoid, linear), for export.json:
+    an exported model reads what its outputs hold from it (`ExportedModel.output_activation`)."""
+    from cnnviz.model.outputs import output_activation, output_names
+
+    return [{"name": name, "units": int(model.outputs[index].shape[-1]),
+             "activation": output_activation(model, index)}
+            for index, name in enumerate(output_names(model))]
+
+
+def check_images_for(run, count: int, split: str = "test") -> tuple[np.ndarray, str]:
+    """Images to compare (or calibrate) the exported model on: the run's first images of
+    `split` ("test", "train"), or (a bare .keras) seeded uniform noise over the input range the
+    model expects."""
     if run.config is not None:
-        test = run.dataset().test
-        images = np.asarray(test.images(np.arange(min(count, len(test)))), np.float32)
-        return images, f"the first {len(images)} test images"
+        part = getattr(run.dataset(), split)
+        images = np.asarray(part.images(np.arange(min(count, len(part)))), np.float32)
+        return images, f"the first {len(images)} {split} images"
     low, high = input_range_of(run.model)
     shape = tuple(int(size) for size in run.model.inputs[0].shape[1:])
     noise = np.random.default_rng(0).uniform(low, high, size=(min(count, 64), *shape))
     return noise.astype(np.float32), f"{len(noise)} uniform-noise images in [{low:g}, {high:g}]"
+
+
+def check_export(model, path: Path, format_name: str, images: np.ndarray, described: str,
+                 tolerance: float = TOLERANCE) -> tuple[dict, str]:
+    """The exported file, read back by its runtime, against `model` on `images`.
+
+    Float formats must reproduce the outputs within `tolerance`; a quantized one is not held to
+    it (its outputs move by a quantization step) and reports how often the class agrees. Both
+    get the occlusion maps' agreement on the first `OCCLUSION_IMAGES` (`occlusion_agreement`).
+
+    Returns:
+        (export.json's entries for the file, one line saying how it went).
+    """
+    from cnnviz.model.exported import ExportedModel
+
+    exported = ExportedModel(path)
+    difference = round_trip_difference(model, exported.run, images)
+    entry = {"checked_on": described, "max_abs_difference": difference}
+    line = f"max |{format_name} - keras| = {difference:.2e} on {described}"
+    if FORMATS[format_name].quantize:
+        agreeing = float(np.mean(exported.predict(images).argmax(axis=-1)
+                                 == keras_outputs(model, images)[0].argmax(axis=-1)))
+        entry |= {"quantized": FORMATS[format_name].quantize, "same_class": agreeing}
+        line += f", the same class on {agreeing:.0%} (quantized: not held to --tolerance)"
+    else:
+        entry["matches"] = difference <= tolerance
+        line += ": matches" if difference <= tolerance else f": DIFFERS (> {tolerance:g})"
+    agreement = occlusion_agreement(model, exported, images[:OCCLUSION_IMAGES])
+    entry |= agreement
+    line += (f"; occlusion maps: rank correlation {agreement['occlusion_rank_correlation']:.4f}, "
+             f"max |diff| {agreement['occlusion_max_abs_difference']:.1e} on "
+             f"{agreement['occlusion_images']} images")
+    return entry, line
+
+
+def occlusion_agreement(model, exported, images: np.ndarray) -> dict:
+    """How far the exported model's occlusion maps move from the Keras model's on `images`:
+    `cnnviz occlusion`'s defaults, each image explained for the class the Keras model predicts
+    (the first output of a multi-output model). The mean Spearman rank correlation of the maps
+    over the images (`cnnviz.trust.sanity.rank_correlation`) and their largest |difference|."""
+    from cnnviz.explain.occlusion import occlusion
+    from cnnviz.trust.sanity import rank_correlation
+
+    output = 0 if len(model.outputs) > 1 else None
+    expected = occlusion(model, images, output=output)
+    received = occlusion(exported, images, expected.targets, output=output)
+    return {"occlusion_images": len(images),
+            "occlusion_rank_correlation": float(np.mean(rank_correlation(
+                expected.probability, received.probability))),
+            "occlusion_max_abs_difference": float(np.max(np.abs(
+                received.probability - expected.probability)))}
+
+
+def representative_images(run) -> np.ndarray:
+    """What a full-integer model is calibrated on: the run's first training images (a bare
+    .keras file: uniform noise over its input range, `check_images_for`)."""
+    return check_images_for(run, REPRESENTATIVE_IMAGES, "train")[0]
 
 
 def input_range_of(model) -> tuple[float, float]:

@@ -123,6 +123,7 @@ def occlusion(
     Args:
         model: a built Keras classifier (softmax, sigmoid, or logits: softmax/sigmoid is
             applied to a linear output; one sigmoid unit reads as [1 - p, p]); not modified.
+            Or an exported one (`cnnviz.model.exported.ExportedModel`), run by its runtime.
         images: (N, H, W, C) or (H, W, C) array.
         targets: None (each image's class predicted on the intact image), an int, or N ints.
         patch: side of the square, in pixels; at most min(H, W).

@@ -4,7 +4,8 @@ Random low-resolution binary grids are upsampled bilinearly with a random shift 
 each image is shown to the model through every mask, and a pixel's saliency is the mean target
 probability over the masks weighted by how much each mask kept that pixel:
 S(x) = sum_i P(target | x * M_i) M_i / (masks * keep), an estimate of E[P | pixel kept].
-Forward-only: masks x images forward passes, all through one compiled forward in fixed chunks.
+Forward-only: masks x images forward passes, all through `probabilities_of` in fixed chunks
+(an exported .tflite/.onnx/SavedModel model too).
 """
 
 from __future__ import annotations
@@ -12,16 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
-from cnnviz.model.compiled import (
-    batch_size_for,
-    check_images,
-    check_target_count,
-    forward_body,
-    model_copy,
-    run_batched,
-)
+from cnnviz.model.compiled import check_images, check_target_count, model_copy, probabilities_of
 from cnnviz.model.inputs import as_image_batch, channel_range
-from cnnviz.model.outputs import class_probabilities, resolve_targets
+from cnnviz.model.outputs import resolve_targets
 
 
 def _interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -107,6 +101,7 @@ def rise(
     Args:
         model: a built Keras classifier (softmax, sigmoid, or logits: softmax/sigmoid is
             applied to a linear output; one sigmoid unit reads as [1 - p, p]); not modified.
+            Or an exported one (`cnnviz.model.exported.ExportedModel`), run by its runtime.
         images: (N, H, W, C) or (H, W, C) array.
         targets: None (each image's class predicted on the intact image), an int, or N ints.
         masks: how many random masks (the same set for every image).
@@ -151,14 +146,10 @@ def _rise_sums(model, batch, targets, *, every_class: bool, masks: int = 2000, c
     probabilities (N, K), targets (N,))."""
     count, height, width = batch.shape[:3]
     mask_set = MaskSet(masks, height, width, cell=cell, keep=keep, seed=seed)
-    probabilities = model_copy(model, "probabilities", output=output)
-    check_images(probabilities.model, batch)
+    check_images(model_copy(model, "probabilities", output=output).model, batch)
     check_target_count(targets, count)
-    batch_size = batch_size_for(probabilities, batch_size)
-    (intact,) = run_batched(
-        probabilities, "forward", forward_body, count, lambda a, b: [batch[a:b]], batch_size
-    )
-    intact = class_probabilities(intact)
+    intact = probabilities_of(model, count, lambda a, b: batch[a:b], output=output,
+                              batch_size=batch_size)
     chosen = resolve_targets(targets, intact.argmax(axis=-1), intact.shape[-1])
     classes = intact.shape[-1] if every_class else 1
     fill = (channel_range(model) if input_range is None else input_range)[0].astype(np.float32)
@@ -172,22 +163,21 @@ def _rise_sums(model, batch, targets, *, every_class: bool, masks: int = 2000, c
         first = start // count
         return first, mask_set[first : (stop - 1) // count + 1]
 
-    def masked(start: int, stop: int) -> list[np.ndarray]:
+    def masked(start: int, stop: int) -> np.ndarray:
         first, chunk_masks = mask_range(start, stop)
         flat = np.arange(start, stop)
         kept = chunk_masks[flat // count - first][..., None]
-        return [fill + (batch[flat % count] - fill) * kept]
+        return fill + (batch[flat % count] - fill) * kept
 
-    def record(start: int, stop: int, outputs: list[np.ndarray]) -> None:
+    def record(start: int, stop: int, probability: np.ndarray) -> None:
         flat = np.arange(start, stop)
         image = flat % count
-        probability = class_probabilities(outputs[0])
         if not every_class:
             probability = probability[np.arange(len(flat)), chosen[image]][:, None]
         read[flat // count, image] = probability
 
-    run_batched(probabilities, "forward", forward_body, count * mask_set.count, masked,
-                batch_size, consume=record)
+    probabilities_of(model, count * mask_set.count, masked, output=output,
+                     batch_size=batch_size, consume=record)
     saliency = np.zeros((count * classes, height * width), np.float64)
     block = max(1, (1 << 24) // (height * width))  # masks per block: at most 64 MiB of them
     for first in range(0, mask_set.count, block):

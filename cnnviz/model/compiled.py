@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cnnviz.errors import CnnvizError, CnnvizWarning
+from cnnviz.model.exported import is_exported
 from cnnviz.model.graph import layer_tensor, layer_tensors, rebuild
 from cnnviz.model.inputs import as_image_batch
 from cnnviz.model.outputs import (
     class_probabilities,
     linear_output_substitute,
     logits_model,
+    output_activation,
     output_index,
     output_producer,
     probabilities_model,
@@ -103,8 +105,15 @@ def model_copy(model, kind: str, *, output=None) -> CompiledCopy:
     model's own output), "probabilities" (the output as probabilities: softmax/sigmoid applied
     when the model outputs logits). Every copy has one input and one output: `output` chooses
     it (None for a single-output model; an index or a name, see `_common.output_index`).
+    An exported model (`cnnviz.model.exported`) has no copies: it is its own "probabilities"
+    copy (run forward by `probabilities_of`), and any other kind is refused.
     """
     require_built(model)
+    if is_exported(model):
+        if kind != "probabilities":
+            raise CnnvizError(model.refusal("methods that need gradients or layers"))
+        output_index(model, output)
+        return CompiledCopy(model)
     index = output_index(model, output)
     copies = _COPIES.setdefault(model, {})
     key = (kind, index)
@@ -208,18 +217,19 @@ def run_batched(
         The body's outputs for all N items, as numpy arrays with leading dimension N; an empty
         list when `consume` took them.
     """
+    return _run_chunks(count, fetch, batch_size, _compiled_call(copy, name, make_body),
+                       consume=consume)
+
+
+def _compiled_call(copy: CompiledCopy, name: str, make_body: Callable) -> Callable:
+    """`call(arrays) -> outputs`: the function `make_body` builds, compiled on `copy` at the
+    first call and cached by `name` and the arrays' item shapes."""
     import tensorflow as tf
 
-    size = chunk_size(count, batch_size)
     function = None
-    results = []
-    for start in range(0, count, size):
-        arrays = fetch(start, min(start + size, count))
-        real = len(arrays[0])
-        if real < size:  # pad the last chunk: one input shape, no retracing
-            arrays = [
-                np.concatenate([a, np.zeros((size - real,) + a.shape[1:], a.dtype)]) for a in arrays
-            ]
+
+    def call(arrays: list[np.ndarray]):
+        nonlocal function
         if function is None:
             # One trace per item shape, whatever the chunk size: the figures' 10 images, the
             # trust checks' 32 and occlusion's windows share one graph of each function.
@@ -233,8 +243,25 @@ def run_batched(
                 function = tf.function(make_body(copy.model),
                                        input_signature=signature).get_concrete_function()
                 copy.functions[key] = function
-        outputs = [np.asarray(output)[:real]
-                   for output in function(*(tf.constant(a) for a in arrays))]
+        return function(*(tf.constant(a) for a in arrays))
+
+    return call
+
+
+def _run_chunks(count: int, fetch: Callable[[int, int], list[np.ndarray]], batch_size: int,
+                call: Callable, *, consume: Callable | None = None) -> list[np.ndarray]:
+    """`call(arrays) -> outputs` over `count` items in chunks of one size (`chunk_size`; the
+    last chunk padded, so the shape never changes); `fetch` and `consume` as in `run_batched`."""
+    size = chunk_size(count, batch_size)
+    results = []
+    for start in range(0, count, size):
+        arrays = fetch(start, min(start + size, count))
+        real = len(arrays[0])
+        if real < size:  # pad the last chunk: one input shape, no retracing
+            arrays = [
+                np.concatenate([a, np.zeros((size - real,) + a.shape[1:], a.dtype)]) for a in arrays
+            ]
+        outputs = [np.asarray(output)[:real] for output in call(arrays)]
         if consume is None:
             results.append(outputs)
         else:
@@ -413,17 +440,40 @@ def predict_probabilities(model, images, *, output=None,
 def probabilities_of(
     model, count: int, fetch: Callable[[int, int], np.ndarray], *, output=None,
     batch_size: int | None = None,
-) -> np.ndarray:
+    consume: Callable[[int, int, np.ndarray], None] | None = None,
+) -> np.ndarray | None:
     """Class probabilities (count, K) of images made on demand by `fetch(start, stop)`.
 
     For many perturbed copies of a few images: they are built chunk by chunk (never all in
-    memory) and go through one compiled forward pass per fixed-size chunk.
+    memory) and go through one compiled forward pass per fixed-size chunk; an exported model
+    (`cnnviz.model.exported`) through its own runtime, in the same chunks. `consume(start,
+    stop, probabilities)` receives each chunk's instead of keeping them (then None is
+    returned), as in `run_batched`.
     """
-    from cnnviz.model.compiled import batch_size_for, forward_body, model_copy, run_batched
-
     copy = model_copy(model, "probabilities", output=output)
-    (outputs,) = run_batched(
-        copy, "forward", forward_body, count, lambda a, b: [fetch(a, b)],
-        batch_size_for(copy, batch_size),
-    )
-    return class_probabilities(outputs)
+    if is_exported(model):
+        call = _exported_probabilities(model, output_index(model, output))
+    else:
+        call = _compiled_call(copy, "forward", forward_body)
+    kept = None if consume is None else (
+        lambda start, stop, outputs: consume(start, stop, class_probabilities(outputs[0])))
+    outputs = _run_chunks(count, lambda a, b: [fetch(a, b)], batch_size_for(copy, batch_size),
+                          call, consume=kept)
+    return None if consume is not None else class_probabilities(outputs[0])
+
+
+def _exported_probabilities(model, index: int) -> Callable:
+    """`call(arrays) -> [probabilities]` of an exported model's output `index`: softmax
+    (sigmoid for one unit) applied when it outputs logits, as `probabilities_model` does."""
+    squash = output_activation(model, index) == "linear"
+
+    def call(arrays):
+        values = model.predict(arrays[0], index)
+        if squash and values.shape[-1] == 1:
+            values = 1.0 / (1.0 + np.exp(-values))
+        elif squash:
+            shifted = np.exp(values - values.max(axis=-1, keepdims=True))
+            values = shifted / shifted.sum(axis=-1, keepdims=True)
+        return [values.astype(np.float32)]
+
+    return call

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnnviz.errors import CnnvizError
+from cnnviz.model.exported import is_exported
 from cnnviz.model.graph import (
     is_nested_model,
 )
@@ -184,11 +185,15 @@ def channel_range(model, *, preprocess: str | None = None) -> tuple[np.ndarray, 
     Explanations take every value in input units (occlusion fill, masking values, baselines,
     activation-maximization start and clip range) from this one function. Without a mode,
     (0, 1) is a guess for a model that says nothing about its input (a bare model without
-    --preprocess: `resolve_mode`'s note says so).
+    --preprocess: `resolve_mode`'s note says so). An exported model (`cnnviz.model.exported`)
+    has its recorded range, else (0, 255).
     """
     channels = int(model.inputs[0].shape[-1])
     if preprocess not in (None, "auto"):
         return mode_range(preprocess, channels)
+    if is_exported(model):
+        low, high = model.input_range
+        return np.full(channels, low, np.float32), np.full(channels, high, np.float32)
     first = first_layer(model)
     kind = type(first).__name__ if first is not None else ""
     low, high = 0.0, 1.0

@@ -15,6 +15,7 @@ import numpy as np
 
 from cnnviz._keras import producer
 from cnnviz.errors import CnnvizError
+from cnnviz.model.exported import is_exported
 from cnnviz.model.graph import (
     IDENTITY,
     find_layer,
@@ -39,7 +40,10 @@ def _activation_name(layer) -> str | None:
 
 # ----------------------------------------------------------------------------------- outputs
 def output_names(model) -> list[str]:
-    """One name per output: the name of the layer that produces it."""
+    """One name per output: the name of the layer that produces it (an exported model's own
+    output names)."""
+    if is_exported(model):
+        return [tensor.name for tensor in model.outputs]
     return [producer(tensor)[0].name for tensor in model.outputs]
 
 
@@ -76,8 +80,11 @@ def output_activation(model, output=None) -> str:
     """What an output holds: "softmax", "sigmoid" (probabilities) or "linear" (logits, scores).
 
     Read from the layer that produces it: a Softmax layer, or a layer whose `activation` is
-    softmax or sigmoid; anything else (Dense without activation, ...) is "linear".
+    softmax or sigmoid; anything else (Dense without activation, ...) is "linear". An exported
+    model says it itself (`ExportedModel.output_activation`).
     """
+    if is_exported(model):
+        return model.output_activation(output_index(model, output))
     producer = output_producer(model, output_index(model, output)).layer
     kind = type(producer).__name__
     if kind == "Softmax":

@@ -318,11 +318,12 @@ def inputs_range(run: Run, preprocess: str = "auto") -> tuple[np.ndarray, np.nda
 
 def input_mode(run: Run, preprocess: str) -> tuple[str, str | None]:
     """The mode image files get for a bare model (`cnnviz.model.inputs.MODES`), and a note when
-    "auto" had to guess: keras:NAME's own mode, else what the model's first layer says."""
+    "auto" had to guess: keras:NAME's or an exported model's own mode, else what the model's
+    first layer says."""
     from cnnviz.model.inputs import resolve_mode
 
     if preprocess == "auto" and run.preprocess is not None:
-        return run.preprocess, None
+        return run.preprocess, run.preprocess_note
     return resolve_mode(run.model, preprocess)
 
 

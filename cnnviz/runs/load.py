@@ -10,6 +10,7 @@ from pathlib import Path
 from cnnviz.config.loading import read_yaml, validate
 from cnnviz.config.root import Config
 from cnnviz.errors import CnnvizError, first_line
+from cnnviz.model.exported import exported_format, is_exported
 from cnnviz.model.pretrained import PREFIX as PRETRAINED_PREFIX
 from cnnviz.runs.layout import BACKUP_DIR
 
@@ -17,13 +18,16 @@ from cnnviz.runs.layout import BACKUP_DIR
 # --------------------------------------------------------------------------------- loading back
 @dataclass
 class Run:
-    """A trained run (or a bare `.keras` / `.h5` file, then `config` and `directory` are None)."""
+    """A trained run (or a bare `.keras` / `.h5` file or an exported `.tflite` / `.onnx` /
+    SavedModel, then `config` and `directory` are None)."""
 
     model: object
     config: Config | None
     directory: Path | None
-    # A bare model that knows its own input mode (keras:NAME): what `--preprocess auto` means.
+    # A bare model that knows its own input mode (keras:NAME, an exported model): what
+    # `--preprocess auto` means, and a one-line note when that is a guess.
     preprocess: str | None = None
+    preprocess_note: str | None = None
     # Names given for a bare model (`--class-names`, keras:NAME's ImageNet classes).
     class_names: list[str] | None = None
     _dataset: object = field(default=None, repr=False)
@@ -32,8 +36,8 @@ class Run:
         """The run's data, split exactly as when it was trained (same config, same seed)."""
         if self.config is None:
             raise CnnvizError(
-                "a bare model file (.keras or .h5) has no data set; pass image files with "
-                "--images, or a run directory"
+                "a bare model file (.keras, .h5 or an exported one) has no data set; pass image "
+                "files with --images, or a run directory"
             )
         if self._dataset is None:  # several commands of one `cnnviz run` ask for it
             from cnnviz.data import load_dataset
@@ -45,7 +49,8 @@ class Run:
 
 # What `load_run` takes besides a run directory; Keras picks the format by the suffix.
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
-_ACCEPTED = "a run directory, a .keras, .h5 or .hdf5 model file, or keras:NAME"
+_ACCEPTED = ("a run directory, a .keras, .h5 or .hdf5 model file, keras:NAME, or an exported "
+             ".tflite, .onnx or SavedModel folder")
 # Every refusal of Keras's safe mode (Lambda code, TFSMLayer, torch modules) tells the user this.
 # Keras enforces safe mode for legacy .h5 files too (its h5 loader deserializes the config inside
 # a SafeModeScope, nested models and Keras 2 lambdas included): tests/test_legacy_h5.py holds it.
@@ -125,8 +130,10 @@ def read_metrics(run_dir: Path | None) -> dict:
 
 def load_run(path: str | Path, *, weights: str | Path | None = None, unsafe: bool = False) -> Run:
     """Load a run directory (its model.keras and config.yaml), a bare model file (`.keras`, or a
-    legacy Keras `.h5` / `.hdf5`), or a pretrained `keras:NAME` (`cnnviz.model.pretrained`;
-    `weights`: a local weights file for it). `unsafe`: see `load_keras_model` (CLI `--unsafe`)."""
+    legacy Keras `.h5` / `.hdf5`), a pretrained `keras:NAME` (`cnnviz.model.pretrained`;
+    `weights`: a local weights file for it), or an exported `.tflite`, `.onnx` or SavedModel
+    folder (`cnnviz.model.exported.ExportedModel`: forward passes only, see `require_keras`).
+    `unsafe`: see `load_keras_model` (CLI `--unsafe`; exported files hold no Python code)."""
     if str(path).startswith(PRETRAINED_PREFIX):  # Path("keras:ResNet50") is a valid path too
         from cnnviz.model.pretrained import pretrained_model
 
@@ -137,6 +144,8 @@ def load_run(path: str | Path, *, weights: str | Path | None = None, unsafe: boo
         raise CnnvizError(f"--weights {weights} is for pretrained models "
                           f"({PRETRAINED_PREFIX}NAME); {path} has its own weights")
     path = Path(path)
+    if exported_format(path) is not None:
+        return _exported_run(path)
     if path.is_dir():
         model_file = path / "model.keras"
         config_file = path / "config.yaml"
@@ -152,3 +161,33 @@ def load_run(path: str | Path, *, weights: str | Path | None = None, unsafe: boo
     if not path.exists():
         raise CnnvizError(f"{path} does not exist; give {_ACCEPTED}")
     raise CnnvizError(f"{path} is neither a run directory nor a model file; give {_ACCEPTED}")
+
+
+def _exported_run(path: Path) -> Run:
+    """An exported model as a bare run. `--preprocess auto`: the input range export.json
+    records beside it (raw 0..255 -> "none", [0, 1] -> "scale", [-1, 1] -> "unit"); without
+    one, raw 0..255 pixels ("none", what models exported by cnnviz take), with a note."""
+    from cnnviz.model.exported import RECORD, ExportedModel
+    from cnnviz.model.inputs import value_range
+
+    model = ExportedModel(path)
+    recorded = model.recorded_range
+    if recorded is None:
+        return Run(model, None, None, preprocess="none", preprocess_note=(
+            f"--preprocess auto: {path} has no {RECORD} from `cnnviz export` beside it, so "
+            "image files are fed as raw 0..255 pixels (as models cnnviz exports take them); "
+            "pass --preprocess scale, unit, caffe or torch if it was trained otherwise"))
+    for mode in ("none", "scale", "unit"):
+        if all(abs(a - b) <= 1e-6 for a, b in zip(value_range(mode), recorded)):
+            return Run(model, None, None, preprocess=mode)
+    return Run(model, None, None, preprocess="none", preprocess_note=(
+        f"--preprocess auto: {path} takes inputs in [{recorded[0]:g}, {recorded[1]:g}] "
+        f"({RECORD}), the range of no --preprocess mode; image files are fed as raw 0..255 "
+        "pixels; pass --preprocess to choose"))
+
+
+def require_keras(run: Run, command: str) -> None:
+    """A CnnvizError in one line when `run` is an exported model: `command` needs gradients or
+    layers, which only the .keras model has."""
+    if is_exported(run.model):
+        raise CnnvizError(run.model.refusal(command))
