@@ -1,5 +1,5 @@
 """Figure commands: saliency, gradcam, cam, integrated-gradients, gradient-x-input, rise,
-occlusion, feature-maps, filters, activation-max; layers (what --layer can name)."""
+occlusion, feature-maps, filters, activation-max, exemplars; layers (what --layer can name)."""
 
 from __future__ import annotations
 
@@ -305,6 +305,62 @@ def activation_max_command(
                                           layer=layer, indices=indices, steps=steps, seed=seed,
                                           output=index, preprocess=mode,
                                           save_arrays=options.save_arrays)])
+
+
+EXEMPLAR_IMAGES = ("The data set ranked: test-split indices (default: the whole test split) or "
+                   "image files (a folder, a glob, comma-separated paths), streamed in chunks.")
+
+
+@command("exemplars")
+@takes_model(images=None, images_help=EXEMPLAR_IMAGES)
+def exemplars_command(
+    run: RunArgument,
+    options: ImageOptions,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option("--layer", help="Conv layer(s) whose filters are ranked, one grid each "
+                     "(by path or unique name)."),
+    ] = None,
+    filters: Annotated[
+        str | None,
+        typer.Option("--filters", help="With --layer: filter indices, 0,1,2 or 0:8 (default: "
+                     "the first 16)."),
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option("--classes", help="Classes ranked by score: `all`, `0:10`, `3,5` "
+                     "(default without --layer: the first 10)."),
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="Images per unit (the grid's columns).")] = 9,
+    with_synthetic: Annotated[
+        bool, typer.Option("--with-synthetic", help="Head each row with the unit's "
+                           "activation-maximization image.")
+    ] = False,
+    steps: Annotated[int, typer.Option(min=1, help="--with-synthetic: ascent steps.")] = 256,
+    seed: Annotated[int, typer.Option(help="--with-synthetic: seed of the noise.")] = 0,
+) -> None:
+    """The images that activate each filter (or class) most: for a filter, the crop under the
+    receptive field of its most active position; one grid per layer, a JSON beside it."""
+    from cnnviz.model.outputs import output_index
+    from cnnviz.report.exemplars import exemplar_figures
+    from cnnviz.report.selection import class_names_of, input_mode, parse_class_spec
+
+    if filters is not None and not layer:
+        raise CnnvizError("--filters chooses filters of a --layer; give --layer (or --classes)")
+    loaded = options.load(run)
+    if options.images is None and loaded.config is None:
+        raise CnnvizError(f"{run} has no test split: give --images (a folder, a glob or files)")
+    folder = options.folder(loaded, run, "exemplars")
+    selection = options.select(loaded, options.images or ":")
+    count = len(class_names_of(loaded, int(loaded.model.outputs[
+        output_index(loaded.model, options.output)].shape[-1])))
+    chosen = (parse_class_spec(classes, count) if classes is not None
+              else None if layer else list(range(min(count, 10))))
+    mode = input_mode(loaded, options.preprocess)[0] if loaded.config is None else None
+    report_written(exemplar_figures(loaded.model, selection, folder, layers=layer or (),
+                                    filters=filters, classes=chosen, top=top,
+                                    with_synthetic=with_synthetic, steps=steps, seed=seed,
+                                    output=options.output, preprocess=mode))
 
 
 @command("layers")

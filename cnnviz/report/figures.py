@@ -370,8 +370,6 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
     the range of the `cnnviz.preprocess` mode `preprocess` (a bare .keras file), and drawn as
     pixels (that mode undone: caffe's BGR becomes RGB).
     """
-    from cnnviz.explain import activation_maximization_batch
-    from cnnviz.model.inputs import to_pixels, value_range
     from cnnviz.plot import activation_max_grid
 
     if layer is None:
@@ -387,6 +385,23 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
         labels = [f"filter {index}" for index in indices]
         title = f"Activation maximization of {layer}'s filters"
         name = f"{file_stem(layer)}.png"
+    images, shown = synthesized(model, layer=layer, indices=indices, steps=steps, seed=seed,
+                                output=output, preprocess=preprocess)
+    if save_arrays:
+        write_arrays((folder / name).with_suffix(".npz"),
+                     {"images": images, "indices": np.asarray(indices, np.int32)})
+    return save_captioned(activation_max_grid(shown, labels, title=title), folder / name)
+
+
+def synthesized(model, *, layer: str | None, indices: Sequence[int], steps: int = 256,
+                seed: int = 0, output=None,
+                preprocess: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(model inputs, what to draw) of the activation maximization of each class (`layer`
+    None) or filter of `layer`, with a progress bar; drawn as pixels when `preprocess` (a
+    bare .keras file's `cnnviz.preprocess` mode) is given, that mode undone."""
+    from cnnviz.explain import activation_maximization_batch
+    from cnnviz.model.inputs import to_pixels, value_range
+
     height = int(model.inputs[0].shape[1])
     # The library's defaults suit 8x8 inputs; from ~20 px up, stronger smoothing (chosen by eye
     # on 28x28 digits, every class still the top prediction) keeps the images readable.
@@ -399,12 +414,9 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
             model, layer, indices, steps=steps, seed=seed, output=output,
             input_range=input_range, progress=lambda done: progress.advance(task, done),
             **smoothing)
-    if save_arrays:
-        write_arrays((folder / name).with_suffix(".npz"),
-                     {"images": images, "indices": np.asarray(indices, np.int32)})
-    if preprocess is not None:
-        images = to_pixels(images, preprocess) / np.float32(255.0)
-    return save_captioned(activation_max_grid(images, labels, title=title), folder / name)
+    if preprocess is None:
+        return images, images
+    return images, to_pixels(images, preprocess) / np.float32(255.0)
 
 
 def predicted_classes(model, images: np.ndarray, *, output=None, limit: int = 64) -> list[int]:
