@@ -231,3 +231,32 @@ def test_cli_refuses_filters_without_a_layer(tmp_path):
 
     result = CliRunner().invoke(app, ["exemplars", "keras:nothing", "--filters", "0:2"])
     assert result.exit_code == 2 and "--filters chooses filters of a --layer" in result.output
+
+
+@pytest.mark.slow  # the session's trained run
+def test_cli_ranks_the_whole_test_split_of_a_run(digits_run, tmp_path):
+    from cnnviz.cli import app
+    from cnnviz.explain.exemplars import class_exemplars, unit_exemplars
+    from cnnviz.runs.load import load_run
+
+    result = CliRunner().invoke(app, ["exemplars", str(digits_run), "--layer", "conv1",
+                                      "--filters", "0:2", "--top", "3", "--with-synthetic",
+                                      "--steps", "8", "--out", str(tmp_path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["exemplars", str(digits_run), "--top", "3", "--out",
+                                      str(tmp_path / "classes")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = load_run(digits_run)
+    test = run.dataset().test
+    images = test.images(list(range(len(test))))
+    layer = json.loads((tmp_path / "conv1.json").read_text())
+    assert layer["images"] == len(test)
+    expected = unit_exemplars(run.model, images, "conv1", [0, 1], top=3)
+    assert [r["index"] for r in layer["exemplars"]] == expected.images.reshape(-1).tolist()
+    assert layer["exemplars"][0]["name"] == f"test_{expected.images[0, 0]:03d}"
+    classes = json.loads((tmp_path / "classes" / "classes.json").read_text())
+    expected = class_exemplars(run.model, images, list(range(10)), top=3)
+    assert [r["index"] for r in classes["exemplars"]] == expected.images.reshape(-1).tolist()
+    with Image.open(tmp_path / "conv1.png") as png:
+        assert png.format == "PNG"
