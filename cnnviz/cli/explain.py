@@ -28,6 +28,7 @@ from cnnviz.errors import CnnvizError
 
 ACTIVATION_MAX_IMAGES = ("Images whose predicted classes are synthesized (indices or image "
                          "files, as in the other commands).")
+Parameterization = choices("Parameterization", 'auto', 'pixel', 'fft')
 SaliencyMethod = choices("SaliencyMethod", 'vanilla', 'guided', 'rectified', 'smoothgrad', 'all')
 
 
@@ -274,6 +275,17 @@ def activation_max_command(
     ] = None,
     steps: Annotated[int, typer.Option(min=1, help="Gradient-ascent steps.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
+    param: Annotated[
+        Parameterization,
+        typer.Option("--param", help="What the ascent changes: pixel, or fft (a 1/f-scaled "
+                     "Fourier spectrum, colours decorrelated; Olah et al. 2017). auto: fft for "
+                     "RGB inputs of 64 px and more."),
+    ] = Parameterization.auto,
+    transforms: Annotated[
+        str | None,
+        typer.Option("--transforms", help="Random transforms before each step, in order: "
+                     "pad,jitter,scale,rotate (any of them)."),
+    ] = None,
 ) -> None:
     """Activation maximization: synthesize the input each class (or filter) responds to most."""
     from cnnviz.model.outputs import get_layer, output_index
@@ -304,7 +316,13 @@ def activation_max_command(
     report_written([activation_max_figure(loaded.model, folder, class_names=class_names,
                                           layer=layer, indices=indices, steps=steps, seed=seed,
                                           output=index, preprocess=mode,
-                                          save_arrays=options.save_arrays)])
+                                          save_arrays=options.save_arrays,
+                                          param=None if param.value == "auto" else param.value,
+                                          transforms=_transform_names(transforms))])
+
+
+def _transform_names(spec: str | None) -> tuple[str, ...]:
+    return () if spec is None else tuple(part.strip() for part in spec.split(",") if part.strip())
 
 
 EXEMPLAR_IMAGES = ("The data set ranked: test-split indices (default: the whole test split) or "

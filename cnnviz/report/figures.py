@@ -359,7 +359,9 @@ def filter_figures(model, folder: Path, *, layers: Sequence[str],
 def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
                           layer: str | None = None, indices: Sequence[int] | None = None,
                           steps: int = 256, seed: int = 0, output=None,
-                          preprocess: str | None = None, save_arrays: bool = False) -> FigureFile:
+                          preprocess: str | None = None, save_arrays: bool = False,
+                          param: str | None = None,
+                          transforms: Sequence[str] = ()) -> FigureFile:
     """One grid: the input that maximizes each class score (or each chosen filter of `layer`).
 
     With `save_arrays`, the .npz beside it holds `images` (the optimized model inputs, one per
@@ -386,7 +388,8 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
         title = f"Activation maximization of {layer}'s filters"
         name = f"{file_stem(layer)}.png"
     images, shown = synthesized(model, layer=layer, indices=indices, steps=steps, seed=seed,
-                                output=output, preprocess=preprocess)
+                                output=output, preprocess=preprocess, param=param,
+                                transforms=transforms)
     if save_arrays:
         write_arrays((folder / name).with_suffix(".npz"),
                      {"images": images, "indices": np.asarray(indices, np.int32)})
@@ -394,11 +397,13 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
 
 
 def synthesized(model, *, layer: str | None, indices: Sequence[int], steps: int = 256,
-                seed: int = 0, output=None,
-                preprocess: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                seed: int = 0, output=None, preprocess: str | None = None,
+                param: str | None = None,
+                transforms: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
     """(model inputs, what to draw) of the activation maximization of each class (`layer`
     None) or filter of `layer`, with a progress bar; drawn as pixels when `preprocess` (a
-    bare .keras file's `cnnviz.preprocess` mode) is given, that mode undone."""
+    bare .keras file's `cnnviz.preprocess` mode) is given, that mode undone. `param` and
+    `transforms` as `activation_maximization_batch` takes them."""
     from cnnviz.explain import activation_maximization_batch
     from cnnviz.model.inputs import to_pixels, value_range
 
@@ -407,6 +412,7 @@ def synthesized(model, *, layer: str | None, indices: Sequence[int], steps: int 
     # on 28x28 digits, every class still the top prediction) keeps the images readable.
     smoothing = ({"learning_rate": 0.02, "l2": 0.2, "tv": 0.5, "blur_sigma": 1.0}
                  if height >= 20 else {})
+    smoothing.update(param=param, transforms=tuple(transforms))
     input_range = None if preprocess is None else value_range(preprocess)
     with progress_bar(len(indices), "activation maximization") as progress:
         task = progress.add_task("activation maximization", total=len(indices))
