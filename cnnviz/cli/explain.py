@@ -28,6 +28,11 @@ from cnnviz.errors import CnnvizError
 
 ACTIVATION_MAX_IMAGES = ("Images whose predicted classes are synthesized (indices or image "
                          "files, as in the other commands).")
+FiltersOption = Annotated[
+    str | None,
+    typer.Option("--filters",
+                 help="With --layer: filter indices, 0,1,2 or 0:8 (default: the first 16)."),
+]
 Parameterization = choices("Parameterization", 'auto', 'pixel', 'fft')
 SaliencyMethod = choices("SaliencyMethod", 'vanilla', 'guided', 'rectified', 'smoothgrad', 'all')
 
@@ -268,11 +273,7 @@ def activation_max_command(
         typer.Option("--classes", help="Classes to synthesize: `all`, `0:10`, `3,5` (default: "
                      "those predicted for --images, else the first 10)."),
     ] = None,
-    filters: Annotated[
-        str | None,
-        typer.Option("--filters",
-                     help="With --layer: filter indices, 0,1,2 or 0:8 (default: the first 16)."),
-    ] = None,
+    filters: FiltersOption = None,
     steps: Annotated[int, typer.Option(min=1, help="Gradient-ascent steps.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
     param: Annotated[
@@ -339,11 +340,7 @@ def exemplars_command(
         typer.Option("--layer", help="Conv layer(s) whose filters are ranked, one grid each "
                      "(by path or unique name)."),
     ] = None,
-    filters: Annotated[
-        str | None,
-        typer.Option("--filters", help="With --layer: filter indices, 0,1,2 or 0:8 (default: "
-                     "the first 16)."),
-    ] = None,
+    filters: FiltersOption = None,
     classes: Annotated[
         str | None,
         typer.Option("--classes", help="Classes ranked by score: `all`, `0:10`, `3,5` "
