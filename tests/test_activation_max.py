@@ -188,7 +188,7 @@ def test_binary_sigmoid_model_maximizes_either_class():
         (None, 10, {}, r"index 10 is out of range; valid indices are 0\.\.9"),
         ("conv2", 16, {}, r"index 16 is out of range; valid indices are 0\.\.15"),
         ("conv9", 0, {}, r"no layer named 'conv9'"),
-        (None, 0, {"steps": 0}, r"steps must be at least 1; received steps=0"),
+        (None, 0, {"steps": -1}, r"steps must be at least 0 \(0: the starting image\)"),
         (None, 0, {"input_range": (1.0, 0.0)}, r"low < high; received \(1\.0, 0\.0\)"),
         (None, 0, {"jitter": -1}, r"jitter must be >= 0"),
     ],

@@ -132,11 +132,12 @@ def test_the_cli_offers_exactly_the_library_choices():
     # The Typer enums are spelled out so `--help` imports no library code; they must not drift.
     from cnnviz.cli._options import Preprocess, Resize
     from cnnviz.cli.deploy import ExportFormatChoice, Quantize
-    from cnnviz.cli.explain import CamMethod, SaliencyMethod
+    from cnnviz.cli.explain import CamMethod, Parameterization, SaliencyMethod
     from cnnviz.cli.trust import Baseline
     from cnnviz.data.images import RESIZE_MODES
     from cnnviz.deploy.export import FORMATS
     from cnnviz.explain import CAM_METHODS, SALIENCY_METHODS
+    from cnnviz.explain.parameterization import PARAMETERIZATIONS
     from cnnviz.model.inputs import MODES
     from cnnviz.trust.faithfulness import BASELINES
 
@@ -145,6 +146,7 @@ def test_the_cli_offers_exactly_the_library_choices():
 
     assert values(SaliencyMethod) == (*SALIENCY_METHODS, "all")
     assert values(CamMethod) == (*CAM_METHODS, "all")
+    assert values(Parameterization) == ("auto", *PARAMETERIZATIONS)
     assert values(Preprocess) == MODES
     assert values(Resize) == RESIZE_MODES
     assert values(ExportFormatChoice) == tuple(name for name in FORMATS

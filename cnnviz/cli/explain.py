@@ -1,5 +1,5 @@
 """Figure commands: saliency, gradcam, cam, integrated-gradients, gradient-x-input, rise,
-occlusion, feature-maps, filters, activation-max; layers (what --layer can name)."""
+occlusion, feature-maps, filters, activation-max, exemplars; layers (what --layer can name)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ from cnnviz.errors import CnnvizError
 
 ACTIVATION_MAX_IMAGES = ("Images whose predicted classes are synthesized (indices or image "
                          "files, as in the other commands).")
+FiltersOption = Annotated[
+    str | None,
+    typer.Option("--filters",
+                 help="With --layer: filter indices, 0,1,2 or 0:8 (default: the first 16)."),
+]
+Parameterization = choices("Parameterization", 'auto', 'pixel', 'fft')
 SaliencyMethod = choices("SaliencyMethod", 'vanilla', 'guided', 'rectified', 'smoothgrad', 'all')
 
 
@@ -267,13 +273,20 @@ def activation_max_command(
         typer.Option("--classes", help="Classes to synthesize: `all`, `0:10`, `3,5` (default: "
                      "those predicted for --images, else the first 10)."),
     ] = None,
-    filters: Annotated[
-        str | None,
-        typer.Option("--filters",
-                     help="With --layer: filter indices, 0,1,2 or 0:8 (default: the first 16)."),
-    ] = None,
+    filters: FiltersOption = None,
     steps: Annotated[int, typer.Option(min=1, help="Gradient-ascent steps.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
+    param: Annotated[
+        Parameterization,
+        typer.Option("--param", help="What the ascent changes: pixel, or fft (a 1/f-scaled "
+                     "Fourier spectrum, colours decorrelated; Olah et al. 2017). auto: fft for "
+                     "RGB inputs of 64 px and more."),
+    ] = Parameterization.auto,
+    transforms: Annotated[
+        str | None,
+        typer.Option("--transforms", help="Random transforms before each step, in order: "
+                     "pad,jitter,scale,rotate (any of them)."),
+    ] = None,
 ) -> None:
     """Activation maximization: synthesize the input each class (or filter) responds to most."""
     from cnnviz.model.outputs import get_layer, output_index
@@ -304,7 +317,65 @@ def activation_max_command(
     report_written([activation_max_figure(loaded.model, folder, class_names=class_names,
                                           layer=layer, indices=indices, steps=steps, seed=seed,
                                           output=index, preprocess=mode,
-                                          save_arrays=options.save_arrays)])
+                                          save_arrays=options.save_arrays,
+                                          param=None if param.value == "auto" else param.value,
+                                          transforms=_transform_names(transforms))])
+
+
+def _transform_names(spec: str | None) -> tuple[str, ...]:
+    return () if spec is None else tuple(part.strip() for part in spec.split(",") if part.strip())
+
+
+EXEMPLAR_IMAGES = ("The data set ranked: test-split indices (default: the whole test split) or "
+                   "image files (a folder, a glob, comma-separated paths), streamed in chunks.")
+
+
+@command("exemplars")
+@takes_model(images=None, images_help=EXEMPLAR_IMAGES)
+def exemplars_command(
+    run: RunArgument,
+    options: ImageOptions,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option("--layer", help="Conv layer(s) whose filters are ranked, one grid each "
+                     "(by path or unique name)."),
+    ] = None,
+    filters: FiltersOption = None,
+    classes: Annotated[
+        str | None,
+        typer.Option("--classes", help="Classes ranked by score: `all`, `0:10`, `3,5` "
+                     "(default without --layer: the first 10)."),
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="Images per unit (the grid's columns).")] = 9,
+    with_synthetic: Annotated[
+        bool, typer.Option("--with-synthetic", help="Head each row with the unit's "
+                           "activation-maximization image.")
+    ] = False,
+    steps: Annotated[int, typer.Option(min=1, help="--with-synthetic: ascent steps.")] = 256,
+    seed: Annotated[int, typer.Option(help="--with-synthetic: seed of the noise.")] = 0,
+) -> None:
+    """The images that activate each filter (or class) most: for a filter, the crop under the
+    receptive field of its most active position; one grid per layer, a JSON beside it."""
+    from cnnviz.model.outputs import output_index
+    from cnnviz.report.exemplars import exemplar_figures
+    from cnnviz.report.selection import class_names_of, input_mode, parse_class_spec
+
+    if filters is not None and not layer:
+        raise CnnvizError("--filters chooses filters of a --layer; give --layer (or --classes)")
+    loaded = options.load(run)
+    if options.images is None and loaded.config is None:
+        raise CnnvizError(f"{run} has no test split: give --images (a folder, a glob or files)")
+    folder = options.folder(loaded, run, "exemplars")
+    selection = options.select(loaded, options.images or ":")
+    count = len(class_names_of(loaded, int(loaded.model.outputs[
+        output_index(loaded.model, options.output)].shape[-1])))
+    chosen = (parse_class_spec(classes, count) if classes is not None
+              else None if layer else list(range(min(count, 10))))
+    mode = input_mode(loaded, options.preprocess)[0] if loaded.config is None else None
+    report_written(exemplar_figures(loaded.model, selection, folder, layers=layer or (),
+                                    filters=filters, classes=chosen, top=top,
+                                    with_synthetic=with_synthetic, steps=steps, seed=seed,
+                                    output=options.output, preprocess=mode))
 
 
 @command("layers")

@@ -23,6 +23,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from cnnviz.errors import CnnvizError
+from cnnviz.explain.parameterization import (
+    PARAMETERIZATIONS,
+    default_parameterization,
+    fft_images,
+    start_spectrum,
+)
+from cnnviz.explain.transforms import random_transforms
 from cnnviz.model.compiled import batch_size_for, layer_outputs_model, model_copy, num_classes
 from cnnviz.model.graph import find_layer, output_producer
 from cnnviz.model.inputs import input_range as model_input_range
@@ -104,6 +111,8 @@ def activation_maximization_batch(
     output=None,
     batch_size: int | None = None,
     progress=None,
+    param: str | None = None,
+    transforms: Sequence[str] = (),
 ) -> np.ndarray:
     """Maximize several classes or filters at once, one image per index, in one batched ascent.
 
@@ -139,6 +148,13 @@ def activation_maximization_batch(
             sized to the model's activation memory, at most 64).
         progress: optional callable `progress(done)` called after each chunk with the number
             of images finished in it (a progress bar's advance).
+        param: "pixel" (ascend the pixels) or "fft" (ascend a 1/f-scaled Fourier spectrum,
+            colour-decorrelated for RGB: `cnnviz.explain.parameterization`; no blur, no
+            clipping: a sigmoid keeps it in range); None: "fft" for RGB inputs of 64 px and
+            more, else "pixel".
+        transforms: random transforms applied to the image before each step's score, in
+            order, from `cnnviz.explain.transforms.TRANSFORMS` (pad, jitter, scale, rotate):
+            Lucid's transformation robustness.
 
     Returns:
         float32 array (len(indices), H, W, C) within `input_range`.
@@ -154,6 +170,10 @@ def activation_maximization_batch(
     low, high = (float(value) for value in input_range)
     _check_settings(steps, learning_rate, jitter, blur_every, blur_sigma, low, high, batch_size)
     input_shape = _input_shape(model)
+    param = default_parameterization(input_shape) if param is None else param
+    if param not in PARAMETERIZATIONS:
+        raise CnnvizError(f"param {param!r} is not a parameterization; choose one of "
+                          f"{', '.join(PARAMETERIZATIONS)}")
     score, count = _score_function(model, layer, output)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     bad = indices[(indices < 0) | (indices >= count)]
@@ -168,44 +188,58 @@ def activation_maximization_batch(
     # so step sizes, penalties and the blur mean the same for a [0, 1], [-1, 1] or 0..255 model.
     width = high - low
     # Low-variance noise around mid-range: no pattern to start from, nothing saturated.
-    start = 0.5 + 0.01 * rng.standard_normal(input_shape)
+    if param == "fft":
+        start = start_spectrum(rng, input_shape)
+
+        def to_image(variables):
+            return fft_images(variables, input_shape)
+    else:
+        start = 0.5 + 0.01 * rng.standard_normal(input_shape)
+
+        def to_image(variables):
+            return variables
     # The jitter bound shrinks linearly to 0: early steps find a shift-robust pattern, the last
     # ones settle it in place (a fixed large jitter leaves a tiny image misaligned at the end).
     bound = jitter * (1 - np.arange(steps) / steps)
     shifts = np.rint(rng.uniform(-1, 1, size=(steps, 2)) * bound[:, None])
     shifts = tf.constant(shifts, dtype=tf.int32)
     step_size = tf.constant(learning_rate, tf.float32)
-    blur = _gaussian_blur(blur_sigma, input_shape) if blur_every and blur_sigma > 0 else None
+    blur = (_gaussian_blur(blur_sigma, input_shape)
+            if blur_every and blur_sigma > 0 and param == "pixel" else None)
+    transform = random_transforms(transforms, input_shape, steps, rng)
+    axes = list(range(1, start.ndim + 1))
 
-    def ascent_step(images, shift, targets):
+    def ascent_step(variables, step, targets):
         with tf.GradientTape() as tape:
-            tape.watch(images)
+            tape.watch(variables)
             # Jitter: the gradient must work wherever the pattern sits, so no pixel-exact tricks.
-            shifted = tf.roll(images, shift=shift, axis=[1, 2])
-            objective = score(low + width * shifted, targets)
-        gradient = tape.gradient(objective, images)
+            shifted = tf.roll(to_image(variables), shift=shifts[step], axis=[1, 2])
+            objective = score(low + width * transform(shifted, step), targets)
+        gradient = tape.gradient(objective, variables)
         # Per-image RMS normalization makes the step independent of the model's logit scale ...
-        rms = tf.sqrt(tf.reduce_mean(tf.square(gradient), axis=[1, 2, 3], keepdims=True))
+        rms = tf.sqrt(tf.reduce_mean(tf.square(gradient), axis=axes, keepdims=True))
         direction = gradient / (rms + 1e-12)
         if regularizers:
             # ... and the penalty weights relative to a unit-RMS score gradient.
             with tf.GradientTape() as tape:
-                tape.watch(images)
+                tape.watch(variables)
+                images = to_image(variables)
                 penalty = tf.add_n([weight * fn(images) for weight, fn in regularizers])
-            direction -= tape.gradient(penalty, images)
-        return tf.clip_by_value(images + step_size * direction, 0.0, 1.0)
+            direction -= tape.gradient(penalty, variables)
+        stepped = variables + step_size * direction
+        return tf.clip_by_value(stepped, 0.0, 1.0) if param == "pixel" else stepped
 
     def blur_step(images):
         return tf.clip_by_value(blur(images), 0.0, 1.0)
 
     @tf.function
-    def ascend(images, targets):
+    def ascend(variables, targets):
         # The whole ascent is one graph (a while loop): no Python overhead per step.
         for step in tf.range(steps):
-            images = ascent_step(images, shifts[step], targets)
+            variables = ascent_step(variables, step, targets)
             if blur is not None and (step + 1) % blur_every == 0:  # autograph: a tf.cond
-                images = blur_step(images)
-        return low + width * images
+                variables = blur_step(variables)
+        return low + width * to_image(variables)
 
     if len(indices) == 0:
         return np.zeros((0, *input_shape), dtype=np.float32)
@@ -218,8 +252,8 @@ def activation_maximization_batch(
         real = len(chunk)
         # Pad with a repeated index so every chunk has the traced shape.
         targets = tf.constant(np.concatenate([chunk, np.repeat(chunk[-1:], size - real)]), tf.int32)
-        images = tf.constant(np.broadcast_to(start, (size, *input_shape)), tf.float32)
-        results.append(ascend(images, targets).numpy()[:real])
+        variables = tf.constant(np.broadcast_to(start, (size, *start.shape)), tf.float32)
+        results.append(ascend(variables, targets).numpy()[:real])
         if progress is not None:
             progress(real)
     return np.concatenate(results).astype(np.float32, copy=False)
@@ -228,8 +262,9 @@ def activation_maximization_batch(
 # ------------------------------------------------------------------------------- helpers
 def _check_settings(steps, learning_rate, jitter, blur_every, blur_sigma, low, high, batch_size):
     problems = []
-    if steps < 1:
-        problems.append(f"steps must be at least 1; received steps={steps}")
+    if steps < 0:
+        problems.append(f"steps must be at least 0 (0: the starting image); received "
+                        f"steps={steps}")
     if learning_rate <= 0:
         problems.append(f"learning_rate must be > 0; received learning_rate={learning_rate}")
     if jitter < 0:

@@ -8,6 +8,7 @@ from cnnviz.plot.attribution import (
     signed_row,
 )
 from cnnviz.plot.display import render_png, show_image
+from cnnviz.plot.exemplars import exemplar_grid
 from cnnviz.plot.inspect import activation_max_grid, feature_maps_grid, filters_grid
 from cnnviz.plot.training import augmentation_grid, training_curves
 
@@ -15,6 +16,7 @@ __all__ = [
     "activation_max_grid",
     "augmentation_grid",
     "cam_row",
+    "exemplar_grid",
     "feature_maps_grid",
     "filters_grid",
     "gradcam_figure",

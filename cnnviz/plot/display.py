@@ -130,6 +130,18 @@ def as_display_image(image) -> tuple[np.ndarray, bool]:
     return values, values.ndim == 2
 
 
+def unit_scaled(values: np.ndarray, *, normalize: bool = False) -> np.ndarray:
+    """An image's values in [0, 1] as `show_image` draws them: [0, 1] as they are, 8-bit
+    divided by 255, any other range (or `normalize`) min-max scaled."""
+    inside_unit_range = values.size > 0 and values.min() >= 0.0 and values.max() <= 1.0
+    eight_bit = values.size > 0 and values.min() >= 0.0 and 1.0 < values.max() <= 255.0
+    if not normalize and eight_bit:
+        return values / 255.0
+    if normalize or not inside_unit_range:
+        return normalize01(values)
+    return values
+
+
 def show_image(ax, image, *, normalize: bool = False, title: str | None = None):
     """Draw an input image: gray colormap for one channel, RGB for three, any value range.
 
@@ -147,12 +159,7 @@ def show_image(ax, image, *, normalize: bool = False, title: str | None = None):
         The `AxesImage` drawn.
     """
     values, grayscale = as_display_image(image)
-    inside_unit_range = values.size > 0 and values.min() >= 0.0 and values.max() <= 1.0
-    eight_bit = values.size > 0 and values.min() >= 0.0 and 1.0 < values.max() <= 255.0
-    if not normalize and eight_bit:
-        values = values / 255.0
-    elif normalize or not inside_unit_range:
-        values = normalize01(values)
+    values = unit_scaled(values, normalize=normalize)
     if grayscale:
         drawn = ax.imshow(values, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     else:

@@ -359,7 +359,9 @@ def filter_figures(model, folder: Path, *, layers: Sequence[str],
 def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
                           layer: str | None = None, indices: Sequence[int] | None = None,
                           steps: int = 256, seed: int = 0, output=None,
-                          preprocess: str | None = None, save_arrays: bool = False) -> FigureFile:
+                          preprocess: str | None = None, save_arrays: bool = False,
+                          param: str | None = None,
+                          transforms: Sequence[str] = ()) -> FigureFile:
     """One grid: the input that maximizes each class score (or each chosen filter of `layer`).
 
     With `save_arrays`, the .npz beside it holds `images` (the optimized model inputs, one per
@@ -370,8 +372,6 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
     the range of the `cnnviz.preprocess` mode `preprocess` (a bare .keras file), and drawn as
     pixels (that mode undone: caffe's BGR becomes RGB).
     """
-    from cnnviz.explain import activation_maximization_batch
-    from cnnviz.model.inputs import to_pixels, value_range
     from cnnviz.plot import activation_max_grid
 
     if layer is None:
@@ -387,11 +387,32 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
         labels = [f"filter {index}" for index in indices]
         title = f"Activation maximization of {layer}'s filters"
         name = f"{file_stem(layer)}.png"
+    images, shown = synthesized(model, layer=layer, indices=indices, steps=steps, seed=seed,
+                                output=output, preprocess=preprocess, param=param,
+                                transforms=transforms)
+    if save_arrays:
+        write_arrays((folder / name).with_suffix(".npz"),
+                     {"images": images, "indices": np.asarray(indices, np.int32)})
+    return save_captioned(activation_max_grid(shown, labels, title=title), folder / name)
+
+
+def synthesized(model, *, layer: str | None, indices: Sequence[int], steps: int = 256,
+                seed: int = 0, output=None, preprocess: str | None = None,
+                param: str | None = None,
+                transforms: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(model inputs, what to draw) of the activation maximization of each class (`layer`
+    None) or filter of `layer`, with a progress bar; drawn as pixels when `preprocess` (a
+    bare .keras file's `cnnviz.preprocess` mode) is given, that mode undone. `param` and
+    `transforms` as `activation_maximization_batch` takes them."""
+    from cnnviz.explain import activation_maximization_batch
+    from cnnviz.model.inputs import to_pixels, value_range
+
     height = int(model.inputs[0].shape[1])
     # The library's defaults suit 8x8 inputs; from ~20 px up, stronger smoothing (chosen by eye
     # on 28x28 digits, every class still the top prediction) keeps the images readable.
     smoothing = ({"learning_rate": 0.02, "l2": 0.2, "tv": 0.5, "blur_sigma": 1.0}
                  if height >= 20 else {})
+    smoothing.update(param=param, transforms=tuple(transforms))
     input_range = None if preprocess is None else value_range(preprocess)
     with progress_bar(len(indices), "activation maximization") as progress:
         task = progress.add_task("activation maximization", total=len(indices))
@@ -399,12 +420,9 @@ def activation_max_figure(model, folder: Path, *, class_names: Sequence[str],
             model, layer, indices, steps=steps, seed=seed, output=output,
             input_range=input_range, progress=lambda done: progress.advance(task, done),
             **smoothing)
-    if save_arrays:
-        write_arrays((folder / name).with_suffix(".npz"),
-                     {"images": images, "indices": np.asarray(indices, np.int32)})
-    if preprocess is not None:
-        images = to_pixels(images, preprocess) / np.float32(255.0)
-    return save_captioned(activation_max_grid(images, labels, title=title), folder / name)
+    if preprocess is None:
+        return images, images
+    return images, to_pixels(images, preprocess) / np.float32(255.0)
 
 
 def predicted_classes(model, images: np.ndarray, *, output=None, limit: int = 64) -> list[int]:

@@ -1,0 +1,61 @@
+"""How activation maximization parameterizes an image: as its pixels, or as a Fourier spectrum.
+
+"fft" (Olah et al. 2017, "Feature Visualization", as Lucid's `image.fft_image`): the variables
+are the real and imaginary parts of the image's 2-D real FFT, each frequency scaled by 1/f (so
+an even start is pink noise, the spectrum of natural images, and gradient steps favour low
+frequencies); for RGB the three channels are mixed by the square root of ImageNet's colour
+correlation (`decorrelate`); a sigmoid maps the result into [0, 1]. "pixel": the image in
+[0, 1] itself, clipped after each step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PARAMETERIZATIONS = ("pixel", "fft")
+
+# Lucid's square root of ImageNet's RGB covariance (`color_correlation_svd_sqrt`), each column
+# scaled so the largest has norm 1.
+_COLOUR_CORRELATION = np.asarray([[0.26, 0.09, 0.02],
+                                  [0.27, 0.00, -0.05],
+                                  [0.27, -0.09, 0.03]], np.float32)
+_COLOUR_CORRELATION /= np.max(np.linalg.norm(_COLOUR_CORRELATION, axis=0))
+
+
+def default_parameterization(input_shape: tuple[int, int, int]) -> str:
+    """"fft" for RGB inputs of 64 px and more a side, where pixel ascent turns to noise;
+    "pixel" for small or non-RGB inputs."""
+    height, width, channels = input_shape
+    return "fft" if channels == 3 and min(height, width) >= 64 else "pixel"
+
+
+def spectrum_scale(height: int, width: int, decay_power: float = 1.0) -> np.ndarray:
+    """(height, width // 2 + 1) float32: 1 / max(f, 1 / max side) ** decay_power times
+    sqrt(height * width), f the frequency in cycles per pixel of each rfft2 coefficient."""
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    frequencies = np.sqrt(fx * fx + fy * fy)
+    scale = 1.0 / np.maximum(frequencies, 1.0 / max(height, width)) ** decay_power
+    return (scale * np.sqrt(height * width)).astype(np.float32)
+
+
+def start_spectrum(rng: np.random.Generator, input_shape: tuple[int, int, int],
+                   sd: float = 0.01) -> np.ndarray:
+    """The starting variables (2, C, H, W // 2 + 1): N(0, sd^2) real and imaginary parts."""
+    height, width, channels = input_shape
+    return (sd * rng.standard_normal((2, channels, height, width // 2 + 1))).astype(np.float32)
+
+
+def fft_images(spectra, input_shape: tuple[int, int, int]):
+    """Images (N, H, W, C) in [0, 1] from spectrum variables (N, 2, C, H, W // 2 + 1);
+    TensorFlow ops, differentiable."""
+    import tensorflow as tf
+
+    height, width, channels = input_shape
+    scale = tf.constant(spectrum_scale(height, width))
+    coefficients = tf.complex(spectra[:, 0] * scale, spectra[:, 1] * scale)
+    planes = tf.signal.irfft2d(coefficients, fft_length=[height, width])  # (N, C, H, W)
+    images = tf.transpose(planes, (0, 2, 3, 1)) / 4.0  # Lucid's /4: a start near mid-grey
+    if channels == 3:
+        images = tf.einsum("nhwc,dc->nhwd", images, tf.constant(_COLOUR_CORRELATION))
+    return tf.sigmoid(images)
