@@ -347,3 +347,39 @@ def signed_row(
             ax.set_xlabel(notes[method], fontsize=7)
     fig.suptitle(title)
     return fig
+
+
+def map_grid(images, columns: Mapping[str, object], *, title: str, row_labels=None,
+             alpha: float = 0.5) -> Figure:
+    """One row per image: the image, then one map per column laid over it (an epoch's maps, or
+    one image's maps epoch after epoch).
+
+    Args:
+        images: (N, H, W, C) inputs.
+        columns: column title -> (N, h, w) maps; each map is shown as its positive part over
+            its own maximum (0..1, turbo), so a column shows where, not how much.
+        title: figure title.
+        row_labels: N strings (the class explained), or None.
+        alpha: opacity of each map over its image.
+
+    Returns:
+        A Figure of N rows and 1 + len(columns) columns.
+    """
+    images = np.asarray(images)
+    count, tiles = len(images), 1 + len(columns)
+    fig = Figure(figsize=(TILE_INCHES * tiles, TILE_INCHES * count + 0.5), facecolor="white")
+    axes = fig.subplots(count, tiles, squeeze=False,
+                        gridspec_kw={"wspace": 0.05, "hspace": 0.15, "top": 1 - 0.6 / (
+                            TILE_INCHES * count + 0.5), "bottom": 0.01, "left": 0.01,
+                                     "right": 0.99})
+    for row, image in enumerate(images):
+        show_image(axes[row, 0], image,
+                   title=None if row_labels is None else str(row_labels[row]))
+        for ax, (name, maps) in zip(axes[row, 1:], columns.items(), strict=True):
+            heat = np.maximum(finite(np.asarray(maps)[row]), 0.0)
+            top = heat.max(initial=0.0)
+            _heat_overlay(ax, image, heat / top if top > 0 else heat, alpha)
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return fig
