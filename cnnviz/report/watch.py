@@ -165,7 +165,10 @@ class ExplainCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------------- Keras hooks
     def on_train_begin(self, logs=None):
+        # What earlier fits wrote (a run resumed after its last epoch trains none, and still
+        # reports them); the first epoch of this fit drops the rows after its start.
         self._started = False
+        self.history = self._read_history()
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._started:  # the fit's first epoch: `initial_epoch` epochs are behind it
