@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_config(DIGITS, ["train.verbose=0"])
     dataset = load_dataset(config)
-    x_train, y_train = dataset.x_train, keras.utils.to_categorical(dataset.y_train, 10)
+    x_train, y_train = dataset.x_train, dataset.y_train
     watched = stratified_subset(dataset.y_test, 8, config.seed)
 
     def fit(watch: bool, folder: Path) -> float:

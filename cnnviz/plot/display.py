@@ -130,6 +130,19 @@ def as_display_image(image) -> tuple[np.ndarray, bool]:
     return values, values.ndim == 2
 
 
+def unit_display_image(image, *, normalize: bool = False) -> tuple[np.ndarray, bool]:
+    """`as_display_image` scaled to [0, 1] for display (`show_image` says how); and whether it
+    is grayscale."""
+    values, grayscale = as_display_image(image)
+    inside_unit_range = values.size > 0 and values.min() >= 0.0 and values.max() <= 1.0
+    eight_bit = values.size > 0 and values.min() >= 0.0 and 1.0 < values.max() <= 255.0
+    if not normalize and eight_bit:
+        values = values / 255.0
+    elif normalize or not inside_unit_range:
+        values = normalize01(values)
+    return values, grayscale
+
+
 def show_image(ax, image, *, normalize: bool = False, title: str | None = None):
     """Draw an input image: gray colormap for one channel, RGB for three, any value range.
 
@@ -146,13 +159,7 @@ def show_image(ax, image, *, normalize: bool = False, title: str | None = None):
     Returns:
         The `AxesImage` drawn.
     """
-    values, grayscale = as_display_image(image)
-    inside_unit_range = values.size > 0 and values.min() >= 0.0 and values.max() <= 1.0
-    eight_bit = values.size > 0 and values.min() >= 0.0 and 1.0 < values.max() <= 255.0
-    if not normalize and eight_bit:
-        values = values / 255.0
-    elif normalize or not inside_unit_range:
-        values = normalize01(values)
+    values, grayscale = unit_display_image(image, normalize=normalize)
     if grayscale:
         drawn = ax.imshow(values, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     else:
