@@ -157,6 +157,7 @@ class ExplainCallback(keras.callbacks.Callback):
         self.history: list[dict] = []
         self.maps: dict[int, dict[str, np.ndarray]] = {}
         self._started = False
+        self._chief = True
 
     @property
     def columns(self) -> list[str]:
@@ -169,6 +170,7 @@ class ExplainCallback(keras.callbacks.Callback):
         # reports them); the first epoch of this fit drops the rows after its start.
         self._started = False
         self.history = self._read_history()
+        self._chief = _is_chief(self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._started:  # the fit's first epoch: `initial_epoch` epochs are behind it
@@ -177,6 +179,8 @@ class ExplainCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1
+        if not self._chief:  # another multi-worker process: the chief explains and writes
+            return
         last = done >= (self.params or {}).get("epochs", np.inf) or self.model.stop_training
         if done % self.every and not last:
             return
@@ -284,6 +288,16 @@ class ExplainCallback(keras.callbacks.Callback):
         with self.history_file.open(newline="") as handle:
             return [{key: float(value) for key, value in row.items()}
                     for row in csv.DictReader(handle)]
+
+
+def _is_chief(model) -> bool:
+    """Whether this process writes: always, except on a multi-worker run's other workers."""
+    import tensorflow as tf
+
+    from cnnviz.train.devices import worker_role
+
+    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    return worker_role(strategy)[0]
 
 
 def _cell(key: str, value: float):
