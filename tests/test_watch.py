@@ -65,7 +65,7 @@ def test_each_epochs_maps_and_aucs_are_the_api_on_that_epochs_weights(tmp_path):
         that_epoch.set_weights(weights)
         for method in ("gradcam", "saliency"):
             expected = attribute(that_epoch, watched, shown, method=method)
-            np.testing.assert_allclose(from_arrays.maps[epoch][method], expected, atol=1e-5)
+            np.testing.assert_allclose(from_arrays.maps_of(epoch)[method], expected, atol=1e-5)
             np.testing.assert_allclose(from_dataset.maps[epoch][method], expected, atol=1e-5)
             assert (tmp_path / "epochs" / method / f"epoch-{epoch:03d}.png").is_file()
         curves = deletion_insertion(that_epoch, watched, shown, methods=("gradcam", "saliency"),
@@ -74,7 +74,7 @@ def test_each_epochs_maps_and_aucs_are_the_api_on_that_epochs_weights(tmp_path):
             for metric in ("deletion_auc", "insertion_auc"):
                 measured = float(rows[epoch - 1][f"{method}.{metric}"])
                 assert measured == pytest.approx(getattr(curves, metric)[method], abs=1e-6)
-    assert not np.allclose(from_arrays.maps[1]["saliency"], from_arrays.maps[2]["saliency"])
+    assert not np.allclose(from_dataset.maps[1]["saliency"], from_dataset.maps[2]["saliency"])
     assert (tmp_path / "epochs" / "gradcam" / "evolution.png").is_file()
     assert from_arrays.run_metrics()["explain.gradcam.insertion_auc"] == pytest.approx(
         float(rows[-1]["gradcam.insertion_auc"]))

@@ -121,10 +121,12 @@ class ExplainCallback(keras.callbacks.Callback):
         seed: seeds the faithfulness test's random order.
         input_range: (lows, highs) per channel of the images, for methods that fill or start
             from black; None: the model's.
+        class_names: names of the class indices, for the figures' row labels.
 
     Attributes:
         history: one dict per explained epoch (the CSV's rows, floats).
-        maps: {epoch: {method: (N, H, W) float32}} of the epochs explained in this process.
+        maps: {epoch: {method: (N, H, W) float32}} in memory: every epoch explained in this
+            process without a `log_dir`, the last one with it (`maps_of` reads the others).
     """
 
     def __init__(self, images, labels=None, *, methods: Sequence[str] = ("gradcam", "saliency"),
@@ -134,8 +136,9 @@ class ExplainCallback(keras.callbacks.Callback):
                  seed: int = 0, input_range=None, class_names: Sequence[str] | None = None):
         super().__init__()
         self.images, self.labels = first_batches(images, labels, batches=batches)
-        if not isinstance(every, int) or every < 1:
-            raise CnnvizError(f"every must be a positive integer; received {every!r}")
+        for name, value in (("every", every), ("steps", steps), ("batches", batches)):
+            if not isinstance(value, int) or value < 1:
+                raise CnnvizError(f"{name} must be a positive integer; received {value!r}")
         self.methods = _layer_methods(methods, layer, input_range)
         self.cue_masks = None if cue_masks is None else np.asarray(cue_masks, bool)
         if self.cue_masks is not None and self.cue_masks.shape != self.images.shape[:3]:
@@ -194,7 +197,7 @@ class ExplainCallback(keras.callbacks.Callback):
         picked = [epochs[index] for index in sorted(set(
             np.linspace(0, len(epochs) - 1, min(EVOLUTION_COLUMNS, len(epochs))).round()
             .astype(int).tolist()))]
-        maps = {epoch: self._maps_of(epoch) for epoch in picked}
+        maps = {epoch: self.maps_of(epoch) for epoch in picked}
         for method in self.methods:
             columns = {f"epoch {epoch}": maps[epoch][method] for epoch in picked}
             save_figure(map_grid(self.images, columns, title=f"{method}, epoch after epoch",
@@ -242,7 +245,8 @@ class ExplainCallback(keras.callbacks.Callback):
     def _maps_file(self, epoch: int) -> Path:
         return self.log_dir / EPOCHS_DIR / "maps" / f"epoch-{epoch:03d}.npz"
 
-    def _maps_of(self, epoch: int) -> dict[str, np.ndarray]:
+    def maps_of(self, epoch: int) -> dict[str, np.ndarray]:
+        """{method: (N, H, W) float32} after `epoch` (1 = the first), from memory or log_dir."""
         if epoch in self.maps:
             return self.maps[epoch]
         with np.load(self._maps_file(epoch)) as saved:
@@ -251,6 +255,8 @@ class ExplainCallback(keras.callbacks.Callback):
     def _write(self, row: dict, maps: dict[str, np.ndarray]) -> None:
         epoch = int(row["epoch"])
         self.history.append(row)
+        if self.log_dir is not None:  # the maps are on disk: memory holds the last epoch's
+            self.maps.clear()
         self.maps[epoch] = maps
         if self.log_dir is not None:
             buffer = io.BytesIO()
