@@ -31,6 +31,14 @@ class RunOutcome:
     timings: dict = field(default_factory=dict)
 
 
+def train_run(config, out_root: str | Path = "outputs", **options):
+    """`cnnviz.train.fit.train` with the callbacks the config asks for (`train.explain`)."""
+    from cnnviz.report.watch import run_callbacks
+    from cnnviz.train.fit import train
+
+    return train(config, out_root, epoch_callbacks=run_callbacks(config), **options)
+
+
 def training_files(result, log=print) -> list[Path]:
     """Print the training line and the files training wrote; return those files."""
     metrics = result.metrics
@@ -39,7 +47,8 @@ def training_files(result, log=print) -> list[Path]:
     if not result.chief:  # a multi-worker run's other workers write only a temporary folder
         return []
     files = [result.run_dir / name for name in
-             ("config.yaml", "model.keras", "history.csv", "metrics.json", "curves.png")
+             ("config.yaml", "model.keras", "history.csv", "metrics.json", "curves.png",
+              "explain_history.csv")
              if (result.run_dir / name).is_file()]
     for path in files:
         log(f"wrote {path}")
@@ -112,10 +121,8 @@ def run_pipeline(config, out_root: str | Path = "outputs", *, images: str | None
     from cnnviz.report.index_page import write_index
     from cnnviz.report.selection import select_images
     from cnnviz.runs.load import load_run
-    from cnnviz.train.fit import train
-
     started = time.perf_counter()
-    result = train(config, out_root, log=log)
+    result = train_run(config, out_root, log=log)
     files = training_files(result, log)
     timings = {"train_s": round(time.perf_counter() - started, 3)}
     # The figures are drawn in a process of their own (started now, while the run is read
@@ -134,7 +141,9 @@ def run_pipeline(config, out_root: str | Path = "outputs", *, images: str | None
         sections = [("Training", [FigureFile(result.run_dir / "curves.png",
                                              "Loss and accuracy per epoch, train vs validation")]
                      + ([FigureFile(summary.architecture_file, "Architecture")]
-                        if summary.architecture_file else []))]
+                        if summary.architecture_file else [])
+                     + [FigureFile(path, f"{path.parent.name}, epoch after epoch")
+                        for path in sorted(folder.glob("epochs/*/evolution.png"))])]
         step = time.perf_counter()
         sections += all_figures(run, selection, folder,
                                **(figure_options(run.model) if figure_options else {}))

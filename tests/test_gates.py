@@ -98,7 +98,7 @@ def test_known_metric_names_pass_for_run(metric):
     ("sanity.guided.ssim", "faithfulness", ["`cnnviz faithfulness` computes faithfulness.*"]),
     ("test_accuracy", "sanity", ["sanity.* metrics only"]),
     ("sanity.guided.sim", "sanity", ["sanity.<method>.{rank_correlation,ssim"]),
-    ("loss.value", "run", ["start with evaluation., sanity., faithfulness. or shortcut."]),
+    ("loss.value", "run", ["faithfulness., shortcut. or explain."]),
     ("evaluation.recall.seven", "train", ["no class 'seven'", "0, 1, 2", "indices 0..9"]),
     ("evaluation.f1.10", "run", ["no class '10'"]),
 ])

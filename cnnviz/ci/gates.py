@@ -18,6 +18,9 @@ sanity (run)       sanity.<method>.rank_correlation, sanity.<method>.ssim (after
                    randomization step), sanity.<method>.class_correlation
 faithfulness (run) faithfulness.<method>.deletion_auc, faithfulness.<method>.insertion_auc
                    (<method> may also be `random`, the reference order)
+explain (train,    explain.<method>.deletion_auc|insertion_auc|cue_share: the last epoch's
+ run)              value with `train.explain` set; max(explain...) / min(explain...): the
+                   largest / smallest over the epochs explained (explain_history.csv)
 shortcut (run)     shortcut.cue_reliance (the largest concentration over methods: 0 = spread
                    evenly, 1 = all on the cue), shortcut.<method>.cue_share|lift|concentration,
                    shortcut.train_accuracy, shortcut.test_accuracy
@@ -37,7 +40,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from cnnviz.config.expect import Expectation
+from cnnviz.config.expect import Expectation, over_epochs
 from cnnviz.errors import CnnvizError
 
 # metrics.json keys that are numbers (test_<metric> keys depend on train.metrics).
@@ -105,7 +108,13 @@ def needs_evaluation(expectations: Iterable[Expectation]) -> bool:
 def _name_problem(metric: str, command: str, config) -> str | None:
     from cnnviz.explain.registry import METHODS
 
+    reduce, metric = over_epochs(metric)
     family, _, rest = metric.partition(".")
+    if reduce is not None and family != "explain":
+        return (f"--expect {reduce}({metric}): {reduce}(...) takes a per-epoch metric, "
+                "explain.<method>.<metric>")
+    if family == "explain" and command not in ONE_FAMILY:
+        return _explain_name_problem(metric, rest, config)
     if command in ONE_FAMILY and family != ONE_FAMILY[command][0]:
         own, example = ONE_FAMILY[command]
         return (f"--expect {metric!r}: `cnnviz {command}` computes {own}.* metrics only "
@@ -141,7 +150,38 @@ def _name_problem(metric: str, command: str, config) -> str | None:
                     "spurious cue (data.source shapes with data.shapes.spurious set)")
         return _trust_name_problem(metric, family, rest, METHODS)
     return (f"--expect: unknown metric {metric!r}; names are metrics.json keys (test_accuracy, "
-            "...) or start with evaluation., sanity., faithfulness. or shortcut.")
+            "...) or start with evaluation., sanity., faithfulness., shortcut. or explain.")
+
+
+def _explain_name_problem(metric: str, rest: str, config) -> str | None:
+    from cnnviz.config.root import explain_metrics
+    from cnnviz.config.train import EXPLAIN_METRICS
+
+    if config is not None and config.train.explain is None:
+        return (f"--expect {metric!r}: explain.* metrics need the train.explain section "
+                "(e.g. --set train.explain={})")
+    methods = config.train.explain.methods if config is not None else None
+    metrics = explain_metrics(config) if config is not None else EXPLAIN_METRICS
+    method, _, name = rest.rpartition(".")
+    if (methods is None or method in methods) and name in metrics:
+        return None
+    return (f"--expect: unknown metric {metric!r}; explain metrics are explain.<method>."
+            f"{{{','.join(metrics)}}}"
+            + (f" with <method> one of {', '.join(methods)}" if methods else ""))
+
+
+def explain_values(history: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Gate values from explain_history.csv's columns ({"gradcam.cue_share": [per epoch]}):
+    the last epoch's under explain.<column>, and max(...) / min(...) over the epochs."""
+    values: dict[str, float] = {}
+    for column, series in history.items():
+        if "." not in column or not len(series):
+            continue
+        name = f"explain.{column}"
+        values[name] = float(series[-1])
+        values[f"max({name})"] = float(max(series))
+        values[f"min({name})"] = float(min(series))
+    return values
 
 
 def _trust_name_problem(metric: str, family: str, rest: str, methods: Sequence[str]) -> str | None:

@@ -65,14 +65,13 @@ def train_command(
         check_resume(resume, resolved)  # before TensorFlow's import: a live run fails at once
     import_tensorflow()
     from cnnviz.ci.gates import needs_evaluation, training_values
-    from cnnviz.train.fit import train  # imports Keras: after the quiet TensorFlow import
+    from cnnviz.pipeline import train_run, training_files  # Keras: after the quiet import
 
-    result = train(resolved, out_root, resume=resume)
-    from cnnviz.pipeline import training_files
+    result = train_run(resolved, out_root, resume=resume)
 
     files = training_files(result, log=typer.echo)
     payload = {"run_dir": str(result.run_dir), "smoke": smoke, "metrics": result.metrics}
-    values = training_values(result.metrics)
+    values = training_values(result.metrics) | epoch_values(result.run_dir)
     timings = {"train_s": round(time.perf_counter() - started, 3)}
     if needs_evaluation(expectations) and result.chief:
         evaluation, _, evaluation_files = evaluate_run_directory(result.run_dir)
@@ -91,6 +90,15 @@ def evaluate_run_directory(run_dir: Path) -> tuple[dict, list, list[Path]]:
     from cnnviz.pipeline import evaluate_run
 
     return evaluate_run(run_dir, log=typer.echo)
+
+
+def epoch_values(run_dir: Path) -> dict:
+    """The gate values of explain_history.csv (`train.explain`), {} without one."""
+    from cnnviz.ci.gates import explain_values
+    from cnnviz.report.watch import HISTORY_FILE
+    from cnnviz.train.history import read_history
+
+    return explain_values(read_history(run_dir / HISTORY_FILE))
 
 
 def evaluation_values(evaluation: dict) -> dict:
@@ -219,8 +227,8 @@ def run_command(
         figure_options=smoke_figure_options if smoke else None,
         log=typer.echo, warn=lambda line: typer.echo(line, err=True))
     trust_numbers = trust_values(**outcome.trust)
-    values = (training_values(outcome.metrics) | evaluation_values(outcome.evaluation)
-              | trust_numbers)
+    values = (training_values(outcome.metrics) | epoch_values(outcome.run_dir)
+              | evaluation_values(outcome.evaluation) | trust_numbers)
     verdicts = judge(expectations, values,
                      checks=trust_checks(**outcome.trust, seconds=outcome.trust_seconds),
                      junit=junit, properties={"command": "run", "config": str(config),

@@ -13,6 +13,7 @@ from cnnviz.errors import CnnvizError
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
              "==": operator.eq, "!=": operator.ne}
+_OVER_EPOCHS = re.compile(r"^(?P<reduce>max|min)\((?P<metric>[^()]+)\)$")
 _EXPECTATION = re.compile(
     r"^\s*(?P<metric>[^<>=!]+?)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>\S+)\s*$")
 
@@ -32,6 +33,13 @@ class Expectation:
     def holds(self, value: float) -> bool:
         """False for NaN: a metric that could not be computed never passes a gate."""
         return not math.isnan(value) and bool(OPERATORS[self.operator](value, self.threshold))
+
+
+def over_epochs(metric: str) -> tuple[str | None, str]:
+    """`max(explain.gradcam.cue_share)` -> ("max", "explain.gradcam.cue_share"); a plain name
+    -> (None, name). max/min gate the largest or smallest value over the epochs."""
+    match = _OVER_EPOCHS.match(metric.replace(" ", ""))
+    return (match["reduce"], match["metric"]) if match else (None, metric)
 
 
 def parse_expectation(text: str, *, source: str | None = "--expect") -> Expectation:
@@ -54,7 +62,8 @@ def parse_expectation(text: str, *, source: str | None = "--expect") -> Expectat
         raise CnnvizError(f"{prefix}{match['value']!r} is not a number") from None
     if math.isnan(threshold):
         raise CnnvizError(f"{prefix}the threshold must be a number, not NaN")
-    return Expectation(match["metric"], match["op"], threshold)
+    reduce, metric = over_epochs(match["metric"])
+    return Expectation(f"{reduce}({metric})" if reduce else metric, match["op"], threshold)
 
 
 def parse_expectations(

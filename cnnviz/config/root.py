@@ -16,7 +16,7 @@ from cnnviz.config.base import StrictModel
 from cnnviz.config.data import DataConfig
 from cnnviz.config.model import ModelConfig
 from cnnviz.config.shapes import check_layer_shapes, native_input_shape
-from cnnviz.config.train import CosineSchedule, PlateauSchedule, TrainConfig
+from cnnviz.config.train import EXPLAIN_METRICS, CosineSchedule, PlateauSchedule, TrainConfig
 from cnnviz.errors import CnnvizError
 
 
@@ -80,10 +80,34 @@ class Config(StrictModel):
             raise ValueError(
                 f"train.optimizer.schedule.monitor {schedule.monitor!r} needs validation data; "
                 "set data.validation_split > 0 or monitor 'loss'")
+        explain = self.train.explain
+        if explain is not None and "cue_share" in (explain.metrics or ()) and not has_cue(self):
+            raise ValueError(
+                f"train.explain.metrics cue_share needs a spurious cue in the {explain.split} "
+                "split: data.source shapes with data.shapes.spurious set (and, for split test, "
+                "data.shapes.test_cue shuffled)")
         input_shape = native_input_shape(self.data)
         if input_shape is not None:
             check_layer_shapes(self.model, input_shape)
         return self
+
+
+def has_cue(config: Config) -> bool:
+    """Whether the images `train.explain` looks at carry the shapes set's spurious cue."""
+    data, explain = config.data, config.train.explain
+    if data.source != "shapes" or not data.shapes.spurious:
+        return False
+    return explain is None or explain.split == "train" or data.shapes.test_cue == "shuffled"
+
+
+def explain_metrics(config: Config) -> tuple[str, ...]:
+    """The metrics `train.explain` records per method (its `metrics`, or the default)."""
+    explain = config.train.explain
+    if explain is None:
+        return ()
+    if explain.metrics is not None:
+        return tuple(dict.fromkeys(explain.metrics))
+    return tuple(name for name in EXPLAIN_METRICS if name != "cue_share" or has_cue(config))
 
 
 # ---------------------------------------------------------------------------------- run folders

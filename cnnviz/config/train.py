@@ -85,6 +85,30 @@ class EarlyStoppingConfig(StrictModel):
     restore_best_weights: bool = True
 
 
+# What `train.explain` measures per epoch (gate names `explain.<method>.<metric>`).
+EXPLAIN_METRICS = ("deletion_auc", "insertion_auc", "cue_share")
+
+
+class ExplainConfig(StrictModel):
+    """Watch it learn: explain the same images after every `every` epochs (README)."""
+
+    every: PositiveInt = Field(1, description="Explain after every this many epochs.")
+    images: str | None = Field(
+        None,
+        description="Indices into the split (0:8, 0,3,7); default: 8 stratified images.")
+    split: Literal["test", "train"] = Field(
+        "test", description="Where the images come from (train: the shapes set's cue is there).")
+    methods: list[str] = Field(
+        default_factory=lambda: ["gradcam", "saliency"], min_length=1,
+        description="Attribution methods (registry names, as `cnnviz faithfulness`).")
+    layer: str | None = Field(None, description="The CAM methods' layer (default: the last conv).")
+    metrics: list[Literal["deletion_auc", "insertion_auc", "cue_share"]] | None = Field(
+        None,
+        description="Per-epoch metrics; default: deletion_auc, insertion_auc, and cue_share "
+        "when the data has a spurious cue.")
+    steps: PositiveInt = Field(10, description="Points on each deletion / insertion curve.")
+
+
 class TrainConfig(StrictModel):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 64
@@ -133,6 +157,10 @@ class TrainConfig(StrictModel):
         description="Seconds between writes of checkpoints/last.keras and best.keras (0: every "
         "epoch); both are always written when training ends.",
     )
+    explain: ExplainConfig | None = Field(
+        None,
+        description="Explain fixed images after each epoch: RUN/figures/epochs/, "
+        "RUN/explain_history.csv, explain.<method>.<metric> in metrics.json. Off by default.")
 
     @field_validator("verbose", mode="before")
     @classmethod

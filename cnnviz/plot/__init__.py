@@ -3,6 +3,7 @@
 from cnnviz.plot.attribution import (
     cam_row,
     gradcam_figure,
+    map_grid,
     occlusion_figure,
     saliency_row,
     signed_row,
@@ -20,6 +21,7 @@ __all__ = [
     "feature_maps_grid",
     "filters_grid",
     "gradcam_figure",
+    "map_grid",
     "occlusion_figure",
     "render_png",
     "saliency_row",

@@ -21,11 +21,13 @@ from cnnviz.plot.display import (
     finite,
     image_extent,
     is_constant,
+    labelled_mosaic,
     new_figure,
     note,
     plain_axes,
     show_image,
     symmetric_limit,
+    unit_display_image,
 )
 
 TILE_INCHES = 1.15
@@ -347,3 +349,56 @@ def signed_row(
             ax.set_xlabel(notes[method], fontsize=7)
     fig.suptitle(title)
     return fig
+
+
+def map_grid(images, columns: Mapping[str, object], *, title: str, row_labels=None,
+             alpha: float = 0.5) -> Figure:
+    """One row per image: the image, then one map per column laid over it (an epoch's maps, or
+    one image's maps epoch after epoch).
+
+    Drawn as one mosaic (`labelled_mosaic`): a figure per epoch during training must cost
+    little next to the epoch.
+
+    Args:
+        images: (N, H, W, C) inputs.
+        columns: column title -> (N, H, W) maps; each map is shown as its positive part over
+            its own maximum (0..1, turbo), so a column shows where, not how much.
+        title: figure title.
+        row_labels: N strings (the class explained), or None.
+        alpha: opacity of each map over its image.
+
+    Returns:
+        A Figure of N rows and 1 + len(columns) columns.
+    """
+    from matplotlib import colormaps
+
+    images = np.asarray(images)
+    shown = np.stack([_unit_rgb(image) for image in images])  # (N, H, W, 3) in [0, 1]
+    tiles, labels = [], []
+    for row, image in enumerate(shown):
+        tiles.append(image)
+        labels.append("" if row_labels is None else str(row_labels[row]))
+        for name, maps in columns.items():
+            heat = np.maximum(finite(np.asarray(maps)[row]), 0.0)
+            if heat.shape != image.shape[:2]:
+                raise CnnvizError(f"maps {name!r} must have shape (N, H, W) = "
+                                  f"{images.shape[:3]}; received {np.shape(maps)}")
+            top = heat.max(initial=0.0)
+            colored = colormaps["turbo"](heat / top if top > 0 else heat)[..., :3]
+            tiles.append((1 - alpha) * image + alpha * colored)
+            labels.append(name if row == 0 else "")
+    canvas, _, _ = labelled_mosaic(np.round(np.stack(tiles) * 255).astype(np.uint8), labels,
+                                   1 + len(columns))
+    top_band = 0.35
+    width, height = canvas.shape[1] / FIGURE_DPI + 0.2, canvas.shape[0] / FIGURE_DPI + top_band
+    fig = Figure(figsize=(max(width, 0.07 * len(title)), height), facecolor="white",
+                 dpi=FIGURE_DPI)
+    fig.figimage(canvas, xo=10, yo=0, origin="upper")
+    fig.suptitle(title, y=1 - 0.05 / height, va="top", fontsize=10)
+    return fig
+
+
+def _unit_rgb(image) -> np.ndarray:
+    """(H, W, 3) float in [0, 1], scaled as `show_image` draws it."""
+    values, grayscale = unit_display_image(image)
+    return np.repeat(values[..., None], 3, axis=-1) if grayscale else np.clip(values, 0, 1)

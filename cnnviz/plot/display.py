@@ -142,6 +142,13 @@ def unit_scaled(values: np.ndarray, *, normalize: bool = False) -> np.ndarray:
     return values
 
 
+def unit_display_image(image, *, normalize: bool = False) -> tuple[np.ndarray, bool]:
+    """`as_display_image` scaled to [0, 1] for display (`unit_scaled`); and whether it is
+    grayscale."""
+    values, grayscale = as_display_image(image)
+    return unit_scaled(values, normalize=normalize), grayscale
+
+
 def show_image(ax, image, *, normalize: bool = False, title: str | None = None):
     """Draw an input image: gray colormap for one channel, RGB for three, any value range.
 
@@ -158,8 +165,7 @@ def show_image(ax, image, *, normalize: bool = False, title: str | None = None):
     Returns:
         The `AxesImage` drawn.
     """
-    values, grayscale = as_display_image(image)
-    values = unit_scaled(values, normalize=normalize)
+    values, grayscale = unit_display_image(image, normalize=normalize)
     if grayscale:
         drawn = ax.imshow(values, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     else:

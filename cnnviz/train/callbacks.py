@@ -196,14 +196,16 @@ class EpochCommit(keras.callbacks.Callback):
 
 
 def training_callbacks(config: Config, run_dir: Path, *, monitor: str, resuming: bool, backup: bool,
-               extra_callbacks, resumed: TrainingState | None = None) -> list:
+               extra_callbacks, epoch_callbacks=(),
+               resumed: TrainingState | None = None) -> list:
     """Training's Keras callbacks, in the order Keras calls them at each epoch's end.
 
     The order makes a kill at any instant harmless: 1. CSVLogger writes the epoch's history
     row (the learning-rate logger before it adds the epoch's rate to it); 2. callbacks that
     remember past epochs (ReduceLROnPlateau, EarlyStopping)
     update their state and may stop training; 3. the checkpoints write (at most every
-    `train.checkpoint_interval` seconds, always at the last epoch); 4. EpochCommit writes the
+    `train.checkpoint_interval` seconds, always at the last epoch); 3b. epoch callbacks (the
+    explanations of `train.explain`) write their part of the epoch; 4. EpochCommit writes the
     epoch's backup and then training_metadata.json, the commit. An epoch is done once it is
     committed; a kill before that reruns it from the previous commit, identically (same weights,
     optimizer, dropout seeds, data order and callback state): its history row is trimmed on
@@ -240,6 +242,7 @@ def training_callbacks(config: Config, run_dir: Path, *, monitor: str, resuming:
     ]
     if config.train.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
+    callbacks.extend(epoch_callbacks)
     if backup:
         callbacks.append(EpochCommit(run_dir / BACKUP_DIR, stateful=stateful, resumed=resumed))
     callbacks.extend(extra_callbacks)

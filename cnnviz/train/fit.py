@@ -161,7 +161,8 @@ def _bad_files_named(dataset, splits: tuple[str, ...]):
 
 
 def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(),
-          dataset=None, log=None, resume: str | Path | None = None) -> TrainResult:
+          epoch_callbacks=(), dataset=None, log=None,
+          resume: str | Path | None = None) -> TrainResult:
     """Train the config's model into a run directory under `out_root/<slug of config.name>/`.
 
     The data is loaded and the model built before anything is written, so a config Keras cannot
@@ -179,6 +180,12 @@ def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(
         out_root: parent of all runs, `outputs` by default.
         extra_callbacks: more Keras callbacks, called after the epoch is committed (tests use
             one to interrupt training).
+        epoch_callbacks: factories `(run_dir, dataset) -> Keras callback` for callbacks whose
+            files are part of each epoch's commit: called on the chief only, once the run
+            directory exists; the callbacks run just before the commit (a kill between them
+            reruns the epoch, and a callback must then drop what it wrote of it: see
+            `cnnviz.report.watch`). A callback's `run_metrics()` (if any) joins metrics.json.
+            `cnnviz.pipeline.train_run` passes the one `train.explain` asks for.
         dataset: an already loaded `cnnviz.data.Dataset` (loaded from the config when None).
         log: where progress lines go (default: print, flushed).
         resume: a run directory to resume (`--resume RUN`); a CnnvizError when it is finished,
@@ -237,8 +244,10 @@ def train(config: Config, out_root: str | Path = "outputs", *, extra_callbacks=(
         log(f"{'Resuming' if not claim.created else 'Run'} {run_dir} on {where}, "
             f"{replicas_line(strategy, config)}"
             + (f", from epoch {resume_epoch + 1}" if not claim.created else ""))
+        epoch = [factory(run_dir, dataset) for factory in epoch_callbacks]
         return _fit(config, run_dir, model, dataset, strategy, device, resumed=resumed,
-                    backup=not multi_worker, extra_callbacks=extra_callbacks)
+                    backup=not multi_worker, extra_callbacks=extra_callbacks,
+                    epoch_callbacks=epoch)
     except BaseException:
         if claim.created and not (run_dir / BACKUP_DIR / METADATA_FILE).exists():
             # Not one epoch finished: nothing worth resuming, and a leftover would be resumed
@@ -311,7 +320,8 @@ def _out_of_memory(error: BaseException) -> str:
 
 
 def _fit(config: Config, run_dir: Path, model, dataset, strategy, device: str, *,
-         resumed: TrainingState | None, backup: bool, extra_callbacks) -> TrainResult:
+         resumed: TrainingState | None, backup: bool, extra_callbacks,
+         epoch_callbacks=()) -> TrainResult:
     """Fit, evaluate and save into `run_dir` (train's body, the same on every worker)."""
     import tensorflow as tf
 
@@ -323,7 +333,8 @@ def _fit(config: Config, run_dir: Path, model, dataset, strategy, device: str, *
     callbacks = training_callbacks(config, run_dir,
                            monitor="val_loss" if inputs.validation is not None else "loss",
                            resuming=resume_epoch > 0, backup=backup,
-                           extra_callbacks=extra_callbacks, resumed=resumed)
+                           extra_callbacks=extra_callbacks, epoch_callbacks=epoch_callbacks,
+                           resumed=resumed)
     commit = next((callback for callback in callbacks if isinstance(callback, EpochCommit)),
                   None)
     if config.train.distribute != "none":
@@ -384,6 +395,8 @@ def _fit(config: Config, run_dir: Path, model, dataset, strategy, device: str, *
         **({"skipped_files": len(dataset.skipped)} if dataset.skipped else {}),
         "versions": _versions(),
     }
+    for callback in epoch_callbacks:
+        metrics |= getattr(callback, "run_metrics", dict)()
     save_model(model, run_dir / "model.keras")
     atomic_write_json(run_dir / "metrics.json", metrics)
     from cnnviz.plot import training_curves
