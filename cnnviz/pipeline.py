@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+EVOLUTION_HEADING = "How the explanations changed during training"
 EVALUATION_HEADING = "Evaluation on the test split"
 SANITY_HEADING = "Sanity checks: model randomization (Adebayo et al. 2018)"
 FAITHFULNESS_HEADING = "Faithfulness: deletion and insertion"
@@ -141,9 +142,11 @@ def run_pipeline(config, out_root: str | Path = "outputs", *, images: str | None
         sections = [("Training", [FigureFile(result.run_dir / "curves.png",
                                              "Loss and accuracy per epoch, train vs validation")]
                      + ([FigureFile(summary.architecture_file, "Architecture")]
-                        if summary.architecture_file else [])
-                     + [FigureFile(path, f"{path.parent.name}, epoch after epoch")
-                        for path in sorted(folder.glob("epochs/*/evolution.png"))])]
+                        if summary.architecture_file else []))]
+        evolution = [FigureFile(path, f"{path.parent.name}, epoch after epoch (train.explain)")
+                     for path in sorted(folder.glob("epochs/*/evolution.png"))]
+        if evolution:
+            sections.append((EVOLUTION_HEADING, evolution))
         step = time.perf_counter()
         sections += all_figures(run, selection, folder,
                                **(figure_options(run.model) if figure_options else {}))

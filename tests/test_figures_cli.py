@@ -323,11 +323,26 @@ def test_run_trains_and_writes_every_figure_and_an_index(tmp_path):
     """The toy model: a sigmoid output, 4x4 images, two examples — every figure still works."""
     # 30 of its 200 epochs (one step each) already separate the two examples (loss ~0.002).
     result = runner.invoke(app, ["run", str(ROOT / "configs" / "toy4x4.yaml"), "--out",
-                                 str(tmp_path), "--set", "train.epochs=30"],
+                                 str(tmp_path), "--set", "train.epochs=30", "--set",
+                                 "train.explain.every=10", "--set", "train.tensorboard=true"],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     run_dir = next((tmp_path / "toy4x4").iterdir())
     index = (run_dir / "index.html").read_text()
+    # train.explain: the evolution figures get their own section; TensorBoard gets each map
+    # (one tag per method and image) at each explained epoch.
+    assert "How the explanations changed during training" in index
+    assert "figures/epochs/gradcam/evolution.png" in index
+    import tensorflow as tf
+
+    steps = {}
+    for events in (run_dir / "tensorboard" / "explain").glob("events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(str(events)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    assert steps == {f"{method}/image_{index:02d}": [10, 20, 30]
+                     for method in ("gradcam", "saliency") for index in range(2)}
     sources = re.findall(r"<img src='([^']+)'", index)
     assert len(sources) >= 10
     for source in sources:

@@ -133,7 +133,8 @@ class ExplainCallback(keras.callbacks.Callback):
                  every: int = 1, log_dir: str | Path | None = None,
                  history_file: str | Path | None = None, metrics: Sequence[str] | None = None,
                  cue_masks=None, layer: str | None = None, steps: int = 10, batches: int = 1,
-                 seed: int = 0, input_range=None, class_names: Sequence[str] | None = None):
+                 seed: int = 0, input_range=None, class_names: Sequence[str] | None = None,
+                 tensorboard_dir: str | Path | None = None):
         super().__init__()
         self.images, self.labels = first_batches(images, labels, batches=batches)
         for name, value in (("every", every), ("steps", steps), ("batches", batches)):
@@ -157,6 +158,8 @@ class ExplainCallback(keras.callbacks.Callback):
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.history_file = (Path(history_file) if history_file is not None
                              else None if self.log_dir is None else self.log_dir / HISTORY_FILE)
+        self.tensorboard_dir = None if tensorboard_dir is None else Path(tensorboard_dir)
+        self._writer = None
         self.history: list[dict] = []
         self.maps: dict[int, dict[str, np.ndarray]] = {}
         self._started = False
@@ -189,8 +192,31 @@ class ExplainCallback(keras.callbacks.Callback):
             return
         row, maps = self.explain(done)
         self._write(row, maps)
+        self._summarize(done, maps)
+
+    def _summarize(self, epoch: int, maps: dict[str, np.ndarray]) -> None:
+        """Each map as a TensorBoard image, one tag per method and image (`tensorboard_dir`),
+        each scaled to [0, 1] on its own, at step `epoch`."""
+        if self.tensorboard_dir is None:
+            return
+        import tensorflow as tf
+
+        from cnnviz.plot.display import normalize01
+
+        if self._writer is None:  # one events file for the fit
+            self._writer = tf.summary.create_file_writer(str(self.tensorboard_dir / "explain"))
+        with self._writer.as_default():
+            for method, values in maps.items():
+                for index, values_of_image in enumerate(values):
+                    image = normalize01(np.asarray(values_of_image, np.float32))
+                    tf.summary.image(f"{method}/image_{index:02d}", image[None, ..., None],
+                                     step=epoch)
+        self._writer.flush()
 
     def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self.log_dir is None or not self.history:
             return
         epochs = [int(row["epoch"]) for row in self.history]
@@ -340,6 +366,7 @@ def run_callbacks(config: Config) -> tuple:
             every=explain.every, log_dir=run_dir / "figures",
             history_file=run_dir / HISTORY_FILE, metrics=explain_metrics(config),
             cue_masks=None if masks is None else masks[indices], layer=explain.layer,
-            steps=explain.steps, seed=config.seed, class_names=dataset.class_names)
+            steps=explain.steps, seed=config.seed, class_names=dataset.class_names,
+            tensorboard_dir=run_dir / "tensorboard" if config.train.tensorboard else None)
 
     return (factory,)
