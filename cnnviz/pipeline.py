@@ -102,6 +102,24 @@ def trust_reports(run, folder: Path, *, images: str = "0:32", methods=None, log=
     return reports, seconds
 
 
+EXEMPLARS_HEADING = "What each unit responds to: exemplars"
+
+
+def exemplar_section(run, folder: Path) -> list:
+    """The index page's exemplars: the first 8 filters of the last conv layer, their 6 test
+    images that activate them most (`cnnviz exemplars`); none for a model without conv layers."""
+    from cnnviz.report.exemplars import exemplar_figures
+    from cnnviz.report.figures import conv_layer_names
+    from cnnviz.report.selection import select_images
+
+    layers = conv_layer_names(run.model)[-1:]
+    if not layers:
+        return []
+    written = exemplar_figures(run.model, select_images(run, ":"), folder / "exemplars",
+                               layers=layers, filters="0:8", top=6)
+    return [(EXEMPLARS_HEADING, [figure for figure in written if figure.path.suffix == ".png"])]
+
+
 def run_pipeline(config, out_root: str | Path = "outputs", *, images: str | None = None,
                  figure_images: int = 10, figure_options=None,
                  trust_images: str = TRUST_IMAGES, trust_methods=None, log=print,
@@ -150,6 +168,7 @@ def run_pipeline(config, out_root: str | Path = "outputs", *, images: str | None
         step = time.perf_counter()
         sections += all_figures(run, selection, folder,
                                **(figure_options(run.model) if figure_options else {}))
+        sections += exemplar_section(run, folder)
         timings["figures_s"] = round(time.perf_counter() - step, 3)
         step = time.perf_counter()
         reports, seconds = trust_reports(run, folder, images=trust_images,

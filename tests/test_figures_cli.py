@@ -348,7 +348,7 @@ def test_run_trains_and_writes_every_figure_and_an_index(tmp_path):
     for source in sources:
         assert (run_dir / source).is_file(), source
     for folder in ("saliency", "gradcam", "cam", "signed", "rise", "occlusion", "activation-max",
-                   "filters", "feature-maps"):
+                   "filters", "feature-maps", "exemplars"):
         assert any(source.startswith(f"figures/{folder}/") for source in sources), folder
     assert "true positive" in index and "predicted" in index
 
