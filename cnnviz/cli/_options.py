@@ -14,7 +14,6 @@ from typing import Annotated
 import typer
 
 from cnnviz.cli._common import OutOption, import_tensorflow, report_written, writable_out
-from cnnviz.errors import CnnvizError
 
 TargetOption = Annotated[
     int | None, typer.Option("--target", help="Class to explain (default: the predicted one).")
@@ -167,11 +166,9 @@ class ImageOptions:
 
     def preparation(self, run):
         """pixels -> model inputs for commands that stream image files (predict, evaluate)."""
-        from cnnviz.report.selection import pixel_preparation
+        from cnnviz.report.selection import pixel_preparation, refuse_preprocess_for_a_run
 
-        if run.config is not None and self.preprocess != "auto":
-            raise CnnvizError(f"--preprocess {self.preprocess} is for bare model files; a run "
-                              "directory's model takes the pixels as it recorded")
+        refuse_preprocess_for_a_run(run, self.preprocess)
         return pixel_preparation(run, self.preprocess)
 
 

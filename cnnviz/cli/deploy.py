@@ -148,9 +148,6 @@ def predict_command(
                           "glob or image files")
     share = options.share
     paths = [paths[index] for index in shard_range(len(paths), share)]
-    if not paths:
-        raise CnnvizError(f"--shard {options.shard}: the files leave this share empty; use "
-                          "fewer shares")
     if csv_file is not None and share is not None:
         csv_file = shard_file(csv_file, share)
     loaded = options.load(model_source)

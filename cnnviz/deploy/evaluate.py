@@ -337,9 +337,6 @@ def evaluate_data(run, folder: Path, *, data: Path | None = None, top_k: int = 5
         class_names = list(data_classes)
     labels = _labels_in(split.labels, data_classes, class_names, str(data or "the run"))
     share = shard_range(len(split), shard)
-    if not share:
-        raise CnnvizError(f"--shard {shard[0]}/{shard[1]}: {len(split)} images leave this share "
-                          "empty; use fewer shares")
     with progress_bar(len(share), "evaluate") as bar:
         task = bar.add_task("evaluate", total=len(share))
         evaluation = evaluate(run.model, split_batches(split, labels, batch_size, share=share),

@@ -204,11 +204,16 @@ def parse_shard(spec: str) -> tuple[int, int]:
 
 def shard_range(count: int, shard: tuple[int, int] | None) -> range:
     """The contiguous block of `count` items share `shard` takes (all of them for None): the
-    shares in order are the items in order, so their outputs concatenate."""
+    shares in order are the items in order, so their outputs concatenate. An empty share is
+    one line (fewer inputs than shares)."""
     if shard is None:
         return range(count)
     index, total = shard
-    return range(index * count // total, (index + 1) * count // total)
+    share = range(index * count // total, (index + 1) * count // total)
+    if not share:
+        raise CnnvizError(f"--shard {index}/{total}: {count} inputs leave this share empty; use "
+                          "fewer shares")
+    return share
 
 
 def shard_file(path: Path, shard: tuple[int, int]) -> Path:
@@ -274,6 +279,15 @@ def _file_names(paths: list[Path]) -> list[str]:
             return names if len(set(names)) == len(names) else [
                 f"{index:04d}_{name}" for index, name in enumerate(names)]
         depth += 1
+
+
+def refuse_preprocess_for_a_run(run: Run, preprocess: str) -> None:
+    """`--preprocess` other than auto is for bare model files: a run prepares its own."""
+    if run.config is not None and preprocess != "auto":
+        raise CnnvizError(
+            f"--preprocess {preprocess} is for bare .keras files; {run.directory or 'this run'} "
+            "prepares images as it recorded when it was trained"
+        )
 
 
 def pixel_preparation(run: Run, preprocess: str):
@@ -356,19 +370,13 @@ def select_images(run: Run, spec: str, *, output=None, preprocess: str = "auto",
     any but "auto"). Indices into a folder-trained run's test split read only those files,
     from the lists the run recorded. Files are read a chunk at a time, never all at once.
     """
-    selection = _select_images(run, spec, output=output, preprocess=preprocess, resize=resize)
+    selection = replace(_chosen_images(run, spec, output=output, preprocess=preprocess,
+                                       resize=resize),
+                        input_range=inputs_range(run, preprocess))
     if shard is None:
         return selection
     share = shard_range(len(selection.images), shard)
-    if not share:
-        raise CnnvizError(f"--shard {shard[0]}/{shard[1]}: {len(selection.images)} images leave "
-                          "this share empty; use fewer shares")
     return selection.part(slice(share.start, share.stop))
-
-
-def _select_images(run: Run, spec: str, *, output, preprocess: str, resize: str) -> Selection:
-    selection = _chosen_images(run, spec, output=output, preprocess=preprocess, resize=resize)
-    return replace(selection, input_range=inputs_range(run, preprocess))
 
 
 def _chosen_images(run: Run, spec: str, *, output, preprocess: str, resize: str) -> Selection:
@@ -381,11 +389,7 @@ def _chosen_images(run: Run, spec: str, *, output, preprocess: str, resize: str)
     num_outputs = int(run.model.outputs[index].shape[-1])
     class_names = class_names_of(run, num_outputs)
     label = probability_label(run.model, index)
-    if run.config is not None and preprocess != "auto":
-        raise CnnvizError(
-            f"--preprocess {preprocess} is for bare .keras files; {run.directory or 'this run'} "
-            "prepares images as it recorded when it was trained"
-        )
+    refuse_preprocess_for_a_run(run, preprocess)
     max_pixels = run.config.data.max_image_pixels if run.config is not None else None
     paths = expand_image_spec(spec)
     if paths is not None:
