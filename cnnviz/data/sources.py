@@ -246,7 +246,8 @@ def _load_shapes(data: DataConfig, config: Config) -> ArraySource:
     # The test split never carries the training cue: absent, or at a random class's place.
     test = make_shapes(test_count, with_cue=shuffled, shuffle_cue=shuffled,
                        seed=config.seed + 10_000, **common)
-    extras = {"cue_masks_train": train.cue_masks, "cue_masks_test": test.cue_masks}
+    extras = {"cue_masks_train": train.cue_masks, "cue_masks_test": test.cue_masks,
+              "shape_masks_train": train.shape_masks, "shape_masks_test": test.shape_masks}
     # [0, 1] -> 8-bit units, in place (the generator's arrays are ours).
     native_max, unit_scale = UNITS["shapes"]
     train_images = np.multiply(train.images, np.float32(unit_scale), out=train.images)

@@ -240,7 +240,7 @@ def _compiled_call(copy: CompiledCopy, name: str, make_body: Callable) -> Callab
                              for a in arrays]
                 # The concrete function: calling it skips tf.function's argument binding
                 # (a fifth of a small request's time).
-                function = tf.function(make_body(copy.model),
+                function = tf.function(make_body(copy.model), autograph=False,
                                        input_signature=signature).get_concrete_function()
                 copy.functions[key] = function
         return function(*(tf.constant(a) for a in arrays))

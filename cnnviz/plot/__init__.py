@@ -1,4 +1,5 @@
-"""Arrays -> matplotlib Figures (no pyplot, no files); `render_png` turns one into PNG bytes."""
+"""Arrays -> matplotlib Figures (no pyplot, no files); `render_png` turns one into PNG bytes,
+`png_bytes` a picture drawn without matplotlib (`map_grid`'s)."""
 
 from cnnviz.plot.attribution import (
     cam_row,
@@ -8,7 +9,7 @@ from cnnviz.plot.attribution import (
     saliency_row,
     signed_row,
 )
-from cnnviz.plot.display import render_png, show_image
+from cnnviz.plot.display import png_bytes, render_png, show_image
 from cnnviz.plot.exemplars import exemplar_grid
 from cnnviz.plot.inspect import activation_max_grid, feature_maps_grid, filters_grid
 from cnnviz.plot.training import augmentation_grid, training_curves
@@ -23,6 +24,7 @@ __all__ = [
     "gradcam_figure",
     "map_grid",
     "occlusion_figure",
+    "png_bytes",
     "render_png",
     "saliency_row",
     "show_image",

@@ -33,10 +33,11 @@ from cnnviz.config.train import EXPLAIN_METRICS
 from cnnviz.data.shapes import cue_share
 from cnnviz.errors import CnnvizError
 from cnnviz.explain.registry import resolve_methods, run_methods
-from cnnviz.io.atomic import atomic_write_bytes, atomic_write_text, save_figure
+from cnnviz.io.atomic import atomic_write_bytes, atomic_write_text
 from cnnviz.model.compiled import predict_probabilities
 from cnnviz.model.inputs import as_image_batch
 from cnnviz.plot.attribution import map_grid
+from cnnviz.plot.display import png_bytes
 from cnnviz.trust.faithfulness import deletion_insertion
 
 HISTORY_FILE = "explain_history.csv"
@@ -226,9 +227,10 @@ class ExplainCallback(keras.callbacks.Callback):
         maps = {epoch: self.maps_of(epoch) for epoch in picked}
         for method in self.methods:
             columns = {f"epoch {epoch}": maps[epoch][method] for epoch in picked}
-            save_figure(map_grid(self.images, columns, title=f"{method}, epoch after epoch",
-                                 row_labels=self._row_labels()),
-                        self.log_dir / EPOCHS_DIR / method / "evolution.png")
+            picture = map_grid(self.images, columns, title=f"{method}, epoch after epoch",
+                               row_labels=self._row_labels())
+            atomic_write_bytes(self.log_dir / EPOCHS_DIR / method / "evolution.png",
+                               png_bytes(picture))
 
     # ----------------------------------------------------------------------------- numbers
     def explain(self, epoch: int) -> tuple[dict, dict[str, np.ndarray]]:
@@ -243,7 +245,7 @@ class ExplainCallback(keras.callbacks.Callback):
             curves = deletion_insertion(
                 self.model, self.images, targets, steps=self.steps, seed=self.seed,
                 methods={name: _precomputed(values) for name, values in maps.items()},
-                input_range=self.input_range)
+                input_range=self.input_range, random_order=False)
         for method, values in maps.items():
             for metric in self.metrics:
                 if metric == "cue_share":
@@ -289,10 +291,11 @@ class ExplainCallback(keras.callbacks.Callback):
             np.savez(buffer, **maps)
             atomic_write_bytes(self._maps_file(epoch), buffer.getvalue())
             for method, values in maps.items():
-                save_figure(map_grid(self.images, {method: values},
-                                     title=f"{method} after epoch {epoch}",
-                                     row_labels=self._row_labels()),
-                            self.log_dir / EPOCHS_DIR / method / f"epoch-{epoch:03d}.png")
+                picture = map_grid(self.images, {method: values},
+                                   title=f"{method} after epoch {epoch}",
+                                   row_labels=self._row_labels())
+                atomic_write_bytes(self.log_dir / EPOCHS_DIR / method / f"epoch-{epoch:03d}.png",
+                                   png_bytes(picture))
         if self.history_file is not None:  # last: the row says the epoch's files are there
             text = io.StringIO()
             writer = csv.DictWriter(text, fieldnames=self.columns, lineterminator="\n")
