@@ -1,5 +1,5 @@
 """Training under tf.distribute: mirrored replicas, resuming under another replica count,
-two multi-worker processes, mixed precision and XLA.
+two multi-worker processes, mixed precision and XLA; `train.explain` on the chief only.
 
 Splitting the CPU into logical devices must happen before TensorFlow starts, and this pytest
 process has usually started it already, so the replica runs happen in fresh subprocesses that
@@ -24,6 +24,9 @@ ROOT = Path(__file__).parent.parent
 DIGITS = ROOT / "configs" / "digits.yaml"
 # Small and quick: 400 training images, no dropout (so 1 and 2 replicas compute the same thing).
 SMALL = ["train.verbose=0", "data.limit=400", "model.layers.5.rate=0.0"]
+# Watch it learn on four test images, every epoch.
+EXPLAIN = ("train.explain={images: '0:4', "
+           "metrics: [deletion_auc, insertion_auc, model_randomization]}")
 
 
 def _environment(**extra) -> dict:
@@ -51,6 +54,7 @@ import tensorflow as tf
 
 from cnnviz.config import load_config
 from cnnviz.data import load_dataset
+from cnnviz.pipeline import train_run
 from cnnviz.train import train
 
 out = Path(sys.argv[1])
@@ -65,7 +69,8 @@ def losses(run_dir):
     return [float(row["loss"]) for row in csv.DictReader((run_dir / "history.csv").open())]
 
 two = ["train.distribute=mirrored", "train.cpu_replicas=2"]
-mirrored = train(config(2, *two), out / "mirrored", log=quiet)
+# Explained at every epoch as well (train.explain): the training is the same without.
+mirrored = train_run(config(2, *two, sys.argv[4]), out / "mirrored", log=quiet)
 single = train(config(2), out / "single", log=quiet)
 
 class StopAfterTwoEpochs(keras.callbacks.Callback):
@@ -105,6 +110,7 @@ plain_predictions = plain.predict(images, verbose=0, batch_size=64)
 
 print(json.dumps({
     "mirrored": mirrored.metrics, "single": single.metrics,
+    "mirrored_run": str(mirrored.run_dir),
     "mirrored_losses": losses(mirrored.run_dir), "single_losses": losses(single.run_dir),
     "resumed": resumed.metrics, "resumed_losses": losses(resumed.run_dir),
     "resumed_same_dir": resumed.run_dir == run_dir,
@@ -120,7 +126,7 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def replica_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("replicas")
-    return _python_json(REPLICA_RUNS, str(out), json.dumps(SMALL), str(DIGITS))
+    return _python_json(REPLICA_RUNS, str(out), json.dumps(SMALL), str(DIGITS), EXPLAIN)
 
 
 @pytest.mark.slow
@@ -142,6 +148,53 @@ def test_two_replicas_compute_what_one_computes(replica_runs):
                                                             rel=2e-3)
     assert replica_runs["mirrored"]["test_loss"] == pytest.approx(
         replica_runs["single"]["test_loss"], rel=5e-3)
+
+
+def _assert_explained_once_as_on_one_device(run_dir: Path, epochs: int) -> None:
+    """The run's explain history and figures: one row and one file per method and epoch, and
+    the last epoch's numbers those of the saved model explained here, on one device."""
+    import csv
+
+    import keras
+
+    from cnnviz.data import load_dataset
+    from cnnviz.explain.registry import attribute
+    from cnnviz.trust.faithfulness import deletion_insertion
+    from cnnviz.trust.sanity import model_randomization
+
+    rows = list(csv.DictReader((run_dir / "explain_history.csv").open()))
+    assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(1, epochs + 1)]
+    methods = ("gradcam", "saliency")
+    folder = run_dir / "figures" / "epochs"
+    for kind, suffix in (*((method, "png") for method in methods), ("maps", "npz")):
+        assert sorted(path.name for path in (folder / kind).glob("epoch-*")) == [
+            f"epoch-{epoch:03d}.{suffix}" for epoch in range(1, epochs + 1)], kind
+    config = load_config(run_dir / "config.yaml")
+    test = load_dataset(config).test
+    images, labels = test.images(np.arange(4)), test.labels[:4]
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    curves = deletion_insertion(model, images, labels, methods=methods, steps=10, seed=config.seed)
+    sanity = model_randomization(model, images, methods=methods, seed=config.seed, keep=0)
+    last = rows[-1]
+    with np.load(folder / "maps" / f"epoch-{epochs:03d}.npz") as maps:
+        for method in methods:
+            # Equal here; the tolerances allow for another summation order.
+            np.testing.assert_allclose(maps[method], attribute(model, images, labels,
+                                                                method=method),
+                                       rtol=1e-5, atol=1e-9)
+            for metric in ("deletion_auc", "insertion_auc"):
+                assert float(last[f"{method}.{metric}"]) == pytest.approx(
+                    getattr(curves, metric)[method], abs=1e-6), (method, metric)
+            assert float(last[f"{method}.model_randomization"]) == pytest.approx(
+                sanity.rank_correlation[method][-1], abs=1e-6), method
+
+
+@pytest.mark.slow
+def test_under_two_replicas_the_explanations_are_written_once_as_on_one_device(replica_runs):
+    _assert_explained_once_as_on_one_device(Path(replica_runs["mirrored_run"]), epochs=2)
+    metrics = replica_runs["mirrored"]
+    assert metrics["replicas"] == 2
+    assert np.isfinite(metrics["explain.gradcam.model_randomization"])
 
 
 @pytest.mark.slow
@@ -204,7 +257,7 @@ def _outputs_of_successful(processes: list[subprocess.Popen]) -> list[str]:
 
 @pytest.mark.slow
 def test_two_worker_processes_train_one_model_and_only_the_chief_writes(tmp_path):
-    settings = ["train.distribute=multi_worker", "train.epochs=2", *SMALL]
+    settings = ["train.distribute=multi_worker", "train.epochs=2", *SMALL, EXPLAIN]
     scratch = [tmp_path / f"tmp{index}" for index in range(2)]
     for folder in scratch:
         folder.mkdir()
@@ -225,6 +278,8 @@ def test_two_worker_processes_train_one_model_and_only_the_chief_writes(tmp_path
     assert "worker 1 of a multi-worker run" in outputs[1]
     assert not (tmp_path / "out1").exists(), "the non-chief writes nothing under its --out"
     assert not list(scratch[1].iterdir()), "the non-chief removes its temporary folder"
+    # train.explain: the chief alone explains, once per epoch, what one device would.
+    _assert_explained_once_as_on_one_device(runs[0], epochs=2)
 
 
 @pytest.mark.slow

@@ -16,7 +16,12 @@ from cnnviz.config.base import StrictModel
 from cnnviz.config.data import DataConfig
 from cnnviz.config.model import ModelConfig
 from cnnviz.config.shapes import check_layer_shapes, native_input_shape
-from cnnviz.config.train import EXPLAIN_METRICS, CosineSchedule, PlateauSchedule, TrainConfig
+from cnnviz.config.train import (
+    DEFAULT_EXPLAIN_METRICS,
+    CosineSchedule,
+    PlateauSchedule,
+    TrainConfig,
+)
 from cnnviz.errors import CnnvizError
 
 
@@ -107,7 +112,8 @@ def explain_metrics(config: Config) -> tuple[str, ...]:
         return ()
     if explain.metrics is not None:
         return tuple(dict.fromkeys(explain.metrics))
-    return tuple(name for name in EXPLAIN_METRICS if name != "cue_share" or has_cue(config))
+    return tuple(name for name in DEFAULT_EXPLAIN_METRICS
+                 if name != "cue_share" or has_cue(config))
 
 
 # ---------------------------------------------------------------------------------- run folders

@@ -86,7 +86,10 @@ class EarlyStoppingConfig(StrictModel):
 
 
 # What `train.explain` measures per epoch (gate names `explain.<method>.<metric>`).
-EXPLAIN_METRICS = ("deletion_auc", "insertion_auc", "cue_share")
+EXPLAIN_METRICS = ("deletion_auc", "insertion_auc", "cue_share", "model_randomization")
+# Those measured when `metrics` is not given (cue_share only where the images carry a cue;
+# model_randomization, a cascade of re-initializations per epoch, only when listed).
+DEFAULT_EXPLAIN_METRICS = ("deletion_auc", "insertion_auc", "cue_share")
 
 
 class ExplainConfig(StrictModel):
@@ -102,10 +105,12 @@ class ExplainConfig(StrictModel):
         default_factory=lambda: ["gradcam", "saliency"], min_length=1,
         description="Attribution methods (registry names, as `cnnviz faithfulness`).")
     layer: str | None = Field(None, description="The CAM methods' layer (default: the last conv).")
-    metrics: list[Literal["deletion_auc", "insertion_auc", "cue_share"]] | None = Field(
+    metrics: list[Literal["deletion_auc", "insertion_auc", "cue_share",
+                          "model_randomization"]] | None = Field(
         None,
         description="Per-epoch metrics; default: deletion_auc, insertion_auc, and cue_share "
-        "when the data has a spurious cue.")
+        "when the data has a spurious cue. model_randomization (the rank correlation of "
+        "`cnnviz sanity`, expensive) only when listed.")
     steps: PositiveInt = Field(10, description="Points on each deletion / insertion curve.")
 
 

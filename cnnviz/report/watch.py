@@ -2,19 +2,23 @@
 
 `ExplainCallback` works in any `model.fit`: at each chosen epoch it explains its fixed images
 with the training model itself (the explain functions read the model's variables: no copy per
-epoch), measures deletion / insertion AUC (`cnnviz.trust.faithfulness.deletion_insertion`) and,
-for images with a known cue, the share of positive attribution on it (`cue_share`, as
-`cnnviz shortcut` does), and writes under its `log_dir`:
+epoch), measures deletion / insertion AUC (`cnnviz.trust.faithfulness.deletion_insertion`),
+for images with a known cue the share of positive attribution on it (`cue_share`, as
+`cnnviz shortcut` does) and, when asked, `cnnviz sanity`'s model-randomization rank correlation
+(`cnnviz.trust.sanity.model_randomization`, the model's weights put back exactly), and writes
+under its `log_dir`:
 
     epochs/<method>/epoch-NNN.png    one row per image: the image and its map
     epochs/maps/epoch-NNN.npz        the maps, {method: (N, H, W) float32}
-    explain_history.csv              epoch, <method>.<metric>..., seconds (one row per epoch)
+    explain_history.csv              epoch, <method>.<metric>... (one row per epoch)
     epochs/<method>/evolution.png    at train end: one row per image, one column per epoch
 
-NNN is the count of epochs trained (001 after the first). Crash consistency: a fit that starts
-at epoch k (`initial_epoch`, a resumed run) first drops every row and file of the epochs after
-k, so a rerun epoch is recorded once; in a cnnviz run the callback writes just before the
-epoch's commit (`cnnviz.train.callbacks.training_callbacks`).
+NNN is the count of epochs trained (001 after the first). The history holds only numbers that
+the weights decide, so a run killed and resumed writes the uninterrupted run's file byte for
+byte; the time each epoch's explanation took is in `seconds` (metrics.json `explain_seconds`).
+Crash consistency: a fit that starts at epoch k (`initial_epoch`, a resumed run) first drops
+every row and file of the epochs after k, so a rerun epoch is recorded once; in a cnnviz run
+the callback writes just before the epoch's commit (`cnnviz.train.callbacks.training_callbacks`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import keras
 import numpy as np
 
 from cnnviz.config.root import Config, explain_metrics, has_cue
-from cnnviz.config.train import EXPLAIN_METRICS
+from cnnviz.config.train import DEFAULT_EXPLAIN_METRICS, EXPLAIN_METRICS
 from cnnviz.data.shapes import cue_share
 from cnnviz.errors import CnnvizError
 from cnnviz.explain.registry import resolve_methods, run_methods
@@ -39,6 +43,7 @@ from cnnviz.model.inputs import as_image_batch
 from cnnviz.plot.attribution import map_grid
 from cnnviz.plot.display import png_bytes
 from cnnviz.trust.faithfulness import deletion_insertion
+from cnnviz.trust.sanity import model_randomization
 
 HISTORY_FILE = "explain_history.csv"
 EPOCHS_DIR = "epochs"
@@ -113,19 +118,25 @@ class ExplainCallback(keras.callbacks.Callback):
         log_dir: where the figures and the history go (module docstring); None: nothing is
             written, the numbers stay in `history` and the maps in `maps`.
         history_file: the CSV's path; default `log_dir/explain_history.csv`.
-        metrics: some of "deletion_auc", "insertion_auc", "cue_share"; None: the two AUCs, and
-            cue_share when `cue_masks` are given.
+        metrics: some of "deletion_auc", "insertion_auc", "cue_share", "model_randomization";
+            None: the two AUCs, and cue_share when `cue_masks` are given. model_randomization
+            is `cnnviz sanity`'s rank correlation (`sanity.<method>.rank_correlation`: the map
+            of the predicted class vs the map with every layer re-initialized, seeded by
+            `seed`); it explains the images once more per layer with weights.
         cue_masks: (N, H, W) bool, where each image's known cue is (the shapes set's).
         layer: the CAM methods' layer (default: the last conv layer).
         steps: points on each deletion / insertion curve.
         batches: batches taken from a dataset.
-        seed: seeds the faithfulness test's random order.
+        seed: seeds the faithfulness test's random order and model_randomization's
+            re-initialized weights.
         input_range: (lows, highs) per channel of the images, for methods that fill or start
             from black; None: the model's.
         class_names: names of the class indices, for the figures' row labels.
 
     Attributes:
         history: one dict per explained epoch (the CSV's rows, floats).
+        seconds: {epoch: seconds to explain and measure it}, for the epochs explained in
+            this process (a wall time: not in the history, which a resumed run reproduces).
         maps: {epoch: {method: (N, H, W) float32}} in memory: every epoch explained in this
             process without a `log_dir`, the last one with it (`maps_of` reads the others).
     """
@@ -146,7 +157,8 @@ class ExplainCallback(keras.callbacks.Callback):
         if self.cue_masks is not None and self.cue_masks.shape != self.images.shape[:3]:
             raise CnnvizError(f"cue_masks must have shape (N, H, W) = {self.images.shape[:3]}; "
                               f"received {self.cue_masks.shape}")
-        default = EXPLAIN_METRICS if self.cue_masks is not None else EXPLAIN_METRICS[:2]
+        default = tuple(name for name in DEFAULT_EXPLAIN_METRICS
+                        if name != "cue_share" or self.cue_masks is not None)
         self.metrics = tuple(default if metrics is None else metrics)
         unknown = [name for name in self.metrics if name not in EXPLAIN_METRICS]
         if unknown:
@@ -162,6 +174,7 @@ class ExplainCallback(keras.callbacks.Callback):
         self.tensorboard_dir = None if tensorboard_dir is None else Path(tensorboard_dir)
         self._writer = None
         self.history: list[dict] = []
+        self.seconds: dict[int, float] = {}
         self.maps: dict[int, dict[str, np.ndarray]] = {}
         self._started = False
         self._chief = True
@@ -169,7 +182,7 @@ class ExplainCallback(keras.callbacks.Callback):
     @property
     def columns(self) -> list[str]:
         return ["epoch", *(f"{method}.{metric}" for method in self.methods
-                           for metric in self.metrics), "seconds"]
+                           for metric in self.metrics)]
 
     # ------------------------------------------------------------------------- Keras hooks
     def on_train_begin(self, logs=None):
@@ -234,7 +247,8 @@ class ExplainCallback(keras.callbacks.Callback):
 
     # ----------------------------------------------------------------------------- numbers
     def explain(self, epoch: int) -> tuple[dict, dict[str, np.ndarray]]:
-        """This epoch's row ({column: float}) and maps, with the model's current weights."""
+        """This epoch's row ({column: float}) and maps, with the model's current weights (the
+        time it took goes to `seconds`, not into the row)."""
         started = time.perf_counter()
         targets = self.labels
         if targets is None:
@@ -246,22 +260,31 @@ class ExplainCallback(keras.callbacks.Callback):
                 self.model, self.images, targets, steps=self.steps, seed=self.seed,
                 methods={name: _precomputed(values) for name, values in maps.items()},
                 input_range=self.input_range, random_order=False)
+        if "model_randomization" in self.metrics:
+            # `cnnviz sanity`'s own function and number: its class is the predicted one, and it
+            # gives every variable of the model its value back, so training goes on unchanged.
+            sanity = model_randomization(self.model, self.images, methods=self.methods,
+                                         seed=self.seed, keep=0, input_range=self.input_range)
         for method, values in maps.items():
             for metric in self.metrics:
                 if metric == "cue_share":
                     value = cue_share(values, self.cue_masks).mean()
+                elif metric == "model_randomization":
+                    value = sanity.rank_correlation[method][-1]  # every layer re-initialized
                 else:
                     value = getattr(curves, metric)[method]
                 row[f"{method}.{metric}"] = float(value)
-        row["seconds"] = round(time.perf_counter() - started, 3)
+        self.seconds[epoch] = round(time.perf_counter() - started, 3)
         return row, maps
 
     def run_metrics(self) -> dict[str, float]:
-        """The last explained epoch's numbers as `explain.<method>.<metric>` (metrics.json)."""
+        """The last explained epoch's numbers as `explain.<method>.<metric>`, and
+        `explain_seconds`: the time this process spent explaining (metrics.json)."""
         if not self.history:
             return {}
         last = self.history[-1]
-        return {f"explain.{key}": value for key, value in last.items() if "." in key}
+        numbers = {f"explain.{key}": value for key, value in last.items() if "." in key}
+        return {**numbers, "explain_seconds": round(sum(self.seconds.values()), 3)}
 
     # ------------------------------------------------------------------------------- files
     def _row_labels(self):
@@ -297,19 +320,34 @@ class ExplainCallback(keras.callbacks.Callback):
                 atomic_write_bytes(self.log_dir / EPOCHS_DIR / method / f"epoch-{epoch:03d}.png",
                                    png_bytes(picture))
         if self.history_file is not None:  # last: the row says the epoch's files are there
-            text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=self.columns, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows({key: _cell(key, value) for key, value in line.items()}
-                             for line in self.history)
-            atomic_write_text(self.history_file, text.getvalue())
+            self._write_history()
+
+    def _write_history(self) -> None:
+        text = io.StringIO()
+        # extrasaction: rows read back from an earlier cnnviz's file have a `seconds` cell.
+        writer = csv.DictWriter(text, fieldnames=self.columns, lineterminator="\n",
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({key: _cell(key, value) for key, value in line.items()}
+                         for line in self.history)
+        atomic_write_text(self.history_file, text.getvalue())
 
     def _forget_after(self, epoch: int) -> None:
-        """Keep what the first `epoch` epochs wrote (rows, maps, figures); drop the rest."""
-        self.history = [row for row in self._read_history() if row["epoch"] <= epoch]
+        """Keep what the first `epoch` epochs wrote (rows, maps, figures); drop the rest.
+
+        The rows go first (a row says that its epoch's files are there), then the files: from
+        here on, no file of an epoch after `epoch` is on disk until this fit writes it again.
+        """
+        written = self._read_history()
+        self.history = [row for row in written if row["epoch"] <= epoch]
         self.maps = {done: maps for done, maps in self.maps.items() if done <= epoch}
-        if self.history_file is not None and self.history_file.is_file() and not self.history:
-            self.history_file.unlink()
+        self.seconds = {done: took for done, took in self.seconds.items() if done <= epoch}
+        if (self.history_file is not None and self.history_file.is_file()
+                and len(self.history) < len(written)):
+            if self.history:
+                self._write_history()
+            else:
+                self.history_file.unlink()
         if self.log_dir is None:
             return
         for path in (self.log_dir / EPOCHS_DIR).glob("*/epoch-*"):
