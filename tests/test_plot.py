@@ -452,3 +452,41 @@ def test_feature_maps_grid_subtitle_fits_a_narrow_mosaic():
     box = subtitle.get_window_extent(renderer)
     assert "3 flat" in subtitle.get_text()
     assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, "the subtitle runs off the figure"
+
+
+def test_map_grid_is_a_titled_picture_of_each_image_and_its_maps_and_its_png_decodes():
+    import io
+
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from cnnviz.plot import map_grid, png_bytes
+
+    images = RNG.random((3, 6, 6, 1)).astype(np.float32)
+    heat = np.zeros((3, 6, 6), np.float32)
+    heat[:, 2, 3] = 5.0  # one hot pixel a row: 1.0 after scaling by the row's maximum
+    picture = map_grid(images, {"epoch 1": heat, "epoch 2": -heat}, title="saliency",
+                       row_labels=["a", "b", "c"])
+    assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
+    decoded = np.asarray(Image.open(io.BytesIO(png_bytes(picture))).convert("RGB"))
+    np.testing.assert_array_equal(decoded, picture)
+    # Find the mosaic under the title: its first tile is image 0, 12 times enlarged (72 px).
+    from cnnviz.plot.display import unit_display_image
+
+    gray = np.round(unit_display_image(images[0])[0] * 255)  # as the figures show an input
+    found = [(top, left) for top in range(picture.shape[0] - 72)
+             for left in range(picture.shape[1] - 72)
+             if np.abs(picture[top:top + 72:12, left:left + 72:12, 0] - gray).max() <= 1]
+    assert found, "image 0 is not in the picture"
+    top, left = found[0]
+    assert top > 13  # below the title band and the label band
+    hot = picture[top + 2 * 12 + 6, left + 78 + 3 * 12 + 6]  # epoch 1's tile, the hot pixel
+    turbo_top = np.asarray(colormaps["turbo"](1.0)[:3]) * 255
+    expected = 0.5 * picture[top + 2 * 12 + 6, left + 3 * 12 + 6] + 0.5 * turbo_top
+    np.testing.assert_allclose(hot, expected, atol=2)
+    # A map with no positive part: its tile is the image under turbo's bottom colour.
+    negative_tile = picture[top:top + 72, left + 2 * 78:left + 2 * 78 + 72].astype(float)
+    turbo_bottom = np.asarray(colormaps["turbo"](0.0)[:3]) * 255
+    expected_tile = 0.5 * picture[top:top + 72, left:left + 72] + 0.5 * turbo_bottom
+    np.testing.assert_allclose(negative_tile, expected_tile, atol=2)
+    assert (picture[:top - 13] < 128).any()  # a title drawn above
