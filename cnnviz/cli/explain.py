@@ -279,8 +279,9 @@ def activation_max_command(
     param: Annotated[
         Parameterization,
         typer.Option("--param", help="What the ascent changes: pixel, or fft (a 1/f-scaled "
-                     "Fourier spectrum, colours decorrelated; Olah et al. 2017). auto: fft for "
-                     "RGB inputs of 64 px and more."),
+                     "Fourier spectrum, colours decorrelated; Olah et al. 2017). auto: pixel, "
+                     "whose class images transfer to another model at least as well "
+                     "(bench/feature_vis.py)."),
     ] = Parameterization.auto,
     transforms: Annotated[
         str | None,

@@ -150,8 +150,8 @@ def activation_maximization_batch(
             of images finished in it (a progress bar's advance).
         param: "pixel" (ascend the pixels) or "fft" (ascend a 1/f-scaled Fourier spectrum,
             colour-decorrelated for RGB: `cnnviz.explain.parameterization`; no blur, no
-            clipping: a sigmoid keeps it in range); None: "fft" for RGB inputs of 64 px and
-            more, else "pixel".
+            clipping: a sigmoid keeps it in range); None: `default_parameterization`, "pixel"
+            (its class images transfer to another model at least as well: bench/feature_vis.py).
         transforms: random transforms applied to the image before each step's score, in
             order, from `cnnviz.explain.transforms.TRANSFORMS` (pad, jitter, scale, rotate):
             Lucid's transformation robustness.
