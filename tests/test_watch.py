@@ -377,32 +377,40 @@ def test_cue_share_needs_a_cue_in_the_watched_split():
 @pytest.mark.slow
 def test_the_share_on_a_learned_shortcut_rises_over_training(tmp_path):
     """The cue's share of saliency rises epoch after epoch until it is above the shape's (the
-    shape's share computed here from the saved maps), and the last epoch's equals what
-    `cnnviz shortcut` reports on the finished model's same images."""
+    shape's share computed here from the saved maps), a gate on it fails `cnnviz train` with
+    exit 1, and the last epoch's share equals what `cnnviz shortcut` reports on the finished
+    model's same images."""
+    from cnnviz.cli import app
     from cnnviz.data import load_dataset
     from cnnviz.data.shapes import cue_share
-    from cnnviz.pipeline import train_run
     from cnnviz.runs.load import load_run
     from cnnviz.trust.shortcut import shortcut_report
 
-    config = load_config(ROOT / "configs" / "shortcut.yaml", [
-        "data.shapes.count=600", "train.epochs=5", "train.verbose=0",
-        "train.explain={split: train, images: '0:8', methods: [saliency], metrics: [cue_share]}"])
-    dataset = load_dataset(config)
-    result = train_run(config, tmp_path, dataset=dataset, log=lambda line: None)
-    rows = _rows(result.run_dir / "explain_history.csv")
+    overrides = ["data.shapes.count=600", "train.epochs=5", "train.verbose=0",
+                 ("train.explain={split: train, images: '0:8', methods: [saliency], "
+                  "metrics: [cue_share]}")]
+    arguments = ["train", str(ROOT / "configs" / "shortcut.yaml"), "--out", str(tmp_path)]
+    for override in overrides:
+        arguments += ["--set", override]
+    gated = CliRunner().invoke(app, [*arguments, "--expect",
+                                     "max(explain.saliency.cue_share)<=0.05"])
+    assert gated.exit_code == 1, gated.output
+    dataset = load_dataset(load_config(ROOT / "configs" / "shortcut.yaml", overrides))
+    (run_dir,) = (tmp_path / "shortcut").iterdir()
+    rows = _rows(run_dir / "explain_history.csv")
     shares = [float(row["saliency.cue_share"]) for row in rows]
     on_shape = []
     for epoch in range(1, 6):
-        maps_file = result.run_dir / "figures" / "epochs" / "maps" / f"epoch-{epoch:03d}.npz"
+        maps_file = run_dir / "figures" / "epochs" / "maps" / f"epoch-{epoch:03d}.npz"
         with np.load(maps_file) as maps:
             on_shape.append(float(cue_share(maps["saliency"],
                                             dataset.extras["shape_masks_train"][:8]).mean()))
     assert len(shares) == 5 and shares[-1] > 1.5 * shares[0], shares
     assert shares[0] < on_shape[0] and shares[-1] > on_shape[-1], (shares, on_shape)
-    assert result.metrics["explain.saliency.cue_share"] == pytest.approx(shares[-1])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["explain.saliency.cue_share"] == pytest.approx(shares[-1])
 
-    model = load_run(result.run_dir).model
+    model = load_run(run_dir).model
     assert (model.predict(dataset.x_train[:8], verbose=0).argmax(-1) == dataset.y_train[:8]).all()
     report = shortcut_report(model, dataset, methods=("saliency",), count=8)
     assert report.cue_share["saliency"] == pytest.approx(shares[-1], abs=1e-5)
