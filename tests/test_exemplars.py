@@ -226,6 +226,42 @@ def test_cli_writes_the_grid_and_the_json_of_the_same_numbers(tmp_path):
     assert classes["units"] == "classes" and len(classes["exemplars"]) == 2 * 4
 
 
+def test_a_filter_that_never_fires_says_so_on_its_row(tmp_path, monkeypatch):
+    import keras
+
+    import cnnviz.plot
+    from cnnviz.cli import app
+
+    inputs = keras.Input((10, 10, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="c1")(inputs)
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    model = randomize(keras.Model(inputs, outputs), 5)
+    kernel, bias = model.get_layer("c1").get_weights()
+    kernel[..., 2], bias[2] = 0.0, -1.0  # filter 2: relu(-1) = 0 on every image
+    kernel = np.abs(kernel)  # the others see positive pixels through positive weights
+    kernel[..., 2] = 0.0
+    model.get_layer("c1").set_weights([kernel, bias])
+    model.save(tmp_path / "model.keras")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index, picture in enumerate(np.random.default_rng(1).integers(0, 256, (6, 10, 10, 3),
+                                                                       dtype=np.uint8)):
+        Image.fromarray(picture).save(folder / f"p{index}.png")
+    drawn = []
+
+    def spy(images, boxes, captions, row_labels, **options):
+        drawn.append(list(row_labels))
+        return real(images, boxes, captions, row_labels, **options)
+
+    real = cnnviz.plot.exemplar_grid
+    monkeypatch.setattr(cnnviz.plot, "exemplar_grid", spy)
+    result = CliRunner().invoke(app, ["exemplars", str(tmp_path / "model.keras"), "--images",
+                                      str(folder), "--layer", "c1", "--top", "3", "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert drawn == [["filter 0", "filter 1", "filter 2\nnever active", "filter 3"]]
+
+
 def test_cli_refuses_filters_without_a_layer(tmp_path):
     from cnnviz.cli import app
 

@@ -59,7 +59,10 @@ def exemplar_figures(
                                domain=f"{path}'s {count} filters")
                  if filters else list(range(min(count, 16))))
         found = unit_exemplars(model, selection.images, path, units, top=top)
-        labels = [f"filter {unit}" for unit in found.units]
+        # A filter whose best image gives 0 fires on none of them (a dead ReLU): its tiles are
+        # just the first images, and the row says so.
+        labels = [f"filter {unit}" + ("\nnever active" if not np.any(values) else "")
+                  for unit, values in zip(found.units, found.activations)]
         written += _write(found, selection, folder / f"{file_stem(path)}.png", labels,
                           f"Exemplars of {path}: the {top} images that activate each filter most",
                           _synthetic(model, path, found, with_synthetic, steps, seed, output,
