@@ -371,7 +371,7 @@ def _modified_relu_copy(model, rule: str, output: int):
 
     producer = output_producer(model, output).path
     linear_output = linear_output_substitute(model, output)
-    untouched: dict[str, int] = {}
+    untouched: list[tuple[object, str]] = []  # (layer, activation name)
 
     def substitute(path, layer):
         if path == producer:
@@ -382,7 +382,7 @@ def _modified_relu_copy(model, rule: str, output: int):
             if type(layer).__name__ in _ACTIVATION_LAYERS:
                 name = type(layer).__name__
             if name not in _LINEAR:
-                untouched[name] = untouched.get(name, 0) + 1
+                untouched.append((layer, name))
             return None
         replacement = _modified_relu(rule, **arguments)
         if layer.weights or type(layer).__name__ not in ("ReLU", "LeakyReLU", "Activation"):
@@ -390,8 +390,14 @@ def _modified_relu_copy(model, rule: str, output: int):
         return keras.layers.Activation(replacement, name=layer.name)
 
     copy = rebuild(model, output=output, substitute=substitute).model
-    if untouched:
-        counted = ", ".join(f"{count} {name}" for name, count in sorted(untouched.items()))
+    # Only layers the chosen output depends on: another head's softmax is no concern here.
+    used = {id(getattr(layer, "layer", layer)) for layer in copy.layers}
+    counts: dict[str, int] = {}
+    for layer, name in untouched:
+        if id(layer) in used:
+            counts[name] = counts.get(name, 0) + 1
+    if counts:
+        counted = ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))
         warnings.warn(
             f"{rule} backprop is defined for the ReLU family only; model {model.name!r} has "
             f"other activations ({counted} layer(s)) whose gradient passes unchanged, as in "
