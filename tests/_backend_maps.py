@@ -56,6 +56,7 @@ def all_maps(model, images: np.ndarray) -> dict[str, np.ndarray]:
     nested layer, whose output also feeds a skip connection), and the main ones on the sigmoid
     output. Each compiled function costs a trace (a jit compile on JAX): about twenty here."""
     from cnnviz import explain
+    from cnnviz.explain.exemplars import class_exemplars, unit_exemplars
     from cnnviz.explain.layers import layer_activations
 
     maps = {}
@@ -75,6 +76,11 @@ def all_maps(model, images: np.ndarray) -> dict[str, np.ndarray]:
     maps["rise"] = explain.rise(model, images, masks=48, cell=3, seed=1, output="classes")
     maps["feature_maps"] = layer_activations(model, images, [NESTED_LAYER], max_channels=2,
                                              output="classes")[NESTED_LAYER].maps
+    units = unit_exemplars(model, images, NESTED_LAYER, top=2)
+    maps["exemplars/activations"] = units.activations
+    maps["exemplars/positions"] = units.positions.astype(np.float32)
+    maps["class_exemplars"] = class_exemplars(model, images, top=2,
+                                              output="binary").activations
     # The single sigmoid unit: class 1 scores its logit z, class 0 scores -z.
     for method in ("vanilla", "guided"):
         maps[f"binary/saliency/{method}"] = explain.saliency(model, images, [0, 1, 0],
