@@ -81,6 +81,11 @@ def all_maps(model, images: np.ndarray) -> dict[str, np.ndarray]:
     maps["exemplars/positions"] = units.positions.astype(np.float32)
     maps["class_exemplars"] = class_exemplars(model, images, top=2,
                                               output="binary").activations
+    # Same seed, same start, jitter and blur: the same ascent on every backend.
+    maps["activation_max/classes"] = explain.activation_maximization_batch(
+        model, None, (0, 1, 2), steps=32, seed=4, output="classes", param="pixel")
+    maps["activation_max/filters"] = explain.activation_maximization_batch(
+        model, NESTED_LAYER, (0, 3), steps=32, seed=4, output="classes", param="pixel")
     # The single sigmoid unit: class 1 scores its logit z, class 0 scores -z.
     for method in ("vanilla", "guided"):
         maps[f"binary/saliency/{method}"] = explain.saliency(model, images, [0, 1, 0],

@@ -80,7 +80,7 @@ def _backend():
     return _module(current())
 
 
-def compile(body: Callable, variables: Sequence) -> Callable:
+def compile(body: Callable, variables: Sequence, *, any_batch: bool = True) -> Callable:
     """`call(*arrays) -> outputs`: `body(*tensors) -> tuple of tensors`, compiled.
 
     Args:
@@ -89,12 +89,15 @@ def compile(body: Callable, variables: Sequence) -> Callable:
         variables: the Keras variables `body` reads (a model copy's `variables`). JAX passes
             their current values as arguments, so a model trained or randomized in place is
             never seen with stale weights.
+        any_batch: trace once for any leading size (TensorFlow: a None batch dimension in
+            the signature); False traces for the first call's exact shapes, which lets
+            TensorFlow fold shapes in long loops (activation maximization).
 
     Returns:
         A callable taking numpy arrays (B, ...) and returning a sequence of arrays that
         `numpy.asarray` reads.
     """
-    return _backend().compile(body, variables)
+    return _backend().compile(body, variables, any_batch=any_batch)
 
 
 def input_gradients(score_fn: Callable, inputs):

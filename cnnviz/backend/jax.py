@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import keras
 
 
-def compile(body, variables):
+def compile(body, variables, *, any_batch=True):  # any_batch: TensorFlow's concern
     variables = list(variables)
 
     @jax.jit

@@ -6,14 +6,14 @@ from __future__ import annotations
 import tensorflow as tf
 
 
-def compile(body, variables):
+def compile(body, variables, *, any_batch=True):
     function = None
 
     def call(*arrays):
         nonlocal function
         if function is None:
-            signature = [tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype))
-                         for a in arrays]
+            signature = [tf.TensorSpec((None, *a.shape[1:]) if any_batch else a.shape,
+                                       tf.as_dtype(a.dtype)) for a in arrays]
             # The concrete function: calling it skips tf.function's argument binding
             # (a fifth of a small request's time).
             function = tf.function(body, input_signature=signature).get_concrete_function()

@@ -7,7 +7,7 @@ import keras
 import torch
 
 
-def compile(body, variables):
+def compile(body, variables, *, any_batch=True):  # any_batch: TensorFlow's concern
     def call(*arrays):
         # No autograd graph for forward passes; the gradient functions below turn it on.
         with torch.no_grad():
