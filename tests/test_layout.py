@@ -10,13 +10,15 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "cnnviz"
 
 # Lowest first. A module may import its own floor or any floor below it, never one above.
-# plot draws arrays and needs nothing of cnnviz; io writes files (figures too); runs is the
+# backend is the seam over Keras's backends (gradients, custom gradients, compilation); plot
+# draws arrays and needs nothing of cnnviz; io writes files (figures too); runs is the
 # run-directory contract that train writes; report writes the figures that deploy and the
 # pipeline hand it; callbacks re-exports the Keras callbacks users add to their own fit, whose
 # code (report/watch.py) needs explain, trust and report; pipeline is `cnnviz run` as one library
 # call; cli is the thin Typer layer.
 FLOORS = [
     ("cnnviz", "cnnviz.errors", "cnnviz._quiet", "cnnviz._keras"),
+    ("cnnviz.backend",),
     ("cnnviz.plot",),
     ("cnnviz.io",),
     ("cnnviz.config",),

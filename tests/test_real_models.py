@@ -210,6 +210,14 @@ def test_activations_without_a_guided_rule_are_named_once_and_left_as_they_are()
     np.testing.assert_allclose(guided, input_gradients(model, batch, 0), atol=1e-6)
 
 
+def test_another_heads_softmax_is_not_named_for_the_guided_rule():
+    # The guided copy of one output has only the layers that output needs.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        input_gradients(_two_heads(), BATCH, 0, method="guided", output="parity")
+    assert not [w for w in caught if issubclass(w.category, CnnvizWarning)]
+
+
 # --------------------------------------------------------------------------- outputs
 def _two_heads():
     inputs = keras.Input((8, 8, 1))

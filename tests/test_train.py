@@ -44,9 +44,11 @@ def test_a_run_directory_holds_every_file(tmp_path):
     assert not list(run.rglob("*.partial*")) and not list(run.rglob(".*.tmp"))
 
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("test_accuracy", "test_loss", "epochs", "seconds", "device", "versions"):
+    for key in ("test_accuracy", "test_loss", "epochs", "seconds", "device", "backend",
+                "versions"):
         assert key in metrics
     assert metrics["epochs"] == 2 and metrics["device"] == "CPU"
+    assert metrics["backend"] == "tensorflow"
     assert metrics["versions"]["keras"].startswith("3.")
     assert 0.5 < metrics["test_accuracy"] <= 1.0, "two epochs on digits learn something"
 

@@ -14,11 +14,13 @@ import math
 import os
 import sys
 import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from cnnviz import backend
 from cnnviz.errors import CnnvizError, CnnvizNotice, CnnvizWarning
 
 app = typer.Typer(
@@ -30,6 +32,24 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect config files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+
+Backend = Enum("Backend", {name: name for name in backend.BACKENDS}, type=str)
+
+
+@app.callback()
+def _global_options(
+    keras_backend: Annotated[
+        Backend | None,
+        typer.Option("--backend", help="The Keras backend to run on (default: KERAS_BACKEND, "
+                     "else ~/.keras/keras.json, else tensorflow). Set before Keras is imported."),
+    ] = None,
+) -> None:
+    # No docstring: Typer would show it in place of the app's help.
+    if keras_backend is not None:
+        try:
+            backend.select(keras_backend.value)
+        except CnnvizError as error:
+            fail(str(error))
 
 # Exit codes: 0 all good; 1 a quality gate failed (an --expect, verify over its tolerance,
 # an export that does not match its model); 2 bad input (nothing was judged); 130 interrupted.

@@ -18,10 +18,13 @@ with a weight, so new ones compose without new flags.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from cnnviz import backend
 from cnnviz.errors import CnnvizError
 from cnnviz.explain.parameterization import (
     PARAMETERIZATIONS,
@@ -35,7 +38,7 @@ from cnnviz.model.graph import find_layer, output_producer
 from cnnviz.model.inputs import input_range as model_input_range
 from cnnviz.model.outputs import output_index, target_scores
 
-Penalty = Callable[..., object]  # images (N, H, W, C) tf.Tensor -> (N,) tf.Tensor
+Penalty = Callable[..., object]  # images (N, H, W, C) tensor -> (N,) tensor, keras.ops
 Regularizers = tuple[tuple[float, Penalty], ...]
 
 
@@ -43,9 +46,9 @@ Regularizers = tuple[tuple[float, Penalty], ...]
 def l2_norm(images):
     """Sum of squared pixel values per image, (N,): pulls pixels towards 0 (fewer extreme
     values)."""
-    import tensorflow as tf
+    from keras import ops
 
-    return tf.reduce_sum(tf.square(images), axis=[1, 2, 3])
+    return ops.sum(ops.square(images), axis=(1, 2, 3))
 
 
 def lp_norm(p: float) -> Penalty:
@@ -54,9 +57,9 @@ def lp_norm(p: float) -> Penalty:
         raise CnnvizError(f"lp_norm needs p > 0; received p={p}")
 
     def penalty(images):
-        import tensorflow as tf
+        from keras import ops
 
-        return tf.reduce_sum(tf.pow(tf.abs(images) + 1e-12, p), axis=[1, 2, 3])
+        return ops.sum(ops.power(_abs(images) + 1e-12, p), axis=(1, 2, 3))
 
     penalty.__name__ = f"l{p:g}_norm"
     return penalty
@@ -67,11 +70,19 @@ def total_variation(images):
 
     Without it the ascent finds high-frequency patterns that excite the network but look like noise.
     """
-    import tensorflow as tf
+    from keras import ops
 
-    down = tf.abs(images[:, 1:, :, :] - images[:, :-1, :, :])
-    right = tf.abs(images[:, :, 1:, :] - images[:, :, :-1, :])
-    return tf.reduce_sum(down, axis=[1, 2, 3]) + tf.reduce_sum(right, axis=[1, 2, 3])
+    down = _abs(images[:, 1:, :, :] - images[:, :-1, :, :])
+    right = _abs(images[:, :, 1:, :] - images[:, :, :-1, :])
+    return ops.sum(down, axis=(1, 2, 3)) + ops.sum(right, axis=(1, 2, 3))
+
+
+def _abs(values):
+    """|values| whose derivative at 0 is 0 on every backend (JAX's abs has 1 there, TensorFlow's
+    and PyTorch's 0): clipped pixels make many exact zeros, and the ascent would differ."""
+    from keras import ops
+
+    return values * ops.sign(values)
 
 
 def default_regularizers(*, l2: float = 0.05, tv: float = 0.1) -> Regularizers:
@@ -142,7 +153,7 @@ def activation_maximization_batch(
             The ascent runs on the image scaled to [0, 1] over this range, so the penalties,
             `learning_rate` and the blur mean the same for any range.
         regularizers: (weight, penalty) pairs to use instead of those built from `l2` and `tv`;
-            a penalty maps images (N, H, W, C), scaled to [0, 1], to (N,) with TensorFlow ops.
+            a penalty maps images (N, H, W, C), scaled to [0, 1], to (N,) with keras.ops.
         output: which output of a multi-output model (index or name); None for one output.
         batch_size: images optimized together; more indices run in chunks of this size (None:
             sized to the model's activation memory, at most 64).
@@ -163,7 +174,7 @@ def activation_maximization_batch(
         CnnvizError: an unknown layer, a layer without 4-D/2-D output, an index out of range,
             a model without a fixed input shape, or invalid settings.
     """
-    import tensorflow as tf
+    from keras import ops
 
     if input_range is None:
         input_range = model_input_range(model)
@@ -174,6 +185,7 @@ def activation_maximization_batch(
     if param not in PARAMETERIZATIONS:
         raise CnnvizError(f"param {param!r} is not a parameterization; choose one of "
                           f"{', '.join(PARAMETERIZATIONS)}")
+    _check_backend(param, transforms)
     score, count = _score_function(model, layer, output)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     bad = indices[(indices < 0) | (indices >= count)]
@@ -201,59 +213,66 @@ def activation_maximization_batch(
     # The jitter bound shrinks linearly to 0: early steps find a shift-robust pattern, the last
     # ones settle it in place (a fixed large jitter leaves a tiny image misaligned at the end).
     bound = jitter * (1 - np.arange(steps) / steps)
-    shifts = np.rint(rng.uniform(-1, 1, size=(steps, 2)) * bound[:, None])
-    shifts = tf.constant(shifts, dtype=tf.int32)
-    step_size = tf.constant(learning_rate, tf.float32)
+    shifts = np.rint(rng.uniform(-1, 1, size=(steps, 2)) * bound[:, None]).astype(np.int32)
     blur = (_gaussian_blur(blur_sigma, input_shape)
             if blur_every and blur_sigma > 0 and param == "pixel" else None)
     transform = random_transforms(transforms, input_shape, steps, rng)
-    axes = list(range(1, start.ndim + 1))
+    axes = tuple(range(1, start.ndim + 1))
 
-    def ascent_step(variables, step, targets):
-        with tf.GradientTape() as tape:
-            tape.watch(variables)
+    def ascent_step(variables, step, targets, shift):
+        def objective(current):
             # Jitter: the gradient must work wherever the pattern sits, so no pixel-exact tricks.
-            shifted = tf.roll(to_image(variables), shift=shifts[step], axis=[1, 2])
-            objective = score(low + width * transform(shifted, step), targets)
-        gradient = tape.gradient(objective, variables)
+            shifted = ops.roll(to_image(current), shift, axis=(1, 2))
+            return score(low + width * transform(shifted, step), targets), ()
+
+        gradient, _ = backend.input_gradients(objective, variables)
         # Per-image RMS normalization makes the step independent of the model's logit scale ...
-        rms = tf.sqrt(tf.reduce_mean(tf.square(gradient), axis=axes, keepdims=True))
+        rms = ops.sqrt(ops.mean(ops.square(gradient), axis=axes, keepdims=True))
         direction = gradient / (rms + 1e-12)
         if regularizers:
             # ... and the penalty weights relative to a unit-RMS score gradient.
-            with tf.GradientTape() as tape:
-                tape.watch(variables)
-                images = to_image(variables)
-                penalty = tf.add_n([weight * fn(images) for weight, fn in regularizers])
-            direction -= tape.gradient(penalty, variables)
-        stepped = variables + step_size * direction
-        return tf.clip_by_value(stepped, 0.0, 1.0) if param == "pixel" else stepped
+            def penalty(current):
+                images = to_image(current)
+                terms = [weight * fn(images) for weight, fn in regularizers]
+                return functools.reduce(operator.add, terms), ()
 
-    def blur_step(images):
-        return tf.clip_by_value(blur(images), 0.0, 1.0)
+            direction = direction - backend.input_gradients(penalty, variables)[0]
+        stepped = variables + learning_rate * direction
+        return ops.clip(stepped, 0.0, 1.0) if param == "pixel" else stepped
 
-    @tf.function
     def ascend(variables, targets):
-        # The whole ascent is one graph (a while loop): no Python overhead per step.
-        for step in tf.range(steps):
-            variables = ascent_step(variables, step, targets)
-            if blur is not None and (step + 1) % blur_every == 0:  # autograph: a tf.cond
-                variables = blur_step(variables)
-        return low + width * to_image(variables)
+        # The whole ascent is one compiled loop (a while loop on TensorFlow, lax.fori_loop on
+        # JAX): no Python overhead per step.
+        all_shifts = ops.convert_to_tensor(shifts)
+
+        def one_step(step, current):
+            # An eager loop (PyTorch) has Python steps: its shifts are plain ints.
+            shift = (tuple(int(v) for v in shifts[step]) if isinstance(step, int)
+                     else all_shifts[step])
+            current = ascent_step(current, step, targets, shift)
+            if blur is None:
+                return current
+            return ops.cond((step + 1) % blur_every == 0,
+                            lambda: ops.clip(blur(current), 0.0, 1.0), lambda: current)
+
+        variables = ops.fori_loop(0, steps, one_step, variables)
+        return (low + width * to_image(variables),)
 
     if len(indices) == 0:
         return np.zeros((0, *input_shape), dtype=np.float32)
     if batch_size is None:
         batch_size = min(64, batch_size_for(model_copy(model, "logits", output=output), None))
     size = min(batch_size, len(indices))
+    compiled = backend.compile(ascend, model.variables, any_batch=False)  # one chunk size
     results = []
     for begin in range(0, len(indices), size):
         chunk = indices[begin : begin + size]
         real = len(chunk)
         # Pad with a repeated index so every chunk has the traced shape.
-        targets = tf.constant(np.concatenate([chunk, np.repeat(chunk[-1:], size - real)]), tf.int32)
-        variables = tf.constant(np.broadcast_to(start, (size, *start.shape)), tf.float32)
-        results.append(ascend(variables, targets).numpy()[:real])
+        targets = np.concatenate([chunk, np.repeat(chunk[-1:], size - real)]).astype(np.int32)
+        variables = np.broadcast_to(start, (size, *start.shape)).astype(np.float32)
+        (images,) = compiled(variables, targets)
+        results.append(np.asarray(images)[:real])
         if progress is not None:
             progress(real)
     return np.concatenate(results).astype(np.float32, copy=False)
@@ -281,6 +300,19 @@ def _check_settings(steps, learning_rate, jitter, blur_every, blur_sigma, low, h
         raise CnnvizError("\n".join(problems))
 
 
+def _check_backend(param: str, transforms: Sequence[str]) -> None:
+    """The Fourier parameterization and the random transforms are TensorFlow ops still."""
+    if backend.current() == "tensorflow":
+        return
+    needs = ([f"param={param!r}"] if param == "fft" else []) + (
+        [f"transforms={tuple(transforms)!r}"] if transforms else [])
+    if needs:
+        raise CnnvizError(
+            f"activation maximization with {' and '.join(needs)} runs on the tensorflow "
+            f"backend only (Keras runs on {backend.current()}); use param='pixel' without "
+            "transforms, or KERAS_BACKEND=tensorflow")
+
+
 def _input_shape(model) -> tuple[int, ...]:
     shape = tuple(model.inputs[0].shape[1:])
     if len(shape) != 3 or any(dim is None for dim in shape):
@@ -292,8 +324,8 @@ def _input_shape(model) -> tuple[int, ...]:
 
 
 def _score_function(model, layer, output):
-    """`score(images, targets) -> (N,)` TF function and how many indices it accepts."""
-    import tensorflow as tf
+    """`score(images, targets) -> (N,)` (keras.ops) and how many indices it accepts."""
+    from keras import ops
 
     index = output_index(model, output)
     entry = None if layer is None else find_layer(model, layer)
@@ -316,16 +348,16 @@ def _score_function(model, layer, output):
     def channel_score(images, targets):
         (activations,) = sub_model(images)
         if rank == 4:
-            activations = tf.reduce_mean(activations, axis=[1, 2])
-        return tf.gather(activations, targets, axis=1, batch_dims=1)
+            activations = ops.mean(activations, axis=(1, 2))
+        return ops.take_along_axis(activations, ops.cast(targets, "int32")[:, None], axis=1)[:, 0]
 
     return channel_score, int(entry.layer.output.shape[-1])
 
 
 def _gaussian_blur(sigma: float, input_shape: tuple[int, int, int]):
-    """A compiled separable Gaussian blur with reflected borders (zero padding would darken
-    them)."""
-    import tensorflow as tf
+    """A separable Gaussian blur with reflected borders (zero padding would darken them),
+    keras.ops."""
+    from keras import ops
 
     height, width, channels = input_shape
     radius = min(int(np.ceil(3 * sigma)), height - 1, width - 1)
@@ -334,14 +366,15 @@ def _gaussian_blur(sigma: float, input_shape: tuple[int, int, int]):
     offsets = np.arange(-radius, radius + 1, dtype=np.float64)
     weights = np.exp(-0.5 * (offsets / sigma) ** 2)
     weights = (weights / weights.sum()).astype(np.float32)
-    vertical = tf.constant(np.tile(weights[:, None, None, None], (1, 1, channels, 1)))
-    horizontal = tf.constant(np.tile(weights[None, :, None, None], (1, 1, channels, 1)))
+    vertical = np.tile(weights[:, None, None, None], (1, 1, channels, 1))
+    horizontal = np.tile(weights[None, :, None, None], (1, 1, channels, 1))
     pad = [[0, 0], [radius, radius], [radius, radius], [0, 0]]
 
-    @tf.function
     def blur(images):
-        padded = tf.pad(images, pad, mode="REFLECT")
-        padded = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
-        return tf.nn.depthwise_conv2d(padded, horizontal, [1, 1, 1, 1], "VALID")
+        padded = ops.pad(images, pad, mode="reflect")
+        padded = ops.depthwise_conv(padded, ops.convert_to_tensor(vertical), 1, "valid",
+                                    data_format="channels_last")
+        return ops.depthwise_conv(padded, ops.convert_to_tensor(horizontal), 1, "valid",
+                                  data_format="channels_last")
 
     return blur

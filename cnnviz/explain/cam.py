@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cnnviz import backend
 from cnnviz.errors import CnnvizError
 from cnnviz.model.compiled import (
     batch_size_for,
@@ -46,6 +47,7 @@ from cnnviz.model.outputs import (
     output_rank,
     target_scores,
 )
+from cnnviz.model.taps import layer_forward
 
 CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam")
 
@@ -58,98 +60,109 @@ _SCORECAM_EPSILON = 1e-8
 
 
 def _scaled_and_resized(maps, height: int, width: int):
-    """ReLU, min-max per image, bilinear resize: (B, h, w) -> (B, H, W) in [0, 1]. TensorFlow."""
-    import tensorflow as tf
+    """ReLU, min-max per image, bilinear resize: (B, h, w) -> (B, H, W) in [0, 1]. keras.ops."""
+    from keras import ops
 
-    maps = tf.nn.relu(maps)
-    low = tf.reduce_min(maps, axis=(1, 2), keepdims=True)
-    high = tf.reduce_max(maps, axis=(1, 2), keepdims=True)
+    maps = ops.relu(maps)
+    low = ops.min(maps, axis=(1, 2), keepdims=True)
+    high = ops.max(maps, axis=(1, 2), keepdims=True)
     maps = (maps - low) / (high - low + _EPSILON)
-    return tf.image.resize(maps[..., None], (height, width), method="bilinear")[..., 0]
+    return ops.image.resize(maps[..., None], (height, width), interpolation="bilinear",
+                            data_format="channels_last")[..., 0]
 
 
 def _combine(method: str, features, gradients):
     """The (B, h, w) map before ReLU and scaling, from A and g (both (B, h, w, K))."""
-    import tensorflow as tf
+    from keras import ops
 
     if method == "gradcam":
-        weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+        weights = ops.mean(gradients, axis=(1, 2), keepdims=True)
     elif method == "gradcam++":
         # g^2 / (2 g^2 + S g^3) = 1 / (2 + S g) where g != 0: no g^3 underflow. pytorch-grad-cam
         # adds 1e-6 to the denominator, which shrinks alpha wherever |g| < ~1e-3; we don't.
-        total = tf.reduce_sum(features, axis=(1, 2), keepdims=True)
-        alpha = tf.math.divide_no_nan(tf.ones_like(gradients), 2.0 + total * gradients)
-        alpha = tf.where(gradients != 0, alpha, tf.zeros_like(alpha))
-        weights = tf.reduce_sum(tf.nn.relu(gradients) * alpha, axis=(1, 2), keepdims=True)
+        total = ops.sum(features, axis=(1, 2), keepdims=True)
+        alpha = ops.divide_no_nan(ops.ones_like(gradients), 2.0 + total * gradients)
+        alpha = ops.where(gradients != 0, alpha, ops.zeros_like(alpha))
+        weights = ops.sum(ops.relu(gradients) * alpha, axis=(1, 2), keepdims=True)
     elif method == "xgradcam":
-        total = tf.reduce_sum(features, axis=(1, 2), keepdims=True)
-        weights = tf.reduce_sum(gradients * features, axis=(1, 2), keepdims=True) / (
+        total = ops.sum(features, axis=(1, 2), keepdims=True)
+        weights = ops.sum(gradients * features, axis=(1, 2), keepdims=True) / (
             total + _XGRADCAM_EPSILON
         )
     elif method == "layercam":
-        return tf.reduce_sum(tf.nn.relu(gradients) * features, axis=-1)
+        return ops.sum(ops.relu(gradients) * features, axis=-1)
     elif method == "hirescam":
-        return tf.reduce_sum(gradients * features, axis=-1)
+        return ops.sum(gradients * features, axis=-1)
     else:
         raise ValueError(f"not a gradient CAM method: {method!r}")  # internal
-    return tf.reduce_sum(weights * features, axis=-1)
+    return ops.sum(weights * features, axis=-1)
 
 
 def _principal_component(features):
     """Eigen-CAM: each image's (hw, K) activations, centred, projected on their first right
     singular vector; the sign chosen so the map correlates positively with the channel mean.
-    Returns (B, h, w). TensorFlow.
+    Returns (B, h, w). keras.ops.
 
     The singular vector comes from the eigendecomposition of the smaller Gram matrix, K x K or
     hw x hw (7x faster than a batched SVD on CPU for a 7 x 7 x 32 layer, and cheap for a
     7 x 7 x 2048 one); if centred = U S V^T, the projection centred v_1 is s_1 u_1.
     """
-    import tensorflow as tf
+    from keras import ops
 
-    batch, height, width, channels = (tf.shape(features)[0], *features.shape[1:])
-    flat = tf.reshape(features, (batch, height * width, channels))
-    centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
+    batch, height, width, channels = (ops.shape(features)[0], *features.shape[1:])
+    flat = ops.reshape(features, (batch, height * width, channels))
+    centred = flat - ops.mean(flat, axis=1, keepdims=True)
     if channels <= height * width:
-        _, vectors = tf.linalg.eigh(tf.matmul(centred, centred, transpose_a=True))
-        projection = tf.linalg.matvec(centred, vectors[:, :, -1])  # (B, hw)
+        _, vectors = ops.eigh(ops.matmul(ops.transpose(centred, (0, 2, 1)), centred))
+        projection = ops.einsum("bpk,bk->bp", centred, vectors[:, :, -1])  # (B, hw)
     else:
-        values, vectors = tf.linalg.eigh(tf.matmul(centred, centred, transpose_b=True))
-        projection = vectors[:, :, -1] * tf.sqrt(tf.nn.relu(values[:, -1:]))
-    mean = tf.reduce_mean(flat, axis=-1)
-    agreement = tf.reduce_sum(
-        (projection - tf.reduce_mean(projection, axis=1, keepdims=True))
-        * (mean - tf.reduce_mean(mean, axis=1, keepdims=True)),
+        values, vectors = ops.eigh(ops.matmul(centred, ops.transpose(centred, (0, 2, 1))))
+        projection = vectors[:, :, -1] * ops.sqrt(ops.relu(values[:, -1:]))
+    mean = ops.mean(flat, axis=-1)
+    agreement = ops.sum(
+        (projection - ops.mean(projection, axis=1, keepdims=True))
+        * (mean - ops.mean(mean, axis=1, keepdims=True)),
         axis=1,
         keepdims=True,
     )
-    projection = tf.where(agreement < 0, -projection, projection)
-    return tf.reshape(projection, (batch, height, width))
+    projection = ops.where(agreement < 0, -projection, projection)
+    return ops.reshape(projection, (batch, height, width))
 
 
 def _cam_body(method: str, layer_name: str, height: int, width: int):
-    """Compiled body for every method but Score-CAM: (images, targets) -> (maps, targets used)."""
+    """Compiled body for the gradient methods: (images, targets) -> (maps, targets used)."""
 
     def make_body(clone):
-        import tensorflow as tf
+        layer_forward_of = layer_forward(clone, layer_name)
 
+        def forward(images, targets, offset):
+            features, logits = layer_forward_of(images, offset)
+            chosen = choose_targets(logits, targets)
+            return features, target_scores(logits, chosen), (chosen,)
+
+        def body(images, targets):
+            # Images are independent (inference mode): d(sum of scores)/dA_i is image i's own.
+            features, gradients, (chosen,) = backend.layer_gradients(
+                lambda inputs, offset: forward(inputs, targets, offset), images)
+            maps = _combine(method, features, gradients)
+            return _scaled_and_resized(maps, height, width), chosen
+
+        return body
+
+    return make_body
+
+
+def _eigencam_body(layer_name: str, height: int, width: int):
+    """Compiled body for Eigen-CAM (gradient-free, class-agnostic): (images, targets) ->
+    (maps, targets used)."""
+
+    def make_body(clone):
         layer_and_logits = features_and_logits(clone, layer_name)
 
         def body(images, targets):
-            if method == "eigencam":  # gradient-free and class-agnostic
-                features, logits = layer_and_logits(images, training=False)
-                return (
-                    _scaled_and_resized(_principal_component(features), height, width),
-                    choose_targets(logits, targets),
-                )
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(images)  # records the path through `features`; no weight gradients
-                features, logits = layer_and_logits(images, training=False)
-                chosen = choose_targets(logits, targets)
-                scores = target_scores(logits, chosen)
-            # Images are independent (inference mode): d(sum of scores)/dA_i is image i's own.
-            gradients = tape.gradient(scores, features)
-            maps = _combine(method, features, gradients)
-            return _scaled_and_resized(maps, height, width), chosen
+            features, logits = layer_and_logits(images, training=False)
+            return (_scaled_and_resized(_principal_component(features), height, width),
+                    choose_targets(logits, targets))
 
         return body
 
@@ -171,17 +184,18 @@ def _activations_body(layer_name: str):
 
 def _masked_scores_body(fill: float):
     """Score-CAM's forward pass: each image times one upsampled, min-max scaled channel."""
+    from keras import ops
 
     def make_body(clone):
-        import tensorflow as tf
-
         def body(images, channel_maps, targets):
             height, width = images.shape[1:3]
-            upsampled = tf.image.resize(channel_maps[..., None], (height, width), "bilinear")
-            low = tf.reduce_min(upsampled, axis=(1, 2, 3), keepdims=True)
-            high = tf.reduce_max(upsampled, axis=(1, 2, 3), keepdims=True)
+            upsampled = ops.image.resize(channel_maps[..., None], (height, width),
+                                         interpolation="bilinear", data_format="channels_last")
+            low = ops.min(upsampled, axis=(1, 2, 3), keepdims=True)
+            high = ops.max(upsampled, axis=(1, 2, 3), keepdims=True)
             mask = (upsampled - low) / (high - low + _SCORECAM_EPSILON)
-            logits = clone(fill + (images - fill) * mask, training=False)
+            low_end = ops.convert_to_tensor(fill, images.dtype)
+            logits = clone(low_end + (images - low_end) * mask, training=False)
             return (target_scores(logits, targets),)
 
         return body
@@ -191,7 +205,7 @@ def _masked_scores_body(fill: float):
 
 def _scorecam(model, copy, batch, wanted, layer_name: str, batch_size: int,
               input_range=None) -> np.ndarray:
-    import tensorflow as tf
+    from keras import ops
 
     count = len(batch)
     features, chosen = run_batched(
@@ -221,7 +235,8 @@ def _scorecam(model, copy, batch, wanted, layer_name: str, batch_size: int,
     weights = np.exp(scores - scores.max(axis=1, keepdims=True))  # softmax over channels
     weights /= weights.sum(axis=1, keepdims=True)
     maps = np.einsum("nhwk,nk->nhw", features.astype(np.float64), weights).astype(np.float32)
-    return np.asarray(_scaled_and_resized(tf.constant(maps), *batch.shape[1:3]))
+    return ops.convert_to_numpy(_scaled_and_resized(ops.convert_to_tensor(maps),
+                                                    *batch.shape[1:3]))
 
 
 def cam(
@@ -256,8 +271,8 @@ def cam(
 
     Returns:
         (N, H, W) float32 in [0, 1]: per image the map at the layer's resolution, ReLU'd,
-        min-max scaled, then resized bilinearly (tf.image.resize) to the input's (H, W). A map
-        with no positive evidence, or a constant one, is all 0.
+        min-max scaled, then resized bilinearly (keras.ops.image.resize) to the input's
+        (H, W). A map with no positive evidence, or a constant one, is all 0.
     """
 
     if method not in CAM_METHODS:
@@ -271,10 +286,15 @@ def cam(
     if method == "scorecam":
         return _scorecam(model, logits, batch, wanted, name, batch_size, input_range)
     height, width = batch.shape[1:3]
+    if method == "eigencam":
+        copy, make_body = logits, _eigencam_body(name, height, width)
+    else:  # the gradient methods differentiate through a tap on the layer (model.taps)
+        copy = model_copy(model, "logits", output=output, tap=name)
+        make_body = _cam_body(method, name, height, width)
     maps, _ = run_batched(
-        logits,
+        copy,
         f"cam:{method}:{name}",
-        _cam_body(method, name, height, width),
+        make_body,
         len(batch),
         lambda start, stop: [batch[start:stop], wanted[start:stop]],
         batch_size,

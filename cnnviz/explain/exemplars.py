@@ -27,6 +27,9 @@ from cnnviz.model.compiled import (
 )
 from cnnviz.model.graph import layer_tensor
 
+# Above every position index: what the first-maximum search takes where a value is not the max.
+_NO_POSITION = np.iinfo(np.int32).max
+
 
 @dataclass(frozen=True)
 class Exemplars:
@@ -97,7 +100,7 @@ def unit_exemplars(
     Returns:
         `Exemplars` with the receptive-field box of each exemplar's position.
     """
-    import tensorflow as tf
+    from keras import ops
 
     field = receptive_field(model, layer)
     copy = model_copy(model, "output", output=0)
@@ -111,11 +114,13 @@ def unit_exemplars(
 
         def body(chunk):
             (maps,) = outputs(chunk)
-            flat = tf.gather(tf.reshape(maps, (tf.shape(maps)[0], -1, channels)), chosen, axis=2)
-            best = tf.reduce_max(flat, axis=1)
-            # The first position holding the maximum (tf.argmax leaves ties unspecified).
-            where = tf.range(tf.shape(flat)[1], dtype=tf.int64)[None, :, None]
-            first = tf.reduce_min(tf.where(flat == best[:, None, :], where, tf.int64.max), axis=1)
+            cells = maps.shape[1] * maps.shape[2]
+            flat = ops.take(ops.reshape(maps, (ops.shape(maps)[0], cells, channels)), chosen,
+                            axis=2)
+            best = ops.max(flat, axis=1)
+            # The first position holding the maximum (argmax leaves ties unspecified).
+            where = ops.arange(cells, dtype="int32")[None, :, None]
+            first = ops.min(ops.where(flat == best[:, None, :], where, _NO_POSITION), axis=1)
             return best, first
 
         return body
@@ -153,7 +158,7 @@ def class_exemplars(
     Returns:
         `Exemplars` with layer None, positions (0, 0) and the whole image as box.
     """
-    import tensorflow as tf
+    from keras import ops
 
     copy = model_copy(model, "logits", output=output)
     count = num_classes(copy.model)
@@ -163,9 +168,9 @@ def class_exemplars(
         def body(chunk):
             logits = clone(chunk, training=False)
             if logits.shape[-1] == 1:
-                logits = tf.concat([-logits, logits], axis=1)
-            scores = tf.gather(logits, chosen, axis=1)
-            return scores, tf.zeros(tf.shape(scores), tf.int64)
+                logits = ops.concatenate([-logits, logits], axis=1)
+            scores = ops.take(logits, chosen, axis=1)
+            return scores, ops.zeros(ops.shape(scores), "int32")
 
         return body
 

@@ -42,7 +42,7 @@ def gradcam(
 
     Returns:
         (N, H, W) float32 in [0, 1]: `cam(..., method="gradcam")`, per image the map min-max
-        scaled at the layer's (h, w), then upsampled bilinearly (tf.image.resize). A map with
+        scaled at the layer's (h, w), then upsampled bilinearly (keras.ops.image.resize). A map with
         no positive evidence is all 0.
     """
     from cnnviz.explain.cam import cam  # cam.py imports gradcam_layer from here

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cnnviz import backend
 from cnnviz.errors import CnnvizError
 from cnnviz.model.compiled import (
     batch_size_for,
@@ -26,17 +27,20 @@ GRADIENT_METHODS = ("vanilla", "guided", "rectified")
 
 
 def gradient_body(clone):
-    import tensorflow as tf
+    """A compiled body: (images, targets) -> (input gradients of the target scores, targets
+    used), on any backend."""
+
+    def scores_of(images, targets):
+        logits = clone(images, training=False)
+        chosen = choose_targets(logits, targets)
+        return target_scores(logits, chosen), (chosen,)
 
     def body(images, targets):
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(images)
-            logits = clone(images, training=False)
-            chosen = choose_targets(logits, targets)
-            # Images are independent (inference mode), so d(sum of scores)/d(image i) is
-            # image i's own gradient: one backward pass for the whole chunk.
-            scores = target_scores(logits, chosen)
-        return tape.gradient(scores, images), chosen
+        # Images are independent (inference mode), so d(sum of scores)/d(image i) is image
+        # i's own gradient: one backward pass for the whole chunk.
+        gradients, (chosen,) = backend.input_gradients(
+            lambda inputs: scores_of(inputs, targets), images)
+        return gradients, chosen
 
     return body
 

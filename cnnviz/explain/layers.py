@@ -198,7 +198,7 @@ def layer_activations(
     Raises:
         CnnvizError: a missing layer, one without a 4-D output, or max_channels < 1.
     """
-    import tensorflow as tf
+    from keras import ops
 
     if max_channels is not None and (not isinstance(max_channels, (int, np.integer))
                                      or max_channels < 1):
@@ -217,11 +217,12 @@ def layer_activations(
             results = []
             for maps, keep, total in zip(outputs(chunk), kept, totals):
                 if keep == total:
-                    order = tf.broadcast_to(tf.range(total), (tf.shape(maps)[0], total))
+                    order = ops.broadcast_to(ops.arange(total, dtype="int32"),
+                                             (ops.shape(maps)[0], total))
                 else:
-                    strength = tf.reduce_mean(tf.abs(maps), axis=(1, 2))
-                    order = tf.math.top_k(strength, k=keep).indices
-                    maps = tf.gather(maps, order, axis=3, batch_dims=1)
+                    strength = ops.mean(ops.abs(maps), axis=(1, 2))
+                    order = ops.cast(ops.top_k(strength, k=keep)[1], "int32")
+                    maps = ops.take_along_axis(maps, order[:, None, None, :], axis=3)
                 results += [maps, order]
             return tuple(results)
 

@@ -2,9 +2,9 @@
 
 Every map is the gradient of one pre-softmax score per image (`_common.target_scores` on
 the logits copy, `_compiled.model_copy(model, "logits")`) with respect to the input pixels,
-computed for a whole batch at once by a
-`tf.function` compiled for one fixed chunk shape. Guided and rectified maps run on a cached copy
-of the logits model whose ReLU-family activations have a modified backward pass; the caller's
+computed for a whole batch at once by a function compiled for one fixed chunk shape on the Keras
+backend in use (`cnnviz.backend`). Guided and rectified maps run on a cached copy of the logits
+model whose ReLU-family activations have a modified backward pass; the caller's
 model is never changed.
 
 The clone cache and the chunked compiled runner live in `_compiled.py`, shared with Grad-CAM,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cnnviz import backend
 from cnnviz.errors import CnnvizError, CnnvizWarning
 from cnnviz.model.exported import is_exported
 from cnnviz.model.graph import layer_tensor, layer_tensors, rebuild
@@ -33,11 +34,12 @@ from cnnviz.model.outputs import (
     resolve_targets,
     swapped_activation,
 )
+from cnnviz.model.taps import tapped_logits_model
 
 
 @dataclass
 class CompiledCopy:
-    """One copy of a user model and the `tf.function`s compiled on it, keyed by name and shape.
+    """One copy of a user model and the functions compiled on it, keyed by name and shape.
 
     `activation_bytes`: bytes of all layer outputs for one image (None when a size is unknown),
     what `batch_size_for` sizes chunks by.
@@ -85,7 +87,9 @@ def check_images(model, images: np.ndarray) -> None:
         )
 
 
-def _build_copy(model, kind: str, output: int):
+def _build_copy(model, kind: str, output: int, tap: str | None):
+    if kind == "logits" and tap is not None:
+        return tapped_logits_model(model, output, tap)
     if kind == "logits":
         return logits_model(model, output=output)
     if kind == "output":
@@ -97,7 +101,7 @@ def _build_copy(model, kind: str, output: int):
     raise ValueError(f"unknown model copy kind {kind!r}")  # internal: never user input
 
 
-def model_copy(model, kind: str, *, output=None) -> CompiledCopy:
+def model_copy(model, kind: str, *, output=None, tap: str | None = None) -> CompiledCopy:
     """The cached copy of `model` of one kind, reading `model`'s own variables.
 
     Kinds: "logits" (the chosen output's softmax/sigmoid made linear), "guided" / "rectified"
@@ -105,8 +109,10 @@ def model_copy(model, kind: str, *, output=None) -> CompiledCopy:
     model's own output), "probabilities" (the output as probabilities: softmax/sigmoid applied
     when the model outputs logits). Every copy has one input and one output: `output` chooses
     it (None for a single-output model; an index or a name, see `_common.output_index`).
-    An exported model (`cnnviz.model.exported`) has no copies: it is its own "probabilities"
-    copy (run forward by `probabilities_of`), and any other kind is refused.
+    `tap` (a layer path, "logits" only): the copy's layer there is tapped
+    (`cnnviz.model.taps`), for gradients with respect to its output. An exported model
+    (`cnnviz.model.exported`) has no copies: it is its own "probabilities" copy (run forward
+    by `probabilities_of`), and any other kind is refused.
     """
     require_built(model)
     if is_exported(model):
@@ -116,9 +122,9 @@ def model_copy(model, kind: str, *, output=None) -> CompiledCopy:
         return CompiledCopy(model)
     index = output_index(model, output)
     copies = _COPIES.setdefault(model, {})
-    key = (kind, index)
+    key = (kind, index) if tap is None else (kind, index, tap)
     if key not in copies:
-        built = _build_copy(model, kind, index)
+        built = _build_copy(model, kind, index, tap)
         copies[key] = CompiledCopy(built, activation_bytes=_activation_bytes(built))
     return copies[key]
 
@@ -222,10 +228,9 @@ def run_batched(
 
 
 def _compiled_call(copy: CompiledCopy, name: str, make_body: Callable) -> Callable:
-    """`call(arrays) -> outputs`: the function `make_body` builds, compiled on `copy` at the
-    first call and cached by `name` and the arrays' item shapes."""
-    import tensorflow as tf
-
+    """`call(arrays) -> outputs`: the function `make_body` builds, compiled on `copy` for the
+    backend Keras runs on (`cnnviz.backend.compile`) at the first call and cached by `name`
+    and the arrays' item shapes."""
     function = None
 
     def call(arrays: list[np.ndarray]):
@@ -236,14 +241,9 @@ def _compiled_call(copy: CompiledCopy, name: str, make_body: Callable) -> Callab
             key = (name,) + tuple((a.shape[1:], a.dtype.str) for a in arrays)
             function = copy.functions.get(key)
             if function is None:
-                signature = [tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype))
-                             for a in arrays]
-                # The concrete function: calling it skips tf.function's argument binding
-                # (a fifth of a small request's time).
-                function = tf.function(make_body(copy.model), autograph=False,
-                                       input_signature=signature).get_concrete_function()
+                function = backend.compile(make_body(copy.model), copy.model.variables)
                 copy.functions[key] = function
-        return function(*(tf.constant(a) for a in arrays))
+        return function(*arrays)
 
     return call
 
@@ -291,14 +291,15 @@ def target_array(logits_copy, targets, count: int) -> np.ndarray:
 
 
 def choose_targets(logits, targets):
-    """Inside a compiled body: the given targets, and the predicted class where a target is -1."""
-    import tensorflow as tf
+    """Inside a compiled body: the given targets, and the predicted class where a target is -1.
+    `keras.ops`, any backend."""
+    from keras import ops
 
     if logits.shape[-1] == 1:  # one sigmoid unit: class 1 when its logit is positive
-        predicted = tf.cast(logits[:, 0] > 0, tf.int32)
+        predicted = ops.cast(logits[:, 0] > 0, "int32")
     else:
-        predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return tf.where(targets < 0, predicted, targets)
+        predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
+    return ops.where(targets < 0, predicted, targets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +312,8 @@ _LINEAR = ("linear", None)
 
 
 def _modified_relu(rule: str, **relu_arguments):
-    """`keras.activations.relu(x, **relu_arguments)` whose backward pass follows `rule`.
+    """`keras.activations.relu(x, **relu_arguments)` whose backward pass follows `rule`
+    (`cnnviz.backend.modified_relu`, on every backend).
 
     guided (Springenberg et al. 2015): the incoming gradient where it is > 0, times the
     activation's own derivative (1 where a ReLU is on, 0 where off or capped, the slope of a
@@ -319,24 +321,11 @@ def _modified_relu(rule: str, **relu_arguments):
     where it is > 0, whatever the forward input.
     """
     import keras
-    import tensorflow as tf
 
     def relu(x):
         return keras.activations.relu(x, **relu_arguments)
 
-    @tf.custom_gradient
-    def modified(x):
-        def backward(upstream):
-            passed = tf.nn.relu(upstream)
-            if rule == "guided":
-                with tf.GradientTape() as tape:  # the derivative exactly as Keras computes it
-                    tape.watch(x)
-                    value = relu(x)
-                passed = passed * tape.gradient(value, x)
-            return passed
-
-        return relu(x), backward
-
+    modified = backend.modified_relu(rule, relu)
     modified.__name__ = f"{rule}_relu"
     return modified
 
@@ -382,7 +371,7 @@ def _modified_relu_copy(model, rule: str, output: int):
 
     producer = output_producer(model, output).path
     linear_output = linear_output_substitute(model, output)
-    untouched: dict[str, int] = {}
+    untouched: list[tuple[object, str]] = []  # (layer, activation name)
 
     def substitute(path, layer):
         if path == producer:
@@ -393,7 +382,7 @@ def _modified_relu_copy(model, rule: str, output: int):
             if type(layer).__name__ in _ACTIVATION_LAYERS:
                 name = type(layer).__name__
             if name not in _LINEAR:
-                untouched[name] = untouched.get(name, 0) + 1
+                untouched.append((layer, name))
             return None
         replacement = _modified_relu(rule, **arguments)
         if layer.weights or type(layer).__name__ not in ("ReLU", "LeakyReLU", "Activation"):
@@ -401,8 +390,14 @@ def _modified_relu_copy(model, rule: str, output: int):
         return keras.layers.Activation(replacement, name=layer.name)
 
     copy = rebuild(model, output=output, substitute=substitute).model
-    if untouched:
-        counted = ", ".join(f"{count} {name}" for name, count in sorted(untouched.items()))
+    # Only layers the chosen output depends on: another head's softmax is no concern here.
+    used = {id(getattr(layer, "layer", layer)) for layer in copy.layers}
+    counts: dict[str, int] = {}
+    for layer, name in untouched:
+        if id(layer) in used:
+            counts[name] = counts.get(name, 0) + 1
+    if counts:
+        counted = ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))
         warnings.warn(
             f"{rule} backprop is defined for the ReLU family only; model {model.name!r} has "
             f"other activations ({counted} layer(s)) whose gradient passes unchanged, as in "

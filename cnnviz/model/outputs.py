@@ -203,18 +203,19 @@ def resolve_targets(targets, predicted_classes: np.ndarray, num_classes: int) ->
 
 
 def target_scores(logits, targets):
-    """The score each image is explained by: its target's logit, shape (N,). TensorFlow ops.
+    """The score each image is explained by: its target's logit, shape (N,). `keras.ops`, any
+    backend.
 
     For one sigmoid unit z, class 1 scores z and class 0 scores -z (its own log-odds), so a
     gradient always points towards "more of the target class".
     """
-    import tensorflow as tf
+    from keras import ops
 
-    targets = tf.cast(targets, tf.int32)
+    targets = ops.cast(targets, "int32")
     if logits.shape[-1] == 1:
-        sign = tf.cast(2 * targets - 1, logits.dtype)
+        sign = ops.cast(2 * targets - 1, logits.dtype)
         return logits[:, 0] * sign
-    return tf.gather(logits, targets, axis=1, batch_dims=1)
+    return ops.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
 
 
 def output_rank(layer) -> int | None:

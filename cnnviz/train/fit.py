@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnviz import backend
 from cnnviz.config.root import Config
 from cnnviz.errors import CnnvizError, first_line
 from cnnviz.io.atomic import (
@@ -381,6 +382,7 @@ def _fit(config: Config, run_dir: Path, model, dataset, strategy, device: str, *
         "train_images_per_second": round(
             len(dataset.train) * epochs_done / max(total_seconds, 1e-9), 1),
         "device": device,
+        "backend": backend.current(),  # the Keras backend it trained on
         "distribute": config.train.distribute,
         "replicas": int(strategy.num_replicas_in_sync),
         "batch_size": int(config.train.batch_size),
