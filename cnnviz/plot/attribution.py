@@ -1,4 +1,5 @@
-"""Figures for every cnnviz explanation: arrays in, a `matplotlib.figure.Figure` out.
+"""Figures for every cnnviz explanation: arrays in, a `matplotlib.figure.Figure` out (or, for
+`map_grid`, drawn once an epoch during training, an RGB picture: `png_bytes` encodes it).
 
 Pure drawing: no gradients, no files, no pyplot. Colormaps are chosen by what the numbers mean:
 gray for grayscale inputs, viridis/magma for non-negative heatmaps, RdBu_r centered at 0 for
