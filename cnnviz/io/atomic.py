@@ -168,6 +168,14 @@ def save_figure(figure, path: str | Path, dpi: int = 100) -> Path:
     return atomic_write_bytes(path, render_png(figure, dpi=dpi))
 
 
+def save_picture(picture, path: str | Path) -> Path:
+    """Encode an RGB uint8 picture drawn without matplotlib (`plot.map_grid`) as PNG and write
+    it atomically: `save_figure`'s twin for pictures."""
+    from cnnviz.plot import png_bytes
+
+    return atomic_write_bytes(path, png_bytes(picture))
+
+
 def _save_through_temporary(save, path: Path, suffix: str) -> Path:
     make_folder(path.parent)
     temporary = temporary_path(path, suffix)

@@ -37,11 +37,10 @@ from cnnviz.config.train import DEFAULT_EXPLAIN_METRICS, EXPLAIN_METRICS
 from cnnviz.data.shapes import cue_share
 from cnnviz.errors import CnnvizError
 from cnnviz.explain.registry import resolve_methods, run_methods
-from cnnviz.io.atomic import atomic_write_bytes, atomic_write_text
+from cnnviz.io.atomic import atomic_write_bytes, atomic_write_text, save_picture
 from cnnviz.model.compiled import predict_probabilities
 from cnnviz.model.inputs import as_image_batch
 from cnnviz.plot.attribution import map_grid
-from cnnviz.plot.display import png_bytes
 from cnnviz.trust.faithfulness import deletion_insertion
 from cnnviz.trust.sanity import model_randomization
 
@@ -240,10 +239,9 @@ class ExplainCallback(keras.callbacks.Callback):
         maps = {epoch: self.maps_of(epoch) for epoch in picked}
         for method in self.methods:
             columns = {f"epoch {epoch}": maps[epoch][method] for epoch in picked}
-            picture = map_grid(self.images, columns, title=f"{method}, epoch after epoch",
-                               row_labels=self._row_labels())
-            atomic_write_bytes(self.log_dir / EPOCHS_DIR / method / "evolution.png",
-                               png_bytes(picture))
+            save_picture(map_grid(self.images, columns, title=f"{method}, epoch after epoch",
+                                  row_labels=self._row_labels()),
+                         self.log_dir / EPOCHS_DIR / method / "evolution.png")
 
     # ----------------------------------------------------------------------------- numbers
     def explain(self, epoch: int) -> tuple[dict, dict[str, np.ndarray]]:
@@ -314,11 +312,10 @@ class ExplainCallback(keras.callbacks.Callback):
             np.savez(buffer, **maps)
             atomic_write_bytes(self._maps_file(epoch), buffer.getvalue())
             for method, values in maps.items():
-                picture = map_grid(self.images, {method: values},
-                                   title=f"{method} after epoch {epoch}",
-                                   row_labels=self._row_labels())
-                atomic_write_bytes(self.log_dir / EPOCHS_DIR / method / f"epoch-{epoch:03d}.png",
-                                   png_bytes(picture))
+                save_picture(map_grid(self.images, {method: values},
+                                      title=f"{method} after epoch {epoch}",
+                                      row_labels=self._row_labels()),
+                             self.log_dir / EPOCHS_DIR / method / f"epoch-{epoch:03d}.png")
         if self.history_file is not None:  # last: the row says the epoch's files are there
             self._write_history()
 
