@@ -240,24 +240,29 @@ def _checked_maps(name: str, maps, batch: np.ndarray) -> np.ndarray:
 
 
 def run_methods(
-    model, images: np.ndarray, targets: np.ndarray, methods: Mapping[str, AttributionFunction]
+    model, images: np.ndarray, targets: np.ndarray, methods: Mapping[str, AttributionFunction],
+    *, remember: bool = True,
 ) -> dict[str, np.ndarray]:
     """{name: (N, H, W) float32 maps} for every resolved method, all for the same targets.
 
     A registry method's maps are remembered for the model's current weights, these images and
     these targets (`_MapMemo`): the trust checks ask for the trained model's maps of the same
     images three times (model randomization, class sensitivity, faithfulness) and compute
-    them once. Every method is deterministic, so a remembered map is the map.
+    them once. Every method is deterministic, so a remembered map is the map. `remember=False`
+    computes and keeps nothing, and skips the digest of the weights: for weights that change
+    between calls (a training callback).
     """
     batch = np.asarray(images)
-    state = _MEMO.state(model, batch)
-    wanted = _digest(np.asarray(targets)) if targets is not None else b"predicted"
+    state = None
     maps = {}
     for name, function in methods.items():
         registered = _REGISTERED.get(id(function))
-        if registered is None or registered[1] is not function:
+        if not remember or registered is None or registered[1] is not function:
             maps[name] = _checked_maps(name, function(model, batch, targets), batch)
             continue
+        if state is None:
+            state = _MEMO.state(model, batch)
+            wanted = _digest(np.asarray(targets)) if targets is not None else b"predicted"
         maps[name] = _MEMO.get(
             state, ("maps", registered[0], wanted),
             lambda name=name, function=function: _checked_maps(

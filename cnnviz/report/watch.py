@@ -27,6 +27,7 @@ import csv
 import io
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -172,6 +173,7 @@ class ExplainCallback(keras.callbacks.Callback):
                              else None if self.log_dir is None else self.log_dir / HISTORY_FILE)
         self.tensorboard_dir = None if tensorboard_dir is None else Path(tensorboard_dir)
         self._writer = None
+        self._drawing = None  # the thread that draws an epoch's figures
         self.history: list[dict] = []
         self.seconds: dict[int, float] = {}
         self.maps: dict[int, dict[str, np.ndarray]] = {}
@@ -203,8 +205,19 @@ class ExplainCallback(keras.callbacks.Callback):
         last = done >= (self.params or {}).get("epochs", np.inf) or self.model.stop_training
         if done % self.every and not last:
             return
-        row, maps = self.explain(done)
-        self._write(row, maps)
+        started = time.perf_counter()
+        maps = self._maps()
+        # The figures and maps are drawn and written on a thread while the faithfulness
+        # passes run (PIL, zlib and TensorFlow release the GIL); the row goes last.
+        if self._drawing is None and self.log_dir is not None:
+            self._drawing = ThreadPoolExecutor(1, thread_name_prefix="cnnviz-watch")
+        drawn = None if self.log_dir is None else self._drawing.submit(
+            self._write_files, done, maps)
+        row = self._measure(done, maps)
+        self.seconds[done] = round(time.perf_counter() - started, 3)
+        if drawn is not None:
+            drawn.result()
+        self._record(row, maps)
         self._summarize(done, maps)
 
     def _summarize(self, epoch: int, maps: dict[str, np.ndarray]) -> None:
@@ -227,6 +240,9 @@ class ExplainCallback(keras.callbacks.Callback):
         self._writer.flush()
 
     def on_train_end(self, logs=None):
+        if self._drawing is not None:
+            self._drawing.shutdown()
+            self._drawing = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -248,10 +264,23 @@ class ExplainCallback(keras.callbacks.Callback):
         """This epoch's row ({column: float}) and maps, with the model's current weights (the
         time it took goes to `seconds`, not into the row)."""
         started = time.perf_counter()
-        targets = self.labels
-        if targets is None:
-            targets = predict_probabilities(self.model, self.images).argmax(axis=-1)
-        maps = run_methods(self.model, self.images, targets, self.methods)
+        maps = self._maps()
+        row = self._measure(epoch, maps)
+        self.seconds[epoch] = round(time.perf_counter() - started, 3)
+        return row, maps
+
+    def _targets(self) -> np.ndarray:
+        if self.labels is not None:
+            return self.labels
+        return predict_probabilities(self.model, self.images).argmax(axis=-1)
+
+    def _maps(self) -> dict[str, np.ndarray]:
+        # Not remembered: the weights change every epoch (and a digest of them costs).
+        return run_methods(self.model, self.images, self._targets(), self.methods,
+                           remember=False)
+
+    def _measure(self, epoch: int, maps: dict[str, np.ndarray]) -> dict:
+        targets = self._targets()
         row = {"epoch": float(epoch)}
         if {"deletion_auc", "insertion_auc"} & set(self.metrics):
             curves = deletion_insertion(
@@ -272,8 +301,7 @@ class ExplainCallback(keras.callbacks.Callback):
                 else:
                     value = getattr(curves, metric)[method]
                 row[f"{method}.{metric}"] = float(value)
-        self.seconds[epoch] = round(time.perf_counter() - started, 3)
-        return row, maps
+        return row
 
     def run_metrics(self) -> dict[str, float]:
         """The last explained epoch's numbers as `explain.<method>.<metric>`, and
@@ -301,22 +329,25 @@ class ExplainCallback(keras.callbacks.Callback):
         with np.load(self._maps_file(epoch)) as saved:
             return {method: saved[method] for method in self.methods}
 
-    def _write(self, row: dict, maps: dict[str, np.ndarray]) -> None:
+    def _write_files(self, epoch: int, maps: dict[str, np.ndarray]) -> None:
+        """The epoch's maps (npz) and one picture per method, each written atomically."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **maps)
+        atomic_write_bytes(self._maps_file(epoch), buffer.getvalue())
+        for method, values in maps.items():
+            save_picture(map_grid(self.images, {method: values},
+                                  title=f"{method} after epoch {epoch}",
+                                  row_labels=self._row_labels()),
+                         self.log_dir / EPOCHS_DIR / method / f"epoch-{epoch:03d}.png")
+
+    def _record(self, row: dict, maps: dict[str, np.ndarray]) -> None:
+        """The row, after the epoch's files: a row in the history says they are there."""
         epoch = int(row["epoch"])
         self.history.append(row)
         if self.log_dir is not None:  # the maps are on disk: memory holds the last epoch's
             self.maps.clear()
         self.maps[epoch] = maps
-        if self.log_dir is not None:
-            buffer = io.BytesIO()
-            np.savez(buffer, **maps)
-            atomic_write_bytes(self._maps_file(epoch), buffer.getvalue())
-            for method, values in maps.items():
-                save_picture(map_grid(self.images, {method: values},
-                                      title=f"{method} after epoch {epoch}",
-                                      row_labels=self._row_labels()),
-                             self.log_dir / EPOCHS_DIR / method / f"epoch-{epoch:03d}.png")
-        if self.history_file is not None:  # last: the row says the epoch's files are there
+        if self.history_file is not None:
             self._write_history()
 
     def _write_history(self) -> None:

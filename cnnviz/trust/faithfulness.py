@@ -203,24 +203,37 @@ def deletion_insertion(
     names = tuple(maps)
     ranks = np.stack([pixel_ranks(maps[name], rng) for name in names])  # (M, N, P)
     shown = np.round(np.linspace(0.0, 1.0, steps + 1) * pixels).astype(np.int32)  # (S + 1,)
-    points = steps + 1
+    inner = steps - 1  # the steps a map decides: step 0 and the last are the image or baseline
 
     def perturbed(start: int, stop: int) -> np.ndarray:
-        # Item layout: ((method * 2 + curve) * N + image) * (steps + 1) + step.
+        # Item layout: the N baselines (every curve's full end), then
+        # ((method * 2 + curve) * N + image) * inner + step - 1 for steps 1 .. steps - 1.
         flat = np.arange(start, stop)
-        step, rest = flat % points, flat // points
+        item = np.maximum(flat - count, 0)
+        step, rest = item % max(inner, 1) + 1, item // max(inner, 1)
         image, rest = rest % count, rest // count
         curve, method = rest % 2, rest // 2
+        end = flat < count  # the baseline: deletion (curve 0) of every pixel
+        image = np.where(end, flat, image)
+        step, curve, method = (np.where(end, steps, step), np.where(end, 0, curve),
+                               np.where(end, 0, method))
         top = (ranks[method, image] < shown[step][:, None]).reshape(-1, height, width, 1)
         deleted = np.where(top, blank[image], batch[image])
         inserted = np.where(top, batch[image], blank[image])
         return np.where((curve == 0)[:, None, None, None], deleted, inserted)
 
-    total = len(names) * 2 * count * points
+    total = count + len(names) * 2 * count * inner
     outputs = probabilities_of(model, total, perturbed, batch_size=batch_size)
-    tracked = outputs.reshape(len(names), 2, count, points, -1)
-    tracked = np.take_along_axis(tracked, chosen[None, None, :, None, None].astype(np.int64), -1)
-    tracked = tracked[..., 0]  # (M, 2, N, S + 1)
+    of_image = np.concatenate([np.arange(count), np.tile(np.repeat(np.arange(count), inner),
+                                                         len(names) * 2)])
+    scores = outputs[np.arange(total), chosen[of_image]]
+    # The curves' ends: the image (its probabilities, above) and the baseline, shared by all.
+    whole = np.broadcast_to(probabilities[np.arange(count), chosen][:, None],
+                            (len(names), count, 1))
+    empty = np.broadcast_to(scores[:count, None], (len(names), count, 1))
+    middle = scores[count:].reshape(len(names), 2, count, inner)
+    tracked = np.stack([np.concatenate([whole, middle[:, 0], empty], axis=-1),
+                        np.concatenate([empty, middle[:, 1], whole], axis=-1)], axis=1)
     fractions = shown / pixels
     areas = np.trapezoid(tracked, fractions, axis=-1)  # (M, 2, N)
 
