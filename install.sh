@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs cnnviz and what it needs: Graphviz's `dot` (system package, for architecture.png)
-# and the Python package with its test tools and the export runtimes. Safe to run again.
+# and the Python package with its test tools, the export runtimes and the JAX and PyTorch
+# backends (CPU wheels). Safe to run again.
 #
 # Python packages are installed at the exact versions in constraints.txt, the ones the test suite
 # passed with. `./install.sh --latest` (or CNNVIZ_LATEST=1) installs the newest releases that
@@ -28,4 +29,4 @@ pins=(-c constraints.txt)
 if [ -n "$latest" ]; then
   pins=(--upgrade --upgrade-strategy eager)
 fi
-python3 -m pip install --quiet --disable-pip-version-check "${pins[@]}" -e ".[test,export]"
+python3 -m pip install --quiet --disable-pip-version-check "${pins[@]}" -e ".[test,export,jax,torch]"

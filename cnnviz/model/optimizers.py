@@ -150,5 +150,13 @@ def compile_model(model, config: Config, *, steps_per_epoch: int = 1) -> None:
         optimizer=make_optimizer(config, backbone_layer_names(model, config), steps_per_epoch),
         loss=make_loss(config),
         metrics=metrics,
-        jit_compile=config.train.jit_compile,
+        jit_compile=_jit_compile(config),
     )
+
+
+def _jit_compile(config: Config) -> bool:
+    import keras
+
+    if config.train.jit_compile is not None:
+        return config.train.jit_compile
+    return keras.backend.backend() == "jax"

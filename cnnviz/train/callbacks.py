@@ -21,7 +21,13 @@ from cnnviz.io.atomic import (
     save_weights,
 )
 from cnnviz.runs.layout import BACKUP_DIR
-from cnnviz.train.resume import METADATA_FILE, TrainingState, seed_generator_states
+from cnnviz.train.resume import (
+    METADATA_FILE,
+    TrainingState,
+    global_random_state,
+    restore_global_random_state,
+    seed_generator_states,
+)
 
 
 class ThrottledModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -132,6 +138,9 @@ class EpochCommit(keras.callbacks.Callback):
         self._started = time.perf_counter()
         if self.resumed is None:
             return
+        # Here, not before fit: PyTorch's fit draws from the global generator at its start
+        # (a DataLoader iterator for the first batch), which the uninterrupted run did once.
+        restore_global_random_state(self.resumed.global_random)
         for key, callback in self._keyed():
             saved = self.resumed.callbacks.get(key)
             if saved is None:
@@ -183,6 +192,7 @@ class EpochCommit(keras.callbacks.Callback):
             "stopped": bool(self.model.stop_training),
             "seed_generators": [np.asarray(variable.numpy()).tolist()
                                 for variable in seed_generator_states(self.model)],
+            "global_random": global_random_state(),
             "callbacks": states,
             "segments": self.all_segments(done, self.segment_seconds()),
         }

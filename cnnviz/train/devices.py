@@ -66,8 +66,14 @@ def distribution_strategy(config: Config):
     variable describes. Keras 3's own `keras.distribution` is not used: with the TensorFlow
     backend it does nothing.
     """
+    import keras
     import tensorflow as tf
 
+    if config.train.distribute != "none" and keras.backend.backend() != "tensorflow":
+        raise CnnvizError(
+            f"train.distribute {config.train.distribute!r} is tf.distribute, which runs on the "
+            f"TensorFlow backend only; this run uses {keras.backend.backend()}: set "
+            "train.distribute: none or choose --backend tensorflow")
     if config.train.distribute == "mirrored":
         if tf.config.get_visible_devices("GPU"):
             return tf.distribute.MirroredStrategy()
@@ -159,6 +165,15 @@ def replay_data_order(train_data, strategy, epochs: int) -> None:
     a resumed run then sees each epoch's batches in the order the uninterrupted run saw them.
     """
     if epochs == 0:
+        return
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        # Keras's JAX and PyTorch epoch iterator makes one iterator at the fit's start and
+        # one per epoch (measured in Keras 3.15): a resumed run's fit then makes the one that
+        # the uninterrupted run made at its start, so each skipped epoch is one iterator.
+        for _ in range(epochs):
+            iter(train_data)
         return
     TFEpochIterator = epoch_iterator_class()
     if TFEpochIterator is None:  # another Keras layout: resume still works, in another order

@@ -3,6 +3,7 @@ restoring weights and seeds."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass, field
@@ -170,6 +171,7 @@ class TrainingState:
     epoch: int
     weights: Path
     seed_generators: list = field(default_factory=list)
+    global_random: str | None = None  # `global_random_state`
     callbacks: dict = field(default_factory=dict)
     early_stopping_weights: Path | None = None
     segments: list = field(default_factory=list)
@@ -189,6 +191,7 @@ def read_training_state(backup_dir: Path) -> TrainingState | None:
         extra = metadata.get("early_stopping_weights")
         state = TrainingState(
             epoch=epoch, weights=weights, seed_generators=list(metadata.get("seed_generators", [])),
+            global_random=metadata.get("global_random"),
             callbacks=dict(metadata.get("callbacks", {})),
             early_stopping_weights=backup_dir / extra if extra else None,
             segments=list(metadata.get("segments", [])), stopped=bool(metadata.get("stopped")))
@@ -219,6 +222,40 @@ def seed_generator_states(model) -> list:
     # out; saving it makes a resumed epoch draw the same masks as an uninterrupted one.
     return [variable for variable in model.variables
             if variable.path.endswith("seed_generator_state")]
+
+
+def global_random_state() -> str | None:
+    """The state of the backend's global generator, where layers draw from it, as text.
+
+    PyTorch: Keras's Dropout without a seed draws its masks from torch's global generator
+    (its fast path), which no variable holds; without this, a resumed PyTorch run drops other
+    units than the uninterrupted one. None on TensorFlow and JAX (every draw is a
+    SeedGenerator variable's).
+    """
+    import keras
+
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available():
+        states += torch.cuda.get_rng_state_all()
+    return ",".join(base64.b64encode(state.numpy().tobytes()).decode() for state in states)
+
+
+def restore_global_random_state(text: str | None) -> None:
+    import keras
+
+    if text is None or keras.backend.backend() != "torch":
+        return
+    import torch
+
+    states = [torch.frombuffer(bytearray(base64.b64decode(part)), dtype=torch.uint8)
+              for part in text.split(",")]
+    torch.set_rng_state(states[0])
+    if torch.cuda.is_available() and len(states) - 1 == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states[1:])
 
 
 def restore_training(model, strategy, run_dir: Path, log) -> TrainingState | None:
