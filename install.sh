@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs cnnviz and what it needs: Graphviz's `dot` (system package, for architecture.png)
-# and the Python package with its test tools, the export runtimes and the JAX and PyTorch
-# backends (CPU wheels). Safe to run again.
+# and the Python package with TensorFlow, its test tools, the export runtimes and the JAX and
+# PyTorch backends (CPU wheels). Safe to run again. (Without TensorFlow, on a JAX or PyTorch
+# machine: `pip install -e '.[jax]'` or `'.[torch]'`; README "Keras backends".)
 #
 # Python packages are installed at the exact versions in constraints.txt, the ones the test suite
 # passed with. `./install.sh --latest` (or CNNVIZ_LATEST=1) installs the newest releases that
@@ -29,4 +30,4 @@ pins=(-c constraints.txt)
 if [ -n "$latest" ]; then
   pins=(--upgrade --upgrade-strategy eager)
 fi
-python3 -m pip install --quiet --disable-pip-version-check "${pins[@]}" -e ".[test,export,jax,torch]"
+python3 -m pip install --quiet --disable-pip-version-check "${pins[@]}" -e ".[tensorflow,test,export,jax,torch]"

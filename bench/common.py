@@ -120,9 +120,9 @@ def begin(title: str, quick: bool) -> dict:
     """Quiet TensorFlow's start-up lines, import it, print the settings in force; return them."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    from cnnviz._quiet import import_tensorflow_quietly
+    from cnnviz._quiet import import_keras_quietly
 
-    import_tensorflow_quietly()
+    import_keras_quietly()
     values = settings()
     print(f"{title} ({'quick' if quick else 'full'})")
     print_settings(values)

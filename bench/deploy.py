@@ -67,9 +67,9 @@ def make_folder(root: Path, count: int, size: int) -> Path:
 
 
 def make_model(path: Path, size: int) -> Path:
-    from cnnviz._quiet import import_tensorflow_quietly
+    from cnnviz._quiet import import_keras_quietly
 
-    import_tensorflow_quietly()  # this process builds the model: no start-up lines
+    import_keras_quietly()  # this process builds the model: no start-up lines
     import keras
 
     inputs = keras.Input((size, size, 3))

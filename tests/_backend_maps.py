@@ -86,6 +86,10 @@ def all_maps(model, images: np.ndarray) -> dict[str, np.ndarray]:
         model, None, (0, 1, 2), steps=32, seed=4, output="classes", param="pixel")
     maps["activation_max/filters"] = explain.activation_maximization_batch(
         model, NESTED_LAYER, (0, 3), steps=32, seed=4, output="classes", param="pixel")
+    # The Fourier parameterization and every random transform (keras.ops on each backend).
+    maps["activation_max/fft_transforms"] = explain.activation_maximization_batch(
+        model, None, (0, 2), steps=16, seed=5, output="classes", param="fft",
+        transforms=("pad", "jitter", "scale", "rotate"))
     # The single sigmoid unit: class 1 scores its logit z, class 0 scores -z.
     for method in ("vanilla", "guided"):
         maps[f"binary/saliency/{method}"] = explain.saliency(model, images, [0, 1, 0],

@@ -20,10 +20,10 @@ import threading
 import time
 from pathlib import Path
 
-from cnnviz._quiet import import_tensorflow_quietly
+from cnnviz._quiet import import_keras_quietly
 
 # In the fork server this is its preload: everything a training needs, imported once.
-import_tensorflow_quietly()
+import_keras_quietly()
 import cnnviz.cli
 import cnnviz.train  # noqa: F401
 

@@ -20,11 +20,20 @@ RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (6, 7, 3), dtype=np.uint8)
 
 
+@pytest.fixture(params=["tensorflow", "pillow"])
+def decoder(request, monkeypatch):
+    """Each decoding test twice: TensorFlow's decoder, and Pillow's (what `read_images` uses
+    where TensorFlow is not installed, a JAX or PyTorch machine)."""
+    if request.param == "pillow":
+        monkeypatch.setattr("cnnviz._quiet.tensorflow_available", lambda: False)
+    return request.param
+
+
 def _read(path, channels=3, size=(6, 7)):
     return read_images([path], (*size, channels))[0]
 
 
-def test_8_bit_files_keep_their_values_exactly(tmp_path):
+def test_8_bit_files_keep_their_values_exactly(tmp_path, decoder):
     for suffix in ("png", "bmp"):
         Image.fromarray(RGB).save(tmp_path / f"a.{suffix}")
         np.testing.assert_array_equal(_read(tmp_path / f"a.{suffix}"), RGB)
@@ -32,7 +41,7 @@ def test_8_bit_files_keep_their_values_exactly(tmp_path):
     np.testing.assert_array_equal(_read(tmp_path / "gray.png", channels=1), RGB[..., :1])
 
 
-def test_jpeg_and_gif_decode_like_pillow(tmp_path):
+def test_jpeg_and_gif_decode_like_pillow(tmp_path, decoder):
     rows, columns = np.mgrid[0:24, 0:32]
     smooth = np.dstack([rows * 10, columns * 7, 255 - rows * 5]).astype(np.uint8)
     Image.fromarray(smooth).save(tmp_path / "a.jpg", quality=95)
@@ -47,7 +56,7 @@ def test_jpeg_and_gif_decode_like_pillow(tmp_path):
         np.testing.assert_array_equal(_read(tmp_path / "a.gif"), np.asarray(image.convert("RGB")))
 
 
-def test_16_bit_png_is_scaled_to_the_8_bit_range_not_clipped(tmp_path):
+def test_16_bit_png_is_scaled_to_the_8_bit_range_not_clipped(tmp_path, decoder):
     deep = np.array([[0, 257, 32_896], [65_535, 1_000, 60_000]], np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")
     with Image.open(tmp_path / "deep.png") as image:
@@ -57,14 +66,14 @@ def test_16_bit_png_is_scaled_to_the_8_bit_range_not_clipped(tmp_path):
     assert read.max() == pytest.approx(255.0) and read[1, 1] == pytest.approx(1000 / 257)
 
 
-def test_palette_image_gets_its_colours(tmp_path):
+def test_palette_image_gets_its_colours(tmp_path, decoder):
     image = Image.fromarray(RGB).quantize(colors=16)
     image.save(tmp_path / "palette.png")
     np.testing.assert_array_equal(_read(tmp_path / "palette.png"),
                                   np.asarray(image.convert("RGB")))
 
 
-def test_alpha_is_composited_on_white(tmp_path):
+def test_alpha_is_composited_on_white(tmp_path, decoder):
     alpha = np.array([[0, 255, 128]] * 2, np.uint8)
     colour = np.zeros((2, 3, 3), np.uint8)
     colour[..., 0] = 200
@@ -81,7 +90,7 @@ def test_alpha_is_composited_on_white(tmp_path):
     np.testing.assert_allclose(read[0], [255, 100, 100 * share + 255 * (1 - share)], rtol=1e-5)
 
 
-def test_grayscale_and_rgb_follow_the_model_channels(tmp_path):
+def test_grayscale_and_rgb_follow_the_model_channels(tmp_path, decoder):
     Image.fromarray(RGB[..., 1]).save(tmp_path / "gray.png")
     np.testing.assert_array_equal(_read(tmp_path / "gray.png"),
                                   np.repeat(RGB[..., 1:2], 3, axis=-1))  # gray -> RGB
@@ -93,7 +102,7 @@ def test_grayscale_and_rgb_follow_the_model_channels(tmp_path):
         assert np.abs(np.asarray(image.convert("L")) - expected).max() <= 0.5 + 1e-6
 
 
-def test_resizing_matches_keras_image_dataset_from_directory(tmp_path):
+def test_resizing_matches_keras_image_dataset_from_directory(tmp_path, decoder):
     import keras
 
     for index, name in enumerate(("a", "b")):
@@ -105,6 +114,33 @@ def test_resizing_matches_keras_image_dataset_from_directory(tmp_path):
     ours = read_images([tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"], (16, 12, 3))
     for mine, (theirs, _) in zip(ours, keras_images.as_numpy_iterator()):
         np.testing.assert_allclose(mine, theirs, atol=1e-4)
+
+
+def test_pillow_reads_what_tensorflow_reads(tmp_path, monkeypatch):
+    # Every mode and resize rule: Pillow's read (no TensorFlow) against TensorFlow's, one file
+    # at a time, at the native size, shrunk, enlarged, cropped and padded.
+    import cnnviz._quiet
+
+    files = {"rgb.png": Image.fromarray(RGB), "gray.png": Image.fromarray(RGB[..., 0]),
+             "rgba.png": Image.fromarray(np.dstack([RGB, RGB[..., 0]]), "RGBA"),
+             "la.png": Image.fromarray(np.dstack([RGB[..., 1], RGB[..., 2]]), "LA"),
+             "palette.png": Image.fromarray(RGB).quantize(colors=16),
+             "bits.png": Image.fromarray(RGB[..., 0] > 128),
+             "a.gif": Image.fromarray(RGB).convert("P"), "a.bmp": Image.fromarray(RGB)}
+    transparent = Image.fromarray(RGB).quantize(colors=8)
+    transparent.info["transparency"] = 3
+    files["tpalette.png"] = transparent
+    for name, image in files.items():
+        image.save(tmp_path / name, **({"transparency": 3} if name == "tpalette.png" else {}))
+    for name in files:
+        for shape, how in (((6, 7, 3), "stretch"), ((4, 5, 1), "stretch"), ((11, 9, 3), "stretch"),
+                           ((5, 5, 3), "crop"), ((5, 5, 1), "pad")):
+            path = [tmp_path / name]
+            expected = read_images(path, shape, resize=how)
+            with monkeypatch.context() as patched:
+                patched.setattr(cnnviz._quiet, "tensorflow_available", lambda: False)
+                found = read_images(path, shape, resize=how)
+            np.testing.assert_allclose(found, expected, atol=2e-4, err_msg=f"{name} {how}")
 
 
 def test_the_pixel_limit_is_checked_before_decoding(tmp_path):

@@ -78,22 +78,73 @@ def test_transforms_are_seeded_and_change_the_ascent():
 
 
 def test_each_transform_does_what_it_is_named():
-    import tensorflow as tf
+    import keras
 
-    from cnnviz.explain.transforms import _crop, _rotate, _scale, random_transforms
+    from cnnviz.explain.transforms import _affine, _crop, random_transforms
 
     image = np.random.default_rng(0).uniform(0, 1, (1, 9, 9, 2)).astype(np.float32)
-    quarter = _rotate(tf.constant(image), tf.constant(np.pi / 2, tf.float32)).numpy()
+    tensor = keras.ops.convert_to_tensor(image)
+    quarter = keras.ops.convert_to_numpy(_affine(tensor, 1.0, np.pi / 2))
     turned = np.rot90(image, k=1, axes=(1, 2))
     assert np.allclose(quarter, turned, atol=1e-5) or np.allclose(
         quarter, np.rot90(image, k=-1, axes=(1, 2)), atol=1e-5)
-    np.testing.assert_array_equal(_crop(tf.constant(image), tf.constant([1, 2]), 3).numpy(),
+    # Zoom by 2 about the centre (4, 4): the output at 4 +- 2 reads the input at 4 +- 1.
+    zoomed = keras.ops.convert_to_numpy(_affine(tensor, 2.0, 0.0))
+    np.testing.assert_allclose(zoomed[:, 2:7:2, 2:7:2], image[:, 3:6, 3:6], atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(_affine(tensor, 1.0, 0.0)), image,
+                               atol=1e-6)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(_crop(tensor, [1, 2], 3)),
                                   image[:, 1:7, 2:8])
-    assert _scale(tf.constant(image), tf.constant(1.2)).shape == (1, 11, 11, 2)
     padded = random_transforms(("pad",), (9, 9, 2), 1, np.random.default_rng(0))
-    assert padded(tf.constant(image), 0).shape == (1, 9, 9, 2)  # resized back to the input
+    assert padded(tensor, 0).shape == (1, 9, 9, 2)  # resized back to the input
     with pytest.raises(CnnvizError, match="transform 'spin' is unknown"):
         random_transforms(("spin",), (9, 9, 2), 1, np.random.default_rng(0))
+
+
+def test_the_affine_read_is_keras_forward_and_its_exact_adjoint_backward():
+    import keras
+
+    from cnnviz import backend
+    from cnnviz.explain.transforms import _affine
+
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, (2, 7, 6, 3)).astype(np.float32)
+    factor, angle = 1.07, 0.3
+    cos, sin = np.cos(angle) / factor, np.sin(angle) / factor
+    cy, cx = 3.0, 2.5
+    matrix = np.array([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy,
+                       0, 0], np.float32)
+    expected = keras.ops.image.affine_transform(
+        image, np.tile(matrix, (2, 1)), interpolation="bilinear", fill_mode="constant",
+        fill_value=0.5)
+    found = keras.ops.convert_to_numpy(_affine(keras.ops.convert_to_tensor(image), factor, angle))
+    np.testing.assert_allclose(found, keras.ops.convert_to_numpy(expected), atol=1e-5)
+    # Backward: the map is affine, x -> A x + b; d sum(w * f(x)) / dx must be A^T w exactly.
+    single = image[:1]
+    base = keras.ops.convert_to_numpy(_affine(np.zeros_like(single), factor, angle)).ravel()
+    columns = [keras.ops.convert_to_numpy(_affine(unit.reshape(single.shape), factor, angle))
+               .ravel() - base for unit in np.eye(single.size, dtype=np.float32)]
+    weights = rng.standard_normal(single.size).astype(np.float32)
+    gradient = backend.compile(lambda x, w: (backend.input_gradients(
+        lambda v: (keras.ops.sum(keras.ops.reshape(_affine(v, factor, angle), (1, -1)) * w,
+                                 axis=1), ()), x)[0],), [])(single, weights[None])[0]
+    np.testing.assert_allclose(np.asarray(gradient).ravel(), np.stack(columns, 1).T @ weights,
+                               atol=1e-5)
+
+
+def test_the_fourier_images_are_numpys_inverse_rfft2():
+    import keras
+
+    from cnnviz.explain.parameterization import _inverse_rfft2
+
+    rng = np.random.default_rng(3)
+    for height, width in ((8, 8), (7, 10), (5, 5)):
+        real, imaginary = rng.standard_normal((2, 2, 3, height, width // 2 + 1))
+        found = keras.ops.convert_to_numpy(_inverse_rfft2(
+            keras.ops.convert_to_tensor(real.astype(np.float32)),
+            keras.ops.convert_to_tensor(imaginary.astype(np.float32)), height, width))
+        expected = np.fft.irfft2(real + 1j * imaginary, s=(height, width))
+        np.testing.assert_allclose(found, expected, atol=1e-5)
 
 
 def test_an_unknown_parameterization_is_refused():

@@ -71,6 +71,18 @@ def select(name: str) -> None:
     os.environ["KERAS_BACKEND"] = name
 
 
+def require_tensorflow(what: str) -> None:
+    """Raise a one-line CnnvizError when TensorFlow cannot be imported: `what` (training on
+    tf.data, export, a SavedModel) needs it whatever backend Keras runs on."""
+    from cnnviz._quiet import tensorflow_available
+
+    if not tensorflow_available():
+        raise CnnvizError(
+            f"{what} needs TensorFlow, which is not installed here (Keras runs on "
+            f"{configured()}): pip install 'cnnviz[tensorflow]'. Without it cnnviz explains, "
+            "lists layers, summarizes, verifies and predicts")
+
+
 @functools.cache
 def _module(name: str):
     return importlib.import_module(f"cnnviz.backend.{name}")

@@ -138,6 +138,12 @@ def command(*args, typer_app: typer.Typer = app, **kwargs):
                     _print_json(stdout, {"command": name or function.__name__, "ok": False,
                                          "exit_code": USER_ERROR, "error": str(error)})
                 fail(str(error))
+            except ModuleNotFoundError as error:
+                if error.name != "tensorflow":
+                    raise
+                # A path not refused up front that still reached for TensorFlow: one line too.
+                fail(f"{name or function.__name__} needs TensorFlow here, which is not "
+                     "installed: pip install 'cnnviz[tensorflow]'")
             except OSError as error:  # a file the library does not write itself (one line too)
                 where = f"{error.filename}: " if error.filename else ""
                 fail(f"{where}{error.strerror or error}")
@@ -197,10 +203,19 @@ def writable_out(out: Path | None, default: Path) -> Path:
     return folder
 
 
-def import_tensorflow() -> None:
-    from cnnviz._quiet import import_tensorflow_quietly
+def import_keras() -> None:
+    """Import Keras (and TensorFlow where it is installed) without their start-up lines."""
+    from cnnviz._quiet import import_keras_quietly
 
-    import_tensorflow_quietly()
+    import_keras_quietly()
+
+
+def require_tensorflow(what: str) -> None:
+    """`import_keras`, then a one-line error when TensorFlow is missing and `what` needs it."""
+    import_keras()
+    from cnnviz.backend import require_tensorflow as refuse_without
+
+    refuse_without(what)
 
 
 def load_config_file(path: Path, overrides: list[str] | None, *, smoke: bool = False):

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from cnnviz.cli._common import OutOption, import_tensorflow, report_written, writable_out
+from cnnviz.cli._common import OutOption, import_keras, report_written, writable_out
 
 TargetOption = Annotated[
     int | None, typer.Option("--target", help="Class to explain (default: the predicted one).")
@@ -123,7 +123,7 @@ class ImageOptions:
     def load(self, source: Path):
         """The run, .keras/.h5 file or keras:NAME model, with the --class-names given; an
         exported .tflite/.onnx/SavedModel only for a `forward_only` command."""
-        import_tensorflow()
+        import_keras()
         from cnnviz.report.selection import given_class_names
         from cnnviz.runs.load import load_run, require_keras
 

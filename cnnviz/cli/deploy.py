@@ -18,8 +18,9 @@ from cnnviz.cli._common import (
     RunArgument,
     command,
     expectations_for,
-    import_tensorflow,
+    import_keras,
     judge,
+    require_tensorflow,
 )
 from cnnviz.cli._options import (
     REQUIRED,
@@ -64,7 +65,7 @@ def evaluate_command(
     if share is not None and (merge or expectations or junit):
         raise CnnvizError("--shard evaluates one share: --merge, --expect and --junit belong "
                           "to the `cnnviz evaluate --merge` run that joins the shares")
-    import_tensorflow()
+    import_keras()
     from cnnviz.deploy.evaluate import (
         evaluate_data,
         evaluation_folder,
@@ -135,7 +136,7 @@ def predict_command(
     shares' CSVs concatenated in order are the CSV of one process.
     """
     started = time.perf_counter()
-    import_tensorflow()
+    import_keras()
     from cnnviz.data.images import expand_image_spec
     from cnnviz.deploy.predict import csv_header, csv_line, predict_files
     from cnnviz.model.outputs import output_index
@@ -244,7 +245,7 @@ def export_command(
                              None if quantize is None else quantize.value)
     for name in formats:  # before loading anything: a missing package is a one-line exit 2
         require_packages(name)
-    import_tensorflow()
+    require_tensorflow("cnnviz export (Keras's model.export)")
     from cnnviz.deploy.export import (
         FORMATS,
         check_export,

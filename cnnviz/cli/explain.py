@@ -12,7 +12,7 @@ from cnnviz.cli._common import (
     RunArgument,
     SetOption,
     command,
-    import_tensorflow,
+    import_keras,
     load_config_file,
     report_written,
 )
@@ -397,11 +397,11 @@ def _model_of(source: Path, overrides: list[str] | None):
     """The model of a run directory, a .keras file, or a config (untrained, built offline)."""
     if source.suffix in (".yaml", ".yml"):
         resolved = load_config_file(source, overrides)
-        import_tensorflow()
+        import_keras()
         from cnnviz.model.summary import model_from_config
 
         return model_from_config(resolved)
-    import_tensorflow()
+    import_keras()
     from cnnviz.runs.load import load_run, require_keras
 
     run = load_run(source)

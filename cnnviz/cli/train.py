@@ -22,9 +22,10 @@ from cnnviz.cli._common import (
     config_app,
     expectations_for,
     fail,
-    import_tensorflow,
+    import_keras,
     judge,
     load_config_file,
+    require_tensorflow,
     smoke_figure_options,
     smoke_trust_methods,
     writable_out,
@@ -63,7 +64,7 @@ def train_command(
 
     if resume is not None:
         check_resume(resume, resolved)  # before TensorFlow's import: a live run fails at once
-    import_tensorflow()
+    require_tensorflow("training (its tf.data input)")
     from cnnviz.ci.gates import needs_evaluation, training_values
     from cnnviz.pipeline import train_run, training_files  # Keras: after the quiet import
 
@@ -125,7 +126,7 @@ def augment_command(
     outputs/<name>/.
     """
     resolved = load_config_file(config, set_)
-    import_tensorflow()
+    require_tensorflow("cnnviz augment (the tf.data input)")
     from cnnviz.data import augmentation_samples, load_dataset
     from cnnviz.io.atomic import save_figure
     from cnnviz.plot import augmentation_grid
@@ -168,7 +169,7 @@ def summary_command(
 
     if target.suffix in (".yaml", ".yml"):
         resolved = load_config_file(target, set_)
-        import_tensorflow()
+        import_keras()
         from cnnviz.model.summary import model_from_config
 
         model = model_from_config(resolved)
@@ -176,7 +177,7 @@ def summary_command(
 
         folder = out or Path("outputs") / run_slug(resolved.name or target.stem) / "summary"
     else:
-        import_tensorflow()
+        import_keras()
         from cnnviz.runs.load import load_run, require_keras
 
         run = load_run(target)
@@ -215,7 +216,7 @@ def run_command(
     resolved = load_config_file(config, set_, smoke=smoke)
     expectations = expectations_for(resolved, expect, "run")
     out_root = writable_out(out, Path("outputs"))
-    import_tensorflow()
+    require_tensorflow("cnnviz run (training on tf.data)")
     from cnnviz.ci.gates import training_values, trust_checks, trust_values
     from cnnviz.pipeline import TRUST_IMAGES, run_pipeline
 

@@ -18,7 +18,7 @@ from cnnviz.cli._common import (
     SetOption,
     command,
     expectations_for,
-    import_tensorflow,
+    import_keras,
     judge,
     load_config_file,
     print_report,
@@ -44,7 +44,7 @@ def model_and_images(source: Path, options: ImageOptions, overrides: list[str] |
 
     if source.suffix in (".yaml", ".yml"):
         resolved = load_config_file(source, overrides)
-        import_tensorflow()
+        import_keras()
         import keras
 
         from cnnviz.model.summary import model_from_config

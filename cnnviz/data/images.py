@@ -16,6 +16,12 @@ it must be an image of a decodable format, with at most `max_pixels` pixels (89 
 default, Pillow's own decompression-bomb limit), and not cut short. Problems are one
 `CnnvizError` line naming the file. Decoding itself is TensorFlow's (`tf.io.decode_image`), so
 training (inside tf.data) and explaining (`read_images`) compute exactly the same tensors.
+
+Where TensorFlow is not installed (a JAX or PyTorch machine), `read_images` decodes with Pillow
+under the same rules and resizes with `keras.ops.image` (Keras's Resizing layer): the same
+tensors for 8-bit PNG, GIF and BMP (tests/test_images_without_tensorflow.py); JPEG within a few
+units (TensorFlow's libjpeg uses the fast integer DCT, Pillow the accurate one); a 16-bit colour
+PNG within 1 unit (Pillow keeps its high byte, TensorFlow divides by 257).
 """
 
 from __future__ import annotations
@@ -180,6 +186,41 @@ def load_image(path, size: Sequence[int], channels: int, how: str = "stretch"):
     return image
 
 
+def decode_with_pillow(path: str | Path, channels: int, *, what: str = "") -> np.ndarray:
+    """`decode_image` without TensorFlow: Pillow decodes, the same rules follow (16-bit gray
+    PNG / 257, palette expanded, alpha on white, ITU-R 601 gray). float32 (H, W, channels)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.seek(0)  # an animation's first frame, as expand_animations=False
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                pixels = np.asarray(image, dtype=np.float32)[..., None] / 257.0
+            else:
+                kind = {"1": "L", "L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA",
+                        "P": "RGBA" if "transparency" in image.info else "RGB",
+                        "PA": "RGBA"}.get(image.mode, "RGB")
+                pixels = np.asarray(image.convert(kind), dtype=np.float32)
+                pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    except OSError as error:
+        raise CnnvizError(f"{what} image file {path} cannot be decoded ({error})".strip()) \
+            from None
+    count = pixels.shape[-1]
+    if count in (1, 2):
+        colour = np.repeat(pixels[..., :1], 3, axis=-1)
+    else:
+        colour = pixels[..., :3]
+    if count in (2, 4):
+        share = pixels[..., -1:] / np.float32(255.0)
+        colour = colour * share + np.float32(255.0) * (np.float32(1.0) - share)
+    if channels == 1:
+        if count <= 2:
+            return colour[..., :1]
+        weights = np.array([0.299, 0.587, 0.114], np.float32)
+        return np.sum(colour * weights, axis=-1, keepdims=True, dtype=np.float32)
+    return colour.astype(np.float32)
+
+
 def undecodable_files(paths: Sequence[str]) -> list[tuple[str, str]]:
     """The files TensorFlow fails to decode, with its reason: [(path, reason), ...].
 
@@ -229,8 +270,7 @@ def read_images(paths: Sequence[str | Path], input_shape: Sequence[int], *,
         resize: "stretch" (as training does: `load_image`), "crop" or "pad" (the aspect ratio
             kept, `cnnviz.preprocess.resize_pixels`).
     """
-    import tensorflow as tf
-
+    from cnnviz._quiet import tensorflow_available
 
     if resize not in RESIZE_MODES:
         raise CnnvizError(f"--resize {resize!r} is not a mode; choose one of "
@@ -245,6 +285,12 @@ def read_images(paths: Sequence[str | Path], input_shape: Sequence[int], *,
         if not Path(path).exists():
             raise CnnvizError(f"{what} image file {path} does not exist")
         check_image_file(path, max_pixels=max_pixels, what=f"{what} image file".strip())
+        if not tensorflow_available():
+            images[row] = resize_pixels(decode_with_pillow(path, channels, what=what),
+                                        (height, width), resize)
+            continue
+        import tensorflow as tf
+
         try:
             if resize == "stretch":
                 images[row] = load_image(tf.constant(str(path)), (height, width), channels)

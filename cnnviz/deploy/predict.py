@@ -1,7 +1,8 @@
 """Predictions for image files, streamed: files -> tf.data (decode, resize, batch) -> model -> rows.
 
 Files go through the data package's own tf.data input (`cnnviz.data.Split.pipeline`: read by
-`cnnviz.images`, the one reader, in a parallel map, batched and prefetched); each batch goes
+`cnnviz.images`, the one reader, in a parallel map, batched and prefetched; without
+TensorFlow, `read_images` decodes each batch with Pillow); each batch goes
 through one compiled forward pass and becomes CSV rows at once, so memory is bounded by the
 batch, never by the number of files.
 """
@@ -70,27 +71,44 @@ def predict_files(model, paths: Sequence[str | Path], class_names: Sequence[str]
                  resize=resize)
 
 
-def _rows(model, paths: list[str], class_names: Sequence[str], shape: tuple[int, int, int], *,
-          top_k: int, batch_size: int, prepare, progress, output, resize) -> Iterator[list]:
+def _pixel_batches(paths: list[str], shape: tuple[int, int, int], batch_size: int,
+                   resize: str) -> Iterator[np.ndarray]:
+    """The files' pixels, `batch_size` files at a time, in order."""
+    from cnnviz._quiet import tensorflow_available
+    from cnnviz.data.images import read_images
+
+    if not tensorflow_available():  # a JAX or PyTorch machine: Pillow, one batch at a time
+        for start in range(0, len(paths), batch_size):
+            yield read_images(paths[start:start + batch_size], shape, resize=resize)
+        return
     import tensorflow as tf
 
     from cnnviz.data import Split
-    from cnnviz.model.compiled import predict_probabilities
 
     height, width, channels = shape
     # The files as an unlabelled split: the same tf.data input (decode, resize, batch,
     # prefetch) that training and evaluation stream through. Paths are used as given.
     files = Split(np.zeros(len(paths), np.int32), image_size=(height, width),
                   channels=channels, files=paths, root=Path(), resize=resize)
-    count = len(class_names)
-    top_k = max(1, min(top_k, count))
-    done = 0
     batches = iter(files.pipeline(batch_size))
+    done = 0
     while done < len(paths):
         try:
             batch = next(batches)[0].numpy()
         except tf.errors.OpError:
             raise _decoding_error(paths[done:]) from None
+        done += len(batch)
+        yield batch
+
+
+def _rows(model, paths: list[str], class_names: Sequence[str], shape: tuple[int, int, int], *,
+          top_k: int, batch_size: int, prepare, progress, output, resize) -> Iterator[list]:
+    from cnnviz.model.compiled import predict_probabilities
+
+    count = len(class_names)
+    top_k = max(1, min(top_k, count))
+    done = 0
+    for batch in _pixel_batches(paths, shape, batch_size, resize):
         inputs = prepare(batch) if prepare is not None else batch
         probabilities = predict_probabilities(model, inputs, output=output)
         if probabilities.shape[1] != count:

@@ -185,7 +185,6 @@ def activation_maximization_batch(
     if param not in PARAMETERIZATIONS:
         raise CnnvizError(f"param {param!r} is not a parameterization; choose one of "
                           f"{', '.join(PARAMETERIZATIONS)}")
-    _check_backend(param, transforms)
     score, count = _score_function(model, layer, output)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     bad = indices[(indices < 0) | (indices >= count)]
@@ -298,19 +297,6 @@ def _check_settings(steps, learning_rate, jitter, blur_every, blur_sigma, low, h
         problems.append(f"batch_size must be at least 1; received batch_size={batch_size}")
     if problems:
         raise CnnvizError("\n".join(problems))
-
-
-def _check_backend(param: str, transforms: Sequence[str]) -> None:
-    """The Fourier parameterization and the random transforms are TensorFlow ops still."""
-    if backend.current() == "tensorflow":
-        return
-    needs = ([f"param={param!r}"] if param == "fft" else []) + (
-        [f"transforms={tuple(transforms)!r}"] if transforms else [])
-    if needs:
-        raise CnnvizError(
-            f"activation maximization with {' and '.join(needs)} runs on the tensorflow "
-            f"backend only (Keras runs on {backend.current()}); use param='pixel' without "
-            "transforms, or KERAS_BACKEND=tensorflow")
 
 
 def _input_shape(model) -> tuple[int, ...]:

@@ -54,14 +54,28 @@ def start_spectrum(rng: np.random.Generator, input_shape: tuple[int, int, int],
 
 def fft_images(spectra, input_shape: tuple[int, int, int]):
     """Images (N, H, W, C) in [0, 1] from spectrum variables (N, 2, C, H, W // 2 + 1);
-    TensorFlow ops, differentiable."""
-    import tensorflow as tf
+    `keras.ops`, differentiable on every backend."""
+    from keras import ops
 
     height, width, channels = input_shape
-    scale = tf.constant(spectrum_scale(height, width))
-    coefficients = tf.complex(spectra[:, 0] * scale, spectra[:, 1] * scale)
-    planes = tf.signal.irfft2d(coefficients, fft_length=[height, width])  # (N, C, H, W)
-    images = tf.transpose(planes, (0, 2, 3, 1)) / 4.0  # Lucid's /4: a start near mid-grey
+    scale = ops.convert_to_tensor(spectrum_scale(height, width))
+    planes = _inverse_rfft2(spectra[:, 0] * scale, spectra[:, 1] * scale, height, width)
+    images = ops.transpose(planes, (0, 2, 3, 1)) / 4.0  # Lucid's /4: a start near mid-grey
     if channels == 3:
-        images = tf.einsum("nhwc,dc->nhwd", images, tf.constant(_COLOUR_CORRELATION))
-    return tf.sigmoid(images)
+        images = ops.einsum("nhwc,dc->nhwd", images, ops.convert_to_tensor(_COLOUR_CORRELATION))
+    return ops.sigmoid(images)
+
+
+def _inverse_rfft2(real, imaginary, height: int, width: int):
+    """numpy's irfft2 over the last two axes of (..., H, W // 2 + 1) coefficients given as real
+    and imaginary parts: the inverse FFT along H (the conjugate of the FFT of the conjugate,
+    over H), then the inverse real FFT along W."""
+    from keras import ops
+
+    last = ops.ndim(real) - 1
+    order = (*range(last - 1), last, last - 1)  # H last, for the 1-D FFT
+    forward_real, forward_imaginary = ops.fft(
+        (ops.transpose(real, order), -ops.transpose(imaginary, order)))
+    real = ops.transpose(forward_real, order) / height
+    imaginary = -ops.transpose(forward_imaginary, order) / height
+    return ops.irfft((real, imaginary), fft_length=width)

@@ -187,8 +187,8 @@ def keras_layer_outputs(model, batch: np.ndarray, batch_size: int = 256,
     batched call per chunk of a flat copy of the model (nested models opened; the user's
     layers, not copies)."""
     import keras
-    import tensorflow as tf
 
+    from cnnviz import backend
     from cnnviz.model.graph import is_nested_model, layer_entries, rebuild
 
     rebuilt = rebuild(model, output=None)
@@ -196,7 +196,8 @@ def keras_layer_outputs(model, batch: np.ndarray, batch_size: int = 256,
         nested = {entry.path for entry in layer_entries(model) if is_nested_model(entry.layer)}
         paths = [path for path in rebuilt.tensors if path not in nested]
     probe = keras.Model(rebuilt.model.inputs[0], [rebuilt.tensors[path] for path in paths])
-    run = tf.function(lambda x: probe(x, training=False))
+    run = backend.compile(lambda x: tuple(keras.tree.flatten(probe(x, training=False))),
+                          probe.variables)
     chunk = min(batch_size, len(batch))
     pieces: list[list[np.ndarray]] = [[] for _ in paths]
     for start in range(0, len(batch), chunk):
@@ -204,7 +205,7 @@ def keras_layer_outputs(model, batch: np.ndarray, batch_size: int = 256,
         real = len(part)
         if real < chunk:  # pad the last chunk to the traced shape instead of retracing
             part = np.concatenate([part, np.zeros((chunk - real, *part.shape[1:]), part.dtype)])
-        outputs = keras.tree.flatten(run(tf.constant(part)))
+        outputs = run(part)
         for index, output in enumerate(outputs):
             pieces[index].append(np.asarray(output, np.float64)[:real])
     return {path: np.concatenate(parts, axis=0) for path, parts in zip(paths, pieces)}
