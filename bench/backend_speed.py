@@ -3,11 +3,13 @@
     python3 bench/backend_speed.py            # digits CNN and ResNet50 at 224x224 (~25 min)
     python3 bench/backend_speed.py --quick    # fewer images, one round
     python3 bench/backend_speed.py --models digits
+    python3 bench/backend_speed.py --methods saliency,gradcam   # names containing these
 
 One process per backend and model (Keras reads its backend once), one after another, nothing
 else running. In each, the unit is that backend's own compiled forward pass
 (`cnnviz.backend.compile`: tf.function, jax.jit, eager PyTorch under no_grad) over fixed
-batches; each method is timed on a batch, alternately with the forward pass, best of a few
+batches of the chunk size the methods use (256 on digits, 8 on ResNet50 at 224: the activation
+budget's, `cnnviz.model.compiled.batch_size_for`); each method is timed on a batch, alternately with the forward pass, best of a few
 rounds, and reported as forward passes per image (forward images/s / method images/s). Beside
 it, each method's time per image against TensorFlow's (>1 = slower than TensorFlow).
 
@@ -44,8 +46,8 @@ SIZES = {
     "digits": {"batch": 256, "masks": 2000,
                "single": ((256, 3), (128, 1)), "many": ((32, 3), (8, 1)),
                "rise": ((4, 3), (2, 1)), "scorecam": ((32, 3), (8, 1))},
-    "resnet50": {"batch": 16, "masks": 256,
-                 "single": ((16, 2), (8, 1)), "many": ((2, 1), (1, 1)),
+    "resnet50": {"batch": 8, "masks": 256,
+                 "single": ((16, 3), (8, 1)), "many": ((2, 1), (1, 1)),
                  "rise": ((1, 1), (1, 1)), "scorecam": ((1, 1), (1, 1))},
 }
 
@@ -103,7 +105,10 @@ def build(model_name: str):
     return model, keras.ops.convert_to_numpy(images).astype("float32")
 
 
-def worker(model_name: str, quick: bool, out: Path) -> None:
+def worker(model_name: str, quick: bool, out: Path, wanted: str) -> None:
+    from cnnviz._quiet import import_keras_quietly
+
+    import_keras_quietly()  # no TensorFlow start-up lines in the table
     import numpy as np
 
     from cnnviz import backend
@@ -117,13 +122,15 @@ def worker(model_name: str, quick: bool, out: Path) -> None:
 
     def forward_rate() -> float:
         started = time.perf_counter()
-        for _ in range(2):
+        for _ in range(4):
             np.asarray(forward(chunk)[0])
-        return 2 * batch / (time.perf_counter() - started)
+        return 4 * batch / (time.perf_counter() - started)
 
     forward_rate()  # tracing, untimed
     results = {"backend": backend.current(), "model": model_name, "methods": {}}
     for name, size, function, floor in methods(sizes["masks"]):
+        if wanted and not any(part in name for part in wanted.split(",")):
+            continue
         count, rounds = sizes[size][pick]
         images = np.resize(pool, (count, *pool.shape[1:]))
         function(model, images)  # tracing and caches, untimed
@@ -142,13 +149,15 @@ def worker(model_name: str, quick: bool, out: Path) -> None:
     out.write_text(json.dumps(results))
 
 
-def run_worker(backend_name: str, model_name: str, quick: bool, folder: Path) -> dict:
+def run_worker(backend_name: str, model_name: str, quick: bool, folder: Path,
+               wanted: str) -> dict:
     from common import QUIET_ENV, ROOT
 
     out = folder / f"{backend_name}-{model_name}.json"
     environment = {**os.environ, **QUIET_ENV, "KERAS_BACKEND": backend_name,
                    "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, __file__, "--worker", model_name, "--worker-out", str(out)]
+    command = [sys.executable, __file__, "--worker", model_name, "--worker-out", str(out),
+               "--methods", wanted]
     if quick:
         command.append("--quick")
     finished = subprocess.run(command, env=environment, check=False)
@@ -186,12 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--methods", default="", help="only methods whose names contain one "
+                        "of these comma-separated parts")
     parser.add_argument("--out", type=Path, default=BENCH.parent / "outputs" / "bench")
     parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
     if arguments.worker:
-        worker(arguments.worker, arguments.quick, arguments.worker_out)
+        worker(arguments.worker, arguments.quick, arguments.worker_out, arguments.methods)
         return 0
     from common import begin, finish
 
@@ -203,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cnnviz-bench-backend-speed-") as folder:
         for model_name in arguments.models.split(","):
             results[model_name] = {name: run_worker(name, model_name, arguments.quick,
-                                                    Path(folder)) for name in installed}
+                                                    Path(folder), arguments.methods)
+                                   for name in installed}
     finish(arguments, "backend-speed-", started, values, Sizes(), table(results), results)
     return 0
 
