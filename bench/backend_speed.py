@@ -9,9 +9,10 @@ One process per backend and model (Keras reads its backend once), one after anot
 else running. In each, the unit is that backend's own compiled forward pass
 (`cnnviz.backend.compile`: tf.function, jax.jit, eager PyTorch under no_grad) over fixed
 batches of the chunk size the methods use (256 on digits, 8 on ResNet50 at 224: the activation
-budget's, `cnnviz.model.compiled.batch_size_for`); each method is timed on a batch, alternately with the forward pass, best of a few
-rounds, and reported as forward passes per image (forward images/s / method images/s). Beside
-it, each method's time per image against TensorFlow's (>1 = slower than TensorFlow).
+budget's, `cnnviz.model.compiled.batch_size_for`); each method is timed on a batch, alternately
+with the forward pass, best of a few rounds, and reported as forward passes per image
+(forward images/s / method images/s). Beside it, each method's time per image against
+TensorFlow's (>1 = slower than TensorFlow).
 
 Targets (issue 20): on the fastest backend, vanilla saliency on ResNet50 <= 2.2 forward passes
 per image; on the backend the README recommends, no method more than 1.3x TensorFlow's time.

@@ -30,10 +30,10 @@ def quiet_stderr():
 def tensorflow_available() -> bool:
     """Whether TensorFlow can be imported here (imports it, quietly, the first time): a machine
     with only JAX or PyTorch runs every command but training and export without it."""
-    if "tensorflow" in sys.modules:
-        return True
     global _TENSORFLOW_AVAILABLE
     if _TENSORFLOW_AVAILABLE is None:
+        # Also when Keras has imported TensorFlow already (its own backend): the device listing
+        # below is what prints the CUDA lines, so it runs here, muted, once.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         try:
             with quiet_stderr():
