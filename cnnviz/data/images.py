@@ -19,7 +19,7 @@ training (inside tf.data) and explaining (`read_images`) compute exactly the sam
 
 Where TensorFlow is not installed (a JAX or PyTorch machine), `read_images` decodes with Pillow
 under the same rules and resizes with `keras.ops.image` (Keras's Resizing layer): the same
-tensors for 8-bit PNG, GIF and BMP (tests/test_images_without_tensorflow.py); JPEG within a few
+tensors for 8-bit PNG, GIF and BMP (tests/test_images.py runs both readers); JPEG within a few
 units (TensorFlow's libjpeg uses the fast integer DCT, Pillow the accurate one); a 16-bit colour
 PNG within 1 unit (Pillow keeps its high byte, TensorFlow divides by 257).
 """

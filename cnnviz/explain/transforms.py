@@ -84,8 +84,6 @@ def _crop(images, offset, shift: int):
 
     _, height, width, _ = images.shape
     count, channels = ops.shape(images)[0], images.shape[-1]
-    if not isinstance(offset, list):
-        offset = [offset[0], offset[1]]
     return ops.slice(images, [0, offset[0], offset[1], 0],
                      [count, height - shift, width - shift, channels])
 
