@@ -86,6 +86,22 @@ def replace_symbolic_build(model, build) -> None:
         keras_build, iterator, data_batch)
 
 
+def pipeline_seed_generators(layers) -> list:
+    """The SeedGenerators that Keras's random preprocessing layers draw from inside tf.data.
+
+    Internal: `_get_seed_generator` of Keras's data layers. On TensorFlow it is the layer's own
+    `generator`; on JAX and PyTorch the layer keeps a second, TensorFlow generator for tf.data,
+    made on first use (here, so the pipeline then uses this one). A resumed run sets their
+    states back to the committed epoch's, or it would augment its epochs differently."""
+    generators = []
+    for layer in layers:
+        if not hasattr(layer, "_get_seed_generator"):
+            raise _changed(f"{type(layer).__name__}._get_seed_generator",
+                           "the random generator an augmentation layer uses inside tf.data")
+        generators.append(layer._get_seed_generator("tensorflow"))
+    return generators
+
+
 def epoch_iterator_class():
     """Keras's TensorFlow epoch iterator class, or None where this Keras has another layout.
 

@@ -1,9 +1,9 @@
 """Training on JAX and PyTorch, per backend in processes of their own: a small digits model at
-8x8 (epochs of a fraction of a second) with a learning-rate schedule, class weights and dropout,
-trained uninterrupted, and again SIGKILLed at an epoch's end and resumed, which ends with the
-uninterrupted run's history.csv byte for byte; tf.distribute on another backend is one line and
-exit 2. Test accuracy against TensorFlow's on configs/digits.yaml is bench/backends.py's (three
-full trainings: too slow for the suite)."""
+8x8 (epochs of a fraction of a second) with a learning-rate schedule, class weights, dropout and
+augmentation, trained uninterrupted, and again SIGKILLed at an epoch's end and resumed, which
+ends with the uninterrupted run's history.csv byte for byte; tf.distribute on another backend
+is one line and exit 2. Test accuracy against TensorFlow's on configs/digits.yaml is
+bench/backends.py's (three full trainings: too slow for the suite)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ CONFIG = tiny_digits_config(
     "backend-training", seed=3, epochs=EPOCHS, dropout=0.3, checkpoint_interval=0, verbose=0,
     class_weight="balanced",
     optimizer={"name": "adam", "learning_rate": 0.01, "schedule": {"type": "cosine"}})
+# Augmentation draws from generators of its own, which a resumed run must restore too.
+CONFIG["data"]["augment"] = [{"type": "random_contrast", "factor": 0.1},
+                             {"type": "random_rotation", "factor": 0.02}]
 
 
 def _cnnviz(backend: str, *args, kill_at: str | None = None) -> subprocess.CompletedProcess:

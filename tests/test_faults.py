@@ -1,9 +1,9 @@
 """Faults with real processes: SIGKILL at many instants of a training (inside its writes too),
 two trainings of one config at once, a full disk, a read-only folder.
 
-Every process is `cnnviz train` on a tiny config (digits at 8x8, 4 epochs), forked from a fork
-server that imported the CLI once (`_forked`: real processes, killed and stopped for real,
-without a TensorFlow import each), except where a fresh `python -m cnnviz.cli train` is the
+Every process is `cnnviz train` on a tiny config (digits at 8x8, 4 epochs, augmented), forked
+from a fork server that imported the CLI once (`_forked`: real processes, killed and stopped for
+real, without a TensorFlow import each), except where a fresh `python -m cnnviz.cli train` is the
 point: the end of one kill chain, --resume of a finished or foreign run, and the full disk and
 read-only folders (in a mount namespace of their own). Kills
 inside a write use CNNVIZ_TEST_KILL_AT (the process SIGKILLs itself at a named instant, e.g.
@@ -41,6 +41,9 @@ EPOCHS = 4
 # checkpoint_interval 0: the checkpoints are written at every epoch, inside the kill window;
 # the dropout masks must repeat on resume.
 CONFIG = tiny_digits_config("faults", seed=3, epochs=EPOCHS, dropout=0.3, checkpoint_interval=0)
+# Augmentation's generators advance with every batch: a resume must restore them as well.
+CONFIG["data"]["augment"] = [{"type": "random_contrast", "factor": 0.1},
+                             {"type": "random_rotation", "factor": 0.02}]
 TEMPORARY = re.compile(r"\.tmp(\.keras|\.weights\.h5)?$")
 
 

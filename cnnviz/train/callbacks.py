@@ -114,10 +114,12 @@ class EpochCommit(keras.callbacks.Callback):
     time of each segment between resumes), so a resumed run repeats an uninterrupted one.
     """
 
-    def __init__(self, backup_dir: Path, *, stateful: list, resumed: TrainingState | None):
+    def __init__(self, backup_dir: Path, *, stateful: list, resumed: TrainingState | None,
+                 data_seed_generators: list = ()):
         super().__init__()
         self.backup_dir = backup_dir
         self.stateful = stateful
+        self.data_seed_generators = list(data_seed_generators)
         self.resumed = resumed
         self.from_epoch = resumed.epoch if resumed else 0
         self.segments = list(resumed.segments) if resumed else []
@@ -141,6 +143,12 @@ class EpochCommit(keras.callbacks.Callback):
         # Here, not before fit: PyTorch's fit draws from the global generator at its start
         # (a DataLoader iterator for the first batch), which the uninterrupted run did once.
         restore_global_random_state(self.resumed.global_random)
+        # The augmentation layers' generators advance with every batch they draw; restarting
+        # them would augment the remaining epochs unlike the uninterrupted run.
+        saved_states = self.resumed.data_seed_generators
+        if len(saved_states) == len(self.data_seed_generators):
+            for generator, value in zip(self.data_seed_generators, saved_states):
+                generator.state.assign(np.asarray(value, dtype=generator.state.dtype))
         for key, callback in self._keyed():
             saved = self.resumed.callbacks.get(key)
             if saved is None:
@@ -193,6 +201,8 @@ class EpochCommit(keras.callbacks.Callback):
             "seed_generators": [np.asarray(variable.numpy()).tolist()
                                 for variable in seed_generator_states(self.model)],
             "global_random": global_random_state(),
+            "data_seed_generators": [np.asarray(generator.state.numpy()).tolist()
+                                     for generator in self.data_seed_generators],
             "callbacks": states,
             "segments": self.all_segments(done, self.segment_seconds()),
         }
@@ -207,7 +217,7 @@ class EpochCommit(keras.callbacks.Callback):
 
 def training_callbacks(config: Config, run_dir: Path, *, monitor: str, resuming: bool, backup: bool,
                extra_callbacks, epoch_callbacks=(),
-               resumed: TrainingState | None = None) -> list:
+               resumed: TrainingState | None = None, data_seed_generators=()) -> list:
     """Training's Keras callbacks, in the order Keras calls them at each epoch's end.
 
     The order makes a kill at any instant harmless: 1. CSVLogger writes the epoch's history
@@ -254,7 +264,8 @@ def training_callbacks(config: Config, run_dir: Path, *, monitor: str, resuming:
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
     callbacks.extend(epoch_callbacks)
     if backup:
-        callbacks.append(EpochCommit(run_dir / BACKUP_DIR, stateful=stateful, resumed=resumed))
+        callbacks.append(EpochCommit(run_dir / BACKUP_DIR, stateful=stateful, resumed=resumed,
+                                     data_seed_generators=data_seed_generators))
     callbacks.extend(extra_callbacks)
     return callbacks
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnviz import backend
+from cnnviz._keras import pipeline_seed_generators
 from cnnviz.config.root import Config
 from cnnviz.errors import CnnvizError, first_line
 from cnnviz.io.atomic import (
@@ -72,6 +73,7 @@ class _Inputs:
     train: object
     validation: object | None
     test: object
+    augment: list  # the training pipeline's augmentation layers
 
 
 def _inputs(config: Config, dataset, run_dir: Path, strategy) -> _Inputs:
@@ -103,7 +105,7 @@ def _inputs(config: Config, dataset, run_dir: Path, strategy) -> _Inputs:
     has_validation = len(dataset.val) > 0 and data.validation_split > 0
     validation = (dataset.val.pipeline(batch, cache=cache("val"), **common)
                   if has_validation else None)
-    return _Inputs(train_data, validation, dataset.test.pipeline(batch, **common))
+    return _Inputs(train_data, validation, dataset.test.pipeline(batch, **common), augment)
 
 
 def class_weights(config: Config, dataset) -> dict[int, float] | None:
@@ -335,7 +337,8 @@ def _fit(config: Config, run_dir: Path, model, dataset, strategy, device: str, *
                            monitor="val_loss" if inputs.validation is not None else "loss",
                            resuming=resume_epoch > 0, backup=backup,
                            extra_callbacks=extra_callbacks, epoch_callbacks=epoch_callbacks,
-                           resumed=resumed)
+                           resumed=resumed,
+                           data_seed_generators=pipeline_seed_generators(inputs.augment))
     commit = next((callback for callback in callbacks if isinstance(callback, EpochCommit)),
                   None)
     if config.train.distribute != "none":

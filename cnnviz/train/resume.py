@@ -172,6 +172,7 @@ class TrainingState:
     weights: Path
     seed_generators: list = field(default_factory=list)
     global_random: str | None = None  # `global_random_state`
+    data_seed_generators: list = field(default_factory=list)  # the augmentation layers'
     callbacks: dict = field(default_factory=dict)
     early_stopping_weights: Path | None = None
     segments: list = field(default_factory=list)
@@ -192,6 +193,7 @@ def read_training_state(backup_dir: Path) -> TrainingState | None:
         state = TrainingState(
             epoch=epoch, weights=weights, seed_generators=list(metadata.get("seed_generators", [])),
             global_random=metadata.get("global_random"),
+            data_seed_generators=list(metadata.get("data_seed_generators", [])),
             callbacks=dict(metadata.get("callbacks", {})),
             early_stopping_weights=backup_dir / extra if extra else None,
             segments=list(metadata.get("segments", [])), stopped=bool(metadata.get("stopped")))
