@@ -87,18 +87,25 @@ def replace_symbolic_build(model, build) -> None:
 
 
 def pipeline_seed_generators(layers) -> list:
-    """The SeedGenerators that Keras's random preprocessing layers draw from inside tf.data.
+    """The SeedGenerators that Keras's random preprocessing layers draw from inside tf.data,
+    once a tf.data map has called them.
 
-    Internal: `_get_seed_generator` of Keras's data layers. On TensorFlow it is the layer's own
-    `generator`; on JAX and PyTorch the layer keeps a second, TensorFlow generator for tf.data,
-    made on first use (here, so the pipeline then uses this one). A resumed run sets their
-    states back to the committed epoch's, or it would augment its epochs differently."""
+    Internal: on JAX and PyTorch a data layer keeps a second, TensorFlow generator for tf.data
+    in `_backend_generators`, made when the map first traces it (on TensorFlow it is the
+    layer's own `generator`). A resumed run sets their states back to the committed epoch's,
+    or it would augment its epochs differently."""
+    import keras
+
     generators = []
     for layer in layers:
-        if not hasattr(layer, "_get_seed_generator"):
-            raise _changed(f"{type(layer).__name__}._get_seed_generator",
+        if keras.backend.backend() == "tensorflow":
+            generators.append(layer.generator)
+            continue
+        made = getattr(layer, "_backend_generators", {})
+        if "tensorflow" not in made:
+            raise _changed(f"{type(layer).__name__}._backend_generators['tensorflow']",
                            "the random generator an augmentation layer uses inside tf.data")
-        generators.append(layer._get_seed_generator("tensorflow"))
+        generators.append(made["tensorflow"])
     return generators
 
 

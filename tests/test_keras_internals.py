@@ -102,6 +102,21 @@ def test_keras_has_its_tensorflow_epoch_iterator():
     ), _changed("TFEpochIterator (no steps)")
 
 
+def test_the_pipeline_generator_is_the_one_tf_data_augments_with():
+    import tensorflow as tf
+
+    layer = keras.layers.RandomContrast(0.5, seed=7)
+    images = tf.data.Dataset.from_tensor_slices(np.random.rand(6, 4, 4, 1).astype("float32"))
+    pipeline = images.batch(2).map(lambda batch: layer(batch, training=True))
+    (generator,) = _keras.pipeline_seed_generators([layer])
+    first = [batch.numpy() for batch in pipeline]
+    generator.state.assign(np.array([7, 0], dtype=generator.state.dtype))  # back to the start
+    again = [batch.numpy() for batch in pipeline]
+    np.testing.assert_array_equal(np.stack(first), np.stack(again))
+    # Not restored, the generator goes on and the same pipeline augments differently.
+    assert not np.array_equal(np.stack([batch.numpy() for batch in pipeline]), np.stack(first))
+
+
 def test_an_optimizer_knows_each_variable_by_its_own_key():
     model = _functional()
     optimizer = keras.optimizers.Adam()
