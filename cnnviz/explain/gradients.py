@@ -55,14 +55,17 @@ def rule_gradients(model, images, targets, method: str, batch_size: int | None, 
     logits = model_copy(model, "logits", output=output)
     check_images(logits.model, batch)
     wanted = target_array(logits.model, targets, len(batch))
-    copy = logits if method == "vanilla" else model_copy(model, method, output=output)
+    # Input gradients only: the copies with BatchNormalization folded (`model.folding`),
+    # chunked as the plain copy (a folded one lists fewer activations).
+    copy = model_copy(model, "logits", output=output, folded=True) if method == "vanilla" \
+        else model_copy(model, method, output=output)
     gradients, chosen = run_batched(
         copy,
         "gradients",
         gradient_body,
         len(batch),
         lambda start, stop: [batch[start:stop], wanted[start:stop]],
-        batch_size_for(copy, batch_size),
+        batch_size_for(logits, batch_size),
     )
     return gradients.astype(np.float32), chosen.astype(np.int32)
 

@@ -116,7 +116,8 @@ def integrated_gradients(
         summed[image[firsts]] += np.add.reduceat(gradients, firsts, axis=0)
 
     run_batched(
-        logits, "gradients", gradient_body, len(batch) * points, path_points, batch_size,
+        model_copy(model, "logits", output=output, folded=True), "gradients", gradient_body,
+        len(batch) * points, path_points, batch_size,
         consume=accumulate,
     )
     return (difference * summed).astype(np.float32)

@@ -21,6 +21,7 @@ import numpy as np
 from cnnviz import backend
 from cnnviz.errors import CnnvizError, CnnvizWarning
 from cnnviz.model.exported import is_exported
+from cnnviz.model.folding import folding_substitute
 from cnnviz.model.graph import layer_tensor, layer_tensors, rebuild
 from cnnviz.model.inputs import as_image_batch
 from cnnviz.model.outputs import (
@@ -87,9 +88,13 @@ def check_images(model, images: np.ndarray) -> None:
         )
 
 
-def _build_copy(model, kind: str, output: int, tap: str | None):
+def _build_copy(model, kind: str, output: int, tap: str | None, folded: bool):
     if kind == "logits" and tap is not None:
         return tapped_logits_model(model, output, tap)
+    if kind == "logits" and folded:
+        keep = {output_producer(model, output).path}
+        return rebuild(model, output=output, substitute=folding_substitute(
+            model, keep=keep, then=linear_output_substitute(model, output))).model
     if kind == "logits":
         return logits_model(model, output=output)
     if kind == "output":
@@ -101,7 +106,8 @@ def _build_copy(model, kind: str, output: int, tap: str | None):
     raise ValueError(f"unknown model copy kind {kind!r}")  # internal: never user input
 
 
-def model_copy(model, kind: str, *, output=None, tap: str | None = None) -> CompiledCopy:
+def model_copy(model, kind: str, *, output=None, tap: str | None = None,
+               folded: bool = False) -> CompiledCopy:
     """The cached copy of `model` of one kind, reading `model`'s own variables.
 
     Kinds: "logits" (the chosen output's softmax/sigmoid made linear), "guided" / "rectified"
@@ -110,7 +116,10 @@ def model_copy(model, kind: str, *, output=None, tap: str | None = None) -> Comp
     when the model outputs logits). Every copy has one input and one output: `output` chooses
     it (None for a single-output model; an index or a name, see `_common.output_index`).
     `tap` (a layer path, "logits" only): the copy's layer there is tapped
-    (`cnnviz.model.taps`), for gradients with respect to its output. An exported model
+    (`cnnviz.model.taps`), for gradients with respect to its output. `folded` ("logits"
+    without a tap; "guided" and "rectified" always are): BatchNormalization folded into the
+    convolution before it (`cnnviz.model.folding`), for gradients with respect to the input
+    only, as such a copy lacks the conv layers' own outputs. An exported model
     (`cnnviz.model.exported`) has no copies: it is its own "probabilities" copy (run forward
     by `probabilities_of`), and any other kind is refused.
     """
@@ -122,9 +131,10 @@ def model_copy(model, kind: str, *, output=None, tap: str | None = None) -> Comp
         return CompiledCopy(model)
     index = output_index(model, output)
     copies = _COPIES.setdefault(model, {})
-    key = (kind, index) if tap is None else (kind, index, tap)
+    folded = folded and kind == "logits" and tap is None
+    key = (kind, index, tap, folded)
     if key not in copies:
-        built = _build_copy(model, kind, index, tap)
+        built = _build_copy(model, kind, index, tap, folded)
         copies[key] = CompiledCopy(built, activation_bytes=_activation_bytes(built))
     return copies[key]
 
@@ -389,7 +399,8 @@ def _modified_relu_copy(model, rule: str, output: int):
             return swapped_activation(layer, replacement)
         return keras.layers.Activation(replacement, name=layer.name)
 
-    copy = rebuild(model, output=output, substitute=substitute).model
+    copy = rebuild(model, output=output, substitute=folding_substitute(
+        model, keep={producer}, then=substitute)).model
     # Only layers the chosen output depends on: another head's softmax is no concern here.
     used = {id(getattr(layer, "layer", layer)) for layer in copy.layers}
     counts: dict[str, int] = {}
