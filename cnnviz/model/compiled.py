@@ -196,7 +196,7 @@ def _activation_bytes(flat_copy) -> int | None:
 
 def batch_size_for(copy: CompiledCopy, batch_size: int | None) -> int:
     """`batch_size` when given, else as many images as fit `_ACTIVATION_BUDGET` of activations
-    (at most 256, at least 1): 256 for the digits CNN, about 8 for ResNet50 at 224 x 224."""
+    (at most 256, at least 1): 256 for the digits CNN, 7 for ResNet50 at 224 x 224."""
     if batch_size is not None:
         return batch_size
     per_image = copy.activation_bytes
