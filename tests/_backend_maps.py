@@ -70,6 +70,8 @@ def all_maps(model, images: np.ndarray) -> dict[str, np.ndarray]:
         maps[f"{method}/{NESTED_LAYER}"] = explain.cam(model, images, method=method,
                                                        layer=NESTED_LAYER, output="classes")
     maps["gradcam/default"] = explain.cam(model, images, output="classes")
+    maps["together/gradcam"], maps["together/saliency"] = explain.gradcam_and_saliency(
+        model, images, layer=NESTED_LAYER, output="classes")
     maps["guided_gradcam"] = explain.gradcam(model, images, guided=True, layer=NESTED_LAYER,
                                              output="classes")
     maps["occlusion"] = explain.occlusion(model, images, patch=3, output="classes").probability

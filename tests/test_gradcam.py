@@ -14,7 +14,7 @@ from _models import (
 )
 
 from cnnviz.errors import CnnvizError
-from cnnviz.explain.cam import gradcam_layer
+from cnnviz.explain.cam import gradcam_and_saliency, gradcam_layer
 from cnnviz.explain.gradcam import gradcam
 from cnnviz.explain.saliency import saliency
 
@@ -149,6 +149,26 @@ def test_runs_on_every_kind_of_model_and_names_its_default_layer(kind):
         maps = gradcam(model, batch, guided=guided)
         assert maps.shape == (3, 8, 8) and maps.dtype == np.float32
         assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_together_they_equal_gradcam_and_saliency_alone(kind):
+    """One pass for both (what the registry runs when a check asks for the two) gives each
+    method's own numbers, for the predicted class and for given targets."""
+    from cnnviz.explain.registry import resolve_methods, run_methods
+
+    build, shape, _ = MODELS[kind]
+    model = build()
+    batch = images(4, shape, seed=9)
+    for targets in (None, [0, 1, 1, 0]):
+        cams, saliency_maps = gradcam_and_saliency(model, batch, targets)
+        np.testing.assert_allclose(cams, gradcam(model, batch, targets), atol=1e-6)
+        alone = saliency(model, batch, targets)
+        np.testing.assert_allclose(saliency_maps, alone, atol=1e-6 * alone.max())
+        maps = run_methods(model, batch, targets, resolve_methods(("saliency", "gradcam")),
+                           remember=False)
+        np.testing.assert_array_equal(maps["gradcam"], cams)
+        np.testing.assert_array_equal(maps["saliency"], saliency_maps)
 
 
 def test_a_layer_object_or_its_name_give_the_same_map():

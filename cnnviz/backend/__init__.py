@@ -127,8 +127,9 @@ def input_gradients(score_fn: Callable, inputs):
     return _backend().input_gradients(score_fn, inputs)
 
 
-def layer_gradients(forward: Callable, inputs):
-    """An inner layer's output A and d(sum of scores) / dA, inside a compiled body.
+def layer_gradients(forward: Callable, inputs, *, with_inputs: bool = False):
+    """An inner layer's output A and d(sum of scores) / dA, inside a compiled body; with
+    `with_inputs`, d(sum of scores) / d inputs too, from the same backward pass.
 
     Args:
         forward: `forward(inputs, offset) -> (features, scores (B,), aux)`, where `offset` is
@@ -138,9 +139,10 @@ def layer_gradients(forward: Callable, inputs):
         inputs: (B, ...) float tensor.
 
     Returns:
-        (features, gradients like `features`, aux).
+        (features, gradients like `features`, aux), or with `with_inputs`
+        (features, gradients like `features`, gradients like `inputs`, aux).
     """
-    return _backend().layer_gradients(forward, inputs)
+    return _backend().layer_gradients(forward, inputs, with_inputs=with_inputs)
 
 
 def modified_relu(rule: str, relu: Callable) -> Callable:

@@ -32,18 +32,22 @@ def input_gradients(score_fn, inputs):
     return jax.grad(total, has_aux=True)(inputs)
 
 
-def layer_gradients(forward, inputs):
+def layer_gradients(forward, inputs, *, with_inputs=False):
     # JAX differentiates functions, not tensors: the gradient with respect to an offset added
     # to the layer's output, taken at 0, is the gradient with respect to that output.
     shape = jax.eval_shape(lambda: forward(inputs, None)[0])
 
-    def total(offset):
-        features, scores, aux = forward(inputs, offset)
+    def total(offset, images):
+        features, scores, aux = forward(images, offset)
         return jnp.sum(scores), (features, aux)
 
-    gradients, (features, aux) = jax.grad(total, has_aux=True)(
-        jnp.zeros(shape.shape, shape.dtype))
-    return features, gradients, aux
+    zero = jnp.zeros(shape.shape, shape.dtype)
+    if not with_inputs:
+        gradients, (features, aux) = jax.grad(total, has_aux=True)(zero, inputs)
+        return features, gradients, aux
+    (gradients, input_gradients), (features, aux) = jax.grad(
+        total, argnums=(0, 1), has_aux=True)(zero, inputs)
+    return features, gradients, input_gradients, aux
 
 
 def modified_relu(rule, relu):

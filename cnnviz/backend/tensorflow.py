@@ -33,11 +33,14 @@ def input_gradients(score_fn, inputs):
     return tape.gradient(scores, inputs), aux
 
 
-def layer_gradients(forward, inputs):
+def layer_gradients(forward, inputs, *, with_inputs=False):
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(inputs)  # records the path through `features`; no weight gradients
         features, scores, aux = forward(inputs, None)
-    return features, tape.gradient(scores, features), aux
+    if not with_inputs:
+        return features, tape.gradient(scores, features), aux
+    gradients, input_gradients = tape.gradient(scores, [features, inputs])
+    return features, gradients, input_gradients, aux
 
 
 def modified_relu(rule, relu):

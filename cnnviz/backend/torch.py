@@ -25,12 +25,14 @@ def input_gradients(score_fn, inputs):
     return gradients, tuple(_detached(a) for a in aux)
 
 
-def layer_gradients(forward, inputs):
+def layer_gradients(forward, inputs, *, with_inputs=False):
     with torch.enable_grad():
         inputs = inputs.detach().requires_grad_(True)  # so `features` is on the graph
         features, scores, aux = forward(inputs, None)
-        (gradients,) = torch.autograd.grad(torch.sum(scores), features)
-    return features.detach(), gradients, tuple(_detached(a) for a in aux)
+        wanted = [features, inputs] if with_inputs else [features]
+        gradients = torch.autograd.grad(torch.sum(scores), wanted)
+    aux = tuple(_detached(a) for a in aux)
+    return (features.detach(), *gradients, aux)
 
 
 def _detached(value):

@@ -6,7 +6,7 @@ The forward-only methods read probabilities, as their papers define them: occlus
 """
 
 from cnnviz.explain.activation_max import activation_maximization, activation_maximization_batch
-from cnnviz.explain.cam import CAM_METHODS, cam, gradcam_layer
+from cnnviz.explain.cam import CAM_METHODS, cam, gradcam_and_saliency, gradcam_layer
 from cnnviz.explain.gradcam import gradcam
 from cnnviz.explain.integrated_gradients import gradient_x_input, integrated_gradients
 from cnnviz.explain.layers import feature_maps, filters
@@ -25,6 +25,7 @@ __all__ = [
     "feature_maps",
     "filters",
     "gradcam",
+    "gradcam_and_saliency",
     "gradcam_layer",
     "gradient_x_input",
     "input_gradients",

@@ -302,6 +302,45 @@ def cam(
     return maps.astype(np.float32)
 
 
+def gradcam_and_saliency(model, images, targets=None, *, layer=None, output=None,
+                         batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`cam(..., method="gradcam")` and vanilla `saliency.saliency` of the same images and
+    targets from one forward and one backward pass (`backend.layer_gradients(with_inputs)`):
+    what a training callback that shows both after every epoch needs, for one trace instead
+    of two. Arguments as for `cam`; returns (Grad-CAM maps, saliency maps), each (N, H, W)."""
+    batch = as_image_batch(images)
+    name = gradcam_layer(model, layer)
+    logits = model_copy(model, "logits", output=output)
+    check_images(logits.model, batch)
+    wanted = target_array(logits.model, targets, len(batch))
+    height, width = batch.shape[1:3]
+
+    def make_body(clone):
+        layer_forward_of = layer_forward(clone, name)
+
+        def forward(images, chosen_targets, offset):
+            features, logits = layer_forward_of(images, offset)
+            chosen = choose_targets(logits, chosen_targets)
+            return features, target_scores(logits, chosen), (chosen,)
+
+        def body(images, chosen_targets):
+            from keras import ops
+
+            features, gradients, input_gradients, _ = backend.layer_gradients(
+                lambda inputs, offset: forward(inputs, chosen_targets, offset), images,
+                with_inputs=True)
+            maps = _scaled_and_resized(_combine("gradcam", features, gradients), height, width)
+            return maps, ops.max(ops.abs(input_gradients), axis=-1)
+
+        return body
+
+    cams, saliency_maps = run_batched(
+        model_copy(model, "logits", output=output, tap=name), f"gradcam+saliency:{name}",
+        make_body, len(batch), lambda start, stop: [batch[start:stop], wanted[start:stop]],
+        batch_size_for(logits, batch_size))
+    return cams.astype(np.float32), saliency_maps.astype(np.float32)
+
+
 def gradcam_layer(model, layer=None) -> str:
     """The path of the layer Grad-CAM explains.
 

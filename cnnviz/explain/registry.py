@@ -255,19 +255,45 @@ def run_methods(
     batch = np.asarray(images)
     state = None
     maps = {}
+    together = _computed_together(methods)
+    both: dict[str, np.ndarray] = {}
+
+    def computed(name, function):
+        if name not in together:
+            return _checked_maps(name, function(model, batch, targets), batch)
+        if not both:  # the first of the two computes the other as well
+            from cnnviz.explain.cam import gradcam_and_saliency
+
+            both.update(zip(_TOGETHER, gradcam_and_saliency(model, batch, targets)))
+        return _checked_maps(name, both[together[name]], batch)
+
     for name, function in methods.items():
         registered = _REGISTERED.get(id(function))
         if not remember or registered is None or registered[1] is not function:
-            maps[name] = _checked_maps(name, function(model, batch, targets), batch)
+            maps[name] = computed(name, function)
             continue
         if state is None:
             state = _MEMO.state(model, batch)
             wanted = _digest(np.asarray(targets)) if targets is not None else b"predicted"
         maps[name] = _MEMO.get(
             state, ("maps", registered[0], wanted),
-            lambda name=name, function=function: _checked_maps(
-                name, function(model, batch, targets), batch)).copy()
+            lambda name=name, function=function: computed(name, function)).copy()
     return maps
+
+
+# Grad-CAM and vanilla saliency share one forward and one backward pass
+# (`cam.gradcam_and_saliency`): asked for together, the registry's entries are computed so.
+_TOGETHER = ("gradcam", "saliency")
+
+
+def _computed_together(methods: Mapping[str, AttributionFunction]) -> dict[str, str]:
+    """{display name: registry name} of the `_TOGETHER` entries when `methods` has both."""
+    found = {}
+    for name, function in methods.items():
+        registered = _REGISTERED.get(id(function))
+        if registered is not None and registered[1] is function and registered[0] in _TOGETHER:
+            found[name] = registered[0]
+    return found if set(found.values()) == set(_TOGETHER) else {}
 
 
 # ---------------------------------------------------------------------------------- memo
