@@ -129,16 +129,24 @@ def _principal_component(features):
     return ops.reshape(projection, (batch, height, width))
 
 
+def _scored_forward(clone, layer_name: str):
+    """`forward(images, targets, offset) -> (layer output, target scores, (targets used,))` on
+    a copy tapped at the layer, what `backend.layer_gradients` differentiates."""
+    layer_forward_of = layer_forward(clone, layer_name)
+
+    def forward(images, targets, offset):
+        features, logits = layer_forward_of(images, offset)
+        chosen = choose_targets(logits, targets)
+        return features, target_scores(logits, chosen), (chosen,)
+
+    return forward
+
+
 def _cam_body(method: str, layer_name: str, height: int, width: int):
     """Compiled body for the gradient methods: (images, targets) -> (maps, targets used)."""
 
     def make_body(clone):
-        layer_forward_of = layer_forward(clone, layer_name)
-
-        def forward(images, targets, offset):
-            features, logits = layer_forward_of(images, offset)
-            chosen = choose_targets(logits, targets)
-            return features, target_scores(logits, chosen), (chosen,)
+        forward = _scored_forward(clone, layer_name)
 
         def body(images, targets):
             # Images are independent (inference mode): d(sum of scores)/dA_i is image i's own.
@@ -316,12 +324,7 @@ def gradcam_and_saliency(model, images, targets=None, *, layer=None, output=None
     height, width = batch.shape[1:3]
 
     def make_body(clone):
-        layer_forward_of = layer_forward(clone, name)
-
-        def forward(images, chosen_targets, offset):
-            features, logits = layer_forward_of(images, offset)
-            chosen = choose_targets(logits, chosen_targets)
-            return features, target_scores(logits, chosen), (chosen,)
+        forward = _scored_forward(clone, name)
 
         def body(images, chosen_targets):
             from keras import ops
