@@ -75,15 +75,20 @@ def all_layers(model) -> list:
 def replace_symbolic_build(model, build) -> None:
     """Make this model instance build itself by `build(keras_build, iterator, data_batch)`.
 
-    Internal: `Trainer._maybe_symbolic_build`, which Keras calls before a distributed fit with a
-    batch pulled from the data (see cnnviz.train.devices)."""
+    Internal: `Trainer._maybe_symbolic_build` (TensorFlow, before a distributed fit) and
+    `Trainer._symbolic_build` (JAX and PyTorch, before every fit of a model whose metrics are
+    not built), which Keras calls with a batch pulled from the data (see cnnviz.train.devices)."""
+    import keras
+
+    name = ("_maybe_symbolic_build" if keras.backend.backend() == "tensorflow"
+            else "_symbolic_build")
     try:
-        keras_build = model._maybe_symbolic_build
+        keras_build = getattr(model, name)
     except AttributeError:
-        raise _changed("Trainer._maybe_symbolic_build", "building a distributed model from the "
-                       "data's element_spec") from None
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: build(
-        keras_build, iterator, data_batch)
+        raise _changed(f"Trainer.{name}", "building a model from the data's element_spec "
+                       "before fitting") from None
+    setattr(model, name, lambda iterator=None, data_batch=None: build(
+        keras_build, iterator, data_batch))
 
 
 def pipeline_seed_generators(layers) -> list:

@@ -17,9 +17,10 @@ NESTED_LAYER = "base/conv_a"  # inside the nested backbone; its output also skip
 
 
 def build_model(seed: int = 5):
-    """(10, 10, 2) -> nested backbone [conv_a (ReLU6) -> conv_b (linear) + conv_a -> ReLU ->
-    conv_c -> LeakyReLU(0.1)] -> GlobalAveragePooling2D -> two heads: `classes` (3, softmax)
-    and `binary` (1, sigmoid). Random seeded weights.
+    """(10, 10, 2) -> nested backbone [conv_a (ReLU6) -> conv_b (linear) -> BatchNormalization
+    (folded into conv_b for input gradients) + conv_a -> ReLU -> conv_c -> LeakyReLU(0.1)] ->
+    GlobalAveragePooling2D -> two heads: `classes` (3, softmax) and `binary` (1, sigmoid).
+    Random seeded weights.
 
     Two patterns are avoided on purpose. A LeakyReLU right after Conv2D + Add: TensorFlow
     2.21's graph optimizer (grappler remapper, CPU) fuses Conv2D + BiasAdd + Add + LeakyRelu
@@ -35,6 +36,7 @@ def build_model(seed: int = 5):
     inner = keras.Input(SHAPE)
     a = keras.layers.Conv2D(4, 3, padding="same", activation="relu6", name="conv_a")(inner)
     b = keras.layers.Conv2D(4, 3, padding="same", name="conv_b")(a)
+    b = keras.layers.BatchNormalization(name="norm_b")(b)  # folded into conv_b for gradients
     joined = keras.layers.ReLU(name="relu")(keras.layers.Add()([a, b]))
     c = keras.layers.Conv2D(5, 3, name="conv_c")(joined)
     base = keras.Model(inner, keras.layers.LeakyReLU(negative_slope=0.1, name="leaky")(c),
@@ -48,6 +50,9 @@ def build_model(seed: int = 5):
     # exercised; the head stays small, so no probability is saturated at 0 or 1.
     conv_a = base.get_layer("conv_a")
     conv_a.kernel.assign(conv_a.kernel * 10.0)
+    # A variance must be positive (randomize drew it from a normal).
+    norm = base.get_layer("norm_b")
+    norm.moving_variance.assign(np.linspace(0.5, 2.0, 4).astype("float32"))
     return model
 
 

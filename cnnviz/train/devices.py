@@ -122,6 +122,18 @@ def worker_shard(strategy) -> tuple[int, int] | None:
     return len(tasks), tasks.index((resolver.task_type, int(resolver.task_id)))
 
 
+def build_from_element_spec(model, element_spec) -> None:
+    """Make this model instance's `fit` build from the data's `element_spec`, not from a batch.
+
+    Keras (JAX and PyTorch trainers at every fit; TensorFlow's under a tf.distribute strategy)
+    pulls one batch to build the model and its metrics, from an iterator it then drops while
+    its prefetch thread goes on augmenting batches nobody reads: the augmentation layers'
+    generators then advance in a timing-dependent order, and two runs of one seed differ.
+    The batch is only read for its shapes."""
+    replace_symbolic_build(model, lambda keras_build, iterator, data_batch: keras_build(
+        data_batch=element_spec if data_batch is None else data_batch))
+
+
 def distributed_fixes(model, strategy, element_spec) -> None:
     """Make this model instance's `fit`/`evaluate` under a tf.distribute strategy behave as
     without one.
@@ -139,8 +151,7 @@ def distributed_fixes(model, strategy, element_spec) -> None:
     import keras
     import tensorflow as tf
 
-    replace_symbolic_build(model, lambda keras_build, iterator, data_batch: keras_build(
-        data_batch=element_spec if data_batch is None else data_batch))
+    build_from_element_spec(model, element_spec)
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return
 

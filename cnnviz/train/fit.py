@@ -27,6 +27,7 @@ from cnnviz.io.atomic import (
 from cnnviz.runs.layout import BACKUP_DIR
 from cnnviz.train.callbacks import EpochCommit, training_callbacks
 from cnnviz.train.devices import (
+    build_from_element_spec,
     distributed_fixes,
     distribution_strategy,
     replay_data_order,
@@ -326,6 +327,7 @@ def _fit(config: Config, run_dir: Path, model, dataset, strategy, device: str, *
          resumed: TrainingState | None, backup: bool, extra_callbacks,
          epoch_callbacks=()) -> TrainResult:
     """Fit, evaluate and save into `run_dir` (train's body, the same on every worker)."""
+    import keras
     import tensorflow as tf
 
     from cnnviz.model.inputs import input_range
@@ -343,6 +345,8 @@ def _fit(config: Config, run_dir: Path, model, dataset, strategy, device: str, *
                   None)
     if config.train.distribute != "none":
         distributed_fixes(model, strategy, inputs.train.element_spec)
+    elif keras.backend.backend() != "tensorflow":
+        build_from_element_spec(model, inputs.train.element_spec)
     replay_data_order(inputs.train, strategy, resume_epoch)
     weights = class_weights(config, dataset)
     # An early-stopped run that was killed before its end does not train on.
