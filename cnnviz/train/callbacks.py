@@ -140,8 +140,8 @@ class EpochCommit(keras.callbacks.Callback):
         self._started = time.perf_counter()
         if self.resumed is None:
             return
-        # Here, not before fit: PyTorch's fit draws from the global generator at its start
-        # (a DataLoader iterator for the first batch), which the uninterrupted run did once.
+        # Here, not before fit: whatever Keras's fit draws at its start (PyTorch's global
+        # generator, for its DataLoader), the uninterrupted run drew once too.
         restore_global_random_state(self.resumed.global_random)
         # The augmentation layers' generators advance with every batch they draw; restarting
         # them would augment the remaining epochs unlike the uninterrupted run.

@@ -180,9 +180,9 @@ def replay_data_order(train_data, strategy, epochs: int) -> None:
     import keras
 
     if keras.backend.backend() != "tensorflow":
-        # Keras's JAX and PyTorch epoch iterator makes one iterator at the fit's start and
-        # one per epoch (measured in Keras 3.15): a resumed run's fit then makes the one that
-        # the uninterrupted run made at its start, so each skipped epoch is one iterator.
+        # Keras's JAX and PyTorch epoch iterator makes one iterator per epoch (Keras 3.15; the
+        # one its symbolic build pulled a batch from at the fit's start is gone, see
+        # `build_from_element_spec`), so each skipped epoch is one iterator.
         for _ in range(epochs):
             iter(train_data)
         return
